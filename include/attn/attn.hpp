@@ -1,0 +1,11 @@
+// attn/attn.hpp — umbrella header: includes every public header of attn.
+#pragma once
+
+#include "attn/mask.hpp"
+#include "attn/masked.hpp"
+#include "attn/options.hpp"
+#include "attn/reference.hpp"
+#include "attn/scaled_dot_product.hpp"
+#include "attn/score_mod.hpp"
+#include "attn/tensor_view.hpp"
+#include "attn/version.hpp"
