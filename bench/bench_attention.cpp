@@ -1,0 +1,166 @@
+// bench_attention — dense and causal forward: the flash engine against a
+// naive Eigen attention and against plain GEMMs of the same size, in one binary.
+//
+//   flash   attn::scaled_dot_product_attention / masked_attention(causal())
+//   naive   per head: S = scale·Q·Kᵀ (N×N), softmax rows, O = S·V; heads over
+//           threads, one reused S buffer per thread (a careful hand-written Eigen version)
+//   gemm    per head: the same two products without the softmax: the roofline
+//           of what Eigen's GEMM reaches on these shapes on this machine
+//
+// Counters: GFLOP/s with flops = 4·B·H·Lq·Lk·D (dense) or 4·B·H·D·N(N+1)/2
+// (causal: only the pairs that are kept), for every row, so rows compare
+// directly. Peak memory: BM_peak_rss runs each path once in a child process.
+#include "bench_support.hpp"
+
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace {
+
+using namespace attn_bench;
+using attn::index_t;
+
+constexpr index_t kBatch = 1, kHeads = 8;
+
+struct Problem {
+  index_t n, d;
+  std::vector<float> q, k, v, o;
+  Problem(index_t n_, index_t d_)
+      : n(n_), d(d_), q(random_buffer(static_cast<std::size_t>(kBatch * kHeads * n * d), 1)),
+        k(random_buffer(q.size(), 2)), v(random_buffer(q.size(), 3)), o(q.size()) {}
+  attn::Tensor4<float> view(std::vector<float>& b) { return attn::bhsd(b.data(), kBatch, kHeads, n, d); }
+};
+
+double attention_flops(index_t n, index_t d, bool causal) {
+  const double pairs = causal ? 0.5 * static_cast<double>(n) * static_cast<double>(n + 1)
+                              : static_cast<double>(n) * static_cast<double>(n);
+  return 4.0 * kBatch * kHeads * pairs * static_cast<double>(d);
+}
+
+// --------------------------------------------------------------------- flash --
+
+void run_flash(Problem& p, bool causal) {
+  auto q = p.view(p.q), k = p.view(p.k), v = p.view(p.v), o = p.view(p.o);
+  if (causal)
+    attn::masked_attention(q, k, v, o, attn::causal());
+  else
+    attn::scaled_dot_product_attention(q, k, v, o);
+}
+
+void BM_flash(benchmark::State& state, bool causal) {
+  Problem p(state.range(0), state.range(1));
+  for (auto _ : state) {
+    run_flash(p, causal);
+    benchmark::DoNotOptimize(p.o.data());
+    benchmark::ClobberMemory();
+  }
+  state.counters["GFLOPs"] = flops_rate(attention_flops(p.n, p.d, causal) / 1e9);
+}
+
+// --------------------------------------------------------------------- naive --
+
+/// What an Eigen user writes: materialise S per head, softmax, multiply.
+/// `softmax = false` leaves only the two GEMMs (the roofline).
+void run_naive(Problem& p, bool causal, bool softmax) {
+  using Mat = attn::RowMatrix<float>;
+  using Map = Eigen::Map<const Mat>;
+  const index_t n = p.n, d = p.d;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+#pragma omp parallel
+  {
+    Mat s(n, n);
+#pragma omp for schedule(dynamic, 1)
+    for (index_t h = 0; h < kBatch * kHeads; ++h) {
+      const Map q(p.q.data() + h * n * d, n, d), k(p.k.data() + h * n * d, n, d),
+          v(p.v.data() + h * n * d, n, d);
+      Eigen::Map<Mat> o(p.o.data() + h * n * d, n, d);
+      s.noalias() = q * k.transpose();  // (N, N)
+      if (softmax) {
+        s *= scale;
+        if (causal) s.triangularView<Eigen::StrictlyUpper>().setConstant(-std::numeric_limits<float>::infinity());
+        for (index_t i = 0; i < n; ++i) {  // row softmax
+          auto row = s.row(i).array();
+          row = (row - row.maxCoeff()).exp();
+          row /= row.sum();
+        }
+      }
+      o.noalias() = s * v;  // (N, D)
+    }
+  }
+}
+
+void BM_naive(benchmark::State& state, bool causal) {
+  Problem p(state.range(0), state.range(1));
+  for (auto _ : state) {
+    run_naive(p, causal, true);
+    benchmark::DoNotOptimize(p.o.data());
+    benchmark::ClobberMemory();
+  }
+  state.counters["GFLOPs"] = flops_rate(attention_flops(p.n, p.d, causal) / 1e9);
+}
+
+void BM_gemm_roofline(benchmark::State& state) {
+  Problem p(state.range(0), state.range(1));
+  for (auto _ : state) {
+    run_naive(p, false, false);
+    benchmark::DoNotOptimize(p.o.data());
+    benchmark::ClobberMemory();
+  }
+  state.counters["GFLOPs"] = flops_rate(attention_flops(p.n, p.d, false) / 1e9);
+}
+
+void shapes(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"N", "D"});
+  for (index_t d : {64, 128})
+    for (index_t n : {512, 1024, 2048, 4096}) b->Args({n, d});
+  b->UseRealTime()->Unit(benchmark::kMillisecond);
+}
+
+BENCHMARK_CAPTURE(BM_flash, dense, false)->Apply(shapes);
+BENCHMARK_CAPTURE(BM_naive, dense, false)->Apply(shapes);
+BENCHMARK(BM_gemm_roofline)->Apply(shapes);
+BENCHMARK_CAPTURE(BM_flash, causal, true)->Apply(shapes);
+BENCHMARK_CAPTURE(BM_naive, causal, true)->Apply(shapes);
+
+// ------------------------------------------------------------- peak memory --
+
+/// Peak RSS (MiB) of a child process that runs one dense forward at N, D = 64.
+void BM_peak_rss(benchmark::State& state, const char* path) {
+  const index_t n = state.range(0);
+  double mib = 0;
+  for (auto _ : state) mib = run_child(std::string(path) + " " + std::to_string(n));
+  const double inputs = 4.0 * kBatch * kHeads * static_cast<double>(n) * 64 * sizeof(float) / (1 << 20);
+  state.counters["peak_MiB"] = mib;
+  state.counters["qkvo_MiB"] = inputs;  // what the four tensors alone occupy
+  state.counters["extra_MiB"] = mib - inputs;
+}
+BENCHMARK_CAPTURE(BM_peak_rss, flash, "flash")->Arg(4096)->Arg(16384)->ArgName("N")->Iterations(1)->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_peak_rss, naive, "naive")->Arg(4096)->Arg(16384)->ArgName("N")->Iterations(1)->Unit(benchmark::kMillisecond);
+
+/// Child mode: `--attn-child flash|naive N` runs once and prints the peak RSS in MiB.
+int child_main(const std::string& path, index_t n) {
+  Problem p(n, 64);
+  if (path == "flash")
+    run_flash(p, false);
+  else
+    run_naive(p, false, true);
+  benchmark::DoNotOptimize(p.o.data());
+  std::printf("%.1f\n", peak_rss_bytes() / (1 << 20));
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc == 4 && std::strcmp(argv[1], "--attn-child") == 0) return child_main(argv[2], std::atol(argv[3]));
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}
