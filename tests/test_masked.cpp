@@ -116,7 +116,8 @@ attn::TensorView<const bool, 4> view_of(const std::vector<char>& m, const Proble
 // top-left: j <= i. Both equal the bool mask of that pattern (within rounding:
 // the structured mask ends its last key tile earlier, which regroups sums).
 TYPED_TEST(Masked, CausalEqualsBoolMaskOfTheDesignFormula) {
-  for (auto [lq, lk] : {std::pair<index_t, index_t>{50, 50}, {30, 90}, {90, 30}}) {
+  for (auto [lq_, lk_] : {std::pair<index_t, index_t>{50, 50}, {30, 90}, {90, 30}}) {
+    const index_t lq = lq_, lk = lk_;  // lambdas cannot capture structured bindings in C++17
     const Problem p = shape(lq, lk);
     const auto br = pattern(p, [&](index_t i, index_t j) { return j <= i + (lk - lq); });
     const auto tl = pattern(p, [&](index_t i, index_t j) { return j <= i; });
