@@ -147,3 +147,38 @@ TYPED_TEST(Properties, EachHeadEqualsSingleHeadAttention) {
 }
 
 }  // namespace
+
+namespace {
+using namespace attn_test;
+
+// Masks that describe each row's keys as one interval must describe exactly
+// the keys keep() accepts: the engine masks partial tiles by that interval.
+template <class Mask>
+void expect_row_keys_match_keep(const Mask& spec, const attn::AttentionShape& s) {
+  const Mask m = spec.bind(s);
+  for (index_t b = 0; b < s.batch; ++b)
+    for (index_t q = 0; q < s.lq; ++q) {
+      const attn::KeyRange r = m.row_keys(b, 0, q);
+      for (index_t k = 0; k < s.lk; ++k)
+        ASSERT_EQ(m.keep(b, 0, q, k), k >= r.begin && k < r.end) << "b=" << b << " q=" << q << " k=" << k;
+    }
+}
+
+TEST(Properties, RowKeyIntervalsEqualKeep) {
+  for (auto [lq, lk] : {std::pair<index_t, index_t>{20, 20}, {7, 30}, {30, 7}}) {
+    attn::AttentionShape s;
+    s.batch = 2;
+    s.q_heads = s.kv_heads = 1;
+    s.lq = lq;
+    s.lk = lk;
+    s.d = s.dv = 4;
+    expect_row_keys_match_keep(attn::causal(), s);
+    expect_row_keys_match_keep(attn::causal_top_left(), s);
+    expect_row_keys_match_keep(attn::key_padding({lk / 2, 0}), s);
+    expect_row_keys_match_keep(attn::causal() & attn::key_padding({3, lk}), s);
+    static_assert(!attn::has_row_keys_v<attn::BoolMask>, "bool masks have no row interval");
+    static_assert(!attn::has_row_keys_v<decltype(attn::causal() & attn::BoolMask{})>,
+                  "a conjunction has one only when both sides do");
+  }
+}
+}  // namespace

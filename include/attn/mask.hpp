@@ -9,7 +9,13 @@
 //   classify(b, h, q0, q1, k0, k1) is the tile [q0,q1)×[k0,k1) empty, full or partial?
 //
 // Empty tiles are skipped, full tiles pay no per-element test, and only
-// partial tiles call keep() per element. Masks combine with `&`.
+// partial tiles call keep() per element. A mask whose visible keys form one
+// interval per query row may also define
+//
+//   row_keys(b, h, q)              the keys [begin, end) that row q sees, exactly
+//
+// and partial tiles are then masked by filling outside that interval.
+// Masks combine with `&`.
 #pragma once
 
 #include "attn/options.hpp"
@@ -52,6 +58,7 @@ struct NoMask : MaskPolicy {
   }
   bool keep(index_t, index_t, index_t, index_t) const { return true; }
   KeyRange key_range(index_t, index_t, index_t, index_t) const { return {0, lk}; }
+  KeyRange row_keys(index_t, index_t, index_t) const { return {0, lk}; }
   TileKind classify(index_t, index_t, index_t, index_t, index_t, index_t) const {
     return TileKind::full;
   }
@@ -79,6 +86,9 @@ struct Causal : MaskPolicy {
   bool keep(index_t, index_t, index_t q, index_t k) const { return k <= q + offset; }
   KeyRange key_range(index_t, index_t, index_t, index_t q1) const {
     return {0, std::clamp<index_t>(q1 - 1 + offset + 1, 0, lk)};
+  }
+  KeyRange row_keys(index_t, index_t, index_t q) const {
+    return {0, std::clamp<index_t>(q + offset + 1, 0, lk)};
   }
   TileKind classify(index_t, index_t, index_t q0, index_t q1, index_t k0, index_t k1) const {
     if (k0 > q1 - 1 + offset) return TileKind::empty;  // first key past the last row's diagonal
@@ -116,6 +126,7 @@ struct KeyPadding : MaskPolicy {
   }
   bool keep(index_t b, index_t, index_t, index_t k) const { return k < lengths[b]; }
   KeyRange key_range(index_t b, index_t, index_t, index_t) const { return {0, lengths[b]}; }
+  KeyRange row_keys(index_t b, index_t, index_t) const { return {0, lengths[b]}; }
   TileKind classify(index_t b, index_t, index_t, index_t, index_t k0, index_t k1) const {
     if (k0 >= lengths[b]) return TileKind::empty;
     if (k1 <= lengths[b]) return TileKind::full;
@@ -239,6 +250,13 @@ struct MaskAnd : MaskPolicy {
     const KeyRange ra = a.key_range(bb, h, q0, q1), rb = b.key_range(bb, h, q0, q1);
     return {std::max(ra.begin, rb.begin), std::min(ra.end, rb.end)};
   }
+  /// Defined when both masks define it: the intersection of two intervals.
+  template <class A2 = A, class B2 = B>
+  auto row_keys(index_t bb, index_t h, index_t q) const
+      -> decltype(std::declval<const A2&>().row_keys(bb, h, q), std::declval<const B2&>().row_keys(bb, h, q), KeyRange{}) {
+    const KeyRange ra = a.row_keys(bb, h, q), rb = b.row_keys(bb, h, q);
+    return {std::max(ra.begin, rb.begin), std::min(ra.end, rb.end)};
+  }
   TileKind classify(index_t bb, index_t h, index_t q0, index_t q1, index_t k0, index_t k1) const {
     const TileKind ka = a.classify(bb, h, q0, q1, k0, k1);
     if (ka == TileKind::empty) return ka;
@@ -247,6 +265,15 @@ struct MaskAnd : MaskPolicy {
     return (ka == TileKind::full && kb == TileKind::full) ? TileKind::full : TileKind::partial;
   }
 };
+
+/// True when mask M defines row_keys(b, h, q).
+template <class M, class = void>
+struct has_row_keys : std::false_type {};
+template <class M>
+struct has_row_keys<M, std::void_t<decltype(std::declval<const M&>().row_keys(index_t{}, index_t{}, index_t{}))>>
+    : std::true_type {};
+template <class M>
+inline constexpr bool has_row_keys_v = has_row_keys<M>::value;
 
 template <class A, class B, class = std::enable_if_t<is_mask_v<A> && is_mask_v<B>>>
 MaskAnd<A, B> operator&(const A& a, const B& b) {

@@ -97,6 +97,27 @@ const Acc* load_tile(const TensorView<const T, 4>& t, index_t b, index_t h, inde
   return pack.data();
 }
 
+/// Sets the scores of a partial tile that the mask hides to -inf: by interval
+/// when the mask knows each row's keys, element by element otherwise.
+template <class Mask, class Acc>
+void mask_partial_tile(const Mask& mask, index_t b, index_t h, index_t q0, index_t k0, Acc* s,
+                       index_t lds, index_t rows, index_t cols) {
+  constexpr Acc neg_inf = -std::numeric_limits<Acc>::infinity();
+  for (index_t r = 0; r < rows; ++r) {
+    Acc* row = s + r * lds;
+    if constexpr (has_row_keys_v<Mask>) {
+      const KeyRange keys = mask.row_keys(b, h, q0 + r);
+      const index_t lo = std::clamp<index_t>(keys.begin - k0, 0, cols);
+      const index_t hi = std::clamp<index_t>(keys.end - k0, lo, cols);
+      std::fill(row, row + lo, neg_inf);
+      std::fill(row + hi, row + cols, neg_inf);
+    } else {
+      for (index_t c = 0; c < cols; ++c)
+        if (!mask.keep(b, h, q0 + r, k0 + c)) row[c] = neg_inf;
+    }
+  }
+}
+
 /// The engine. Arguments are already checked; mask and mod are bound.
 template <class Acc, class Q, class K, class V, class O, class Mask, class Mod>
 void flash_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4>& k,
@@ -160,10 +181,7 @@ void flash_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4>
       sc.qk.add_abt(rows, cols, d, qs.data(), d, kt, ldk, s, lds, Acc(1));
 
       mod.apply_tile(b, h, q0, k0, s, lds, rows, cols);
-      if (kind == TileKind::partial)
-        for (index_t r = 0; r < rows; ++r)
-          for (index_t c = 0; c < cols; ++c)
-            if (!mask.keep(b, h, q0 + r, k0 + c)) s[r * lds + c] = neg_inf;
+      if (kind == TileKind::partial) mask_partial_tile(mask, b, h, q0, k0, s, lds, rows, cols);
 
       // Online softmax, one row at a time while it is in L1:
       // m' = max(m, rowmax(S)); P = exp(S - m'); l = l·exp(m - m') + rowsum(P); O = O·exp(m - m')
