@@ -298,10 +298,10 @@ TEST(FavorPlus, ScaledFeaturesEqualTheDefinition) {
   const attn::RowMatrix<double> x = attn::RowMatrix<double>::Random(rows, d) * 1.5;
   attn::RowMatrix<double> qphi(rows, f), kphi(rows, f);
   Eigen::VectorXd log_scale(rows);
-  m.queries<double>(attn::FeatureInput<double>(x.data(), rows, d),
-                    attn::FeatureOutput<double>(qphi.data(), rows, f), log_scale.data());
-  m.keys<double>(attn::FeatureInput<double>(x.data(), rows, d),
-                 attn::FeatureOutput<double>(kphi.data(), rows, f));
+  const attn::FeatureInput<double> in(x.data(), rows, d, Eigen::OuterStride<>(d));
+  m.queries<double>(in, attn::FeatureOutput<double>(qphi.data(), rows, f, Eigen::OuterStride<>(f)),
+                    log_scale.data());
+  m.keys<double>(in, attn::FeatureOutput<double>(kphi.data(), rows, f, Eigen::OuterStride<>(f)));
   const double quarter = std::pow(static_cast<double>(d), -0.25);
   for (index_t i = 0; i < rows; ++i) {
     const Eigen::VectorXd xs = x.row(i).transpose() * quarter;

@@ -42,12 +42,12 @@ namespace attn {
 
 // ------------------------------------------------------ feature-map protocol --
 
-/// Rows of feature-map input, (rows, D), contiguous row-major.
+/// Rows of feature-map input, (rows, D), row-major with a row stride.
 template <class Acc>
-using FeatureInput = Eigen::Map<const RowMatrix<Acc>>;
-/// Rows of feature-map output, (rows, F), contiguous row-major.
+using FeatureInput = Eigen::Map<const RowMatrix<Acc>, Eigen::Unaligned, Eigen::OuterStride<>>;
+/// Rows of feature-map output, (rows, F), row-major with a row stride.
 template <class Acc>
-using FeatureOutput = Eigen::Map<RowMatrix<Acc>>;
+using FeatureOutput = Eigen::Map<RowMatrix<Acc>, Eigen::Unaligned, Eigen::OuterStride<>>;
 
 /// Marks a type as a feature map. A feature map M provides
 ///
@@ -99,7 +99,8 @@ struct EluPlusOne : SimpleFeatureMap<EluPlusOne> {
 
   template <class Acc>
   void features(FeatureInput<Acc> x, FeatureOutput<Acc> phi) const {
-    phi.array() = (x.array() > Acc(0)).select(x.array() + Acc(1), x.array().min(Acc(0)).exp());
+    // e^min(x,0) + max(x,0) is x + 1 for x > 0 and e^x otherwise (no select: vectorises)
+    phi.array() = x.array().min(Acc(0)).exp() + x.array().max(Acc(0));
   }
 };
 
@@ -155,19 +156,49 @@ class NormalStream {
 /// C = A · Bᵀ with Eigen's GEMM kernel called directly: single-threaded
 /// (no OpenMP team of its own, whatever the caller's context) and with the
 /// packing buffers on the stack for the tile sizes used here.
-/// A: rows×depth, B: cols×depth, C: rows×cols, all contiguous row-major.
+/// A: rows×depth (lda), B: cols×depth (contiguous), C: rows×cols (ldc), row-major.
 template <class Acc>
-void gemm_abt_serial(index_t rows, index_t cols, index_t depth, const Acc* a, const Acc* b,
-                     Acc* c) {
-  Eigen::Map<RowMatrix<Acc>>(c, rows, cols).setZero();
+void gemm_abt_serial(index_t rows, index_t cols, index_t depth, const Acc* a, index_t lda,
+                     const Acc* b, Acc* c, index_t ldc) {
+  Eigen::Map<RowMatrix<Acc>, Eigen::Unaligned, Eigen::OuterStride<>>(c, rows, cols,
+                                                                      Eigen::OuterStride<>(ldc))
+      .setZero();
   Eigen::internal::gemm_blocking_space<Eigen::RowMajor, Acc, Acc, Eigen::Dynamic, Eigen::Dynamic,
                                        Eigen::Dynamic, 1, false>
       blocking(rows, cols, depth, 1, true);
   Eigen::internal::general_matrix_matrix_product<index_t, Acc, Eigen::RowMajor, false, Acc,
                                                  Eigen::ColMajor, false, Eigen::RowMajor,
-                                                 1>::run(rows, cols, depth, a, depth, b, depth, c,
-                                                         1, cols, Acc(1), blocking);
+                                                 1>::run(rows, cols, depth, a, lda, b, depth, c,
+                                                         1, ldc, Acc(1), blocking);
 }
+
+/// C += Aᵀ · B with Eigen's GEMM kernel, packing buffers allocated once
+/// (like TileGemm, whose products take A untransposed).
+/// A: depth×rows row-major (lda), B: depth×cols row-major (ldb), C: rows×cols row-major (ldc).
+template <class Acc>
+class TransposedGemm {
+  using Blocking = Eigen::internal::gemm_blocking_space<Eigen::RowMajor, Acc, Acc, Eigen::Dynamic,
+                                                        Eigen::Dynamic, Eigen::Dynamic, 1, false>;
+
+ public:
+  TransposedGemm(index_t max_rows, index_t max_cols, index_t max_depth)
+      : blocking_(max_rows, max_cols, max_depth, 1, true) {
+    blocking_.allocateAll();
+  }
+  TransposedGemm(const TransposedGemm&) = delete;
+  TransposedGemm& operator=(const TransposedGemm&) = delete;
+
+  void add_atb(index_t rows, index_t cols, index_t depth, const Acc* a, index_t lda, const Acc* b,
+               index_t ldb, Acc* c, index_t ldc) {
+    // Aᵀ of a row-major depth×rows matrix is a column-major rows×depth one.
+    Eigen::internal::general_matrix_matrix_product<
+        index_t, Acc, Eigen::ColMajor, false, Acc, Eigen::RowMajor, false, Eigen::RowMajor,
+        1>::run(rows, cols, depth, a, lda, b, ldb, c, 1, ldc, Acc(1), blocking_);
+  }
+
+ private:
+  Blocking blocking_;
+};
 
 }  // namespace detail
 
@@ -281,7 +312,8 @@ class FavorPlus : public FeatureMapPolicy {
       w = wf_.data();
     else
       w = wd_.data();
-    detail::gemm_abt_serial<Acc>(x.rows(), f_, d_, x.data(), w, phi.data());
+    detail::gemm_abt_serial<Acc>(x.rows(), f_, d_, x.data(), x.outerStride(), w, phi.data(),
+                                 phi.outerStride());
   }
 
   index_t d_ = 0, f_ = 0;
@@ -313,9 +345,12 @@ struct LinearAttentionOptions {
   int num_threads = 0;
 };
 
-/// Tile constants of linear attention.
+/// Tile constants of linear attention. A chunk of C rows costs 4·F·(Dv+1)
+/// per row for the state plus 2·C·(F+Dv+1) per row inside the chunk; at
+/// F = Dv = 64 on the target machine C = 16–32 was fastest (C = 64: +20%,
+/// C = 128: +55% time), C = 32 keeps the state-update GEMM's depth useful.
 struct LinearTraits {
-  static constexpr index_t chunk = 64;
+  static constexpr index_t chunk = 32;
   static_assert(chunk > 0, "chunks must be non-empty");
 };
 
@@ -405,26 +440,41 @@ AttentionShape check_linear(const TensorView<Q, 4>& q, const TensorView<K, 4>& k
 // --------------------------------------------------------------- engine --
 
 /// Per-worker scratch of linear attention; g = query heads per kv head,
-/// n = chunk rows, F features, state [S | z] as one (F, Dv + 1) matrix.
+/// n = chunk rows, F features. The causal chunk is one GEMM of two stacked
+/// operands, num = [φ̃(Q) | A] · [S | z ; V | 1], so the state [S | z] lives in
+/// the top F rows of `rhs` and the chunk's [V | 1] right below it.
 template <class Acc>
 struct LinearScratch {
   using Mat = RowMatrix<Acc>;
   using Vec = Eigen::Matrix<Acc, Eigen::Dynamic, 1>;
-  Mat qx, qphi;    // (g·n, D), (g·n, F)  query rows of g heads, their features φ̃(q)
-  Vec qlog, qeps;  // (g·n)               log scale a of each query row, eps·e^-(a+c)
-  Mat kx, kphi;    // (n, D), (n, F)      key rows, their features φ̃(k)
-  Mat kphit;       // (F, n)              φ̃(K)ᵀ
-  Mat vaug;        // (n, Dv + 1)         [V | 1]
-  Mat a;           // (g·n, n)            φ̃(Q) φ̃(K)ᵀ of one chunk
-  Mat num;         // (g·n, Dv + 1)       [numerator | denominator]
-  Mat state;       // (F, Dv + 1)         [S | z]
-  TileGemm<Acc> qs, qk, av, kv;
+  Mat x;           // (n, D)                 q or k rows, when they cannot be read in place
+  Mat lhs;         // (g·n, F + n)           [φ̃(Q) | A], A = tril(φ̃(Q) φ̃(K)ᵀ) per head
+  Vec qlog, qeps;  // (g·n)                  log scale a of each query row, eps·e^-(a+c)
+  Mat kphi;        // (n, F)                 φ̃(K)
+  Mat rhs;         // (F + n, Dv + 1)        [S | z ; V | 1]
+  Mat num;         // (g·n, Dv + 1)          [numerator | denominator]
+  TileGemm<Acc> qk, out;
+  TransposedGemm<Acc> kv;
 
-  LinearScratch(index_t g, index_t n, index_t d, index_t f, index_t dv)
-      : qx(g * n, d), qphi(g * n, f), qlog(g * n), qeps(g * n), kx(n, d), kphi(n, f),
-        kphit(f, n), vaug(n, dv + 1), a(g * n, n), num(g * n, dv + 1), state(f, dv + 1),
-        qs(g * n, dv + 1, f), qk(g * n, n, f), av(g * n, dv + 1, n), kv(f, dv + 1, n) {}
+  LinearScratch(index_t g, index_t n, index_t d, index_t f, index_t dv, bool pack)
+      : x(pack ? n : 0, d), lhs(g * n, f + n), qlog(g * n), qeps(g * n), kphi(n, f),
+        rhs(f + n, dv + 1), num(g * n, dv + 1), qk(g * n, n, f), out(g * n, dv + 1, f + n),
+        kv(f, dv + 1, n) {}
 };
+
+/// Rows [row0, row0 + rows) of head (b, h) of t as a feature-map input: in
+/// place when t holds Acc with unit column stride, else converted into `pack`.
+template <class Acc, class T>
+FeatureInput<Acc> feature_input(const TensorView<const T, 4>& t, index_t b, index_t h,
+                                index_t row0, index_t rows, RowMatrix<Acc>& pack) {
+  if constexpr (std::is_same<T, Acc>::value) {
+    if (t.stride(3) == 1)
+      return FeatureInput<Acc>(t.data() + b * t.stride(0) + h * t.stride(1) + row0 * t.stride(2),
+                               rows, t.extent(3), Eigen::OuterStride<>(t.stride(2)));
+  }
+  pack.topRows(rows) = matrix(t, b, h).middleRows(row0, rows).template cast<Acc>();
+  return FeatureInput<Acc>(pack.data(), rows, pack.cols(), Eigen::OuterStride<>(pack.cols()));
+}
 
 /// The engine, for one call; arguments are checked.
 template <class Acc, class Q, class K, class V, class O, class Map>
@@ -432,22 +482,24 @@ void linear_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4
                     const TensorView<const V, 4>& v, const TensorView<O, 4>& out,
                     const AttentionShape& shape, index_t f, const Map& map,
                     const LinearState<Acc>* state, const LinearAttentionOptions& opt) {
-  const index_t n_max = opt.chunk > 0 ? opt.chunk : LinearTraits::chunk;
   const index_t g = shape.q_heads / shape.kv_heads;
   const index_t d = shape.d, dv = shape.dv;
+  const index_t n = std::min(opt.chunk > 0 ? opt.chunk : LinearTraits::chunk,
+                             std::max(shape.lq, shape.lk));
   const index_t tasks = shape.batch * shape.kv_heads;
   const int threads = resolve_threads(opt.num_threads, tasks);
   const double key_log_scale = map.key_log_scale();
+  const bool pack = !std::is_same<Q, Acc>::value || !std::is_same<K, Acc>::value ||
+                    q.stride(3) != 1 || k.stride(3) != 1;
 
-  auto make_scratch = [&] {
-    return std::make_unique<LinearScratch<Acc>>(g, std::min(n_max, std::max(shape.lq, shape.lk)),
-                                                d, f, dv);
-  };
+  auto make_scratch = [&] { return std::make_unique<LinearScratch<Acc>>(g, n, d, f, dv, pack); };
 
   auto run_task = [&](LinearScratch<Acc>& sc, index_t t) {
     const index_t b = t / shape.kv_heads;
     const index_t hk = t % shape.kv_heads;
-    auto& st = sc.state;
+    const index_t ldl = f + n, ldr = dv + 1;
+    auto st = sc.rhs.topRows(f);  // [S | z]                                  (F, Dv + 1)
+    Acc* vaug = sc.rhs.data() + f * ldr;  // [V | 1] of the chunk, rows of ldr
 
     // [S | z] from the caller's state, or zeros.
     if (state) {
@@ -461,98 +513,88 @@ void linear_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4
 
     // φ̃(K) and [V | 1] of keys [j0, j0 + rows).
     auto load_keys = [&](index_t j0, index_t rows) {
-      sc.kx.topRows(rows) = matrix(k, b, hk).middleRows(j0, rows).template cast<Acc>();
-      map.template keys<Acc>(FeatureInput<Acc>(sc.kx.data(), rows, d),
-                             FeatureOutput<Acc>(sc.kphi.data(), rows, f));
-      sc.kphit.leftCols(rows) = sc.kphi.topRows(rows).transpose();
-      sc.vaug.topRows(rows).leftCols(dv) =
-          matrix(v, b, hk).middleRows(j0, rows).template cast<Acc>();
-      sc.vaug.topRows(rows).col(dv).setOnes();
+      map.template keys<Acc>(feature_input<Acc>(k, b, hk, j0, rows, sc.x),
+                             FeatureOutput<Acc>(sc.kphi.data(), rows, f, Eigen::OuterStride<>(f)));
+      Eigen::Map<RowMatrix<Acc>> va(vaug, rows, ldr);
+      va.leftCols(dv) = matrix(v, b, hk).middleRows(j0, rows).template cast<Acc>();
+      va.col(dv).setOnes();
     };
-    // [S | z] += φ̃(K)ᵀ [V | 1]                                            (F, Dv + 1)
+    // [S | z] += φ̃(K)ᵀ [V | 1]                                               (F, Dv + 1)
     auto absorb_keys = [&](index_t rows) {
-      sc.kv.add_ab(f, dv + 1, rows, sc.kphit.data(), sc.kphit.cols(), sc.vaug.data(), dv + 1,
-                   st.data(), dv + 1, Acc(1));
+      sc.kv.add_atb(f, ldr, rows, sc.kphi.data(), f, vaug, ldr, st.data(), ldr);
     };
-    // φ̃(Q) of queries [i0, i0 + rows) of the g heads, head-major: row u·rows + r.
+    // φ̃(Q) of queries [i0, i0 + rows) of the g heads into lhs, row u·rows + r for head u.
     auto load_queries = [&](index_t i0, index_t rows) {
       for (index_t u = 0; u < g; ++u)
-        sc.qx.middleRows(u * rows, rows) =
-            matrix(q, b, hk * g + u).middleRows(i0, rows).template cast<Acc>();
-      map.template queries<Acc>(FeatureInput<Acc>(sc.qx.data(), g * rows, d),
-                                FeatureOutput<Acc>(sc.qphi.data(), g * rows, f), sc.qlog.data());
+        map.template queries<Acc>(
+            feature_input<Acc>(q, b, hk * g + u, i0, rows, sc.x),
+            FeatureOutput<Acc>(sc.lhs.data() + u * rows * ldl, rows, f, Eigen::OuterStride<>(ldl)),
+            sc.qlog.data() + u * rows);
       // eps·e^-(a + c) keeps num / (den + eps) the unstabilised ratio
       for (index_t r = 0; r < g * rows; ++r)
         sc.qeps(r) = static_cast<Acc>(
             opt.eps * std::exp(-(static_cast<double>(sc.qlog(r)) + key_log_scale)));
     };
-    // num = φ̃(Q) [S | z]                                                  (g·rows, Dv + 1)
-    auto apply_state = [&](index_t rows) {
-      Eigen::Map<RowMatrix<Acc>>(sc.num.data(), g * rows, dv + 1).setZero();
-      sc.qs.add_ab(g * rows, dv + 1, f, sc.qphi.data(), f, st.data(), dv + 1, sc.num.data(),
-                   dv + 1, Acc(1));
+    // num = lhs[:, :depth] · rhs[:depth, :]; depth F: φ̃(Q)[S | z]; F + rows: plus A [V | 1]
+    auto multiply = [&](index_t rows, index_t depth) {
+      Eigen::Map<RowMatrix<Acc>>(sc.num.data(), g * rows, ldr).setZero();
+      sc.out.add_ab(g * rows, ldr, depth, sc.lhs.data(), ldl, sc.rhs.data(), ldr, sc.num.data(),
+                    ldr, Acc(1));
     };
     // out = num[:, :Dv] / (num[:, Dv] + eps·e^-(a+c))
     auto store = [&](index_t i0, index_t rows) {
-      const Eigen::Map<const RowMatrix<Acc>> num(sc.num.data(), g * rows, dv + 1);
       for (index_t u = 0; u < g; ++u) {
         auto dst = matrix(out, b, hk * g + u).middleRows(i0, rows);
         for (index_t r = 0; r < rows; ++r) {
           const index_t row = u * rows + r;
-          const Acc inv = Acc(1) / (num(row, dv) + sc.qeps(row));
-          dst.row(r) = (num.row(row).head(dv) * inv).template cast<O>();
+          const Acc inv = Acc(1) / (sc.num(row, dv) + sc.qeps(row));
+          dst.row(r) = (sc.num.row(row).head(dv) * inv).template cast<O>();
         }
       }
     };
+    // Queries [i0, i1) that see exactly the keys in the state.
+    auto queries_on_state = [&](index_t i0, index_t i1) {
+      for (; i0 < i1; i0 += n) {
+        const index_t rows = std::min(n, i1 - i0);
+        load_queries(i0, rows);
+        multiply(rows, f);
+        store(i0, rows);
+      }
+    };
+    // Keys [j0, j1) into the state.
+    auto keys_into_state = [&](index_t j0, index_t j1) {
+      for (; j0 < j1; j0 += n) {
+        const index_t rows = std::min(n, j1 - j0);
+        load_keys(j0, rows);
+        absorb_keys(rows);
+      }
+    };
 
-    const index_t off = shape.diagonal_offset();
     if (!opt.causal) {
-      // Every key into the state, then every query reads it.
-      for (index_t j0 = 0; j0 < shape.lk; j0 += n_max) {
-        const index_t rows = std::min(n_max, shape.lk - j0);
-        load_keys(j0, rows);
-        absorb_keys(rows);
-      }
-      for (index_t i0 = 0; i0 < shape.lq; i0 += n_max) {
-        const index_t rows = std::min(n_max, shape.lq - i0);
-        load_queries(i0, rows);
-        apply_state(rows);
-        store(i0, rows);
-      }
+      keys_into_state(0, shape.lk);
+      queries_on_state(0, shape.lq);
     } else {
-      // Keys before the diagonal (Lk > Lq) are seen by every query.
-      const index_t k_diag = std::max<index_t>(0, off);
-      for (index_t j0 = 0; j0 < k_diag; j0 += n_max) {
-        const index_t rows = std::min(n_max, k_diag - j0);
-        load_keys(j0, rows);
-        absorb_keys(rows);
-      }
-      // Queries before the diagonal (Lq > Lk) see only the incoming state.
-      const index_t q_diag = std::max<index_t>(0, -off);
-      for (index_t i0 = 0; i0 < q_diag; i0 += n_max) {
-        const index_t rows = std::min(n_max, q_diag - i0);
-        load_queries(i0, rows);
-        apply_state(rows);
-        store(i0, rows);
-      }
+      // Keys before the diagonal (Lk > Lq) are seen by every query; queries
+      // before it (Lq > Lk) see only the incoming state.
+      const index_t off = shape.diagonal_offset();
+      const index_t k_diag = std::max<index_t>(0, off), q_diag = std::max<index_t>(0, -off);
+      keys_into_state(0, k_diag);
+      queries_on_state(0, q_diag);
       // On the diagonal, query q_diag + i sees keys up to k_diag + i.
-      for (index_t c0 = 0; q_diag + c0 < shape.lq; c0 += n_max) {
-        const index_t rows = std::min(n_max, shape.lq - q_diag - c0);
-        const index_t i0 = q_diag + c0, j0 = k_diag + c0;
-        load_queries(i0, rows);
-        load_keys(j0, rows);
-        apply_state(rows);  // exclusive prefix: keys before j0
-        // A = tril(φ̃(Q) φ̃(K)ᵀ) per head block                             (g·rows, rows)
-        Eigen::Map<RowMatrix<Acc>> a(sc.a.data(), g * rows, rows);
-        a.setZero();
-        sc.qk.add_abt(g * rows, rows, f, sc.qphi.data(), f, sc.kphi.data(), f, a.data(), rows,
-                      Acc(1));
+      for (index_t c0 = 0; q_diag + c0 < shape.lq; c0 += n) {
+        const index_t rows = std::min(n, shape.lq - q_diag - c0);
+        load_queries(q_diag + c0, rows);
+        load_keys(k_diag + c0, rows);
+        // A = φ̃(Q) φ̃(K)ᵀ, then zero above the diagonal of each head's block  (g·rows, rows)
+        Acc* a = sc.lhs.data() + f;
+        for (index_t r = 0; r < g * rows; ++r) std::fill(a + r * ldl, a + r * ldl + rows, Acc(0));
+        sc.qk.add_abt(g * rows, rows, f, sc.lhs.data(), ldl, sc.kphi.data(), f, a, ldl, Acc(1));
         for (index_t u = 0; u < g; ++u)
-          for (index_t r = 0; r + 1 < rows; ++r) a.row(u * rows + r).tail(rows - 1 - r).setZero();
-        // num += A [V | 1]
-        sc.av.add_ab(g * rows, dv + 1, rows, a.data(), rows, sc.vaug.data(), dv + 1,
-                     sc.num.data(), dv + 1, Acc(1));
-        store(i0, rows);
+          for (index_t r = 0; r + 1 < rows; ++r)
+            std::fill(a + (u * rows + r) * ldl + r + 1, a + (u * rows + r) * ldl + rows, Acc(0));
+        // num = φ̃(Q)[S | z] (exclusive prefix) + A [V | 1] (this chunk), one GEMM
+        multiply(rows, f + rows);
+        store(q_diag + c0, rows);
         absorb_keys(rows);
       }
     }
@@ -646,13 +688,14 @@ void linear_attention(const TensorView<Q, 4>& q, const TensorView<K, 4>& k,
     for (index_t h = 0; h < s.q_heads; ++h) {
       const index_t hk = s.kv_head(h);
       x = matrix(q, b, h).template cast<double>();
-      feature_map.template queries<double>(FeatureInput<double>(x.data(), s.lq, s.d),
-                                           FeatureOutput<double>(phi_q.data(), s.lq, f),
-                                           log_q.data());
+      feature_map.template queries<double>(
+          FeatureInput<double>(x.data(), s.lq, s.d, Eigen::OuterStride<>(s.d)),
+          FeatureOutput<double>(phi_q.data(), s.lq, f, Eigen::OuterStride<>(f)), log_q.data());
       for (index_t i = 0; i < s.lq; ++i) phi_q.row(i) *= std::exp(log_q(i));
       x = matrix(k, b, hk).template cast<double>();
-      feature_map.template keys<double>(FeatureInput<double>(x.data(), s.lk, s.d),
-                                        FeatureOutput<double>(phi_k.data(), s.lk, f));
+      feature_map.template keys<double>(
+          FeatureInput<double>(x.data(), s.lk, s.d, Eigen::OuterStride<>(s.d)),
+          FeatureOutput<double>(phi_k.data(), s.lk, f, Eigen::OuterStride<>(f)));
       phi_k *= std::exp(c);
       RowMatrix<double> a = phi_q * phi_k.transpose();  // (Lq, Lk)
       if (opt.causal)
