@@ -108,6 +108,31 @@ TYPED_TEST(LinearAttention, GroupedHeadsInBothLayouts) {
       }
 }
 
+// float q, k, v with a double output accumulate in double (the inputs are
+// converted, not read in place), and so does the state.
+TEST(LinearAttentionMixed, FloatInputsDoubleOutput) {
+  Problem p;
+  p.B = 2;
+  p.Hq = 4;
+  p.Hkv = 2;
+  p.Lq = p.Lk = 45;
+  p.D = 12;
+  p.Dv = 7;
+  p.layout = Layout::bshd;
+  const Inputs<float> in(p, 17);
+  const Tensor<double> q = to_double(in.q), k = to_double(in.k), v = to_double(in.v);
+  attn::LinearAttentionOptions opt;
+  opt.causal = true;
+  opt.chunk = 16;
+  const auto map = attn::favor_plus(p.D, 24, 2);
+  Tensor<double> ref(p.B, p.Hq, p.Lq, p.Dv), out(p.B, p.Hq, p.Lq, p.Dv);
+  attn::reference::linear_attention(q.cview(), k.cview(), v.cview(), ref.view, map, opt);
+  attn::LinearStateBuffer<double> state(p.B, p.Hkv, 24, p.Dv);
+  attn::linear_attention(in.q.cview(), in.k.cview(), in.v.cview(), out.view, map, state.state(),
+                         opt);
+  EXPECT_LE(max_abs_diff(out, ref), linear_tolerance<double>(24, p.Lk, max_abs(in.v)));
+}
+
 // Results depend on the task, not on the worker that ran it.
 TYPED_TEST(LinearAttention, ThreadCountDoesNotChangeTheResult) {
   Problem p;

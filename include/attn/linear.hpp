@@ -462,13 +462,20 @@ struct LinearScratch {
         kv(f, dv + 1, n) {}
 };
 
+/// Whether rows of t can be handed to a feature map in place: Acc storage,
+/// unit column stride and disjoint rows going forward (a plain row-major matrix).
+template <class Acc, class T>
+bool readable_in_place(const TensorView<const T, 4>& t) {
+  return std::is_same<T, Acc>::value && t.stride(3) == 1 && t.stride(2) >= t.extent(3);
+}
+
 /// Rows [row0, row0 + rows) of head (b, h) of t as a feature-map input: in
-/// place when t holds Acc with unit column stride, else converted into `pack`.
+/// place when readable_in_place, else converted into `pack`.
 template <class Acc, class T>
 FeatureInput<Acc> feature_input(const TensorView<const T, 4>& t, index_t b, index_t h,
                                 index_t row0, index_t rows, RowMatrix<Acc>& pack) {
   if constexpr (std::is_same<T, Acc>::value) {
-    if (t.stride(3) == 1)
+    if (readable_in_place<Acc>(t))
       return FeatureInput<Acc>(t.data() + b * t.stride(0) + h * t.stride(1) + row0 * t.stride(2),
                                rows, t.extent(3), Eigen::OuterStride<>(t.stride(2)));
   }
@@ -489,8 +496,7 @@ void linear_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4
   const index_t tasks = shape.batch * shape.kv_heads;
   const int threads = resolve_threads(opt.num_threads, tasks);
   const double key_log_scale = map.key_log_scale();
-  const bool pack = !std::is_same<Q, Acc>::value || !std::is_same<K, Acc>::value ||
-                    q.stride(3) != 1 || k.stride(3) != 1;
+  const bool pack = !readable_in_place<Acc>(q) || !readable_in_place<Acc>(k);
 
   auto make_scratch = [&] { return std::make_unique<LinearScratch<Acc>>(g, n, d, f, dv, pack); };
 
