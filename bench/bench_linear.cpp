@@ -1,0 +1,227 @@
+// Linear attention against dense flash attention and against a token-by-token
+// recurrence, B = 1, H = 8, D = Dv = 64, float, elu + 1 features (F = 64).
+//
+//   bench_linear                       short run: N = 1024 and 4096
+//   bench_linear --sweep               N = 1024 … 65536 (flash up to 16384)
+//
+// Compare within one run: --benchmark_repetitions=3 --benchmark_report_aggregates_only=true
+#include <attn/attn.hpp>
+#include <attn/linear.hpp>
+
+#include <benchmark/benchmark.h>
+
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace {
+
+using attn::index_t;
+
+constexpr index_t kBatch = 1, kHeads = 8, kDim = 64;
+
+struct Problem {
+  std::vector<float> q, k, v, out;
+  explicit Problem(index_t n)
+      : q(static_cast<std::size_t>(kBatch * kHeads * n * kDim)), k(q.size()), v(q.size()),
+        out(q.size()) {
+    std::mt19937 gen(1);
+    std::normal_distribution<float> dist(0.f, 1.f);
+    for (auto* buf : {&q, &k, &v})
+      for (float& x : *buf) x = dist(gen);
+  }
+  attn::Tensor4<const float> view(const std::vector<float>& b, index_t n) const {
+    return attn::bhsd(b.data(), kBatch, kHeads, n, kDim);
+  }
+};
+
+// GEMM FLOPs of the linear engine (see linear.hpp), F = Dv = 64, one kv
+// head per query head: non-causal 2·(Lq + Lk)·F·(Dv+1); causal per chunk of
+// c rows 4·c·F·(Dv+1) (prefix and state update) + 2·c²·(F + Dv+1) (intra-chunk).
+double linear_flops(index_t n, bool causal, index_t chunk) {
+  const double f = kDim, dv1 = kDim + 1, heads = kBatch * kHeads;
+  if (!causal) return heads * 2.0 * 2.0 * n * f * dv1;
+  double total = 0;
+  for (index_t c0 = 0; c0 < n; c0 += chunk) {
+    const double c = static_cast<double>(std::min(chunk, n - c0));
+    total += 4.0 * c * f * dv1 + 2.0 * c * c * (f + dv1);
+  }
+  return heads * total;
+}
+
+void set_counters(benchmark::State& state, double flops_per_iter, index_t n) {
+  state.counters["GFLOP/s"] = benchmark::Counter(flops_per_iter * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(kBatch * kHeads * n),
+                                                  benchmark::Counter::kIsIterationInvariantRate);
+}
+
+// Linear attention: args N, causal, chunk (0 = default; 1 = the engine run
+// token by token: per token φ(q)ᵀ[S | z] and a rank-1 state update).
+void BM_Linear(benchmark::State& state) {
+  const index_t n = state.range(0);
+  const bool causal = state.range(1) != 0;
+  Problem p(n);
+  attn::LinearAttentionOptions opt;
+  opt.causal = causal;
+  opt.chunk = state.range(2);
+  auto out = attn::bhsd(p.out.data(), kBatch, kHeads, n, kDim);
+  for (auto _ : state) {
+    attn::linear_attention(p.view(p.q, n), p.view(p.k, n), p.view(p.v, n), out,
+                           attn::elu_plus_one(), opt);
+    benchmark::DoNotOptimize(p.out.data());
+    benchmark::ClobberMemory();
+  }
+  set_counters(state, linear_flops(n, causal, opt.chunk > 0 ? opt.chunk : attn::LinearTraits::chunk), n);
+}
+
+// Decoding through the public API, one call per token carrying the state:
+// the recurrence plus each call's checks and scratch setup.
+void BM_LinearDecodeCalls(benchmark::State& state) {
+  const index_t n = state.range(0);
+  Problem p(n);
+  attn::LinearAttentionOptions opt;
+  opt.causal = true;
+  opt.num_threads = 1;
+  attn::LinearStateBuffer<float> st(kBatch, kHeads, kDim, kDim);
+  const auto slice = [&](const std::vector<float>& b, index_t t) {
+    return attn::Tensor4<const float>(b.data() + t * kDim, {kBatch, kHeads, 1, kDim},
+                                      {kHeads * n * kDim, n * kDim, kDim, 1});
+  };
+  for (auto _ : state) {
+    st.reset();
+    for (index_t t = 0; t < n; ++t)
+      attn::linear_attention(slice(p.q, t), slice(p.k, t), slice(p.v, t),
+                             attn::Tensor4<float>(p.out.data() + t * kDim, {kBatch, kHeads, 1, kDim},
+                                                  {kHeads * n * kDim, n * kDim, kDim, 1}),
+                             attn::elu_plus_one(), st.state(), opt);
+    benchmark::DoNotOptimize(p.out.data());
+    benchmark::ClobberMemory();
+  }
+  set_counters(state, linear_flops(n, true, 1), n);
+}
+
+// The baseline recurrence written directly, one token at a time per (batch,
+// head), heads in parallel: [S | z] += φ(k_t) [v_t | 1]ᵀ (rank-1), then
+// out_t = φ(q_t)ᵀ S / (φ(q_t)ᵀ z + eps) (one GEMV) — the RNN form of
+// Katharopoulos et al.
+void BM_PlainRecurrence(benchmark::State& state) {
+  const index_t n = state.range(0);
+  Problem p(n);
+  const float eps = 1e-6f;
+  using Vec = Eigen::Matrix<float, Eigen::Dynamic, 1>;
+  using RowVec = Eigen::Matrix<float, 1, Eigen::Dynamic>;
+  for (auto _ : state) {
+#pragma omp parallel for schedule(dynamic, 1)
+    for (index_t h = 0; h < kBatch * kHeads; ++h) {
+      const auto q = Eigen::Map<const attn::RowMatrix<float>>(p.q.data() + h * n * kDim, n, kDim);
+      const auto k = Eigen::Map<const attn::RowMatrix<float>>(p.k.data() + h * n * kDim, n, kDim);
+      const auto v = Eigen::Map<const attn::RowMatrix<float>>(p.v.data() + h * n * kDim, n, kDim);
+      auto out = Eigen::Map<attn::RowMatrix<float>>(p.out.data() + h * n * kDim, n, kDim);
+      attn::RowMatrix<float> s = attn::RowMatrix<float>::Zero(kDim, kDim + 1);  // [S | z]
+      Vec phi_k(kDim), phi_q(kDim);
+      RowVec v_aug(kDim + 1), num(kDim + 1);
+      v_aug(kDim) = 1.f;
+      for (index_t t = 0; t < n; ++t) {
+        // φ = elu + 1 = e^min(x,0) + max(x,0)
+        phi_k = (k.row(t).array().min(0.f).exp() + k.row(t).array().max(0.f)).transpose();
+        phi_q = (q.row(t).array().min(0.f).exp() + q.row(t).array().max(0.f)).transpose();
+        v_aug.head(kDim) = v.row(t);
+        s.noalias() += phi_k * v_aug;
+        num.noalias() = phi_q.transpose() * s;
+        out.row(t) = num.head(kDim) / (num(kDim) + eps);
+      }
+    }
+    benchmark::DoNotOptimize(p.out.data());
+    benchmark::ClobberMemory();
+  }
+  set_counters(state, 4.0 * kBatch * kHeads * n * kDim * (kDim + 1), n);
+}
+
+// Dense softmax attention on the flash engine (the baseline), causal or not.
+void BM_Flash(benchmark::State& state) {
+  const index_t n = state.range(0);
+  const bool causal = state.range(1) != 0;
+  Problem p(n);
+  auto out = attn::bhsd(p.out.data(), kBatch, kHeads, n, kDim);
+  attn::AttentionStats stats;
+  attn::AttentionOptions opt;
+  opt.stats = &stats;
+  for (auto _ : state) {
+    if (causal)
+      attn::masked_attention(p.view(p.q, n), p.view(p.k, n), p.view(p.v, n), out, attn::causal(),
+                             attn::no_score_mod(), opt);
+    else
+      attn::scaled_dot_product_attention(p.view(p.q, n), p.view(p.k, n), p.view(p.v, n), out, opt);
+    benchmark::DoNotOptimize(p.out.data());
+    benchmark::ClobberMemory();
+  }
+  set_counters(state, stats.flops(kDim, kDim), n);
+}
+
+void register_all(bool sweep) {
+  std::vector<index_t> linear_n, flash_n, recur_n;
+  if (sweep) {
+    linear_n = {1024, 2048, 4096, 8192, 16384, 32768, 65536};
+    flash_n = {1024, 2048, 4096, 8192, 16384};
+    recur_n = {4096, 16384};
+  } else {
+    linear_n = {1024, 4096};
+    flash_n = {1024, 4096};
+    recur_n = {4096};
+  }
+  for (int causal : {0, 1})
+    for (index_t n : linear_n)
+      benchmark::RegisterBenchmark(("linear/" + std::string(causal ? "causal" : "full")).c_str(),
+                                   BM_Linear)
+          ->Args({n, causal, 0})
+          ->Unit(benchmark::kMillisecond)
+          ->UseRealTime();
+  for (index_t n : recur_n) {
+    benchmark::RegisterBenchmark("linear/causal_plain_recurrence", BM_PlainRecurrence)
+        ->Arg(n)
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime();
+    benchmark::RegisterBenchmark("linear/causal_chunk1", BM_Linear)
+        ->Args({n, 1, 1})
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime();
+    benchmark::RegisterBenchmark("linear/causal_decode_calls", BM_LinearDecodeCalls)
+        ->Arg(n)
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime();
+  }
+  if (sweep)
+    for (index_t chunk : {16, 32, 64, 128, 256})
+      benchmark::RegisterBenchmark("linear/causal_chunk_sweep", BM_Linear)
+          ->Args({16384, 1, chunk})
+          ->Unit(benchmark::kMillisecond)
+          ->UseRealTime();
+  for (int causal : {0, 1})
+    for (index_t n : flash_n)
+      benchmark::RegisterBenchmark(("flash/" + std::string(causal ? "causal" : "full")).c_str(),
+                                   BM_Flash)
+          ->Args({n, causal})
+          ->Unit(benchmark::kMillisecond)
+          ->UseRealTime();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  bool sweep = false;
+  std::vector<char*> args;
+  for (int i = 0; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--sweep") == 0)
+      sweep = true;
+    else
+      args.push_back(argv[i]);
+  }
+  int n = static_cast<int>(args.size());
+  register_all(sweep);
+  benchmark::Initialize(&n, args.data());
+  if (benchmark::ReportUnrecognizedArguments(n, args.data())) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}
