@@ -11,12 +11,13 @@
 //
 // The softmax weights of each head are written as an SVG heat map (rows:
 // queries, columns: keys) and printed as shaded characters.
-// Usage: attention_map [OUTPUT_DIR]   (default: the current directory)
+// Usage: attention_map [OUTPUT_DIR]   (default: the current directory; created if missing)
 #include <attn/attn.hpp>
 
 #include <algorithm>
 #include <array>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <string>
 #include <vector>
@@ -216,6 +217,8 @@ void print_head(const std::vector<double>& p, const char* title) {
 
 int main(int argc, char** argv) {
   const std::string dir = argc > 1 ? argv[1] : ".";
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);  // an existing directory is fine
 
   // q and k of every head, [1, H, L, D]: q_h = x·Wq_h, k_h = x·Wk_h.
   const attn::RowMatrix<double> x = embed();
