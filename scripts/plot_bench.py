@@ -10,8 +10,9 @@ Reads JSON files written by any bench_* executable with
   <prefix>_gflops.png   GFLOP/s against N; GEMM roofline rows (names containing
                         "roofline" or "gemm") are drawn dashed, as the reference.
 
-N is read from the "N:<n>" part of each benchmark name; rows without one (peak
-memory rows, for instance) are skipped. With repetitions the median is used:
+N is read from the "N:<n>" part of each benchmark name; rows without one are
+skipped, and so are rows whose name matches --exclude (default: peak-memory
+rows, "peak_rss" or "memory", whose time is that of a child process). With repetitions the median is used:
 the "median" aggregate when the file has one, else the median of the
 repetitions. The table (stdout, or the file given with --table) gives, per
 variant and shape, the time, the GFLOP/s and the ratios to the baselines in
@@ -19,6 +20,7 @@ the same file at the same shape: the naive path of the same variant
 ("naive", "reference" or "baseline" in the family name) and the GEMM roofline.
 
 Usage: plot_bench.py FILE.json [FILE.json ...] [--out-dir DIR] [--table FILE] [--prefix NAME]
+                     [--exclude REGEX]
 """
 
 import argparse
@@ -82,8 +84,9 @@ def gflops_of(entry):
     return None
 
 
-def load(path):
-    """Rows of one JSON file, at their medians, in the file's order."""
+def load(path, exclude):
+    """Rows of one JSON file, at their medians, in the file's order, less those whose
+    name matches the regular expression `exclude`."""
     with open(path) as f:
         data = json.load(f)
     source = Path(path).stem
@@ -93,6 +96,8 @@ def load(path):
         if entry.get("error_occurred"):
             continue
         run_name = entry.get("run_name", entry["name"])
+        if exclude and re.search(exclude, run_name):
+            continue
         if entry.get("run_type") == "aggregate":
             if entry.get("aggregate_name") == "median":
                 medians[run_name] = entry
@@ -253,6 +258,9 @@ def main(argv=None):
     parser.add_argument("--table", help="write the markdown table here instead of stdout")
     parser.add_argument("--prefix", help="PNG name prefix (default: the JSON file's name, "
                         "or 'bench' for several files)")
+    parser.add_argument("--exclude", default="peak_rss|memory",
+                        help="skip benchmarks whose name matches this regular expression "
+                        "(default: peak_rss|memory; '' keeps every row)")
     args = parser.parse_args(argv)
 
     try:
@@ -265,7 +273,7 @@ def main(argv=None):
               file=sys.stderr)
         return 2
 
-    rows = [row for path in args.json for row in load(path)]
+    rows = [row for path in args.json for row in load(path, args.exclude)]
     if not rows:
         print("plot_bench: no benchmark with an N:<n> argument in " + ", ".join(args.json),
               file=sys.stderr)
