@@ -18,6 +18,9 @@ for exe in "$build"/bench/bench_*; do
   "$exe" --benchmark_repetitions=$reps --benchmark_out="$build/results/$name.json" \
          --benchmark_out_format=json
 done
+echo "== plots and summary table"
+/usr/bin/python3 scripts/plot_bench.py "$build"/results/*.json --out-dir "$build/results" \
+  --table "$build/results/summary.md"
 echo "== examples/quickstart"
 "$build"/examples/quickstart
 echo "results: $build/results/"
