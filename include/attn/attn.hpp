@@ -1,6 +1,7 @@
 // attn/attn.hpp — umbrella header: includes every public header of attn.
 #pragma once
 
+#include "attn/linear.hpp"
 #include "attn/mask.hpp"
 #include "attn/masked.hpp"
 #include "attn/options.hpp"
