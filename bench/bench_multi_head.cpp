@@ -119,11 +119,12 @@ void layer_projections(benchmark::State& state, Shape shape) {
       v(shape.len, shape.kv_heads * D), heads = random(shape.len, shape.q_heads * D, 6, 1.f),
       out(shape.len, shape.d_model);
   const attn::TensorView<float, 3> ov(out.data(), {1, shape.len, shape.d_model});
+  attn::detail::ProjectionGemms<float> gemms;
   for (auto _ : state) {
-    attn::detail::project(su.xview(), w.wq, w.bq, q.data());
-    attn::detail::project(su.xview(), w.wk, w.bk, k.data());
-    attn::detail::project(su.xview(), w.wv, w.bv, v.data());
-    attn::detail::project_out(heads.data(), w.wo, w.bo, ov);
+    attn::detail::project(su.xview(), w.wq, w.bq, q.data(), gemms, 0);
+    attn::detail::project(su.xview(), w.wk, w.bk, k.data(), gemms, 0);
+    attn::detail::project(su.xview(), w.wv, w.bv, v.data(), gemms, 0);
+    attn::detail::project_out(heads.data(), w.wo, w.bo, ov, gemms, 0);
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
   }

@@ -140,6 +140,9 @@ template <class T>
 LayerResult reference_layer(const attn::MultiHeadConfig& c, const LayerWeights<T>& w,
                             const std::vector<MatD>& x, const std::vector<MatD>& mem,
                             const KeepFn& keep = {}, const BiasFn& bias = {}) {
+  // Serial Eigen products: Eigen's threaded GEMM spin-waits between its
+  // threads, which is very slow on a shared machine, and the reference is small.
+  Eigen::setNbThreads(1);
   const double scale = 1.0 / std::sqrt(double(c.head_dim));
   const index_t group = c.q_heads / c.kv_heads;
   LayerResult res;

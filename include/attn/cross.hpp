@@ -73,7 +73,7 @@ void cross_attention_forward(const MultiHeadConfig& c, const MultiHeadWeights<T>
                              MultiHeadWorkspace<T>& ws) {
   const index_t B = x.extent(0), L = x.extent(1);
   T* q = grow(ws.q, B * L * c.q_heads * c.head_dim);
-  project(x, w.wq, w.bq, q);  // [B·Lq, Hq·D] = [B, Lq, Hq, D]
+  project(x, w.wq, w.bq, q, ws.gemms, opt.num_threads);  // [B·Lq, Hq·D] = [B, Lq, Hq, D]
   attend_and_project_out<T>(c, w, bshd<const T>(q, B, L, c.q_heads, c.head_dim), k, v, out, mask,
                             mod, opt, ws);
 }
@@ -111,7 +111,7 @@ void cross_attention(detail::identity_t<TensorView<const T, 3>> x,
   MultiHeadWorkspace<T> local;
   MultiHeadWorkspace<T>& ws = workspace ? *workspace : local;
   const detail::GemmThreads threads(options.num_threads);
-  detail::project_kv(c, weights, memory, ws.k, ws.v);
+  detail::project_kv(c, weights, memory, ws.k, ws.v, ws.gemms, options.num_threads);
   const index_t B = memory.extent(0), Lk = memory.extent(1);
   detail::cross_attention_forward(c, weights, x, bshd<const T>(ws.k.data(), B, Lk, c.kv_heads, c.head_dim),
                                   bshd<const T>(ws.v.data(), B, Lk, c.kv_heads, c.v_head_dim), out,
@@ -139,7 +139,7 @@ class CrossAttention : public AttentionProjections<T> {
     const MultiHeadConfig& c = this->cfg_;
     detail::check_sequence(memory, "memory", c.d_kv_in, "d_kv_in");
     const detail::GemmThreads threads(num_threads);
-    detail::project_kv(c, this->weights(), memory, kv.k_, kv.v_);
+    detail::project_kv(c, this->weights(), memory, kv.k_, kv.v_, gemms_, num_threads);
     kv.batch_ = memory.extent(0);
     kv.length_ = memory.extent(1);
     kv.heads_ = c.kv_heads;
@@ -209,7 +209,7 @@ class CrossAttention : public AttentionProjections<T> {
     const detail::GemmThreads threads(options.num_threads);
     T* q = detail::grow(this->ws_.q, B * L * c.q_heads * c.head_dim);
     const MultiHeadWeights<T> w = this->weights();
-    detail::project(x, w.wq, w.bq, q);
+    detail::project(x, w.wq, w.bq, q, this->ws_.gemms, options.num_threads);
     attn::attention_weights(bshd<const T>(q, B, L, c.q_heads, c.head_dim), kv.keys(), weights,
                             mask, score_mod, options);
   }
@@ -225,7 +225,8 @@ class CrossAttention : public AttentionProjections<T> {
                    this->cfg_.v_head_dim);
   }
 
-  ProjectedMemory<T> memory_;  // the memory projected by forward(x, memory, ...)
+  ProjectedMemory<T> memory_;               // the memory projected by forward(x, memory, ...)
+  mutable detail::ProjectionGemms<T> gemms_;  // packing buffers of project_memory
 };
 
 }  // namespace attn

@@ -19,6 +19,8 @@
 
 #include "attn/attention_weights.hpp"
 #include "attn/detail/checks.hpp"
+#include "attn/detail/gemm.hpp"
+#include "attn/detail/parallel.hpp"
 #include "attn/mask.hpp"
 #include "attn/masked.hpp"
 #include "attn/options.hpp"
@@ -28,6 +30,9 @@
 
 #include <Eigen/Core>
 
+#include <algorithm>
+#include <deque>
+#include <memory>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -94,13 +99,81 @@ struct MultiHeadWeights {
   TensorView<const T, 1> bq, bk, bv, bo;
 };
 
-/// Scratch of a layer: projected q, k, v and the heads' output, plus the
-/// RoPE table. Buffers only grow, so repeated calls at one size allocate
-/// nothing after the first.
+namespace detail {
+
+// ------------------------------------------------------- projection GEMMs --
+
+/// y = x·W for a row-major x [rows, depth] and W [depth, cols], rows split
+/// into fixed chunks of `chunk` rows handed to the threads; each thread runs
+/// a single-threaded GEMM with its own packing buffers. PERF.md: independent
+/// 1-thread GEMMs beat one GEMM that makes its threads wait on each other,
+/// and packing buffers allocated per product cost fresh pages every call.
+/// Buffers are made once per (cols, depth) and kept; the blocking depends
+/// only on that shape, so results do not depend on the thread count.
+template <class T>
+class ProjectionGemms {
+ public:
+  static constexpr index_t chunk = 256;
+
+  /// y[r, :] = x[r, :]·W for r < rows; ldx, ldw, ldy are (positive) row strides.
+  void run(index_t rows, index_t cols, index_t depth, const T* x, index_t ldx, const T* w,
+           index_t ldw, T* y, index_t ldy, int num_threads) {
+    const index_t tasks = (rows + chunk - 1) / chunk;
+    // Below ~4M multiply-adds (~0.1 ms) a parallel region costs more than it saves.
+    const bool small = static_cast<double>(rows) * static_cast<double>(cols) * static_cast<double>(depth) < 4.0e6;
+    const int threads = small ? 1 : resolve_threads(num_threads, tasks);
+    Entry& e = entry(cols, depth, threads);
+    auto body = [&](TileGemm<T>& g, index_t t) {
+      const index_t r0 = t * chunk, n = std::min(chunk, rows - r0);
+      for (index_t r = r0; r < r0 + n; ++r) std::fill(y + r * ldy, y + r * ldy + cols, T(0));
+      g.add_ab(n, cols, depth, x + r0 * ldx, ldx, w, ldw, y + r0 * ldy, ldy, T(1));  // (n, cols)
+    };
+#ifdef _OPENMP
+    if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+      {
+        TileGemm<T>& g = *e.gemms[static_cast<std::size_t>(omp_get_thread_num())];
+#pragma omp for schedule(dynamic, 1)
+        for (index_t t = 0; t < tasks; ++t) body(g, t);
+      }
+      return;
+    }
+#endif
+    for (index_t t = 0; t < tasks; ++t) body(*e.gemms[0], t);
+  }
+
+ private:
+  struct Entry {
+    index_t cols = 0, depth = 0;
+    std::vector<std::unique_ptr<TileGemm<T>>> gemms;  // one per thread
+  };
+  Entry& entry(index_t cols, index_t depth, int threads) {
+    Entry* e = nullptr;
+    for (Entry& x : entries_)
+      if (x.cols == cols && x.depth == depth) e = &x;
+    if (!e) {
+      entries_.emplace_back();
+      e = &entries_.back();
+      e->cols = cols;
+      e->depth = depth;
+    }
+    while (static_cast<int>(e->gemms.size()) < threads)
+      e->gemms.push_back(std::make_unique<TileGemm<T>>(chunk, cols, depth));
+    return *e;
+  }
+  std::deque<Entry> entries_;  // a deque keeps references stable as it grows
+};
+
+}  // namespace detail
+
+/// Scratch of a layer: projected q, k, v and the heads' output, the RoPE
+/// table and the projection GEMMs' packing buffers. Everything only grows,
+/// so repeated calls at one size allocate nothing after the first.
 template <class T>
 struct MultiHeadWorkspace {
   std::vector<T> q, k, v, heads;
   detail::RopeTable<T> rope;
+  detail::ProjectionGemms<T> gemms;
 };
 
 namespace detail {
@@ -144,32 +217,50 @@ void for_row_blocks(const TensorView<T, 3>& x, F&& f) {
       b * L);
 }
 
-/// y[rows] = x·W + bias, y row-major with `cols` columns (rows of x given by
-/// for_row_blocks).
+/// y[rows] += bias, y row-major with cols columns.
+template <class T, class Y>
+void add_bias(Y& y, const TensorView<const T, 1>& bias) {
+  if (!bias.is_null())
+    y.rowwise() += Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>, 0, Eigen::InnerStride<>>(
+        bias.data(), 1, y.cols(), Eigen::InnerStride<>(bias.stride(0)));
+}
+
+/// y = x·W + bias for x [B, L, d_in] (rows given by for_row_blocks) into the
+/// row-major [B·L, cols] buffer y. Row-major W and unit-stride rows take the
+/// thread-split GEMMs of `gemms`; other strides go through an Eigen product.
 template <class T>
 void project(const TensorView<const T, 3>& x, const TensorView<const T, 2>& w,
-             const TensorView<const T, 1>& bias, T* y) {
-  const index_t cols = w.extent(1);
+             const TensorView<const T, 1>& bias, T* y, ProjectionGemms<T>& gemms,
+             int num_threads) {
+  const index_t cols = w.extent(1), depth = w.extent(0);
   for_row_blocks(x, [&](const auto& xm, index_t row0) {
     Eigen::Map<RowMatrix<T>> ym(y + row0 * cols, xm.rows(), cols);
-    with_matrix(w, [&](const auto& wm) { ym.noalias() = xm * wm; });  // (rows, d_in)·(d_in, cols)
-    if (!bias.is_null())
-      ym.rowwise() += Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>, 0, Eigen::InnerStride<>>(
-          bias.data(), 1, cols, Eigen::InnerStride<>(bias.stride(0)));
+    if (xm.innerStride() == 1 && xm.outerStride() > 0 && (w.stride(1) == 1 || cols == 1) &&
+        w.stride(0) > 0) {
+      gemms.run(xm.rows(), cols, depth, xm.data(), xm.outerStride(), w.data(), w.stride(0),
+                ym.data(), cols, num_threads);
+    } else {
+      with_matrix(w, [&](const auto& wm) { ym.noalias() = xm * wm; });  // (rows, d_in)·(d_in, cols)
+    }
+    add_bias(ym, bias);
   });
 }
 
 /// out = heads·Wo + bo, heads row-major [B·L, Hq·Dv], out a [B, L, d_model] view.
 template <class T>
 void project_out(const T* heads, const TensorView<const T, 2>& wo, const TensorView<const T, 1>& bo,
-                 const TensorView<T, 3>& out) {
-  const index_t width = wo.extent(0);
+                 const TensorView<T, 3>& out, ProjectionGemms<T>& gemms, int num_threads) {
+  const index_t width = wo.extent(0), cols = wo.extent(1);
   for_row_blocks(out, [&](auto om, index_t row0) {
     Eigen::Map<const RowMatrix<T>> hm(heads + row0 * width, om.rows(), width);
-    with_matrix(wo, [&](const auto& wm) { om.noalias() = hm * wm; });  // (rows, Hq·Dv)·(Hq·Dv, d_model)
-    if (!bo.is_null())
-      om.rowwise() += Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>, 0, Eigen::InnerStride<>>(
-          bo.data(), 1, om.cols(), Eigen::InnerStride<>(bo.stride(0)));
+    if (om.innerStride() == 1 && om.outerStride() > 0 && (wo.stride(1) == 1 || cols == 1) &&
+        wo.stride(0) > 0) {
+      gemms.run(om.rows(), cols, width, hm.data(), width, wo.data(), wo.stride(0), om.data(),
+                om.outerStride(), num_threads);
+    } else {
+      with_matrix(wo, [&](const auto& wm) { om.noalias() = hm * wm; });  // (rows, Hq·Dv)·(Hq·Dv, d_model)
+    }
+    add_bias(om, bo);
   });
 }
 
@@ -277,10 +368,11 @@ inline AttentionShape layer_shape(const MultiHeadConfig& c, index_t batch, index
 /// Projects K and V of src [B, Lk, d_kv_in] into k [B·Lk, Hkv·D] and v [B·Lk, Hkv·Dv].
 template <class T>
 void project_kv(const MultiHeadConfig& c, const MultiHeadWeights<T>& w,
-                const TensorView<const T, 3>& src, std::vector<T>& k, std::vector<T>& v) {
+                const TensorView<const T, 3>& src, std::vector<T>& k, std::vector<T>& v,
+                ProjectionGemms<T>& gemms, int num_threads) {
   const index_t rows = src.extent(0) * src.extent(1);
-  project(src, w.wk, w.bk, grow(k, rows * c.kv_heads * c.head_dim));
-  project(src, w.wv, w.bv, grow(v, rows * c.kv_heads * c.v_head_dim));
+  project(src, w.wk, w.bk, grow(k, rows * c.kv_heads * c.head_dim), gemms, num_threads);
+  project(src, w.wv, w.bv, grow(v, rows * c.kv_heads * c.v_head_dim), gemms, num_threads);
 }
 
 /// Everything after the projections: attention on bshd views of the
@@ -294,7 +386,7 @@ void attend_and_project_out(const MultiHeadConfig& c, const MultiHeadWeights<T>&
   const index_t B = q.extent(0), L = q.extent(2);
   T* heads = grow(ws.heads, B * L * c.q_heads * c.v_head_dim);
   masked_attention(q, k, v, bshd(heads, B, L, c.q_heads, c.v_head_dim), mask, mod, opt);
-  project_out<T>(heads, w.wo, w.bo, out);
+  project_out<T>(heads, w.wo, w.bo, out, ws.gemms, opt.num_threads);
 }
 
 /// The self-attention layer on checked arguments.
@@ -306,8 +398,8 @@ void self_attention_forward(const MultiHeadConfig& c, const MultiHeadWeights<T>&
   const index_t B = x.extent(0), L = x.extent(1);
   const GemmThreads threads(opt.num_threads);
   T* q = grow(ws.q, B * L * c.q_heads * c.head_dim);
-  project(x, w.wq, w.bq, q);  // [B·L, Hq·D] = [B, L, Hq, D]
-  project_kv(c, w, x, ws.k, ws.v);
+  project(x, w.wq, w.bq, q, ws.gemms, opt.num_threads);  // [B·L, Hq·D] = [B, L, Hq, D]
+  project_kv(c, w, x, ws.k, ws.v, ws.gemms, opt.num_threads);
   const Tensor4<T> qv = bshd(q, B, L, c.q_heads, c.head_dim);
   const Tensor4<T> kv = bshd(ws.k.data(), B, L, c.kv_heads, c.head_dim);
   const Tensor4<T> vv = bshd(ws.v.data(), B, L, c.kv_heads, c.v_head_dim);
@@ -548,8 +640,8 @@ class MultiHeadAttention : public AttentionProjections<T> {
     const detail::GemmThreads threads(options.num_threads);
     T* q = detail::grow(this->ws_.q, B * L * c.q_heads * c.head_dim);
     T* k = detail::grow(this->ws_.k, B * L * c.kv_heads * c.head_dim);
-    detail::project(x, w.wq, w.bq, q);
-    detail::project(x, w.wk, w.bk, k);
+    detail::project(x, w.wq, w.bq, q, this->ws_.gemms, options.num_threads);
+    detail::project(x, w.wk, w.bk, k, this->ws_.gemms, options.num_threads);
     const Tensor4<T> qv = bshd(q, B, L, c.q_heads, c.head_dim);
     const Tensor4<T> kv = bshd(k, B, L, c.kv_heads, c.head_dim);
     if (c.rope) {
