@@ -12,7 +12,7 @@ using namespace attn_test;
 
 template <class T>
 class AttentionWeights : public ::testing::Test {};
-TYPED_TEST_SUITE(AttentionWeights, FloatTypes);
+TYPED_TEST_SUITE(AttentionWeights, FloatTypes, );
 
 /// Checks weights of the inputs against reference::probabilities (fp64),
 /// and that every row sums to 1 or is all zeros when the reference row is.

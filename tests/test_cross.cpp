@@ -13,7 +13,7 @@ using namespace attn_test;
 
 template <class T>
 class Cross : public ::testing::Test {};
-TYPED_TEST_SUITE(Cross, FloatTypes);
+TYPED_TEST_SUITE(Cross, FloatTypes, );
 
 attn::MultiHeadConfig cross_config(index_t hkv) {
   attn::MultiHeadConfig c;

@@ -12,7 +12,7 @@ using namespace attn_test;
 
 template <class T>
 class MultiHead : public ::testing::Test {};
-TYPED_TEST_SUITE(MultiHead, FloatTypes);
+TYPED_TEST_SUITE(MultiHead, FloatTypes, );
 
 attn::MultiHeadConfig config(index_t d_model, index_t hq, index_t hkv) {
   attn::MultiHeadConfig c;

@@ -10,7 +10,7 @@ using namespace attn_test;
 
 template <class T>
 class Rope : public ::testing::Test {};
-TYPED_TEST_SUITE(Rope, FloatTypes);
+TYPED_TEST_SUITE(Rope, FloatTypes, );
 
 /// The [L, D] matrix of (b, h) of a tensor, in fp64.
 template <class T>
