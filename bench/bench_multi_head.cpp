@@ -1,0 +1,236 @@
+// Benchmark of the attention layer (attn::MultiHeadAttention) against the
+// same layer written naively in Eigen, with the layer's time split into its
+// projections and its attention, and the attention held against the
+// foundation's scaled_dot_product_attention on the same shapes.
+//
+//   bench_multi_head                      d_model 512 (8×64) at L 512, 2048; d_model 2048 at L 512
+//   bench_multi_head --full               adds d_model 2048 (16×128, kv 16 and 4) at L 2048
+//
+// Pass Google Benchmark flags as usual, e.g.
+//   --benchmark_repetitions=3 --benchmark_report_aggregates_only=true
+#include <attn/attn.hpp>
+#include <attn/multi_head.hpp>
+
+#include <benchmark/benchmark.h>
+
+#include <Eigen/Core>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace {
+
+using attn::index_t;
+using Mat = attn::RowMatrix<float>;
+
+/// One layer shape: B = 1.
+struct Shape {
+  index_t d_model, q_heads, kv_heads, len;
+  index_t head_dim() const { return d_model / q_heads; }
+  std::string name() const {
+    return "d" + std::to_string(d_model) + "/h" + std::to_string(q_heads) + "x" +
+           std::to_string(head_dim()) + "/kv" + std::to_string(kv_heads) + "/L" +
+           std::to_string(len);
+  }
+  /// 2·rows·in·out of the four projections.
+  double projection_flops() const {
+    const double L = double(len), d = double(d_model), D = double(head_dim());
+    return 2.0 * L * d * D * double(2 * q_heads + 2 * kv_heads);
+  }
+  /// 4·L²·D·Hq of dense attention (QKᵀ and PV).
+  double attention_flops() const {
+    return 4.0 * double(len) * double(len) * double(head_dim()) * double(q_heads);
+  }
+};
+
+Mat random(index_t r, index_t c, unsigned seed, float stddev) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<float> dist(0.f, stddev);
+  Mat m(r, c);
+  for (index_t i = 0; i < m.size(); ++i) m.data()[i] = dist(gen);
+  return m;
+}
+
+/// Weights and input of one shape, shared by every path.
+struct Setup {
+  Shape s;
+  Mat x, wq, wk, wv, wo;
+  explicit Setup(const Shape& shape) : s(shape) {
+    const index_t D = s.head_dim();
+    const float sd = 1.f / std::sqrt(float(s.d_model));
+    x = random(s.len, s.d_model, 1, 1.f);
+    wq = random(s.d_model, s.q_heads * D, 2, sd);
+    wk = random(s.d_model, s.kv_heads * D, 3, sd);
+    wv = random(s.d_model, s.kv_heads * D, 4, sd);
+    wo = random(s.q_heads * D, s.d_model, 5, sd);
+  }
+  attn::MultiHeadConfig config() const {
+    attn::MultiHeadConfig c;
+    c.d_model = s.d_model;
+    c.q_heads = s.q_heads;
+    c.kv_heads = s.kv_heads;
+    return c;
+  }
+  attn::TensorView<const float, 3> xview() const {
+    return attn::TensorView<const float, 3>(x.data(), {1, s.len, s.d_model});
+  }
+};
+
+void set_rate(benchmark::State& state, double flops) {
+  state.counters["GFLOP/s"] = benchmark::Counter(flops * 1e-9 * double(state.iterations()),
+                                                 benchmark::Counter::kIsRate);
+}
+
+// ------------------------------------------------------------------- paths --
+
+/// The whole layer: projections, attention, output projection.
+void layer(benchmark::State& state, Shape shape) {
+  const Setup su(shape);
+  attn::MultiHeadAttention<float> mha(su.config());
+  mha.set_wq(su.wq);
+  mha.set_wk(su.wk);
+  mha.set_wv(su.wv);
+  mha.set_wo(su.wo);
+  Mat out(shape.len, shape.d_model);
+  const attn::TensorView<float, 3> ov(out.data(), {1, shape.len, shape.d_model});
+  mha.forward(su.xview(), ov);  // sizes the scratch once
+  for (auto _ : state) {
+    mha.forward(su.xview(), ov);
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  set_rate(state, shape.projection_flops() + shape.attention_flops());
+}
+
+/// The layer's four projections alone (the same calls forward makes).
+void layer_projections(benchmark::State& state, Shape shape) {
+  const Setup su(shape);
+  attn::MultiHeadAttention<float> mha(su.config());
+  mha.set_wq(su.wq);
+  mha.set_wk(su.wk);
+  mha.set_wv(su.wv);
+  mha.set_wo(su.wo);
+  const attn::MultiHeadWeights<float> w = mha.weights();
+  const index_t D = shape.head_dim();
+  Mat q(shape.len, shape.q_heads * D), k(shape.len, shape.kv_heads * D),
+      v(shape.len, shape.kv_heads * D), heads = random(shape.len, shape.q_heads * D, 6, 1.f),
+      out(shape.len, shape.d_model);
+  const attn::TensorView<float, 3> ov(out.data(), {1, shape.len, shape.d_model});
+  attn::detail::ProjectionGemms<float> gemms;
+  for (auto _ : state) {
+    attn::detail::project(su.xview(), w.wq, w.bq, q.data(), gemms, 0);
+    attn::detail::project(su.xview(), w.wk, w.bk, k.data(), gemms, 0);
+    attn::detail::project(su.xview(), w.wv, w.bv, v.data(), gemms, 0);
+    attn::detail::project_out(heads.data(), w.wo, w.bo, ov, gemms, 0);
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  set_rate(state, shape.projection_flops());
+}
+
+/// The layer's attention alone: bshd views of the projection buffers.
+void layer_attention(benchmark::State& state, Shape shape) {
+  const index_t D = shape.head_dim(), L = shape.len;
+  const Mat q = random(L, shape.q_heads * D, 7, 1.f), k = random(L, shape.kv_heads * D, 8, 1.f),
+            v = random(L, shape.kv_heads * D, 9, 1.f);
+  Mat a(L, shape.q_heads * D);
+  attn::AttentionStats stats;
+  attn::AttentionOptions opt;
+  opt.stats = &stats;
+  for (auto _ : state) {
+    attn::scaled_dot_product_attention(attn::bshd(q.data(), 1, L, shape.q_heads, D),
+                                       attn::bshd(k.data(), 1, L, shape.kv_heads, D),
+                                       attn::bshd(v.data(), 1, L, shape.kv_heads, D),
+                                       attn::bshd(a.data(), 1, L, shape.q_heads, D), opt);
+    benchmark::DoNotOptimize(a.data());
+  }
+  set_rate(state, stats.flops(D, D));
+}
+
+/// The foundation's SDPA on contiguous bhsd tensors of the same shape.
+void sdpa_bhsd(benchmark::State& state, Shape shape) {
+  const index_t D = shape.head_dim(), L = shape.len;
+  const Mat q = random(shape.q_heads * L, D, 7, 1.f), k = random(shape.kv_heads * L, D, 8, 1.f),
+            v = random(shape.kv_heads * L, D, 9, 1.f);
+  Mat a(shape.q_heads * L, D);
+  attn::AttentionStats stats;
+  attn::AttentionOptions opt;
+  opt.stats = &stats;
+  for (auto _ : state) {
+    attn::scaled_dot_product_attention(attn::bhsd(q.data(), 1, shape.q_heads, L, D),
+                                       attn::bhsd(k.data(), 1, shape.kv_heads, L, D),
+                                       attn::bhsd(v.data(), 1, shape.kv_heads, L, D),
+                                       attn::bhsd(a.data(), 1, shape.q_heads, L, D), opt);
+    benchmark::DoNotOptimize(a.data());
+  }
+  set_rate(state, stats.flops(D, D));
+}
+
+/// The same layer written naively in Eigen: projections, then per head the
+/// full [L, L] score matrix, a row softmax, the product with V into the
+/// head's columns, then the output projection. Buffers are allocated once
+/// outside the loop (a fair naive baseline, not a careless one).
+void naive_eigen(benchmark::State& state, Shape shape) {
+  const Setup su(shape);
+  const index_t D = shape.head_dim(), L = shape.len, group = shape.q_heads / shape.kv_heads;
+  const float scale = 1.f / std::sqrt(float(D));
+  Mat q(L, shape.q_heads * D), k(L, shape.kv_heads * D), v(L, shape.kv_heads * D),
+      a(L, shape.q_heads * D), s(L, L), out(L, shape.d_model);
+  for (auto _ : state) {
+    q.noalias() = su.x * su.wq;
+    k.noalias() = su.x * su.wk;
+    v.noalias() = su.x * su.wv;
+    for (index_t h = 0; h < shape.q_heads; ++h) {
+      const index_t g = h / group;
+      s.noalias() = (q.middleCols(h * D, D) * scale) * k.middleCols(g * D, D).transpose();  // (L, L)
+      s = (s.colwise() - s.rowwise().maxCoeff()).array().exp().matrix();  // exp(s - rowmax)
+      s.array().colwise() /= s.rowwise().sum().array();                   // rows sum to 1
+      a.middleCols(h * D, D).noalias() = s * v.middleCols(g * D, D);      // (L, D)
+    }
+    out.noalias() = a * su.wo;
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  set_rate(state, shape.projection_flops() + shape.attention_flops());
+}
+
+void register_shape(const Shape& s) {
+  const std::string n = s.name();
+  for (auto* b : {benchmark::RegisterBenchmark(("layer/" + n).c_str(), layer, s),
+                  benchmark::RegisterBenchmark(("naive_eigen/" + n).c_str(), naive_eigen, s),
+                  benchmark::RegisterBenchmark(("layer_projections/" + n).c_str(),
+                                               layer_projections, s),
+                  benchmark::RegisterBenchmark(("layer_attention_bshd/" + n).c_str(),
+                                               layer_attention, s),
+                  benchmark::RegisterBenchmark(("sdpa_bhsd/" + n).c_str(), sdpa_bhsd, s)})
+    b->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(0.2);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  bool full = false;
+  std::vector<char*> args;
+  for (int i = 0; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--full") == 0)
+      full = true;
+    else
+      args.push_back(argv[i]);
+  }
+  register_shape({512, 8, 8, 512});
+  register_shape({512, 8, 8, 2048});
+  register_shape({2048, 16, 16, 512});
+  register_shape({2048, 16, 4, 512});
+  if (full) {
+    register_shape({2048, 16, 16, 2048});
+    register_shape({2048, 16, 4, 2048});
+  }
+  int n = static_cast<int>(args.size());
+  benchmark::Initialize(&n, args.data());
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

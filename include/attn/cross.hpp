@@ -1,0 +1,232 @@
+// attn/cross.hpp — cross attention: queries from one sequence, keys and
+// values from another (the encoder's output, "memory").
+//
+//   Q = x·Wq + bq            x      [B, Lq, d_model]
+//   K = mem·Wk + bk          memory [B, Lk, d_kv_in]
+//   V = mem·Wv + bv
+//   out = concat_h(softmax(mask(score_mod(scale · Q_h·K_{g(h)}ᵀ))) · V_{g(h)})·Wo + bo
+//
+// Lq and Lk differ in general. A decoder calls cross attention once per step
+// against the same memory, so K and V can be projected once
+// (project_memory) and reused by every later call. Key padding of the memory
+// is attn::key_padding(lengths) with lengths in memory positions. No rotary
+// embedding: query and memory positions live in different sequences.
+#pragma once
+
+#include "attn/multi_head.hpp"
+
+#include <utility>
+#include <vector>
+
+namespace attn {
+
+/// K and V of a memory, projected once: [B, Lk, Hkv, D] and [B, Lk, Hkv, Dv]
+/// buffers, read through bshd views. Reusable: projecting another memory of
+/// the same or smaller size allocates nothing.
+template <class T>
+class ProjectedMemory {
+ public:
+  ProjectedMemory() = default;
+  index_t batch() const { return batch_; }
+  index_t length() const { return length_; }
+  index_t kv_heads() const { return heads_; }
+  /// Keys as a logical [B, Hkv, Lk, D] view.
+  Tensor4<const T> keys() const { return bshd<const T>(k_.data(), batch_, length_, heads_, d_); }
+  /// Values as a logical [B, Hkv, Lk, Dv] view.
+  Tensor4<const T> values() const { return bshd<const T>(v_.data(), batch_, length_, heads_, dv_); }
+  /// True until a memory has been projected into it.
+  bool empty() const { return batch_ == 0; }
+
+ private:
+  template <class>
+  friend class CrossAttention;
+  std::vector<T> k_, v_;
+  index_t batch_ = 0, length_ = 0, heads_ = 0, d_ = 0, dv_ = 0;
+};
+
+namespace detail {
+
+/// Checks the query side of a cross-attention call against the memory's
+/// batch and length, and binds the policies once so they throw early.
+template <class T, class Mask, class Mod>
+void check_cross(const MultiHeadConfig& c, const TensorView<const T, 3>& x,
+                 const TensorView<T, 3>& out, index_t mem_batch, index_t mem_len,
+                 const Mask& mask, const Mod& mod) {
+  static_assert(is_mask_v<Mask>, "attn: the mask argument must be a mask policy (attn/mask.hpp)");
+  static_assert(is_score_mod_v<Mod>,
+                "attn: the score_mod argument must be a score modifier (attn/score_mod.hpp)");
+  check_sequence(x, "x", c.d_model, "d_model");
+  if (x.extent(0) != mem_batch)
+    fail("x has batch ", x.extent(0), ", but the memory has batch ", mem_batch);
+  check_output(out, x, c.d_model);
+  const AttentionShape s = layer_shape(c, x.extent(0), x.extent(1), mem_len);
+  (void)mask.bind(s);
+  (void)mod.bind(s);
+}
+
+/// Projects q of x and attends to the projected k, v (bshd views).
+template <class T, class Mask, class Mod>
+void cross_attention_forward(const MultiHeadConfig& c, const MultiHeadWeights<T>& w,
+                             const TensorView<const T, 3>& x, const Tensor4<const T>& k,
+                             const Tensor4<const T>& v, const TensorView<T, 3>& out,
+                             const Mask& mask, const Mod& mod, const AttentionOptions& opt,
+                             MultiHeadWorkspace<T>& ws) {
+  const index_t B = x.extent(0), L = x.extent(1);
+  T* q = grow(ws.q, B * L * c.q_heads * c.head_dim);
+  project(x, w.wq, w.bq, q, ws.gemms, opt.num_threads);  // [B·Lq, Hq·D] = [B, Lq, Hq, D]
+  attend_and_project_out<T>(c, w, bshd<const T>(q, B, L, c.q_heads, c.head_dim), k, v, out, mask,
+                            mod, opt, ws);
+}
+
+/// A config for cross attention must not ask for RoPE.
+inline MultiHeadConfig resolve_cross_config(const MultiHeadConfig& config) {
+  const MultiHeadConfig c = resolve_config(config);
+  if (c.rope) fail("cross attention takes no rope (query and memory positions are unrelated)");
+  return c;
+}
+
+}  // namespace detail
+
+// ------------------------------------------------------- free function form --
+
+/// Cross attention with caller-owned weights: out [B, Lq, d_model] from
+/// queries x [B, Lq, d_model] and memory [B, Lk, d_kv_in]. mask and
+/// score_mod see the per-head problem [Lq, Lk] (key_padding lengths count
+/// memory positions). Throws attn::Error before writing out if a size or
+/// weight shape is wrong. `workspace`, if given, is reused across calls.
+template <class T, class Mask = NoMask, class Mod = NoScoreMod>
+void cross_attention(detail::identity_t<TensorView<const T, 3>> x,
+                     detail::identity_t<TensorView<const T, 3>> memory,
+                     detail::identity_t<TensorView<T, 3>> out, const MultiHeadConfig& config,
+                     const MultiHeadWeights<T>& weights, const Mask& mask = {},
+                     const Mod& score_mod = {}, const AttentionOptions& options = {},
+                     MultiHeadWorkspace<T>* workspace = nullptr) {
+  static_assert(std::is_same<T, float>::value || std::is_same<T, double>::value,
+                "attn: attention layers compute in float or double");
+  const MultiHeadConfig c = detail::resolve_cross_config(config);
+  detail::check_weights(c, weights);
+  detail::check_sequence(memory, "memory", c.d_kv_in, "d_kv_in");
+  detail::check_cross(c, x, out, memory.extent(0), memory.extent(1), mask, score_mod);
+  detail::check_no_overlap(out, "out", memory, "memory");
+  MultiHeadWorkspace<T> local;
+  MultiHeadWorkspace<T>& ws = workspace ? *workspace : local;
+  const detail::GemmThreads threads(options.num_threads);
+  detail::project_kv(c, weights, memory, ws.k, ws.v, ws.gemms, options.num_threads);
+  const index_t B = memory.extent(0), Lk = memory.extent(1);
+  detail::cross_attention_forward(c, weights, x, bshd<const T>(ws.k.data(), B, Lk, c.kv_heads, c.head_dim),
+                                  bshd<const T>(ws.v.data(), B, Lk, c.kv_heads, c.v_head_dim), out,
+                                  mask, score_mod, options, ws);
+}
+
+// ------------------------------------------------------------------- layer --
+
+/// Cross-attention layer (MHA, GQA or MQA) with owned weights: Wq
+/// [d_model, Hq·D], Wk/Wv [d_kv_in, Hkv·D or Dv], Wo [Hq·Dv, d_model]. Either
+/// pass the memory on every call, or project it once with project_memory()
+/// and pass the ProjectedMemory. Not safe to call from two threads at once.
+template <class T>
+class CrossAttention : public AttentionProjections<T> {
+  using Base = AttentionProjections<T>;
+
+ public:
+  /// Sizes as for MultiHeadAttention; config.rope must be empty.
+  explicit CrossAttention(const MultiHeadConfig& config)
+      : Base(detail::resolve_cross_config(config)) {}
+
+  /// Projects memory [B, Lk, d_kv_in] into `kv` (its buffers are reused).
+  void project_memory(TensorView<const T, 3> memory, ProjectedMemory<T>& kv,
+                      int num_threads = 0) const {
+    const MultiHeadConfig& c = this->cfg_;
+    detail::check_sequence(memory, "memory", c.d_kv_in, "d_kv_in");
+    const detail::GemmThreads threads(num_threads);
+    detail::project_kv(c, this->weights(), memory, kv.k_, kv.v_, gemms_, num_threads);
+    kv.batch_ = memory.extent(0);
+    kv.length_ = memory.extent(1);
+    kv.heads_ = c.kv_heads;
+    kv.d_ = c.head_dim;
+    kv.dv_ = c.v_head_dim;
+  }
+  /// Same, into a new ProjectedMemory.
+  ProjectedMemory<T> project_memory(TensorView<const T, 3> memory, int num_threads = 0) const {
+    ProjectedMemory<T> kv;
+    project_memory(memory, kv, num_threads);
+    return kv;
+  }
+
+  /// out [B, Lq, d_model] = cross attention of x [B, Lq, d_model] over a
+  /// projected memory. mask/score_mod see [Lq, Lk] per head.
+  template <class Mask = NoMask, class Mod = NoScoreMod>
+  void forward(TensorView<const T, 3> x, const ProjectedMemory<T>& kv, TensorView<T, 3> out,
+               const Mask& mask = {}, const Mod& score_mod = {},
+               const AttentionOptions& options = {}) {
+    check_memory(kv);
+    detail::check_cross(this->cfg_, x, out, kv.batch(), kv.length(), mask, score_mod);
+    detail::check_no_overlap(out, "out", kv.keys(), "memory keys");
+    detail::check_no_overlap(out, "out", kv.values(), "memory values");
+    const detail::GemmThreads threads(options.num_threads);
+    detail::cross_attention_forward(this->cfg_, this->weights(), x, kv.keys(), kv.values(), out,
+                                    mask, score_mod, options, this->ws_);
+  }
+  /// Same, projecting memory [B, Lk, d_kv_in] on this call.
+  template <class Mask = NoMask, class Mod = NoScoreMod>
+  void forward(TensorView<const T, 3> x, TensorView<const T, 3> memory, TensorView<T, 3> out,
+               const Mask& mask = {}, const Mod& score_mod = {},
+               const AttentionOptions& options = {}) {
+    detail::check_sequence(memory, "memory", this->cfg_.d_kv_in, "d_kv_in");
+    detail::check_cross(this->cfg_, x, out, memory.extent(0), memory.extent(1), mask, score_mod);
+    detail::check_no_overlap(out, "out", memory, "memory");
+    project_memory(memory, memory_, options.num_threads);
+    forward(x, memory_, out, mask, score_mod, options);
+  }
+  /// Without a score modifier, over a projected memory.
+  template <class Mask, class = std::enable_if_t<is_mask_v<Mask>>>
+  void forward(TensorView<const T, 3> x, const ProjectedMemory<T>& kv, TensorView<T, 3> out,
+               const Mask& mask, const AttentionOptions& options) {
+    forward(x, kv, out, mask, no_score_mod(), options);
+  }
+  /// Without a score modifier, projecting the memory on this call.
+  template <class Mask, class = std::enable_if_t<is_mask_v<Mask>>>
+  void forward(TensorView<const T, 3> x, TensorView<const T, 3> memory, TensorView<T, 3> out,
+               const Mask& mask, const AttentionOptions& options) {
+    forward(x, memory, out, mask, no_score_mod(), options);
+  }
+
+  /// Fills weights [B, Hq, Lq, Lk] with each head's softmax probabilities of
+  /// x over the projected memory. O(Lq·Lk) memory: for attention maps.
+  template <class Mask = NoMask, class Mod = NoScoreMod>
+  void attention_weights(TensorView<const T, 3> x, const ProjectedMemory<T>& kv,
+                         const TensorView<float, 4>& weights, const Mask& mask = {},
+                         const Mod& score_mod = {}, const AttentionOptions& options = {}) {
+    const MultiHeadConfig& c = this->cfg_;
+    check_memory(kv);
+    detail::check_sequence(x, "x", c.d_model, "d_model");
+    if (x.extent(0) != kv.batch())
+      detail::fail("x has batch ", x.extent(0), ", but the memory has batch ", kv.batch());
+    const AttentionShape s = detail::layer_shape(c, x.extent(0), x.extent(1), kv.length());
+    (void)mask.bind(s);
+    (void)score_mod.bind(s);
+    const index_t B = x.extent(0), L = x.extent(1);
+    const detail::GemmThreads threads(options.num_threads);
+    T* q = detail::grow(this->ws_.q, B * L * c.q_heads * c.head_dim);
+    const MultiHeadWeights<T> w = this->weights();
+    detail::project(x, w.wq, w.bq, q, this->ws_.gemms, options.num_threads);
+    attn::attention_weights(bshd<const T>(q, B, L, c.q_heads, c.head_dim), kv.keys(), weights,
+                            mask, score_mod, options);
+  }
+
+ private:
+  void check_memory(const ProjectedMemory<T>& kv) const {
+    if (kv.empty()) detail::fail("the projected memory is empty: call project_memory first");
+    if (kv.kv_heads() != this->cfg_.kv_heads || kv.keys().extent(3) != this->cfg_.head_dim ||
+        kv.values().extent(3) != this->cfg_.v_head_dim)
+      detail::fail("the projected memory has ", kv.kv_heads(), " heads of dim ",
+                   kv.keys().extent(3), "/", kv.values().extent(3), ", but the layer has ",
+                   this->cfg_.kv_heads, " kv heads of dim ", this->cfg_.head_dim, "/",
+                   this->cfg_.v_head_dim);
+  }
+
+  ProjectedMemory<T> memory_;               // the memory projected by forward(x, memory, ...)
+  mutable detail::ProjectionGemms<T> gemms_;  // packing buffers of project_memory
+};
+
+}  // namespace attn
