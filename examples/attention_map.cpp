@@ -106,15 +106,16 @@ void projections(index_t h, attn::RowMatrix<double>& wq, attn::RowMatrix<double>
 /// attention probabilities: swap this body for a weights API when there is one.
 std::vector<double> head_weights(const attn::TensorView<const double, 4>& q,
                                  const attn::TensorView<const double, 4>& k, index_t h) {
-  attn::AttentionShape shape;
-  shape.batch = 1;
-  shape.q_heads = shape.kv_heads = kHeads;
-  shape.lq = shape.lk = kL;
-  shape.d = shape.dv = kD;
-  std::vector<double> p, lse;
-  attn::reference::probabilities(q, k, shape, attn::no_mask().bind(shape), attn::no_score_mod(),
-                                 /*scale=*/1.0, /*b=*/0, h, p, lse);
-  return p;
+  // The softmax weights of head h alone: [1, 1, L, L], scale 1 (the
+  // embeddings above are built with the scale folded in).
+  const attn::TensorView<const double, 4> qh(q.data() + h * q.stride(1), {1, 1, kL, kD}, q.strides());
+  const attn::TensorView<const double, 4> kh(k.data() + h * k.stride(1), {1, 1, kL, kD}, k.strides());
+  std::vector<float> w(static_cast<std::size_t>(kL * kL));
+  attn::AttentionOptions opt;
+  opt.scale = 1.0;
+  attn::attention_weights(qh, kh, attn::TensorView<float, 4>(w.data(), {1, 1, kL, kL}),
+                          attn::no_mask(), attn::no_score_mod(), opt);
+  return std::vector<double>(w.begin(), w.end());
 }
 
 // --------------------------------------------------------------- drawing --
