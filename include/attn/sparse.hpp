@@ -450,6 +450,19 @@ struct BlockSparseMask : MaskPolicy {
     return {std::max(first * bk, ir.begin / bk * bk), std::min((last + 1) * bk, ir.end)};
   }
 
+  /// First key >= k in a key block that a row of [q0, q1) lists (the
+  /// engine's hook to jump over unlisted blocks; >= Lk when none is left).
+  index_t next_key(index_t, index_t h, index_t q0, index_t q1, index_t k) const {
+    const index_t bk = layout->block_k(), j = k / bk;
+    index_t next = layout->k_blocks();  // first listed key block >= j over the rows
+    for (index_t i = q0 / layout->block_q(); i <= (q1 - 1) / layout->block_q(); ++i) {
+      const auto r = layout->row(h, i);
+      const index_t* it = std::lower_bound(r.first, r.second, j);
+      if (it != r.second) next = std::min(next, *it);
+    }
+    return next == j ? k : next * bk;
+  }
+
   TileKind classify(index_t b, index_t h, index_t q0, index_t q1, index_t k0, index_t k1) const {
     const index_t bq = layout->block_q(), bk = layout->block_k();
     const index_t i0 = q0 / bq, i1 = (q1 - 1) / bq, j0 = k0 / bk, j1 = (k1 - 1) / bk;
