@@ -357,6 +357,8 @@ TEST(SparseErrors, BadLayoutsNameTheNumbers) {
   expect_error([] { BlockSparseLayout(16, 16, 1, 5, 1, {0, 2}, {3, 1}); },
                "lists key block 1 after 3 (must be sorted and distinct)");
   expect_error([] { BlockSparseLayout(16, 16, 2, 5, 1, {0, 1}, {3}); }, "has 2 row offsets, expected heads · q_blocks + 1 = 3");
+  expect_error([] { BlockSparseLayout(16, 16, 2, 5, 1, {0, 10, 2}, {1, 2}); },
+               "row offsets decrease at row 1: 10 then 2");
   expect_error([] { BlockSparseLayout::from_block_mask(8, 0, 2, 2, std::vector<bool>(4, true)); },
                "block_k is 0, must be > 0");
   expect_error([] { BlockSparseLayout::from_block_mask(8, 8, 2, 2, std::vector<bool>(5, true)); },

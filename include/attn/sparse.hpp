@@ -126,10 +126,12 @@ class BlockSparseLayout {
     if (offsets_.front() != 0 || offsets_.back() != static_cast<index_t>(cols_.size()))
       detail::fail("block-sparse layout row offsets run from ", offsets_.front(), " to ", offsets_.back(),
                    ", expected 0 to the number of key blocks listed, ", cols_.size());
+    for (index_t r = 0; r < rows; ++r)  // non-decreasing from 0 to cols.size(): every row lies in cols
+      if (offsets_[static_cast<std::size_t>(r + 1)] < offsets_[static_cast<std::size_t>(r)])
+        detail::fail("block-sparse layout row offsets decrease at row ", r, ": ", offsets_[static_cast<std::size_t>(r)],
+                     " then ", offsets_[static_cast<std::size_t>(r + 1)]);
     for (index_t r = 0; r < rows; ++r) {
       const index_t a = offsets_[static_cast<std::size_t>(r)], e = offsets_[static_cast<std::size_t>(r + 1)];
-      if (e < a)
-        detail::fail("block-sparse layout row offsets decrease at row ", r, ": ", a, " then ", e);
       for (index_t i = a; i < e; ++i) {
         const index_t c = cols_[static_cast<std::size_t>(i)];
         if (c < 0 || c >= k_blocks_)
@@ -189,8 +191,8 @@ class BlockSparseLayout {
   static BlockSparseLayout local(index_t seq_len, index_t block, index_t left, index_t right) {
     const index_t n = blocks_for(seq_len, block, "seq_len");
     return from_rows(seq_len, block, 1, [&](index_t, index_t i, std::vector<index_t>& row) {
-      const index_t a = left < 0 ? 0 : std::max<index_t>(0, i - left);
-      const index_t e = right < 0 ? n - 1 : std::min(n - 1, i + right);
+      const index_t a = left < 0 || left >= n ? 0 : std::max<index_t>(0, i - left);
+      const index_t e = right < 0 || right >= n ? n - 1 : std::min(n - 1, i + right);
       for (index_t j = a; j <= e; ++j) row.push_back(j);
     });
   }
@@ -355,7 +357,7 @@ inline BlockSparseLayout bigbird(index_t seq_len, const BigBirdConfig& cfg = {})
   const index_t n = (seq_len + cfg.block - 1) / cfg.block;
   const index_t first = std::min(n, (cfg.global_blocks + 1) / 2);  // global blocks [0, first)
   const index_t last = std::max(first, n - cfg.global_blocks / 2);  // and [last, n)
-  const index_t half = (cfg.window_blocks - 1) / 2;
+  const index_t half = std::min(n, (cfg.window_blocks - 1) / 2);
   detail::BlockSampler sampler(cfg.seed);
   std::vector<index_t> excluded;
   return BlockSparseLayout::from_rows(seq_len, cfg.block, cfg.heads, [&](index_t, index_t i, std::vector<index_t>& row) {
