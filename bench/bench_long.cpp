@@ -6,6 +6,9 @@
 //   bench_long --memory [--long]
 //                              peak resident memory per (path, N), each shape
 //                              in a forked child, printed as a table; no timing
+//   --threads=T                worker threads (default 0: all). On a shared
+//                              machine T = 1 gives the steadiest scaling
+//                              figures: its CPU time is the work alone.
 //
 // Other flags go to Google Benchmark (--benchmark_filter=..., --benchmark_repetitions=3).
 // Counters: GFLOP/s over the computed tiles only (AttentionStats), tiles = computed tiles.
@@ -19,6 +22,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <random>
@@ -30,6 +34,7 @@ namespace {
 using attn::index_t;
 
 constexpr index_t kHeads = 8, kDim = 64, kWindow = 256;
+int g_threads = 0;  // --threads
 
 enum class Path { window, bigbird, dense };
 
@@ -56,6 +61,7 @@ struct Problem {
 void run(Path path, Problem& p, index_t n, const attn::BlockSparseLayout* layout, attn::AttentionStats& stats) {
   attn::AttentionOptions opt;
   opt.stats = &stats;
+  opt.num_threads = g_threads;
   const auto q = p.view(p.q, n), k = p.view(p.k, n), v = p.view(p.v, n);
   const auto out = attn::bhsd(p.out.data(), 1, kHeads, n, kDim);
   switch (path) {
@@ -153,6 +159,8 @@ int main(int argc, char** argv) {
       long_run = true;
     } else if (std::strcmp(argv[i], "--memory") == 0) {
       memory = true;
+    } else if (std::strncmp(argv[i], "--threads=", 10) == 0) {
+      g_threads = std::atoi(argv[i] + 10);
     } else {
       rest.push_back(argv[i]);
     }
