@@ -218,6 +218,13 @@ TYPED_TEST(Sparse, EveryBlockEqualsDense) {
   EXPECT_EQ(stats.partial_tiles, 0);
   EXPECT_EQ(stats.skipped_tiles, 0);
   EXPECT_EQ(stats.scores, p.Hq * p.Lq * p.Lk);
+  // Same engine and tiles as dense attention with block_q × block_k tiles: same bits.
+  Tensor<TypeParam> dense(p.B, p.Hq, p.Lq, p.Dv);
+  attn::AttentionOptions tiles;
+  tiles.block_q = bq;
+  tiles.block_k = bk;
+  attn::scaled_dot_product_attention(in.q.view, in.k.view, in.v.view, dense.view, tiles);
+  EXPECT_EQ(out.buf, dense.buf);
 }
 
 // The union of layouts lists exactly the OR of their blocks, and attention
