@@ -2,8 +2,8 @@
 // attention against dense flash attention, B = 1, H = 8, D = 64, float.
 //
 //   bench_long                 N = 1024 ... 4096 (a short run)
-//   bench_long --long          N = 1024 ... 65536; dense up to 16384
-//   bench_long --memory [--long]
+//   bench_long --sweep          N = 1024 ... 65536; dense up to 16384
+//   bench_long --memory [--sweep]
 //                              peak resident memory per (path, N), each shape
 //                              in a forked child, printed as a table; no timing
 //   --threads=T                worker threads (default 0: all). On a shared
@@ -11,7 +11,10 @@
 //                              figures: its CPU time is the work alone.
 //
 // Other flags go to Google Benchmark (--benchmark_filter=..., --benchmark_repetitions=3).
-// Counters: GFLOP/s over the computed tiles only (AttentionStats), tiles = computed tiles.
+// Counters: GFLOPs (a rate, GFLOP/s) over the computed tiles only (AttentionStats),
+// GFLOP per call, tiles = computed tiles.
+#include "bench_support.hpp"
+
 #include <attn/attn.hpp>
 #include <attn/sliding_window.hpp>
 #include <attn/sparse.hpp>
@@ -25,7 +28,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
-#include <random>
 #include <string>
 #include <vector>
 
@@ -46,12 +48,10 @@ const char* path_name(Path p) {
 struct Problem {
   std::vector<float> q, k, v, out;
   explicit Problem(index_t n)
-      : q(static_cast<std::size_t>(kHeads * n * kDim)), k(q.size()), v(q.size()), out(q.size()) {
-    std::mt19937 gen(1);
-    std::normal_distribution<float> dist(0.f, 1.f);
-    for (auto* t : {&q, &k, &v})
-      for (float& x : *t) x = dist(gen);
-  }
+      : q(attn_bench::random_buffer(static_cast<std::size_t>(kHeads * n * kDim), 1)),
+        k(attn_bench::random_buffer(q.size(), 2)),
+        v(attn_bench::random_buffer(q.size(), 3)),
+        out(q.size()) {}
   attn::Tensor4<const float> view(const std::vector<float>& t, index_t n) const {
     return attn::bhsd(t.data(), 1, kHeads, n, kDim);
   }
@@ -85,8 +85,7 @@ void bench(benchmark::State& state, Path path) {
   const attn::BlockSparseLayout layout = path == Path::bigbird ? attn::bigbird(n) : attn::BlockSparseLayout();
   attn::AttentionStats stats;
   for (auto _ : state) run(path, p, n, &layout, stats);
-  state.counters["GFLOP/s"] = benchmark::Counter(stats.flops(kDim, kDim) * 1e-9 * static_cast<double>(state.iterations()),
-                                                 benchmark::Counter::kIsRate);
+  state.counters["GFLOPs"] = attn_bench::flops_rate(stats.flops(kDim, kDim) / 1e9);
   state.counters["tiles"] = static_cast<double>(stats.full_tiles + stats.partial_tiles);
   state.counters["GFLOP"] = stats.flops(kDim, kDim) * 1e-9;
 }
@@ -152,11 +151,11 @@ void memory_table(const std::vector<index_t>& sizes, index_t dense_max) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool long_run = false, memory = false;
+  bool sweep = false, memory = false;
   std::vector<char*> rest;
   for (int i = 0; i < argc; ++i) {
-    if (std::strcmp(argv[i], "--long") == 0) {
-      long_run = true;
+    if (std::strcmp(argv[i], "--sweep") == 0) {
+      sweep = true;
     } else if (std::strcmp(argv[i], "--memory") == 0) {
       memory = true;
     } else if (std::strncmp(argv[i], "--threads=", 10) == 0) {
@@ -166,8 +165,8 @@ int main(int argc, char** argv) {
     }
   }
   std::vector<index_t> sizes;
-  for (index_t n = 1024; n <= (long_run ? 65536 : 4096); n *= 2) sizes.push_back(n);
-  const index_t dense_max = long_run ? 16384 : 4096;  // dense at 32768 takes ~30 s per call
+  for (index_t n = 1024; n <= (sweep ? 65536 : 4096); n *= 2) sizes.push_back(n);
+  const index_t dense_max = sweep ? 16384 : 4096;  // dense at 32768 takes ~30 s per call
 
   if (memory) {  // before anything starts OpenMP threads in this process, so children may
     memory_table(sizes, dense_max);

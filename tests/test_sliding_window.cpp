@@ -201,6 +201,27 @@ TYPED_TEST(SlidingWindow, HugeBoundsAreUnbounded) {
   EXPECT_EQ(a.buf, b.buf);
 }
 
+// row_keys is exactly the set of keys keep() admits, one interval per row
+// (the engine masks partial tiles with it).
+TEST(WindowPolicy, RowKeysAreExactlyTheKeptKeys) {
+  for (auto lens : std::vector<std::pair<index_t, index_t>>{{40, 40}, {13, 50}, {50, 13}})
+    for (auto lr : std::vector<std::pair<index_t, index_t>>{{0, 0}, {5, 0}, {0, 7}, {-1, 3}, {4, -1}, {-1, -1}, {100, 100}}) {
+      attn::AttentionShape s;
+      s.batch = s.q_heads = s.kv_heads = 1;
+      s.lq = lens.first;
+      s.lk = lens.second;
+      s.d = s.dv = 4;
+      const attn::Window w = attn::window(lr.first, lr.second).bind(s);
+      for (index_t q = 0; q < s.lq; ++q) {
+        const attn::KeyRange r = w.row_keys(0, 0, q);
+        for (index_t k = 0; k < s.lk; ++k)
+          ASSERT_EQ(w.keep(0, 0, q, k), r.begin <= k && k < r.end)
+              << "Lq " << s.lq << " Lk " << s.lk << " window (" << lr.first << ", " << lr.second << ") q " << q
+              << " k " << k;
+      }
+    }
+}
+
 // ------------------------------------------------------------- tile counts --
 
 attn::AttentionStats window_stats(index_t n, index_t left, index_t right, index_t br, index_t bc) {

@@ -56,6 +56,12 @@ struct Window : MaskPolicy {
 
   bool keep(index_t, index_t, index_t q, index_t k) const { return lo(q) <= k && k <= hi(q); }
 
+  /// The keys row q sees, exactly: [lo(q), hi(q) + 1] cut to [0, Lk), so the
+  /// engine masks a partial tile by filling outside one interval per row.
+  KeyRange row_keys(index_t, index_t, index_t q) const {
+    return {std::clamp<index_t>(lo(q), 0, lk), std::clamp<index_t>(hi(q) + 1, 0, lk)};
+  }
+
   /// Keys any row of [q0, q1) sees: [lo(q0), hi(q1 - 1)], both bounds grow with q.
   KeyRange key_range(index_t, index_t, index_t q0, index_t q1) const {
     return {std::clamp<index_t>(lo(q0), 0, lk), std::clamp<index_t>(hi(q1 - 1) + 1, 0, lk)};
