@@ -34,6 +34,7 @@
 #include <limits>
 #include <memory>
 #include <type_traits>
+#include <utility>
 
 namespace attn {
 namespace detail {
@@ -57,6 +58,17 @@ struct TileTraits {
   static constexpr index_t block_k = 256;
   static_assert(block_q > 0 && block_k > 0, "tiles must be non-empty");
 };
+
+/// Optional mask hook: `next_key(b, h, q0, q1, k)` returns the first key
+/// position >= k that any row of [q0, q1) may see (anything >= Lk if none).
+/// A mask whose key range is wide but mostly empty (block-sparse layouts with
+/// global key blocks) provides it, so the engine jumps over runs of empty
+/// tiles instead of classifying each one.
+template <class M, class = void>
+struct has_next_key : std::false_type {};
+template <class M>
+struct has_next_key<M, std::void_t<decltype(std::declval<const M&>().next_key(
+                           index_t{}, index_t{}, index_t{}, index_t{}, index_t{}))>> : std::true_type {};
 
 /// Per-worker scratch of the engine.
 template <class Acc>
@@ -162,6 +174,14 @@ void flash_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4>
     kr.begin = std::max<index_t>(kr.begin, 0);
     kr.end = std::min(kr.end, shape.lk);
     for (index_t k0 = kr.begin; k0 < kr.end; k0 += bc) {
+      if constexpr (has_next_key<Mask>::value) {
+        // Jump whole tiles (the grid stays kr.begin + n·Bc) to the one holding the next visible key.
+        const index_t next = std::clamp(mask.next_key(b, h, q0, q0 + rows, k0), k0, kr.end);
+        const index_t jump = (next - k0) / bc;
+        sc.stats.skipped_tiles += jump;
+        k0 += jump * bc;
+        if (k0 >= kr.end) break;
+      }
       const index_t cols = std::min(bc, kr.end - k0);
       const TileKind kind =
           Mask::always_full ? TileKind::full : mask.classify(b, h, q0, q0 + rows, k0, k0 + cols);
