@@ -11,6 +11,8 @@
 #include "attn/reference.hpp"
 #include "attn/rope.hpp"
 #include "attn/scaled_dot_product.hpp"
+#include "attn/sliding_window.hpp"
+#include "attn/sparse.hpp"
 #include "attn/score_mod.hpp"
 #include "attn/tensor_view.hpp"
 #include "attn/version.hpp"
