@@ -39,7 +39,7 @@ void probabilities(const TensorView<Q, 4>& q, const TensorView<K, 4>& k,
       double score = mod(b, h, i, j, scale * dot);
       if (!mask.keep(b, h, i, j)) score = neg_inf;
       row[j] = score;
-      if (score > mx) mx = score;
+      if (score > mx || std::isnan(score)) mx = score;  // a NaN score makes the row NaN
     }
     if (mx == neg_inf) {  // the row sees no key
       for (index_t j = 0; j < s.lk; ++j) row[j] = 0;
