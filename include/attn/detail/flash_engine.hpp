@@ -246,6 +246,8 @@ void attention_entry(const TensorView<Q, 4>& q, const TensorView<K, 4>& k,
   const AttentionShape shape = check_attention(q, k, v, out, opt);
   const Mask bound_mask = mask.bind(shape);
   const Mod bound_mod = mod.bind(shape);
+  check_policy_views(bound_mask, out, opt.lse);
+  check_policy_views(bound_mod, out, opt.lse);
   using Acc = accum_t<Q, K, V, O>;
   flash_forward<Acc, std::remove_cv_t<Q>, std::remove_cv_t<K>, std::remove_cv_t<V>, O>(
       q, k, v, out, shape, bound_mask, bound_mod, opt);
