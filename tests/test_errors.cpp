@@ -6,6 +6,7 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -28,7 +29,7 @@ struct Setup {
 
   std::vector<T> arena;
   std::vector<float> lse_buf;
-  std::vector<char> mask_buf;  // bool storage for mask views (std::vector<bool> has no data())
+  std::unique_ptr<bool[]> mask_buf;  // storage for mask views (std::vector<bool> has no data())
   std::vector<float> bias_buf;
   Tensor4<const T> q, k, v;
   Tensor4<T> out;
@@ -37,7 +38,7 @@ struct Setup {
   Setup()
       : arena(static_cast<std::size_t>(2 * (q_size + k_size + v_size + out_size))),
         lse_buf(static_cast<std::size_t>(4 * B * Hq * Lq)),
-        mask_buf(static_cast<std::size_t>(4 * B * Hq * Lq * Lk), 1),
+        mask_buf(new bool[static_cast<std::size_t>(4 * B * Hq * Lq * Lk)]()),
         bias_buf(static_cast<std::size_t>(4 * B * Hq * Lq * Lk), 0.5f) {
     std::mt19937 gen(17);
     std::normal_distribution<double> dist(0.0, 1.0);
@@ -58,7 +59,7 @@ struct Setup {
 
   TensorView<float, 3> lse() { return TensorView<float, 3>(lse_buf.data(), {B, Hq, Lq}); }
   Tensor4<const bool> mask_view(index_t b, index_t h, index_t lq, index_t lk) const {
-    return attn::bhsd(reinterpret_cast<const bool*>(mask_buf.data()), b, h, lq, lk);
+    return attn::bhsd(static_cast<const bool*>(mask_buf.get()), b, h, lq, lk);
   }
   Tensor4<const float> bias_view(index_t b, index_t h, index_t lq, index_t lk) const {
     return attn::bhsd(bias_buf.data(), b, h, lq, lk);
@@ -419,6 +420,36 @@ TYPED_TEST(Errors, CompositionChecksEveryModifier) {
                   attn::compose(attn::alibi(attn::alibi_slopes(4)), attn::softcap(0)));
   expect_rejected(s, s.q, s.k, s.v, s.out, "alibi has 2 slopes, but q has 4 heads", attn::causal(),
                   attn::compose(attn::softcap(20), attn::alibi(attn::alibi_slopes(2))));
+}
+
+// ------------------------------------------------ views read by policies --
+
+// The output (and lse) must not overlap a mask or bias view either: the
+// engine would read scores' inputs that it has already overwritten.
+TYPED_TEST(Errors, OutputOrLseThatOverlapsAMaskOrBiasView) {
+  using T = TypeParam;
+  Setup<T> s;
+  using S = Setup<T>;
+  const attn::NoMask none;
+  const auto bias_on_out = attn::additive_bias(attn::bhsd(static_cast<const T*>(s.out.data()) + 7, 1, 1, S::Lq, S::Lk));
+  expect_rejected(s, s.q, s.k, s.v, s.out, "out overlaps additive_bias: out spans bytes [", none, bias_on_out);
+  expect_rejected(s, s.q, s.k, s.v, s.out, "out overlaps additive_bias", attn::causal(),
+                  attn::compose(attn::softcap(10.0), bias_on_out));
+  // Never read: the check comes first.
+  const auto mask_on_out = attn::bool_mask(
+      attn::bhsd(reinterpret_cast<const bool*>(s.out.data()), 1, S::Hq, S::Lq, S::Lk));
+  expect_rejected(s, s.q, s.k, s.v, s.out, "out overlaps bool_mask: out spans bytes [", mask_on_out);
+  expect_rejected(s, s.q, s.k, s.v, s.out, "out overlaps bool_mask",
+                  attn::key_padding({7, 7}) & mask_on_out);
+  // lse on top of a bias, the output clear of it.
+  s.opt.lse = s.lse();
+  const auto bias_on_lse = attn::additive_bias(attn::bhsd(static_cast<const float*>(s.lse_buf.data()), 1, 1, S::Lq, S::Lk));
+  expect_rejected(s, s.q, s.k, s.v, s.out, "lse overlaps additive_bias: lse spans bytes [", none, bias_on_lse);
+  // A mask and a bias on the same (read-only) memory are fine.
+  s.opt = {};
+  const auto shared = attn::bhsd(static_cast<const float*>(s.bias_buf.data()), 1, 1, S::Lq, S::Lk);
+  EXPECT_NO_THROW(attn::masked_attention(s.q, s.k, s.v, s.out, attn::no_mask(),
+                                         attn::compose(attn::additive_bias(shared), attn::additive_bias(shared))));
 }
 
 // Shape checks come before the mask and modifier checks, and the first

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <memory>
 #include <vector>
 
 namespace {
@@ -325,9 +326,10 @@ TYPED_TEST(EveryStorage, FullyMaskedRowsAreZeroWithMinusInfLse) {
                             attn::compose(attn::alibi(attn::alibi_slopes(2)), attn::softcap(3.0)));
   // A boolean mask whose rows 3 and 200 are all false, and a custom predicate.
   const Problem sq = make(1, 1, 1, 260, 260, 8, 8);
-  std::vector<char> keep(static_cast<std::size_t>(sq.Lq * sq.Lk), 1);
-  for (index_t k = 0; k < sq.Lk; ++k) keep[static_cast<std::size_t>(3 * sq.Lk + k)] = keep[static_cast<std::size_t>(200 * sq.Lk + k)] = 0;
-  const auto view = attn::bhsd(reinterpret_cast<const bool*>(keep.data()), 1, 1, sq.Lq, sq.Lk);
+  const std::unique_ptr<bool[]> keep(new bool[static_cast<std::size_t>(sq.Lq * sq.Lk)]);
+  for (index_t i = 0; i < sq.Lq; ++i)
+    for (index_t k = 0; k < sq.Lk; ++k) keep[static_cast<std::size_t>(i * sq.Lk + k)] = i != 3 && i != 200;
+  const auto view = attn::bhsd(static_cast<const bool*>(keep.get()), 1, 1, sq.Lq, sq.Lk);
   const Row two_rows = [](index_t, index_t, index_t i) { return i == 3 || i == 200; };
   expect_empty_rows_zero<T>(sq, attn::bool_mask(view), two_rows);
   expect_empty_rows_zero<T>(
