@@ -2,6 +2,7 @@
 // argument throws attn::Error whose message names it with the numbers, and
 // nothing is written (the output and lse buffers keep every byte).
 #include "support.hpp"
+#include "type_names.hpp"
 
 #include <cstring>
 #include <functional>
@@ -114,7 +115,7 @@ void expect_rejected(Setup<T>& s, const Q& q, const K& k, const V& v, const O& o
 template <class T>
 class Errors : public ::testing::Test {};
 using StorageTypes = ::testing::Types<float, double, Eigen::half, Eigen::bfloat16>;
-TYPED_TEST_SUITE(Errors, StorageTypes);
+TYPED_TEST_SUITE(Errors, StorageTypes, StorageTypeNames);
 
 // The setup itself is valid: every entry point accepts it (so each test
 // below fails for the one reason it names).

@@ -1,6 +1,7 @@
 // Numerical edge cases: huge scores, scaled inputs, NaN/Inf locality, rows
 // that see no key, all-equal scores. Every dtype where the case applies.
 #include "support.hpp"
+#include "type_names.hpp"
 
 #include <cstring>
 #include <functional>
@@ -79,12 +80,12 @@ bool all_finite(const Tensor<T>& t) {
 
 template <class T>
 class Numerics : public ::testing::Test {};
-TYPED_TEST_SUITE(Numerics, FloatTypes);
+TYPED_TEST_SUITE(Numerics, FloatTypes, StorageTypeNames);
 
 template <class T>
 class EveryStorage : public ::testing::Test {};
 using StorageTypes = ::testing::Types<float, double, Eigen::half, Eigen::bfloat16>;
-TYPED_TEST_SUITE(EveryStorage, StorageTypes);
+TYPED_TEST_SUITE(EveryStorage, StorageTypes, StorageTypeNames);
 
 // ------------------------------------------------------------ huge scores --
 

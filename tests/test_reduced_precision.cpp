@@ -2,6 +2,7 @@
 // storage (bf16 K/V with float Q), against the fp64 reference and against the
 // naive path run in the same storage type.
 #include "support.hpp"
+#include "type_names.hpp"
 
 #include <limits>
 #include <string>
@@ -174,7 +175,7 @@ Problem make(index_t B, index_t Hq, index_t Hkv, index_t Lq, index_t Lk, index_t
 template <class T>
 class ReducedPrecision : public ::testing::Test {};
 using HalfTypes = ::testing::Types<Eigen::half, Eigen::bfloat16>;
-TYPED_TEST_SUITE(ReducedPrecision, HalfTypes);
+TYPED_TEST_SUITE(ReducedPrecision, HalfTypes, StorageTypeNames);
 
 TYPED_TEST(ReducedPrecision, DenseLengthsAroundTheTiles) {
   for (const auto& [lq, lk] : {std::pair<index_t, index_t>{1, 1}, {5, 300}, {127, 255},
