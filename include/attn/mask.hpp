@@ -18,6 +18,7 @@
 // Masks combine with `&`.
 #pragma once
 
+#include "attn/detail/checks.hpp"
 #include "attn/options.hpp"
 #include "attn/tensor_view.hpp"
 
@@ -44,6 +45,35 @@ struct MaskPolicy {};
 
 template <class M>
 inline constexpr bool is_mask_v = std::is_base_of<MaskPolicy, M>::value;
+
+namespace detail {
+/// A policy that reads memory (a mask or bias view) lists it with
+/// `for_each_view(f)`, calling f(view, name) per view, so the entry points can
+/// check that the output does not overlap it. Policies without one read none.
+struct ViewSink {
+  template <class View>
+  void operator()(const View&, const char*) const;
+};
+template <class P, class = void>
+struct has_views : std::false_type {};
+template <class P>
+struct has_views<P, std::void_t<decltype(std::declval<const P&>().for_each_view(ViewSink{}))>>
+    : std::true_type {};
+/// Calls f(view, name) for each view `policy` reads (none if it has no for_each_view).
+template <class P, class F>
+void for_each_view(const P& policy, F&& f) {
+  if constexpr (has_views<P>::value) policy.for_each_view(f);
+}
+/// Neither the output nor lse may overlap a view the policy reads.
+template <class P, class O>
+void check_policy_views(const P& policy, const TensorView<O, 4>& out,
+                        const TensorView<float, 3>& lse) {
+  for_each_view(policy, [&](const auto& view, const char* name) {
+    check_no_overlap(out, "out", view, name);
+    if (!lse.is_null()) check_no_overlap(lse, "lse", view, name);
+  });
+}
+}  // namespace detail
 
 // ---------------------------------------------------------------- no mask --
 
@@ -186,6 +216,10 @@ struct BoolMask : MaskPolicy {
   bool keep(index_t b, index_t h, index_t q, index_t k) const {
     return view.data()[detail::broadcast_row(view, b, h, q) + k * view.stride(3)];
   }
+  template <class F>
+  void for_each_view(F&& f) const {
+    f(view, "bool_mask");
+  }
   KeyRange key_range(index_t, index_t, index_t, index_t) const { return {0, lk}; }
   TileKind classify(index_t b, index_t h, index_t q0, index_t q1, index_t k0, index_t k1) const {
     index_t kept = 0;
@@ -243,6 +277,11 @@ struct MaskAnd : MaskPolicy {
   A a;
   B b;
   MaskAnd bind(const AttentionShape& s) const { return {{}, a.bind(s), b.bind(s)}; }
+  template <class F>
+  void for_each_view(F&& f) const {
+    detail::for_each_view(a, f);
+    detail::for_each_view(b, f);
+  }
   bool keep(index_t bb, index_t h, index_t q, index_t k) const {
     return a.keep(bb, h, q, k) && b.keep(bb, h, q, k);
   }

@@ -39,7 +39,7 @@ void probabilities(const TensorView<Q, 4>& q, const TensorView<K, 4>& k,
       double score = mod(b, h, i, j, scale * dot);
       if (!mask.keep(b, h, i, j)) score = neg_inf;
       row[j] = score;
-      if (score > mx) mx = score;
+      if (score > mx || std::isnan(score)) mx = score;  // a NaN score makes the row NaN
     }
     if (mx == neg_inf) {  // the row sees no key
       for (index_t j = 0; j < s.lk; ++j) row[j] = 0;
@@ -61,6 +61,8 @@ void attention(const TensorView<Q, 4>& q, const TensorView<K, 4>& k, const Tenso
   const AttentionShape s = detail::check_attention(q, k, v, out, opt);
   const Mask m = mask.bind(s);
   const Mod mod = score_mod.bind(s);
+  detail::check_policy_views(m, out, opt.lse);
+  detail::check_policy_views(mod, out, opt.lse);
   const double scale = opt.scale.value_or(1.0 / std::sqrt(static_cast<double>(s.d)));
   std::vector<double> p, lse;
   for (index_t b = 0; b < s.batch; ++b)

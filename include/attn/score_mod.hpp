@@ -65,6 +65,10 @@ struct AdditiveBias : ScoreModPolicy {
     detail::check_broadcast_view(view, s, "additive_bias");
     return *this;
   }
+  template <class F>
+  void for_each_view(F&& f) const {
+    f(view, "additive_bias");
+  }
   template <class Acc>
   Acc operator()(index_t b, index_t h, index_t q, index_t k, Acc s) const {
     return s + static_cast<Acc>(view.data()[detail::broadcast_row(view, b, h, q) + k * view.stride(3)]);
@@ -190,6 +194,11 @@ struct ComposedMod : ScoreModPolicy {
   A a;
   B b;
   ComposedMod bind(const AttentionShape& s) const { return {{}, a.bind(s), b.bind(s)}; }
+  template <class F>
+  void for_each_view(F&& f) const {
+    detail::for_each_view(a, f);
+    detail::for_each_view(b, f);
+  }
   template <class Acc>
   Acc operator()(index_t bb, index_t h, index_t q, index_t k, Acc s) const {
     return b(bb, h, q, k, a(bb, h, q, k, s));

@@ -225,15 +225,17 @@ void flash_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4>
       sc.pv.add_ab(rows, dv, cols, s, lds, vt, ldv, o.data(), dv, Acc(1));
     }
 
-    // out = O / l; rows that saw no key give zeros and lse = -inf.
+    // out = O / l; rows that saw no key (l = 0) give zeros and lse = -inf;
+    // a NaN score makes l NaN, and the row and its lse stay NaN.
     auto dst = matrix(out, b, h).middleRows(q0, rows);
     for (index_t r = 0; r < rows; ++r) {
       const Acc l = sc.l(r);
-      const Acc inv = l > 0 ? Acc(1) / l : Acc(0);
+      const bool saw_none = l == Acc(0);
+      const Acc inv = saw_none ? Acc(0) : Acc(1) / l;
       dst.row(r) = (o.row(r) * inv).template cast<O>();
       if (want_lse)
-        opt.lse(b, h, q0 + r) = l > 0 ? static_cast<float>(sc.m(r) + std::log(l))
-                                      : -std::numeric_limits<float>::infinity();
+        opt.lse(b, h, q0 + r) = saw_none ? -std::numeric_limits<float>::infinity()
+                                         : static_cast<float>(sc.m(r) + std::log(l));
     }
   };
 
@@ -264,6 +266,8 @@ void attention_entry(const TensorView<Q, 4>& q, const TensorView<K, 4>& k,
   const AttentionShape shape = check_attention(q, k, v, out, opt);
   const Mask bound_mask = mask.bind(shape);
   const Mod bound_mod = mod.bind(shape);
+  check_policy_views(bound_mask, out, opt.lse);
+  check_policy_views(bound_mod, out, opt.lse);
   using Acc = accum_t<Q, K, V, O>;
   flash_forward<Acc, std::remove_cv_t<Q>, std::remove_cv_t<K>, std::remove_cv_t<V>, O>(
       q, k, v, out, shape, bound_mask, bound_mod, opt);
