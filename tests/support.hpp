@@ -70,10 +70,11 @@ Tensor<double> to_double(const Tensor<T>& t) {
   return r;
 }
 
-/// Machine epsilon of the storage type.
+/// Machine epsilon of the storage type, 2^(1 - digits). (Eigen 3.4's
+/// NumTraits<Eigen::half>::epsilon() is 2^-13, not half's 2^-10.)
 template <class T>
 double eps() {
-  return static_cast<double>(Eigen::NumTraits<T>::epsilon());
+  return std::ldexp(1.0, 1 - std::numeric_limits<T>::digits);
 }
 
 /// Allowed |fast - fp64 reference| for one output element of attention with
