@@ -33,7 +33,9 @@ struct Problem {
   Problem(index_t n_, index_t d_)
       : n(n_), d(d_), q(random_buffer(static_cast<std::size_t>(kBatch * kHeads * n * d), 1)),
         k(random_buffer(q.size(), 2)), v(random_buffer(q.size(), 3)), o(q.size()) {}
-  attn::Tensor4<float> view(std::vector<float>& b) { return attn::bhsd(b.data(), kBatch, kHeads, n, d); }
+  attn::Tensor4<float> view(std::vector<float>& b) {
+    return attn::bhsd(b.data(), kBatch, kHeads, n, d);
+  }
 };
 
 double attention_flops(index_t n, index_t d, bool causal) {
@@ -82,7 +84,9 @@ void run_naive(Problem& p, bool causal, bool softmax) {
       s.noalias() = q * k.transpose();  // (N, N)
       if (softmax) {
         s *= scale;
-        if (causal) s.triangularView<Eigen::StrictlyUpper>().setConstant(-std::numeric_limits<float>::infinity());
+        if (causal)
+          s.triangularView<Eigen::StrictlyUpper>().setConstant(
+              -std::numeric_limits<float>::infinity());
         for (index_t i = 0; i < n; ++i) {  // row softmax
           auto row = s.row(i).array();
           row = (row - row.maxCoeff()).exp();
@@ -134,13 +138,24 @@ void BM_peak_rss(benchmark::State& state, const char* path) {
   const index_t n = state.range(0);
   double mib = 0;
   for (auto _ : state) mib = run_child(std::string(path) + " " + std::to_string(n));
-  const double inputs = 4.0 * kBatch * kHeads * static_cast<double>(n) * 64 * sizeof(float) / (1 << 20);
+  const double inputs =
+      4.0 * kBatch * kHeads * static_cast<double>(n) * 64 * sizeof(float) / (1 << 20);
   state.counters["peak_MiB"] = mib;
   state.counters["qkvo_MiB"] = inputs;  // what the four tensors alone occupy
   state.counters["extra_MiB"] = mib - inputs;
 }
-BENCHMARK_CAPTURE(BM_peak_rss, flash, "flash")->Arg(4096)->Arg(16384)->ArgName("N")->Iterations(1)->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_peak_rss, naive, "naive")->Arg(4096)->Arg(16384)->ArgName("N")->Iterations(1)->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_peak_rss, flash, "flash")
+    ->Arg(4096)
+    ->Arg(16384)
+    ->ArgName("N")
+    ->Iterations(1)
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_peak_rss, naive, "naive")
+    ->Arg(4096)
+    ->Arg(16384)
+    ->ArgName("N")
+    ->Iterations(1)
+    ->Unit(benchmark::kMillisecond);
 
 /// Child mode: `--attn-child flash|naive N` runs once and prints the peak RSS in MiB.
 int child_main(const std::string& path, index_t n) {
@@ -157,7 +172,8 @@ int child_main(const std::string& path, index_t n) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc == 4 && std::strcmp(argv[1], "--attn-child") == 0) return child_main(argv[2], std::atol(argv[3]));
+  if (argc == 4 && std::strcmp(argv[1], "--attn-child") == 0)
+    return child_main(argv[2], std::atol(argv[3]));
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::RunSpecifiedBenchmarks();

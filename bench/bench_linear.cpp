@@ -51,7 +51,8 @@ double linear_flops(index_t n, bool causal, index_t chunk) {
 }
 
 void set_counters(benchmark::State& state, double flops_per_iter, index_t n) {
-  state.counters["GFLOP/s"] = benchmark::Counter(flops_per_iter * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(flops_per_iter * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(kBatch * kHeads * n),
                                                   benchmark::Counter::kIsIterationInvariantRate);
 }
@@ -72,7 +73,8 @@ void BM_Linear(benchmark::State& state) {
     benchmark::DoNotOptimize(p.out.data());
     benchmark::ClobberMemory();
   }
-  set_counters(state, linear_flops(n, causal, opt.chunk > 0 ? opt.chunk : attn::LinearTraits::chunk), n);
+  set_counters(state,
+               linear_flops(n, causal, opt.chunk > 0 ? opt.chunk : attn::LinearTraits::chunk), n);
 }
 
 // Decoding through the public API, one call per token carrying the state:
@@ -91,10 +93,11 @@ void BM_LinearDecodeCalls(benchmark::State& state) {
   for (auto _ : state) {
     st.reset();
     for (index_t t = 0; t < n; ++t)
-      attn::linear_attention(slice(p.q, t), slice(p.k, t), slice(p.v, t),
-                             attn::Tensor4<float>(p.out.data() + t * kDim, {kBatch, kHeads, 1, kDim},
-                                                  {kHeads * n * kDim, n * kDim, kDim, 1}),
-                             attn::elu_plus_one(), st.state(), opt);
+      attn::linear_attention(
+          slice(p.q, t), slice(p.k, t), slice(p.v, t),
+          attn::Tensor4<float>(p.out.data() + t * kDim, {kBatch, kHeads, 1, kDim},
+                               {kHeads * n * kDim, n * kDim, kDim, 1}),
+          attn::elu_plus_one(), st.state(), opt);
     benchmark::DoNotOptimize(p.out.data());
     benchmark::ClobberMemory();
   }

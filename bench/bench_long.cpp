@@ -49,8 +49,7 @@ struct Problem {
   std::vector<float> q, k, v, out;
   explicit Problem(index_t n)
       : q(attn_bench::random_buffer(static_cast<std::size_t>(kHeads * n * kDim), 1)),
-        k(attn_bench::random_buffer(q.size(), 2)),
-        v(attn_bench::random_buffer(q.size(), 3)),
+        k(attn_bench::random_buffer(q.size(), 2)), v(attn_bench::random_buffer(q.size(), 3)),
         out(q.size()) {}
   attn::Tensor4<const float> view(const std::vector<float>& t, index_t n) const {
     return attn::bhsd(t.data(), 1, kHeads, n, kDim);
@@ -58,7 +57,8 @@ struct Problem {
 };
 
 /// One call of the path; fills `stats`.
-void run(Path path, Problem& p, index_t n, const attn::BlockSparseLayout* layout, attn::AttentionStats& stats) {
+void run(Path path, Problem& p, index_t n, const attn::BlockSparseLayout* layout,
+         attn::AttentionStats& stats) {
   attn::AttentionOptions opt;
   opt.stats = &stats;
   opt.num_threads = g_threads;
@@ -82,7 +82,8 @@ void run(Path path, Problem& p, index_t n, const attn::BlockSparseLayout* layout
 void bench(benchmark::State& state, Path path) {
   const index_t n = state.range(0);
   Problem p(n);
-  const attn::BlockSparseLayout layout = path == Path::bigbird ? attn::bigbird(n) : attn::BlockSparseLayout();
+  const attn::BlockSparseLayout layout =
+      path == Path::bigbird ? attn::bigbird(n) : attn::BlockSparseLayout();
   attn::AttentionStats stats;
   for (auto _ : state) run(path, p, n, &layout, stats);
   state.counters["GFLOPs"] = attn_bench::flops_rate(stats.flops(kDim, kDim) / 1e9);
@@ -98,7 +99,8 @@ long status_kib(const char* field) {
   std::string line;
   const std::size_t len = std::strlen(field);
   while (std::getline(in, line))
-    if (line.compare(0, len, field) == 0 && line[len] == ':') return std::stol(line.substr(len + 1));
+    if (line.compare(0, len, field) == 0 && line[len] == ':')
+      return std::stol(line.substr(len + 1));
   return -1;
 }
 
@@ -114,12 +116,14 @@ std::vector<double> child_memory(Path path, index_t n) {
     const long start = status_kib("VmRSS");
     Problem p(n);
     std::fill(p.out.begin(), p.out.end(), 0.f);
-    const attn::BlockSparseLayout layout = path == Path::bigbird ? attn::bigbird(n) : attn::BlockSparseLayout();
+    const attn::BlockSparseLayout layout =
+        path == Path::bigbird ? attn::bigbird(n) : attn::BlockSparseLayout();
     const long inputs = status_kib("VmRSS");
     attn::AttentionStats stats;
     run(path, p, n, &layout, stats);
     const long peak = status_kib("VmHWM");
-    const double mib[3] = {(inputs - start) / 1024.0, (peak - inputs) / 1024.0, (peak - start) / 1024.0};
+    const double mib[3] = {(inputs - start) / 1024.0, (peak - inputs) / 1024.0,
+                           (peak - start) / 1024.0};
     const ssize_t wrote = write(fds[1], mib, sizeof mib);
     _exit(wrote == static_cast<ssize_t>(sizeof mib) ? 0 : 1);
   }
@@ -143,7 +147,8 @@ void memory_table(const std::vector<index_t>& sizes, index_t dense_max) {
         std::printf("%-8s %7ld  (child failed)\n", path_name(path), static_cast<long>(n));
         continue;
       }
-      std::printf("%-8s %7ld %12.1f %12.1f %12.1f\n", path_name(path), static_cast<long>(n), m[0], m[1], m[2]);
+      std::printf("%-8s %7ld %12.1f %12.1f %12.1f\n", path_name(path), static_cast<long>(n), m[0],
+                  m[1], m[2]);
       std::fflush(stdout);
     }
 }

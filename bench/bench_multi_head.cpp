@@ -80,8 +80,8 @@ struct Setup {
 };
 
 void set_rate(benchmark::State& state, double flops) {
-  state.counters["GFLOP/s"] = benchmark::Counter(flops * 1e-9 * double(state.iterations()),
-                                                 benchmark::Counter::kIsRate);
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(flops * 1e-9 * double(state.iterations()), benchmark::Counter::kIsRate);
 }
 
 // ------------------------------------------------------------------- paths --
@@ -117,7 +117,7 @@ void layer_projections(benchmark::State& state, Shape shape) {
   const index_t D = shape.head_dim();
   Mat q(shape.len, shape.q_heads * D), k(shape.len, shape.kv_heads * D),
       v(shape.len, shape.kv_heads * D), heads = random(shape.len, shape.q_heads * D, 6, 1.f),
-      out(shape.len, shape.d_model);
+                                        out(shape.len, shape.d_model);
   const attn::TensorView<float, 3> ov(out.data(), {1, shape.len, shape.d_model});
   attn::detail::ProjectionGemms<float> gemms;
   for (auto _ : state) {
@@ -185,10 +185,11 @@ void naive_eigen(benchmark::State& state, Shape shape) {
     v.noalias() = su.x * su.wv;
     for (index_t h = 0; h < shape.q_heads; ++h) {
       const index_t g = h / group;
-      s.noalias() = (q.middleCols(h * D, D) * scale) * k.middleCols(g * D, D).transpose();  // (L, L)
-      s = (s.colwise() - s.rowwise().maxCoeff()).array().exp().matrix();  // exp(s - rowmax)
-      s.array().colwise() /= s.rowwise().sum().array();                   // rows sum to 1
-      a.middleCols(h * D, D).noalias() = s * v.middleCols(g * D, D);      // (L, D)
+      s.noalias() =
+          (q.middleCols(h * D, D) * scale) * k.middleCols(g * D, D).transpose();  // (L, L)
+      s = (s.colwise() - s.rowwise().maxCoeff()).array().exp().matrix();          // exp(s - rowmax)
+      s.array().colwise() /= s.rowwise().sum().array();                           // rows sum to 1
+      a.middleCols(h * D, D).noalias() = s * v.middleCols(g * D, D);              // (L, D)
     }
     out.noalias() = a * su.wo;
     benchmark::DoNotOptimize(out.data());
@@ -199,13 +200,12 @@ void naive_eigen(benchmark::State& state, Shape shape) {
 
 void register_shape(const Shape& s) {
   const std::string n = s.name();
-  for (auto* b : {benchmark::RegisterBenchmark(("layer/" + n).c_str(), layer, s),
-                  benchmark::RegisterBenchmark(("naive_eigen/" + n).c_str(), naive_eigen, s),
-                  benchmark::RegisterBenchmark(("layer_projections/" + n).c_str(),
-                                               layer_projections, s),
-                  benchmark::RegisterBenchmark(("layer_attention_bshd/" + n).c_str(),
-                                               layer_attention, s),
-                  benchmark::RegisterBenchmark(("sdpa_bhsd/" + n).c_str(), sdpa_bhsd, s)})
+  for (auto* b :
+       {benchmark::RegisterBenchmark(("layer/" + n).c_str(), layer, s),
+        benchmark::RegisterBenchmark(("naive_eigen/" + n).c_str(), naive_eigen, s),
+        benchmark::RegisterBenchmark(("layer_projections/" + n).c_str(), layer_projections, s),
+        benchmark::RegisterBenchmark(("layer_attention_bshd/" + n).c_str(), layer_attention, s),
+        benchmark::RegisterBenchmark(("sdpa_bhsd/" + n).c_str(), sdpa_bhsd, s)})
     b->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(0.2);
 }
 

@@ -108,8 +108,10 @@ std::vector<double> head_weights(const attn::TensorView<const double, 4>& q,
                                  const attn::TensorView<const double, 4>& k, index_t h) {
   // The softmax weights of head h alone: [1, 1, L, L], scale 1 (the
   // embeddings above are built with the scale folded in).
-  const attn::TensorView<const double, 4> qh(q.data() + h * q.stride(1), {1, 1, kL, kD}, q.strides());
-  const attn::TensorView<const double, 4> kh(k.data() + h * k.stride(1), {1, 1, kL, kD}, k.strides());
+  const attn::TensorView<const double, 4> qh(q.data() + h * q.stride(1), {1, 1, kL, kD},
+                                             q.strides());
+  const attn::TensorView<const double, 4> kh(k.data() + h * k.stride(1), {1, 1, kL, kD},
+                                             k.strides());
   std::vector<float> w(static_cast<std::size_t>(kL * kL));
   attn::AttentionOptions opt;
   opt.scale = 1.0;

@@ -32,6 +32,7 @@ int main() {
                            attn::elu_plus_one(), state.state(), opt);
 
   float diff = 0;
-  for (std::size_t i = 0; i < whole.size(); ++i) diff = std::max(diff, std::abs(whole[i] - decoded[i]));
+  for (std::size_t i = 0; i < whole.size(); ++i)
+    diff = std::max(diff, std::abs(whole[i] - decoded[i]));
   std::printf("max |one call - token by token| = %g\n", diff);
 }

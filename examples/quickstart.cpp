@@ -29,10 +29,12 @@ int main() {
   auto timed = [&](const char* name, auto&& fn) {
     const auto t0 = std::chrono::steady_clock::now();
     fn();
-    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    const double ms =
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
     double checksum = 0;
     for (float x : out) checksum += x;
-    std::printf("%-7s B=%td L=%td H=%td D=%td  %8.2f ms  checksum %+.6f\n", name, B, L, H, D, ms, checksum);
+    std::printf("%-7s B=%td L=%td H=%td D=%td  %8.2f ms  checksum %+.6f\n", name, B, L, H, D, ms,
+                checksum);
   };
 
   // softmax(q·kᵀ / sqrt(D)) · v

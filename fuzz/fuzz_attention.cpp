@@ -43,7 +43,9 @@ class Bytes {
     return *p_++;
   }
   /// An integer in [lo, hi].
-  index_t range(index_t lo, index_t hi) { return lo + static_cast<index_t>(byte()) % (hi - lo + 1); }
+  index_t range(index_t lo, index_t hi) {
+    return lo + static_cast<index_t>(byte()) % (hi - lo + 1);
+  }
   bool flag() { return byte() & 1; }
 
  private:
@@ -102,7 +104,8 @@ double max_row_norm(const attn::Tensor4<T>& v) {
     for (index_t h = 0; h < v.extent(1); ++h)
       for (index_t l = 0; l < v.extent(2); ++l) {
         double s = 0;
-        for (index_t d = 0; d < v.extent(3); ++d) s += std::pow(static_cast<double>(v(b, h, l, d)), 2);
+        for (index_t d = 0; d < v.extent(3); ++d)
+          s += std::pow(static_cast<double>(v(b, h, l, d)), 2);
         m = std::max(m, std::sqrt(s));
       }
   return m;
@@ -156,8 +159,10 @@ void check(const Buffer<Q>& q, const Buffer<K>& k, const Buffer<V>& v, Buffer<O>
   // Broken arguments: both paths reject them with the same message, untouched output.
   if (plan.corrupt) {
     auto run_both = [&](const auto& qv, const auto& kv, const auto& vv, const auto& ov) {
-      const std::string a = error_of([&] { attn::masked_attention(qv, kv, vv, ov, mask, mod, opt); });
-      const std::string b = error_of([&] { attn::reference::attention(qv, kv, vv, ov, mask, mod, opt); });
+      const std::string a =
+          error_of([&] { attn::masked_attention(qv, kv, vv, ov, mask, mod, opt); });
+      const std::string b =
+          error_of([&] { attn::reference::attention(qv, kv, vv, ov, mask, mod, opt); });
       if (a != b) fail("flash and reference reject differently: '" + a + "' vs '" + b + "'");
       if (std::memcmp(before.data(), out.data.data(), before.size() * sizeof(O)) != 0)
         fail("output written before the error: " + a);
@@ -167,13 +172,15 @@ void check(const Buffer<Q>& q, const Buffer<K>& k, const Buffer<V>& v, Buffer<O>
     const auto qs = q.view.shape(), ks = k.view.shape();
     switch (plan.corrupt) {
       case 1:  // k's head dim differs from q's
-        run_both(q.cview(), attn::Tensor4<const K>(k.view.data(), {ks[0], ks[1], ks[2], ks[3] - 1},
-                                                   k.view.strides()), v.cview(), out.view);
+        run_both(q.cview(),
+                 attn::Tensor4<const K>(k.view.data(), {ks[0], ks[1], ks[2], ks[3] - 1},
+                                        k.view.strides()),
+                 v.cview(), out.view);
         break;
       case 2:  // out on top of q
         run_both(q.cview(), k.cview(), v.cview(),
-                 attn::Tensor4<O>(reinterpret_cast<O*>(const_cast<Q*>(q.view.data())), out.view.shape(),
-                                  out.view.strides()));
+                 attn::Tensor4<O>(reinterpret_cast<O*>(const_cast<Q*>(q.view.data())),
+                                  out.view.shape(), out.view.strides()));
         break;
       case 3:  // a zero extent
         run_both(attn::Tensor4<const Q>(q.view.data(), {qs[0], qs[1], 0, qs[3]}, q.view.strides()),
@@ -213,7 +220,8 @@ void check(const Buffer<Q>& q, const Buffer<K>& k, const Buffer<V>& v, Buffer<O>
   using Acc = attn::detail::accum_t<Q, K, V, O>;
   const double scale = std::abs(plan.opt.scale.value_or(1.0 / std::sqrt(static_cast<double>(s.d))));
   double smax = scale * max_row_norm(q.view) * max_row_norm(k.view);
-  if (plan.mod == 1 || plan.mod == 4) smax += static_cast<double>(s.lq + s.lk);  // ALiBi slopes <= 1
+  if (plan.mod == 1 || plan.mod == 4)
+    smax += static_cast<double>(s.lq + s.lk);  // ALiBi slopes <= 1
   if (plan.mod == 3) {
     double bias_max = 0;
     for (float b : plan.bias) bias_max = std::max(bias_max, std::abs(static_cast<double>(b)));
@@ -221,7 +229,8 @@ void check(const Buffer<Q>& q, const Buffer<K>& k, const Buffer<V>& v, Buffer<O>
   }
   const double vmax = std::max(v.max_abs(), 1.0);
   const double acc_eps = static_cast<double>(std::numeric_limits<Acc>::epsilon());
-  const double score_tol = 8.0 * acc_eps *
+  const double score_tol =
+      8.0 * acc_eps *
       (std::sqrt(static_cast<double>(s.d)) + std::sqrt(static_cast<double>(s.lk)) + smax);
   const double tol = score_tol * vmax + storage_eps<O>() * vmax;
 
@@ -233,9 +242,9 @@ void check(const Buffer<Q>& q, const Buffer<K>& k, const Buffer<V>& v, Buffer<O>
         for (index_t c = 0; c < s.dv; ++c) {
           const double x = static_cast<double>(out.view(b, h, i, c)), y = ref(b, h, i, c);
           if (empty ? x != 0.0 : !(std::abs(x - y) <= tol))
-            fail("output (" + std::to_string(b) + ", " + std::to_string(h) + ", " + std::to_string(i) +
-                 ", " + std::to_string(c) + ") is " + std::to_string(x) + ", reference " +
-                 std::to_string(y) + ", tolerance " + std::to_string(tol));
+            fail("output (" + std::to_string(b) + ", " + std::to_string(h) + ", " +
+                 std::to_string(i) + ", " + std::to_string(c) + ") is " + std::to_string(x) +
+                 ", reference " + std::to_string(y) + ", tolerance " + std::to_string(tol));
         }
         if (!plan.with_lse) continue;
         if (empty ? lse[row] != lse_ref[row]
@@ -275,7 +284,8 @@ void with_mod(const Buffer<Q>& q, const Buffer<K>& k, const Buffer<V>& v, Buffer
                                                   plan.bias_b, s.q_heads, s.lq, s.lk)),
                    plan);
     default:
-      return check(q, k, v, out, mask, attn::compose(attn::alibi(slopes), attn::softcap(plan.cap)), plan);
+      return check(q, k, v, out, mask, attn::compose(attn::alibi(slopes), attn::softcap(plan.cap)),
+                   plan);
   }
 }
 
@@ -359,7 +369,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   plan.keep.reset(new bool[static_cast<std::size_t>(keep_n)]);
   const int density = static_cast<int>(in.range(0, 4));  // 0: all false ... 4: all true
   std::mt19937 gen(plan.seed + 1);
-  for (index_t i = 0; i < keep_n; ++i) plan.keep[static_cast<std::size_t>(i)] = static_cast<int>(gen() % 4) < density;
+  for (index_t i = 0; i < keep_n; ++i)
+    plan.keep[static_cast<std::size_t>(i)] = static_cast<int>(gen() % 4) < density;
   plan.bias_b = in.flag() ? s.batch : 1;
   std::normal_distribution<float> dist(0.f, 2.f);
   plan.bias.resize(static_cast<std::size_t>(plan.bias_b * s.q_heads * s.lq * s.lk));
@@ -368,12 +379,24 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   using H = Eigen::half;
   using BF = Eigen::bfloat16;
   switch (types) {
-    case 0: run_types<float, float, float, float>(in, plan); break;
-    case 1: run_types<double, double, double, double>(in, plan); break;
-    case 2: run_types<H, H, H, H>(in, plan); break;
-    case 3: run_types<BF, BF, BF, BF>(in, plan); break;
-    case 4: run_types<float, BF, BF, float>(in, plan); break;
-    default: run_types<H, H, H, float>(in, plan); break;
+    case 0:
+      run_types<float, float, float, float>(in, plan);
+      break;
+    case 1:
+      run_types<double, double, double, double>(in, plan);
+      break;
+    case 2:
+      run_types<H, H, H, H>(in, plan);
+      break;
+    case 3:
+      run_types<BF, BF, BF, BF>(in, plan);
+      break;
+    case 4:
+      run_types<float, BF, BF, float>(in, plan);
+      break;
+    default:
+      run_types<H, H, H, float>(in, plan);
+      break;
   }
   return 0;
 }

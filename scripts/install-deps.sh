@@ -2,7 +2,7 @@
 # Installs the Debian 12 packages attn needs to build, test and benchmark.
 # Usage: bash scripts/install-deps.sh [--if-missing]
 set -euo pipefail
-packages=(g++ clang libomp-dev libclang-rt-14-dev cmake make libeigen3-dev libgtest-dev googletest libbenchmark-dev
+packages=(g++ clang libomp-dev libclang-rt-14-dev clang-format cmake make libeigen3-dev libgtest-dev googletest libbenchmark-dev
           python3 python3-matplotlib)
 if [[ "${1:-}" == "--if-missing" ]] && dpkg -s "${packages[@]}" >/dev/null 2>&1; then
   exit 0

@@ -47,7 +47,8 @@ struct Sequence {
   std::vector<T> buf;
   index_t B = 0, L = 0, d = 0;
   Sequence() = default;
-  Sequence(index_t b, index_t l, index_t width) : buf(static_cast<std::size_t>(b * l * width), T(0)), B(b), L(l), d(width) {}
+  Sequence(index_t b, index_t l, index_t width)
+      : buf(static_cast<std::size_t>(b * l * width), T(0)), B(b), L(l), d(width) {}
   attn::TensorView<T, 3> view() { return attn::TensorView<T, 3>(buf.data(), {B, L, d}); }
   attn::TensorView<const T, 3> cview() const {
     return attn::TensorView<const T, 3>(buf.data(), {B, L, d});
@@ -56,7 +57,8 @@ struct Sequence {
   MatD batch(index_t b) const {
     MatD m(L, d);
     for (index_t i = 0; i < L; ++i)
-      for (index_t j = 0; j < d; ++j) m(i, j) = static_cast<double>(buf[static_cast<std::size_t>((b * L + i) * d + j)]);
+      for (index_t j = 0; j < d; ++j)
+        m(i, j) = static_cast<double>(buf[static_cast<std::size_t>((b * L + i) * d + j)]);
     return m;
   }
 };
@@ -65,7 +67,8 @@ template <class T>
 Sequence<T> random_sequence(index_t B, index_t L, index_t d, std::uint32_t seed) {
   Sequence<T> s(B, L, d);
   const MatD m = random_matrix(B * L, d, seed);
-  for (index_t i = 0; i < B * L * d; ++i) s.buf[static_cast<std::size_t>(i)] = static_cast<T>(m.data()[i]);
+  for (index_t i = 0; i < B * L * d; ++i)
+    s.buf[static_cast<std::size_t>(i)] = static_cast<T>(m.data()[i]);
   return s;
 }
 
@@ -171,7 +174,8 @@ LayerResult reference_layer(const attn::MultiHeadConfig& c, const LayerWeights<T
         double mx = -std::numeric_limits<double>::infinity();
         for (index_t j = 0; j < lk; ++j) {
           if (bias) s(i, j) += bias(index_t(b), h, i, j);
-          if (keep && !keep(index_t(b), h, i, j)) s(i, j) = -std::numeric_limits<double>::infinity();
+          if (keep && !keep(index_t(b), h, i, j))
+            s(i, j) = -std::numeric_limits<double>::infinity();
           mx = std::max(mx, s(i, j));
         }
         if (std::isinf(mx)) continue;  // the row sees no key: zeros

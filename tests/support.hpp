@@ -66,7 +66,8 @@ Tensor<double> to_double(const Tensor<T>& t) {
   for (index_t b = 0; b < t.extent(0); ++b)
     for (index_t h = 0; h < t.extent(1); ++h)
       for (index_t l = 0; l < t.extent(2); ++l)
-        for (index_t d = 0; d < t.extent(3); ++d) r(b, h, l, d) = static_cast<double>(t(b, h, l, d));
+        for (index_t d = 0; d < t.extent(3); ++d)
+          r(b, h, l, d) = static_cast<double>(t(b, h, l, d));
   return r;
 }
 
@@ -107,7 +108,8 @@ double max_abs_diff(const Tensor<A>& a, const Tensor<B>& b) {
     for (index_t h = 0; h < a.extent(1); ++h)
       for (index_t l = 0; l < a.extent(2); ++l)
         for (index_t d = 0; d < a.extent(3); ++d) {
-          const double x = static_cast<double>(a(i, h, l, d)), y = static_cast<double>(b(i, h, l, d));
+          const double x = static_cast<double>(a(i, h, l, d)),
+                       y = static_cast<double>(b(i, h, l, d));
           const double diff = std::abs(x - y);
           m = std::max(m, std::isnan(diff) ? std::numeric_limits<double>::infinity() : diff);
         }

@@ -84,9 +84,9 @@ TYPED_TEST(AttentionWeights, ScoreModsScaleAndBoolMask) {
   p.D = 8;
   attn::AttentionOptions opt;
   opt.scale = 0.7;
-  expect_weights_match<TypeParam>(p, attn::causal(),
-                                  attn::compose(attn::alibi(attn::alibi_slopes(2)), attn::softcap(5.0)),
-                                  opt);
+  expect_weights_match<TypeParam>(
+      p, attn::causal(), attn::compose(attn::alibi(attn::alibi_slopes(2)), attn::softcap(5.0)),
+      opt);
   const auto n = static_cast<std::size_t>(p.Lq * p.Lk);
   std::unique_ptr<bool[]> keep(new bool[n]);
   for (std::size_t i = 0; i < n; ++i) keep[i] = (i * 7) % 5 != 0;
@@ -95,7 +95,8 @@ TYPED_TEST(AttentionWeights, ScoreModsScaleAndBoolMask) {
 }
 
 TEST(AttentionWeightsErrors, WrongShapeThrowsAndLeavesWeightsUnchanged) {
-  const Tensor<float> q = random_tensor<float>(1, 4, 5, 8, 1), k = random_tensor<float>(1, 2, 6, 8, 2);
+  const Tensor<float> q = random_tensor<float>(1, 4, 5, 8, 1),
+                      k = random_tensor<float>(1, 2, 6, 8, 2);
   std::vector<float> w(4 * 5 * 5, 3.f);
   EXPECT_TRUE(throws_with(
       [&] { attn::attention_weights(q.cview(), k.cview(), attn::bhsd(w.data(), 1, 4, 5, 5)); },

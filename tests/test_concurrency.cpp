@@ -15,7 +15,8 @@ constexpr int kThreads = 4;
 
 /// One call: an entry point, its mask/modifier and its own inputs.
 struct Job {
-  int kind = 0;  // 0 dense float, 1 causal+ALiBi float, 2 padded half, 3 reference double, 4 bias bf16 K/V
+  int kind =
+      0;  // 0 dense float, 1 causal+ALiBi float, 2 padded half, 3 reference double, 4 bias bf16 K/V
   Problem p;
   std::uint32_t seed = 0;
 };
@@ -140,10 +141,14 @@ void expect_concurrent_equals_serial(int omp_threads, int rounds) {
   }
 }
 
-TEST(Concurrency, FourThreadsOfSingleThreadedCallsEqualSerial) { expect_concurrent_equals_serial(1, 3); }
+TEST(Concurrency, FourThreadsOfSingleThreadedCallsEqualSerial) {
+  expect_concurrent_equals_serial(1, 3);
+}
 
 // Each std::thread's call runs its own OpenMP team of two.
-TEST(Concurrency, FourThreadsOfMultiThreadedCallsEqualSerial) { expect_concurrent_equals_serial(2, 2); }
+TEST(Concurrency, FourThreadsOfMultiThreadedCallsEqualSerial) {
+  expect_concurrent_equals_serial(2, 2);
+}
 
 // The same read-only inputs shared by every thread, each writing its own output.
 TEST(Concurrency, SharedInputsSeparateOutputs) {

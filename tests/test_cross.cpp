@@ -47,7 +47,8 @@ TYPED_TEST(Cross, MatchesNaiveEigenLayer) {
       const LayerWeights<T> w(c, bias, 40 + static_cast<std::uint32_t>(hkv));
       attn::CrossAttention<T> layer(c);
       w.load(layer);
-      const Sequence<T> x = random_sequence<T>(B, Lq, 64, 1), mem = random_sequence<T>(B, Lk, 40, 2);
+      const Sequence<T> x = random_sequence<T>(B, Lq, 64, 1),
+                        mem = random_sequence<T>(B, Lk, 40, 2);
       Sequence<T> out(B, Lq, 64), out_fn(B, Lq, 64);
       layer.forward(x.cview(), mem.cview(), out.view(), attn::key_padding(lengths));
       const auto ref = reference_layer(c, w, batches(x), batches(mem), keep);
@@ -122,13 +123,16 @@ TEST(CrossErrors, BadShapesThrowAndLeaveOutputUnchanged) {
   Sequence<float> x(2, 5, 64), mem(2, 7, 40), out(2, 5, 64);
   std::fill(out.buf.begin(), out.buf.end(), 7.f);
   Sequence<float> wide(2, 7, 64);
-  EXPECT_TRUE(throws_with([&] { layer.forward(x.cview(), wide.cview(), out.view()); },
-                          "memory has shape [2, 7, 64]: last dim 64, but the layer's d_kv_in is 40"));
+  EXPECT_TRUE(
+      throws_with([&] { layer.forward(x.cview(), wide.cview(), out.view()); },
+                  "memory has shape [2, 7, 64]: last dim 64, but the layer's d_kv_in is 40"));
   Sequence<float> mem3(3, 7, 40);
   EXPECT_TRUE(throws_with([&] { layer.forward(x.cview(), mem3.cview(), out.view()); },
                           "x has batch 2, but the memory has batch 3"));
   EXPECT_TRUE(throws_with(
-      [&] { layer.forward(x.cview(), mem.cview(), out.view(), attn::key_padding({7, 8})); },
+      [&] {
+        layer.forward(x.cview(), mem.cview(), out.view(), attn::key_padding({7, 8}));
+      },
       "key_padding length of batch 1 is 8, outside [0, Lk = 7]"));
   attn::ProjectedMemory<float> none;
   EXPECT_TRUE(throws_with([&] { layer.forward(x.cview(), none, out.view()); },
@@ -138,8 +142,9 @@ TEST(CrossErrors, BadShapesThrowAndLeaveOutputUnchanged) {
   attn::MultiHeadConfig other = cross_config(4);
   attn::CrossAttention<float> layer4(other);
   const attn::ProjectedMemory<float> kv4 = layer4.project_memory(mem.cview());
-  EXPECT_TRUE(throws_with([&] { layer.forward(x.cview(), kv4, out.view()); },
-                          "the projected memory has 4 heads of dim 16/16, but the layer has 2 kv heads"));
+  EXPECT_TRUE(
+      throws_with([&] { layer.forward(x.cview(), kv4, out.view()); },
+                  "the projected memory has 4 heads of dim 16/16, but the layer has 2 kv heads"));
   attn::MultiHeadConfig with_rope = c;
   with_rope.rope = attn::Rope{};
   EXPECT_TRUE(throws_with([&] { attn::CrossAttention<float> l(with_rope); },

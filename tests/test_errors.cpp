@@ -104,12 +104,14 @@ void expect_rejected(Setup<T>& s, const Q& q, const K& k, const V& v, const O& o
   const attn::AttentionOptions opt = s.opt;
   if constexpr (std::is_same<Mask, attn::NoMask>::value &&
                 std::is_same<Mod, attn::NoScoreMod>::value)
-    expect_error(s, "scaled_dot_product_attention",
-                 [&] { attn::scaled_dot_product_attention(q, k, v, out, opt); }, needle);
-  expect_error(s, "masked_attention",
-               [&] { attn::masked_attention(q, k, v, out, mask, mod, opt); }, needle);
-  expect_error(s, "reference::attention",
-               [&] { attn::reference::attention(q, k, v, out, mask, mod, opt); }, needle);
+    expect_error(
+        s, "scaled_dot_product_attention",
+        [&] { attn::scaled_dot_product_attention(q, k, v, out, opt); }, needle);
+  expect_error(
+      s, "masked_attention", [&] { attn::masked_attention(q, k, v, out, mask, mod, opt); }, needle);
+  expect_error(
+      s, "reference::attention", [&] { attn::reference::attention(q, k, v, out, mask, mod, opt); },
+      needle);
 }
 
 template <class T>
@@ -136,9 +138,9 @@ TYPED_TEST(Errors, ZeroOrNegativeExtentOfEveryTensor) {
   using S = Setup<T>;
   for (index_t bad : {0, -1}) {
     const std::string b = std::to_string(bad);
-    expect_rejected(s, attn::bhsd(s.q.data(), S::B, S::Hq, bad, S::D), s.k, s.v, s.out,
-                    "q has shape [2, 4, " + b + ", 3]: dimension 2 is " + b +
-                        ", every dimension must be > 0");
+    expect_rejected(
+        s, attn::bhsd(s.q.data(), S::B, S::Hq, bad, S::D), s.k, s.v, s.out,
+        "q has shape [2, 4, " + b + ", 3]: dimension 2 is " + b + ", every dimension must be > 0");
     expect_rejected(s, s.q, attn::bhsd(s.k.data(), bad, S::Hkv, S::Lk, S::D), s.v, s.out,
                     "k has shape [" + b + ", 2, 7, 3]: dimension 0 is " + b);
     expect_rejected(s, s.q, s.k, attn::bhsd(s.v.data(), S::B, S::Hkv, S::Lk, bad), s.out,
@@ -198,10 +200,12 @@ TYPED_TEST(Errors, KeyHeadsMustDivideQueryHeads) {
   Setup<T> s;
   using S = Setup<T>;
   const T* kv = s.slack();
-  expect_rejected(s, s.q, attn::bhsd(kv, S::B, 3, S::Lk, S::D), attn::bhsd(kv, S::B, 3, S::Lk, S::Dv),
-                  s.out, "k has 3 heads, which does not divide q's 4 heads");
-  expect_rejected(s, s.q, attn::bhsd(kv, S::B, 8, S::Lk, S::D), attn::bhsd(kv, S::B, 8, S::Lk, S::Dv),
-                  s.out, "k has 8 heads, which does not divide q's 4 heads");
+  expect_rejected(s, s.q, attn::bhsd(kv, S::B, 3, S::Lk, S::D),
+                  attn::bhsd(kv, S::B, 3, S::Lk, S::Dv), s.out,
+                  "k has 3 heads, which does not divide q's 4 heads");
+  expect_rejected(s, s.q, attn::bhsd(kv, S::B, 8, S::Lk, S::D),
+                  attn::bhsd(kv, S::B, 8, S::Lk, S::Dv), s.out,
+                  "k has 8 heads, which does not divide q's 4 heads");
 }
 
 TYPED_TEST(Errors, OutputShapeMustMatch) {
@@ -233,7 +237,8 @@ TYPED_TEST(Errors, OutputThatOverlapsItself) {
                   "out has shape [2, 4, 5, 6] and strides [120, 30, 4, 1], which map two "
                   "elements to one address (dimension 2)");
   // A zero stride (broadcast) is fine to read but not to write.
-  const Tensor4<T> broadcast(s.out.data(), {S::B, S::Hq, S::Lq, S::Dv}, {0, S::Lq * S::Dv, S::Dv, 1});
+  const Tensor4<T> broadcast(s.out.data(), {S::B, S::Hq, S::Lq, S::Dv},
+                             {0, S::Lq * S::Dv, S::Dv, 1});
   expect_rejected(s, s.q, s.k, s.v, broadcast,
                   "out has shape [2, 4, 5, 6] and strides [0, 30, 6, 1], which map two "
                   "elements to one address (dimension 0)");
@@ -340,9 +345,11 @@ TYPED_TEST(Errors, KeyPaddingLengths) {
   Setup<TypeParam> s;
   expect_rejected(s, s.q, s.k, s.v, s.out, "key_padding has 3 lengths, but the batch is 2",
                   attn::key_padding({7, 7, 7}));
-  expect_rejected(s, s.q, s.k, s.v, s.out, "key_padding length of batch 1 is 8, outside [0, Lk = 7]",
+  expect_rejected(s, s.q, s.k, s.v, s.out,
+                  "key_padding length of batch 1 is 8, outside [0, Lk = 7]",
                   attn::key_padding({7, 8}));
-  expect_rejected(s, s.q, s.k, s.v, s.out, "key_padding length of batch 0 is -1, outside [0, Lk = 7]",
+  expect_rejected(s, s.q, s.k, s.v, s.out,
+                  "key_padding length of batch 0 is -1, outside [0, Lk = 7]",
                   attn::key_padding(std::vector<int>{-1, 3}));
 }
 
@@ -395,10 +402,12 @@ TYPED_TEST(Errors, AlibiSlopes) {
                   attn::alibi(attn::alibi_slopes(3)));
   std::vector<double> slopes = attn::alibi_slopes(4);
   slopes[2] = std::numeric_limits<double>::infinity();
-  expect_rejected(s, s.q, s.k, s.v, s.out, "alibi slope of head 2 is inf", none, attn::alibi(slopes));
+  expect_rejected(s, s.q, s.k, s.v, s.out, "alibi slope of head 2 is inf", none,
+                  attn::alibi(slopes));
   slopes[2] = 0.5;
   slopes[3] = std::numeric_limits<double>::quiet_NaN();
-  expect_rejected(s, s.q, s.k, s.v, s.out, "alibi slope of head 3 is nan", none, attn::alibi(slopes));
+  expect_rejected(s, s.q, s.k, s.v, s.out, "alibi slope of head 3 is nan", none,
+                  attn::alibi(slopes));
 }
 
 TYPED_TEST(Errors, SoftcapMustBeFiniteAndPositive) {
@@ -432,25 +441,31 @@ TYPED_TEST(Errors, OutputOrLseThatOverlapsAMaskOrBiasView) {
   Setup<T> s;
   using S = Setup<T>;
   const attn::NoMask none;
-  const auto bias_on_out = attn::additive_bias(attn::bhsd(static_cast<const T*>(s.out.data()) + 7, 1, 1, S::Lq, S::Lk));
-  expect_rejected(s, s.q, s.k, s.v, s.out, "out overlaps additive_bias: out spans bytes [", none, bias_on_out);
+  const auto bias_on_out =
+      attn::additive_bias(attn::bhsd(static_cast<const T*>(s.out.data()) + 7, 1, 1, S::Lq, S::Lk));
+  expect_rejected(s, s.q, s.k, s.v, s.out, "out overlaps additive_bias: out spans bytes [", none,
+                  bias_on_out);
   expect_rejected(s, s.q, s.k, s.v, s.out, "out overlaps additive_bias", attn::causal(),
                   attn::compose(attn::softcap(10.0), bias_on_out));
   // Never read: the check comes first.
   const auto mask_on_out = attn::bool_mask(
       attn::bhsd(reinterpret_cast<const bool*>(s.out.data()), 1, S::Hq, S::Lq, S::Lk));
-  expect_rejected(s, s.q, s.k, s.v, s.out, "out overlaps bool_mask: out spans bytes [", mask_on_out);
+  expect_rejected(s, s.q, s.k, s.v, s.out, "out overlaps bool_mask: out spans bytes [",
+                  mask_on_out);
   expect_rejected(s, s.q, s.k, s.v, s.out, "out overlaps bool_mask",
                   attn::key_padding({7, 7}) & mask_on_out);
   // lse on top of a bias, the output clear of it.
   s.opt.lse = s.lse();
-  const auto bias_on_lse = attn::additive_bias(attn::bhsd(static_cast<const float*>(s.lse_buf.data()), 1, 1, S::Lq, S::Lk));
-  expect_rejected(s, s.q, s.k, s.v, s.out, "lse overlaps additive_bias: lse spans bytes [", none, bias_on_lse);
+  const auto bias_on_lse = attn::additive_bias(
+      attn::bhsd(static_cast<const float*>(s.lse_buf.data()), 1, 1, S::Lq, S::Lk));
+  expect_rejected(s, s.q, s.k, s.v, s.out, "lse overlaps additive_bias: lse spans bytes [", none,
+                  bias_on_lse);
   // A mask and a bias on the same (read-only) memory are fine.
   s.opt = {};
   const auto shared = attn::bhsd(static_cast<const float*>(s.bias_buf.data()), 1, 1, S::Lq, S::Lk);
-  EXPECT_NO_THROW(attn::masked_attention(s.q, s.k, s.v, s.out, attn::no_mask(),
-                                         attn::compose(attn::additive_bias(shared), attn::additive_bias(shared))));
+  EXPECT_NO_THROW(attn::masked_attention(
+      s.q, s.k, s.v, s.out, attn::no_mask(),
+      attn::compose(attn::additive_bias(shared), attn::additive_bias(shared))));
 }
 
 // Shape checks come before the mask and modifier checks, and the first

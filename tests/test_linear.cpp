@@ -41,7 +41,8 @@ void expect_linear_matches_reference(const Problem& p, const Map& map,
   attn::reference::linear_attention(q.cview(), k.cview(), v.cview(), ref.view, map, opt);
   Tensor<T> out(p.B, p.Hq, p.Lq, p.Dv, p.layout);
   attn::linear_attention(in.q.cview(), in.k.cview(), in.v.cview(), out.view, map, opt);
-  EXPECT_LE(max_abs_diff(out, ref), linear_tolerance<T>(map.num_features(p.D), p.Lk, max_abs(in.v)));
+  EXPECT_LE(max_abs_diff(out, ref),
+            linear_tolerance<T>(map.num_features(p.D), p.Lk, max_abs(in.v)));
 }
 
 template <class T>
@@ -186,7 +187,8 @@ TYPED_TEST(LinearAttention, StateHoldsTheSumsOverKeys) {
       const double tol = linear_tolerance<TypeParam>(p.D, p.Lk, 4.0) * p.Lk * 4.0;
       EXPECT_NEAR(static_cast<double>(state.state().z(b, 0, r)), z, tol);
       for (index_t c = 0; c < p.Dv; ++c)
-        EXPECT_NEAR(static_cast<double>(state.state().s(b, 0, r, c)), s[static_cast<std::size_t>(c)], tol);
+        EXPECT_NEAR(static_cast<double>(state.state().s(b, 0, r, c)),
+                    s[static_cast<std::size_t>(c)], tol);
     }
 }
 
@@ -408,51 +410,68 @@ struct BadInput : ::testing::Test {
 
 TEST_F(BadInput, WrongStateShape) {
   attn::LinearStateBuffer<float> wrong_s(1, 2, 16, 8), wrong_z(1, 2, 16, 9);
-  const attn::LinearState<float> bad_z{wrong_z.state().s,
-                                       attn::TensorView<float, 3>(wrong_z.state().z.data(), {1, 1, 16})};
-  expect_error([&] { attn::linear_attention(in.q.view, in.k.view, in.v.view, out.view,
-                                            attn::elu_plus_one(), wrong_s.state()); },
-               "state s has shape [1, 2, 16, 8], expected [1, 2, 16, 9]");
-  expect_error([&] { attn::linear_attention(in.q.view, in.k.view, in.v.view, out.view,
-                                            attn::elu_plus_one(), bad_z); },
-               "state z has shape [1, 1, 16], expected [1, 2, 16]");
+  const attn::LinearState<float> bad_z{
+      wrong_z.state().s, attn::TensorView<float, 3>(wrong_z.state().z.data(), {1, 1, 16})};
+  expect_error(
+      [&] {
+        attn::linear_attention(in.q.view, in.k.view, in.v.view, out.view, attn::elu_plus_one(),
+                               wrong_s.state());
+      },
+      "state s has shape [1, 2, 16, 8], expected [1, 2, 16, 9]");
+  expect_error(
+      [&] {
+        attn::linear_attention(in.q.view, in.k.view, in.v.view, out.view, attn::elu_plus_one(),
+                               bad_z);
+      },
+      "state z has shape [1, 1, 16], expected [1, 2, 16]");
   // FAVOR+ with 32 features needs F = 32 rows of state.
-  expect_error([&] { attn::linear_attention(in.q.view, in.k.view, in.v.view, out.view,
-                                            attn::favor_plus(16, 32), state.state()); },
-               "expected [1, 2, 32, 9]");
+  expect_error(
+      [&] {
+        attn::linear_attention(in.q.view, in.k.view, in.v.view, out.view, attn::favor_plus(16, 32),
+                               state.state());
+      },
+      "expected [1, 2, 32, 9]");
 }
 
 TEST_F(BadInput, StateOverlappingTheOutput) {
-  const attn::LinearState<float> aliased{
-      attn::TensorView<float, 4>(out.buf.data(), {1, 2, 16, 9}), state.state().z};
-  expect_error([&] { attn::linear_attention(in.q.view, in.k.view, in.v.view, out.view,
-                                            attn::elu_plus_one(), aliased); },
-               "state s overlaps out");
+  const attn::LinearState<float> aliased{attn::TensorView<float, 4>(out.buf.data(), {1, 2, 16, 9}),
+                                         state.state().z};
+  expect_error(
+      [&] {
+        attn::linear_attention(in.q.view, in.k.view, in.v.view, out.view, attn::elu_plus_one(),
+                               aliased);
+      },
+      "state s overlaps out");
 }
 
 TEST_F(BadInput, EpsNotPositive) {
   for (double e : {0.0, -1e-6}) {
     attn::LinearAttentionOptions opt;
     opt.eps = e;
-    expect_error([&] { attn::linear_attention(in.q.view, in.k.view, in.v.view, out.view,
-                                              attn::elu_plus_one(), opt); },
-                 std::string(e == 0 ? "eps is 0" : "eps is -1e-06") + ", must be finite and > 0");
+    expect_error(
+        [&] {
+          attn::linear_attention(in.q.view, in.k.view, in.v.view, out.view, attn::elu_plus_one(),
+                                 opt);
+        },
+        std::string(e == 0 ? "eps is 0" : "eps is -1e-06") + ", must be finite and > 0");
   }
 }
 
 TEST_F(BadInput, NegativeChunk) {
   attn::LinearAttentionOptions opt;
   opt.chunk = -3;
-  expect_error([&] { attn::linear_attention(in.q.view, in.k.view, in.v.view, out.view,
-                                            attn::relu(), opt); },
-               "chunk is -3, must be >= 0");
+  expect_error(
+      [&] { attn::linear_attention(in.q.view, in.k.view, in.v.view, out.view, attn::relu(), opt); },
+      "chunk is -3, must be >= 0");
 }
 
 TEST_F(BadInput, ZeroFeaturesOrWrongHeadDim) {
   expect_error([] { attn::favor_plus(16, 0); }, "favor_plus: features is 0, must be > 0");
-  expect_error([&] { attn::linear_attention(in.q.view, in.k.view, in.v.view, out.view,
-                                            attn::favor_plus(8, 32)); },
-               "drawn for head dim 8, but q has head dim 16");
+  expect_error(
+      [&] {
+        attn::linear_attention(in.q.view, in.k.view, in.v.view, out.view, attn::favor_plus(8, 32));
+      },
+      "drawn for head dim 8, but q has head dim 16");
 }
 
 // A user map with no features is refused by linear_attention itself.
@@ -463,9 +482,9 @@ struct NoFeatures : attn::SimpleFeatureMap<NoFeatures> {
 };
 
 TEST_F(BadInput, UserMapWithZeroFeatures) {
-  expect_error([&] { attn::linear_attention(in.q.view, in.k.view, in.v.view, out.view,
-                                            NoFeatures()); },
-               "the feature map gives 0 features for head dim 16");
+  expect_error(
+      [&] { attn::linear_attention(in.q.view, in.k.view, in.v.view, out.view, NoFeatures()); },
+      "the feature map gives 0 features for head dim 16");
 }
 
 // A user-supplied map: φ(x) = x² elementwise (a degree-2 kernel), held

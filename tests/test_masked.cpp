@@ -32,7 +32,8 @@ attn::AttentionOptions small_tiles() {
 // ----------------------------------------------------------- against reference --
 
 TYPED_TEST(Masked, CausalBothAlignmentsAllLengthRelations) {
-  for (auto [lq, lk] : {std::pair<index_t, index_t>{100, 100}, {40, 130}, {130, 40}, {1, 77}, {77, 1}})
+  for (auto [lq, lk] :
+       {std::pair<index_t, index_t>{100, 100}, {40, 130}, {130, 40}, {1, 77}, {77, 1}})
     for (const auto& opt : {attn::AttentionOptions{}, small_tiles()}) {
       expect_matches_reference<TypeParam>(shape(lq, lk), attn::causal(), attn::no_score_mod(), opt);
       expect_matches_reference<TypeParam>(shape(lq, lk), attn::causal_top_left(),
@@ -65,9 +66,8 @@ TYPED_TEST(Masked, MaskConjunctions) {
   const Problem p = shape(60, 75, 4, 2);
   expect_matches_reference<TypeParam>(p, attn::causal() & attn::key_padding({50, 20}),
                                       attn::no_score_mod(), small_tiles());
-  auto stripes = attn::custom_mask([](index_t, index_t h, index_t q, index_t k) {
-    return (q + k + h) % 3 != 0;
-  });
+  auto stripes = attn::custom_mask(
+      [](index_t, index_t h, index_t q, index_t k) { return (q + k + h) % 3 != 0; });
   expect_matches_reference<TypeParam>(p, attn::causal_top_left() & stripes, attn::no_score_mod(),
                                       small_tiles());
 }
@@ -79,9 +79,8 @@ TYPED_TEST(Masked, ScoreModifiersAndCompositions) {
   expect_matches_reference<TypeParam>(p, attn::no_mask(), attn::additive_bias(bias.cview()));
   expect_matches_reference<TypeParam>(p, attn::no_mask(), attn::alibi(slopes), small_tiles());
   expect_matches_reference<TypeParam>(p, attn::no_mask(), attn::softcap(0.7));
-  expect_matches_reference<TypeParam>(p, attn::causal(),
-                                      attn::compose(attn::alibi(slopes), attn::softcap(2.0)),
-                                      small_tiles());
+  expect_matches_reference<TypeParam>(
+      p, attn::causal(), attn::compose(attn::alibi(slopes), attn::softcap(2.0)), small_tiles());
   expect_matches_reference<TypeParam>(
       p, attn::causal() & attn::key_padding({66, 30}),
       attn::compose(attn::additive_bias(bias.cview()), attn::alibi(slopes), attn::softcap(5.0)),
@@ -122,9 +121,12 @@ TYPED_TEST(Masked, CausalEqualsBoolMaskOfTheDesignFormula) {
     const auto br = pattern(p, [&](index_t i, index_t j) { return j <= i + (lk - lq); });
     const auto tl = pattern(p, [&](index_t i, index_t j) { return j <= i; });
     const double tol = tolerance<TypeParam>(p.D, p.Lk);
-    EXPECT_LE(max_abs_diff(run<TypeParam>(p, attn::causal()), run<TypeParam>(p, attn::bool_mask(view_of(br, p)))), tol);
+    EXPECT_LE(max_abs_diff(run<TypeParam>(p, attn::causal()),
+                           run<TypeParam>(p, attn::bool_mask(view_of(br, p)))),
+              tol);
     EXPECT_LE(max_abs_diff(run<TypeParam>(p, attn::causal_top_left()),
-                           run<TypeParam>(p, attn::bool_mask(view_of(tl, p)))), tol);
+                           run<TypeParam>(p, attn::bool_mask(view_of(tl, p)))),
+              tol);
   }
 }
 
@@ -136,7 +138,8 @@ TYPED_TEST(Masked, AlibiEqualsItsBiasTensor) {
   for (index_t h = 0; h < p.Hq; ++h)
     for (index_t i = 0; i < p.Lq; ++i)
       for (index_t j = 0; j < p.Lk; ++j)
-        bias(0, h, i, j) = -slopes[static_cast<std::size_t>(h)] * std::abs(static_cast<double>(i + (p.Lk - p.Lq) - j));
+        bias(0, h, i, j) = -slopes[static_cast<std::size_t>(h)] *
+                           std::abs(static_cast<double>(i + (p.Lk - p.Lq) - j));
   const Tensor<TypeParam> a = run<TypeParam>(p, attn::no_mask(), attn::alibi(slopes));
   const Tensor<TypeParam> b = run<TypeParam>(p, attn::no_mask(), attn::additive_bias(bias.cview()));
   EXPECT_LE(max_abs_diff(a, b), tolerance<TypeParam>(p.D, p.Lk));
@@ -146,7 +149,8 @@ TYPED_TEST(Masked, AlibiEqualsItsBiasTensor) {
 TEST(Alibi, SlopesOfPowerOfTwoHeadCount) {
   const std::vector<double> s = attn::alibi_slopes(8);
   ASSERT_EQ(s.size(), 8u);
-  for (int i = 0; i < 8; ++i) EXPECT_DOUBLE_EQ(s[static_cast<std::size_t>(i)], std::ldexp(1.0, -(i + 1)));
+  for (int i = 0; i < 8; ++i)
+    EXPECT_DOUBLE_EQ(s[static_cast<std::size_t>(i)], std::ldexp(1.0, -(i + 1)));
   EXPECT_EQ(attn::alibi_slopes(12).size(), 12u);
 }
 
@@ -199,7 +203,8 @@ TYPED_TEST(Masked, FullyMaskedRowsGiveZerosAndMinusInfinityLse) {
           for (index_t c = 0; c < p.Dv; ++c) EXPECT_EQ(out(b, h, i, c), TypeParam(0));
         } else {
           EXPECT_TRUE(std::isfinite(l));
-          for (index_t c = 0; c < p.Dv; ++c) EXPECT_TRUE(std::isfinite(static_cast<double>(out(b, h, i, c))));
+          for (index_t c = 0; c < p.Dv; ++c)
+            EXPECT_TRUE(std::isfinite(static_cast<double>(out(b, h, i, c))));
         }
       }
 }
@@ -210,7 +215,8 @@ TYPED_TEST(Masked, HugeLogitsStayFiniteAndCorrect) {
   const Problem p = shape(64, 300, 2, 2, 16);
   const Inputs<TypeParam> in(p, 8, 100.0);
   std::vector<float> lse_ref;
-  const Tensor<double> ref = reference_output(in, p, attn::causal(), attn::no_score_mod(), {}, &lse_ref);
+  const Tensor<double> ref =
+      reference_output(in, p, attn::causal(), attn::no_score_mod(), {}, &lse_ref);
   Tensor<TypeParam> out(p.B, p.Hq, p.Lq, p.Dv);
   attn::masked_attention(in.q.view, in.k.view, in.v.view, out.view, attn::causal(), small_tiles());
   double smax = 0;

@@ -122,12 +122,12 @@ TYPED_TEST(MultiHead, SingleHeadEqualsSdpaOnProjections) {
 
   const Eigen::Map<const M> xm(x.buf.data(), B * L, d);
   M q = xm * wq, k = xm * wk, v = xm * wv, o(B * L, d);
-  attn::masked_attention(attn::bshd<const T>(q.data(), B, L, 1, d),
-                         attn::bshd<const T>(k.data(), B, L, 1, d),
-                         attn::bshd<const T>(v.data(), B, L, 1, d), attn::bshd(o.data(), B, L, 1, d),
-                         attn::causal());
+  attn::masked_attention(
+      attn::bshd<const T>(q.data(), B, L, 1, d), attn::bshd<const T>(k.data(), B, L, 1, d),
+      attn::bshd<const T>(v.data(), B, L, 1, d), attn::bshd(o.data(), B, L, 1, d), attn::causal());
   const Eigen::Map<const M> om(out.buf.data(), B * L, d);
-  EXPECT_LE((om - o).cwiseAbs().maxCoeff(), 4 * eps<T>() * std::sqrt(double(d)) * o.cwiseAbs().maxCoeff());
+  EXPECT_LE((om - o).cwiseAbs().maxCoeff(),
+            4 * eps<T>() * std::sqrt(double(d)) * o.cwiseAbs().maxCoeff());
 }
 
 // GQA (8 query heads over 2 kv heads) equals MHA whose Wk, Wv repeat each kv
@@ -196,7 +196,9 @@ TYPED_TEST(MultiHead, StridedSequencesAndTransposedWeights) {
   std::vector<T> xs(static_cast<std::size_t>(B * L * (32 + pad)), T(0)),
       os(static_cast<std::size_t>(B * L * (32 + pad) + 3), T(0));
   for (index_t r = 0; r < B * L; ++r)
-    for (index_t j = 0; j < 32; ++j) xs[static_cast<std::size_t>(r * (32 + pad) + j)] = x.buf[static_cast<std::size_t>(r * 32 + j)];
+    for (index_t j = 0; j < 32; ++j)
+      xs[static_cast<std::size_t>(r * (32 + pad) + j)] =
+          x.buf[static_cast<std::size_t>(r * 32 + j)];
   // Batches in reverse order in memory: stride(0) negative.
   const attn::TensorView<const T, 3> xv(xs.data(), {B, L, 32}, {L * (32 + pad), 32 + pad, 1});
   const attn::TensorView<T, 3> ov(os.data() + L * (32 + pad) + 3, {B, L, 32},
@@ -217,7 +219,8 @@ TYPED_TEST(MultiHead, StridedSequencesAndTransposedWeights) {
   for (index_t b = 0; b < B; ++b)
     for (index_t i = 0; i < L; ++i)
       for (index_t j = 0; j < 32; ++j)
-        diff = std::max(diff, std::abs(double(ov(b, i, j)) - ref[static_cast<std::size_t>(b)](i, j)));
+        diff =
+            std::max(diff, std::abs(double(ov(b, i, j)) - ref[static_cast<std::size_t>(b)](i, j)));
   EXPECT_LE(diff, layer_tolerance<T>(c, L));
 }
 
@@ -247,7 +250,9 @@ TYPED_TEST(MultiHead, AttentionWeightsEqualReferenceProbabilities) {
         double sum = 0;
         for (index_t j = 0; j < L; ++j) {
           sum += pv(b, h, i, j);
-          ASSERT_NEAR(pv(b, h, i, j), ref.probs[static_cast<std::size_t>(b)][static_cast<std::size_t>(h)](i, j), tol)
+          ASSERT_NEAR(pv(b, h, i, j),
+                      ref.probs[static_cast<std::size_t>(b)][static_cast<std::size_t>(h)](i, j),
+                      tol)
               << b << ' ' << h << ' ' << i << ' ' << j;
         }
         EXPECT_NEAR(sum, b == 0 ? 1.0 : 0.0, 1e-5) << b << ' ' << h << ' ' << i;
@@ -260,41 +265,54 @@ TEST(MultiHeadErrors, WrongDModelLeavesOutputUnchanged) {
   attn::MultiHeadAttention<float> layer(config(64, 8, 2));
   Sequence<float> x(2, 5, 60), out(2, 5, 64);
   std::fill(out.buf.begin(), out.buf.end(), 7.f);
-  EXPECT_TRUE(throws_with([&] { layer.forward(x.cview(), out.view()); }, "x has shape [2, 5, 60]: last dim 60, but the layer's d_model is 64"));
+  EXPECT_TRUE(throws_with([&] { layer.forward(x.cview(), out.view()); },
+                          "x has shape [2, 5, 60]: last dim 60, but the layer's d_model is 64"));
   Sequence<float> x2(2, 5, 64), out2(2, 4, 64);
   std::fill(out2.buf.begin(), out2.buf.end(), 7.f);
-  EXPECT_TRUE(throws_with([&] { layer.forward(x2.cview(), out2.view()); }, "out has shape [2, 4, 64], expected [2, 5, 64]"));
-  EXPECT_TRUE(throws_with([&] { layer.forward(x2.cview(), out.view(), attn::key_padding({5, 6})); }, "key_padding length of batch 1 is 6, outside [0, Lk = 5]"));
+  EXPECT_TRUE(throws_with([&] { layer.forward(x2.cview(), out2.view()); },
+                          "out has shape [2, 4, 64], expected [2, 5, 64]"));
+  EXPECT_TRUE(throws_with(
+      [&] {
+        layer.forward(x2.cview(), out.view(), attn::key_padding({5, 6}));
+      },
+      "key_padding length of batch 1 is 6, outside [0, Lk = 5]"));
   for (float v : out.buf) ASSERT_EQ(v, 7.f);
   for (float v : out2.buf) ASSERT_EQ(v, 7.f);
 }
 
 TEST(MultiHeadErrors, HeadsThatDoNotDivide) {
-  EXPECT_TRUE(throws_with([] { attn::MultiHeadAttention<float> l(config(64, 8, 3)); }, "kv_heads 3 does not divide q_heads 8"));
-  EXPECT_TRUE(throws_with([] { attn::MultiHeadAttention<float> l(config(60, 8, 8)); }, "d_model 60 is not divisible by q_heads 8"));
+  EXPECT_TRUE(throws_with([] { attn::MultiHeadAttention<float> l(config(64, 8, 3)); },
+                          "kv_heads 3 does not divide q_heads 8"));
+  EXPECT_TRUE(throws_with([] { attn::MultiHeadAttention<float> l(config(60, 8, 8)); },
+                          "d_model 60 is not divisible by q_heads 8"));
   attn::MultiHeadConfig c;
   c.d_model = 30;
   c.q_heads = 2;  // head dim 15: odd, cannot be rotated in pairs
   c.rope = attn::Rope{};
-  EXPECT_TRUE(throws_with([&] { attn::MultiHeadAttention<double> l(c); }, "rotary dim is 15 (odd)"));
+  EXPECT_TRUE(
+      throws_with([&] { attn::MultiHeadAttention<double> l(c); }, "rotary dim is 15 (odd)"));
 }
 
 TEST(MultiHeadErrors, WeightShapesThatDoNotMatch) {
   attn::MultiHeadAttention<float> layer(config(64, 8, 2));
-  EXPECT_TRUE(throws_with([&] { layer.set_wq(attn::RowMatrix<float>::Zero(64, 60)); }, "Wq has shape [64, 60], expected [64, 64]"));
-  EXPECT_TRUE(throws_with([&] { layer.set_wk(attn::RowMatrix<float>::Zero(64, 64)); }, "Wk has shape [64, 64], expected [64, 16]"));
+  EXPECT_TRUE(throws_with([&] { layer.set_wq(attn::RowMatrix<float>::Zero(64, 60)); },
+                          "Wq has shape [64, 60], expected [64, 64]"));
+  EXPECT_TRUE(throws_with([&] { layer.set_wk(attn::RowMatrix<float>::Zero(64, 64)); },
+                          "Wk has shape [64, 64], expected [64, 16]"));
   std::vector<float> buf(64 * 17);
-  EXPECT_TRUE(throws_with([&] { layer.set_wv(buf.data(), 64, 17); }, "Wv has shape [64, 17], expected [64, 16]"));
-  EXPECT_TRUE(throws_with([&] { layer.set_bo(buf.data(), 63); }, "bo has shape [63, 1], expected a vector of 64"));
+  EXPECT_TRUE(throws_with([&] { layer.set_wv(buf.data(), 64, 17); },
+                          "Wv has shape [64, 17], expected [64, 16]"));
+  EXPECT_TRUE(throws_with([&] { layer.set_bo(buf.data(), 63); },
+                          "bo has shape [63, 1], expected a vector of 64"));
 
   // The free function checks caller-owned views before writing out.
   attn::MultiHeadWeights<float> w = layer.weights();
   w.wo = attn::TensorView<const float, 2>(buf.data(), {17, 64});
   Sequence<float> x(1, 3, 64), out(1, 3, 64);
   std::fill(out.buf.begin(), out.buf.end(), 7.f);
-  EXPECT_TRUE(throws_with([&] {
-                attn::multi_head_attention<float>(x.cview(), out.view(), layer.config(), w);
-              }, "Wo has shape [17, 64], expected [64, 64]"));
+  EXPECT_TRUE(throws_with(
+      [&] { attn::multi_head_attention<float>(x.cview(), out.view(), layer.config(), w); },
+      "Wo has shape [17, 64], expected [64, 64]"));
   for (float v : out.buf) ASSERT_EQ(v, 7.f);
 }
 
@@ -303,7 +321,8 @@ TEST(MultiHeadErrors, SelfAttentionNeedsMatchingKvInput) {
   c.d_kv_in = 32;
   attn::MultiHeadAttention<float> layer(c);
   Sequence<float> x(1, 3, 64), out(1, 3, 64);
-  EXPECT_TRUE(throws_with([&] { layer.forward(x.cview(), out.view()); }, "self-attention needs d_kv_in == d_model, but d_kv_in is 32"));
+  EXPECT_TRUE(throws_with([&] { layer.forward(x.cview(), out.view()); },
+                          "self-attention needs d_kv_in == d_model, but d_kv_in is 32"));
 }
 
 }  // namespace

@@ -100,7 +100,8 @@ TYPED_TEST(Numerics, ScoresUpToTenThousand) {
   const double smax = 1e4;
   opt.scale = smax / max_score(in, p, 1.0);
   std::vector<float> lse_ref;
-  const Tensor<double> ref = reference_output(in, p, attn::causal(), attn::no_score_mod(), opt, &lse_ref);
+  const Tensor<double> ref =
+      reference_output(in, p, attn::causal(), attn::no_score_mod(), opt, &lse_ref);
   const Result<T> r = fast(in, p, attn::causal(), attn::no_score_mod(), opt);
   ASSERT_TRUE(all_finite(r.out));
   ASSERT_TRUE(all_finite(r.lse));
@@ -156,7 +157,8 @@ TYPED_TEST(Numerics, InputsScaledByAThousandAtTheDefaultScale) {
   const Problem p = make(1, 2, 2, 64, 160, 32, 32);
   const Inputs<T> in(p, 47, 1e3);
   std::vector<float> lse_ref;
-  const Tensor<double> ref = reference_output(in, p, attn::no_mask(), attn::no_score_mod(), {}, &lse_ref);
+  const Tensor<double> ref =
+      reference_output(in, p, attn::no_mask(), attn::no_score_mod(), {}, &lse_ref);
   const Result<T> r = fast(in, p);
   ASSERT_TRUE(all_finite(r.out));
   ASSERT_TRUE(all_finite(r.lse));
@@ -220,13 +222,16 @@ TYPED_TEST(Numerics, NaNInOneQueryRowStaysInThatRow) {
   const Problem p = make(2, 4, 2, 150, 280, 16, 16);
   const Inputs<T> clean(p, 51);
   Inputs<T> bad = clean;
-  const auto row = [](index_t b, index_t h, index_t i, index_t) { return nan_if(b == 1 && h == 2 && i == 130); };
+  const auto row = [](index_t b, index_t h, index_t i, index_t) {
+    return nan_if(b == 1 && h == 2 && i == 130);
+  };
   bad.q(1, 2, 130, 5) = static_cast<T>(kNaN);
   expect_local(clean, bad, p, attn::no_mask(), row);
   const std::size_t lse_row = static_cast<std::size_t>((1 * p.Hq + 2) * p.Lq + 130);
   EXPECT_TRUE(std::isnan(fast(bad, p).lse[lse_row]));
   std::vector<float> lse_ref;
-  const Tensor<double> ref = reference_output(bad, p, attn::no_mask(), attn::no_score_mod(), {}, &lse_ref);
+  const Tensor<double> ref =
+      reference_output(bad, p, attn::no_mask(), attn::no_score_mod(), {}, &lse_ref);
   EXPECT_TRUE(std::isnan(lse_ref[lse_row]));
   EXPECT_TRUE(std::isnan(ref(1, 2, 130, 0)));
   bad.q(1, 2, 130, 5) = static_cast<T>(kInf);
@@ -269,11 +274,14 @@ TYPED_TEST(Numerics, NaNInOneValueReachesOnlyRowsThatSeeItsTile) {
   attn::AttentionOptions opt;
   opt.block_q = 16;
   opt.block_k = 16;  // key 70 lies in key tile [64, 80), skipped by query tiles before row 64
-  expect_local(clean, bad, p, attn::causal(), [&](index_t b, index_t, index_t i, index_t c) {
-    if (b != 1 || c != col) return Dep::none;
-    if (i >= j) return Dep::nan;
-    return i < 64 ? Dep::none : Dep::unspecified;
-  }, opt);
+  expect_local(
+      clean, bad, p, attn::causal(),
+      [&](index_t b, index_t, index_t i, index_t c) {
+        if (b != 1 || c != col) return Dep::none;
+        if (i >= j) return Dep::nan;
+        return i < 64 ? Dep::none : Dep::unspecified;
+      },
+      opt);
 }
 
 // ---------------------------------------------------------- rows that see nothing --
@@ -317,7 +325,8 @@ TYPED_TEST(EveryStorage, FullyMaskedRowsAreZeroWithMinusInfLse) {
   using Row = std::function<bool(index_t, index_t, index_t)>;
   // Key padding with a zero length: batch 1 sees nothing.
   const Problem p = make(2, 2, 1, 40, 300, 16, 16);
-  expect_empty_rows_zero<T>(p, attn::key_padding({300, 0}), Row([](index_t b, index_t, index_t) { return b == 1; }));
+  expect_empty_rows_zero<T>(p, attn::key_padding({300, 0}),
+                            Row([](index_t b, index_t, index_t) { return b == 1; }));
   // Bottom-right causal with Lq > Lk: the first Lq - Lk rows see nothing.
   const Problem tall = make(1, 2, 2, 300, 120, 16, 16);
   const Row first_rows = [](index_t, index_t, index_t i) { return i < 180; };
@@ -329,12 +338,15 @@ TYPED_TEST(EveryStorage, FullyMaskedRowsAreZeroWithMinusInfLse) {
   const Problem sq = make(1, 1, 1, 260, 260, 8, 8);
   const std::unique_ptr<bool[]> keep(new bool[static_cast<std::size_t>(sq.Lq * sq.Lk)]);
   for (index_t i = 0; i < sq.Lq; ++i)
-    for (index_t k = 0; k < sq.Lk; ++k) keep[static_cast<std::size_t>(i * sq.Lk + k)] = i != 3 && i != 200;
+    for (index_t k = 0; k < sq.Lk; ++k)
+      keep[static_cast<std::size_t>(i * sq.Lk + k)] = i != 3 && i != 200;
   const auto view = attn::bhsd(static_cast<const bool*>(keep.get()), 1, 1, sq.Lq, sq.Lk);
   const Row two_rows = [](index_t, index_t, index_t i) { return i == 3 || i == 200; };
   expect_empty_rows_zero<T>(sq, attn::bool_mask(view), two_rows);
   expect_empty_rows_zero<T>(
-      sq, attn::causal() & attn::custom_mask([](index_t, index_t, index_t q, index_t) { return q != 3 && q != 200; }),
+      sq, attn::causal() & attn::custom_mask([](index_t, index_t, index_t q, index_t) {
+            return q != 3 && q != 200;
+          }),
       two_rows);
 }
 
@@ -346,13 +358,18 @@ TYPED_TEST(EveryStorage, MinusInfBiasIsAMask) {
   std::vector<float> bias(static_cast<std::size_t>(p.Lq * p.Lk), 0.f);
   for (index_t i = 0; i < p.Lq; ++i)
     for (index_t j = 0; j < p.Lk; ++j)
-      if (i == 10 || j > i + 20) bias[static_cast<std::size_t>(i * p.Lk + j)] = -std::numeric_limits<float>::infinity();
-  const auto mod = attn::additive_bias(attn::bhsd(static_cast<const float*>(bias.data()), 1, 1, p.Lq, p.Lk));
-  expect_empty_rows_zero<T>(p, attn::no_mask(), [](index_t, index_t, index_t i) { return i == 10; }, mod);
+      if (i == 10 || j > i + 20)
+        bias[static_cast<std::size_t>(i * p.Lk + j)] = -std::numeric_limits<float>::infinity();
+  const auto mod =
+      attn::additive_bias(attn::bhsd(static_cast<const float*>(bias.data()), 1, 1, p.Lq, p.Lk));
+  expect_empty_rows_zero<T>(
+      p, attn::no_mask(), [](index_t, index_t, index_t i) { return i == 10; }, mod);
   const Inputs<T> in(p, 61);
   const Result<T> with_bias = fast(in, p, attn::no_mask(), mod);
   const Result<T> with_mask =
-      fast(in, p, attn::custom_mask([](index_t, index_t, index_t q, index_t k) { return q != 10 && k <= q + 20; }));
+      fast(in, p, attn::custom_mask([](index_t, index_t, index_t q, index_t k) {
+             return q != 10 && k <= q + 20;
+           }));
   EXPECT_TRUE(with_bias.out.buf == with_mask.out.buf);
 }
 
@@ -370,8 +387,8 @@ TYPED_TEST(EveryStorage, EqualScoresGiveTheMeanOfTheValues) {
   for (index_t h = 0; h < p.Hq; ++h)
     for (index_t i = 0; i < p.Lq; ++i) {
       const index_t seen = i + p.Lk - p.Lq + 1;  // keys 0 .. i + (Lk - Lq)
-      ASSERT_NEAR(r.lse[static_cast<std::size_t>(h * p.Lq + i)], std::log(static_cast<double>(seen)),
-                  1e-6 * std::log(static_cast<double>(seen)));
+      ASSERT_NEAR(r.lse[static_cast<std::size_t>(h * p.Lq + i)],
+                  std::log(static_cast<double>(seen)), 1e-6 * std::log(static_cast<double>(seen)));
       for (index_t c = 0; c < p.Dv; ++c) {
         double mean = 0;
         for (index_t j = 0; j < seen; ++j) mean += static_cast<double>(in.v(0, 0, j, c));

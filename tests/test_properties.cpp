@@ -57,7 +57,8 @@ TYPED_TEST(Properties, TileSizesAgreeWithinTolerance) {
   const Problem p = problem();
   const Inputs<TypeParam> in(p, 13);
   const Tensor<TypeParam> base = run(in, p, attn::causal(), {});
-  for (auto [bq, bk] : {std::pair<index_t, index_t>{1, 1}, {7, 300}, {64, 16}, {150, 270}, {1000, 1000}}) {
+  for (auto [bq, bk] :
+       {std::pair<index_t, index_t>{1, 1}, {7, 300}, {64, 16}, {150, 270}, {1000, 1000}}) {
     attn::AttentionOptions opt;
     opt.block_q = bq;
     opt.block_k = bk;
@@ -77,12 +78,14 @@ TYPED_TEST(Properties, FullAndPartialTilesGiveTheSameResult) {
   opt.block_q = 32;
   opt.block_k = 32;
   const index_t off = p.Lk - p.Lq;
-  auto predicate = attn::custom_mask([off](index_t, index_t, index_t q, index_t k) { return k <= q + off; });
+  auto predicate =
+      attn::custom_mask([off](index_t, index_t, index_t q, index_t k) { return k <= q + off; });
   EXPECT_LE(max_abs_diff(run(in, p, attn::causal(), opt), run(in, p, predicate, opt)),
             tolerance<TypeParam>(p.D, p.Lk));
   // an all-true bool mask classifies every tile full, like no mask at all
   std::vector<char> ones(static_cast<std::size_t>(p.Lq * p.Lk), 1);
-  const attn::TensorView<const bool, 4> all(reinterpret_cast<const bool*>(ones.data()), {1, 1, p.Lq, p.Lk});
+  const attn::TensorView<const bool, 4> all(reinterpret_cast<const bool*>(ones.data()),
+                                            {1, 1, p.Lq, p.Lk});
   EXPECT_EQ(run(in, p, attn::bool_mask(all), opt).buf, run(in, p, attn::no_mask(), opt).buf);
 }
 
@@ -100,9 +103,9 @@ TEST(Properties, CausalComputesOnlyTheLowerTriangleOfTiles) {
   opt.block_q = opt.block_k = 32;
   opt.stats = &stats;
   attn::masked_attention(in.q.view, in.k.view, in.v.view, out.view, attn::causal(), opt);
-  const index_t n = 256 / 32;  // tiles per side
-  EXPECT_EQ(stats.partial_tiles, n);                 // the diagonal
-  EXPECT_EQ(stats.full_tiles, n * (n - 1) / 2);      // strictly below it
+  const index_t n = 256 / 32;                    // tiles per side
+  EXPECT_EQ(stats.partial_tiles, n);             // the diagonal
+  EXPECT_EQ(stats.full_tiles, n * (n - 1) / 2);  // strictly below it
   EXPECT_EQ(stats.scores, (n * (n + 1) / 2) * 32 * 32);
 }
 
@@ -113,8 +116,10 @@ TEST(Properties, BoolMaskSkipsEmptyTiles) {
   p.Lk = 128;
   std::vector<char> m(static_cast<std::size_t>(p.Lq * p.Lk), 0);
   for (index_t i = 0; i < p.Lq; ++i)
-    for (index_t j = 64; j < 128; ++j) m[static_cast<std::size_t>(i * p.Lk + j)] = 1;  // right half only
-  const attn::TensorView<const bool, 4> mv(reinterpret_cast<const bool*>(m.data()), {1, 1, p.Lq, p.Lk});
+    for (index_t j = 64; j < 128; ++j)
+      m[static_cast<std::size_t>(i * p.Lk + j)] = 1;  // right half only
+  const attn::TensorView<const bool, 4> mv(reinterpret_cast<const bool*>(m.data()),
+                                           {1, 1, p.Lq, p.Lk});
   const Inputs<float> in(p, 16);
   Tensor<float> out(p.B, p.Hq, p.Lq, p.Dv);
   attn::AttentionStats stats;
@@ -135,9 +140,12 @@ TYPED_TEST(Properties, EachHeadEqualsSingleHeadAttention) {
   for (index_t h = 0; h < p.Hq; ++h) {
     const index_t hk = h / (p.Hq / p.Hkv);
     const auto& s = in.q.view;
-    attn::TensorView<const TypeParam, 4> q1(s.data() + h * s.stride(1), {p.B, 1, p.Lq, p.D}, s.strides());
-    attn::TensorView<const TypeParam, 4> k1(in.k.view.data() + hk * in.k.view.stride(1), {p.B, 1, p.Lk, p.D}, in.k.view.strides());
-    attn::TensorView<const TypeParam, 4> v1(in.v.view.data() + hk * in.v.view.stride(1), {p.B, 1, p.Lk, p.Dv}, in.v.view.strides());
+    attn::TensorView<const TypeParam, 4> q1(s.data() + h * s.stride(1), {p.B, 1, p.Lq, p.D},
+                                            s.strides());
+    attn::TensorView<const TypeParam, 4> k1(in.k.view.data() + hk * in.k.view.stride(1),
+                                            {p.B, 1, p.Lk, p.D}, in.k.view.strides());
+    attn::TensorView<const TypeParam, 4> v1(in.v.view.data() + hk * in.v.view.stride(1),
+                                            {p.B, 1, p.Lk, p.Dv}, in.v.view.strides());
     Tensor<TypeParam> one(p.B, 1, p.Lq, p.Dv);
     attn::masked_attention(q1, k1, v1, one.view, attn::causal());
     for (index_t b = 0; b < p.B; ++b)
@@ -160,7 +168,8 @@ void expect_row_keys_match_keep(const Mask& spec, const attn::AttentionShape& s)
     for (index_t q = 0; q < s.lq; ++q) {
       const attn::KeyRange r = m.row_keys(b, 0, q);
       for (index_t k = 0; k < s.lk; ++k)
-        ASSERT_EQ(m.keep(b, 0, q, k), k >= r.begin && k < r.end) << "b=" << b << " q=" << q << " k=" << k;
+        ASSERT_EQ(m.keep(b, 0, q, k), k >= r.begin && k < r.end)
+            << "b=" << b << " q=" << q << " k=" << k;
     }
 }
 

@@ -116,7 +116,8 @@ double storage_eps() {
   return std::ldexp(1.0, 1 - std::numeric_limits<T>::digits);
 }
 static_assert(std::numeric_limits<Eigen::half>::digits == 11, "half has an 11-bit significand");
-static_assert(std::numeric_limits<Eigen::bfloat16>::digits == 8, "bfloat16 has an 8-bit significand");
+static_assert(std::numeric_limits<Eigen::bfloat16>::digits == 8,
+              "bfloat16 has an 8-bit significand");
 
 /// Allowed error of an output stored in O after float (or double) accumulation:
 /// one rounding of the output to O (half an ulp, |err| <= eps_O/2 · |out|, taken
@@ -178,8 +179,8 @@ using HalfTypes = ::testing::Types<Eigen::half, Eigen::bfloat16>;
 TYPED_TEST_SUITE(ReducedPrecision, HalfTypes, StorageTypeNames);
 
 TYPED_TEST(ReducedPrecision, DenseLengthsAroundTheTiles) {
-  for (const auto& [lq, lk] : {std::pair<index_t, index_t>{1, 1}, {5, 300}, {127, 255},
-                               {129, 257}, {200, 140}})
+  for (const auto& [lq, lk] :
+       {std::pair<index_t, index_t>{1, 1}, {5, 300}, {127, 255}, {129, 257}, {200, 140}})
     expect_storage_accuracy<TypeParam>(make(1, 2, 2, lq, lk, 64, 64));
 }
 
@@ -201,8 +202,8 @@ TYPED_TEST(ReducedPrecision, MasksAndScoreModifiers) {
   const Problem p = make(2, 4, 2, 100, 180, 32, 32);
   expect_storage_accuracy<TypeParam>(p, attn::causal());
   expect_storage_accuracy<TypeParam>(p, attn::causal_top_left() & attn::key_padding({150, 37}));
-  expect_storage_accuracy<TypeParam>(p, attn::causal(),
-                                     attn::compose(attn::alibi(attn::alibi_slopes(4)), attn::softcap(5.0)));
+  expect_storage_accuracy<TypeParam>(
+      p, attn::causal(), attn::compose(attn::alibi(attn::alibi_slopes(4)), attn::softcap(5.0)));
 }
 
 // Large scores (|score| up to ~30): the exponent trick keeps the fast path
@@ -247,7 +248,8 @@ TEST(MixedStorage, Bfloat16KeysValuesAndOutputWithFloatQueries) {
   const Problem p = make(1, 2, 1, 77, 190, 40, 56);
   const MixedInputs<float, Eigen::bfloat16, Eigen::bfloat16> in(p, 23);
   const auto r = run<Eigen::bfloat16>(in, p, attn::no_mask(), attn::no_score_mod());
-  EXPECT_LE(r.error(), (storage_tolerance<Eigen::bfloat16, float>(p, max_abs(r.ref), max_abs(in.v))));
+  EXPECT_LE(r.error(),
+            (storage_tolerance<Eigen::bfloat16, float>(p, max_abs(r.ref), max_abs(in.v))));
 }
 
 // half inputs into a float output, and into a double output (double

@@ -139,17 +139,20 @@ TEST(RopeErrors, BadSettingsThrowAndLeaveInputUnchanged) {
   const std::vector<float> before = x.buf;
   attn::Rope r;
   r.theta = 0;
-  EXPECT_TRUE(throws_with([&] { attn::apply_rope(x.view, r); }, "rope theta is 0, must be finite and > 0"));
+  EXPECT_TRUE(
+      throws_with([&] { attn::apply_rope(x.view, r); }, "rope theta is 0, must be finite and > 0"));
   r = attn::Rope{};
   r.offset = -3;
   EXPECT_TRUE(throws_with([&] { attn::apply_rope(x.view, r); }, "rope offset is -3"));
   r = attn::Rope{};
   r.rotary_dim = 8;
-  EXPECT_TRUE(throws_with([&] { attn::apply_rope(x.view, r); }, "rope rotary_dim is 8, must be in [0, head dim 6]"));
+  EXPECT_TRUE(throws_with([&] { attn::apply_rope(x.view, r); },
+                          "rope rotary_dim is 8, must be in [0, head dim 6]"));
   r.rotary_dim = 3;
   EXPECT_TRUE(throws_with([&] { attn::apply_rope(x.view, r); }, "rotary dim is 3 (odd)"));
   Tensor<float> odd(1, 1, 4, 5);
-  EXPECT_TRUE(throws_with([&] { attn::apply_rope(odd.view, attn::Rope{}); }, "rotary dim is 5 (odd); head dim is 5"));
+  EXPECT_TRUE(throws_with([&] { attn::apply_rope(odd.view, attn::Rope{}); },
+                          "rotary dim is 5 (odd); head dim is 5"));
   EXPECT_EQ(x.buf, before);
 }
 

@@ -45,12 +45,12 @@ void expect_window_matches(const Problem& p, index_t left, index_t right, const 
   const Inputs<T> in(p, seed);
   const DenseWindow dense(p.Lq, p.Lk, left, right);
   std::vector<float> lse_ref, lse(static_cast<std::size_t>(p.B * p.Hq * p.Lq), 0.f);
-  const Tensor<double> ref =
-      reference_output(in, p, attn::bool_mask(dense.view) & extra, attn::no_score_mod(), opt, &lse_ref);
+  const Tensor<double> ref = reference_output(in, p, attn::bool_mask(dense.view) & extra,
+                                              attn::no_score_mod(), opt, &lse_ref);
   Tensor<T> out(p.B, p.Hq, p.Lq, p.Dv, p.layout);
   opt.lse = attn::TensorView<float, 3>(lse.data(), {p.B, p.Hq, p.Lq});
-  attn::sliding_window_attention(in.q.view, in.k.view, in.v.view, out.view, attn::window(left, right),
-                                 extra, attn::no_score_mod(), opt);
+  attn::sliding_window_attention(in.q.view, in.k.view, in.v.view, out.view,
+                                 attn::window(left, right), extra, attn::no_score_mod(), opt);
   const double tol = tolerance<T>(p.D, p.Lk, max_abs(in.v));
   EXPECT_LE(max_abs_diff(out, ref), tol);
   for (std::size_t i = 0; i < lse.size(); ++i) {
@@ -104,7 +104,8 @@ TYPED_TEST(SlidingWindow, SizeSweepWithSmallTiles) {
 // The same around the default tiles (Br = 128, Bc = 256).
 TYPED_TEST(SlidingWindow, SizeSweepWithDefaultTiles) {
   const Problem p = square(531, 1);
-  for (index_t w : {0, 127, 128, 129, 255, 256, 257, 600}) expect_window_matches<TypeParam>(p, w, 0);
+  for (index_t w : {0, 127, 128, 129, 255, 256, 257, 600})
+    expect_window_matches<TypeParam>(p, w, 0);
   expect_window_matches<TypeParam>(p, 129, 255);
   expect_window_matches<TypeParam>(p, 256, 127);
 }
@@ -114,7 +115,8 @@ TYPED_TEST(SlidingWindow, AsymmetricWindows) {
   opt.block_q = 8;
   opt.block_k = 24;
   const Problem p = square(97);
-  for (auto lr : std::vector<std::pair<index_t, index_t>>{{3, 40}, {40, 3}, {0, 17}, {25, 1}, {7, 8}})
+  for (auto lr :
+       std::vector<std::pair<index_t, index_t>>{{3, 40}, {40, 3}, {0, 17}, {25, 1}, {7, 8}})
     expect_window_matches<TypeParam>(p, lr.first, lr.second, attn::no_mask(), opt);
 }
 
@@ -124,11 +126,13 @@ TYPED_TEST(SlidingWindow, DifferentQueryAndKeyLengths) {
   attn::AttentionOptions opt;
   opt.block_q = 16;
   opt.block_k = 32;
-  for (auto lens : std::vector<std::pair<index_t, index_t>>{{45, 211}, {211, 45}, {1, 300}, {77, 1}}) {
+  for (auto lens :
+       std::vector<std::pair<index_t, index_t>>{{45, 211}, {211, 45}, {1, 300}, {77, 1}}) {
     Problem p = square(1);
     p.Lq = lens.first;
     p.Lk = lens.second;
-    for (auto lr : std::vector<std::pair<index_t, index_t>>{{0, 0}, {20, 0}, {33, 5}, {-1, 0}, {0, -1}, {9, 40}})
+    for (auto lr : std::vector<std::pair<index_t, index_t>>{
+             {0, 0}, {20, 0}, {33, 5}, {-1, 0}, {0, -1}, {9, 40}})
       expect_window_matches<TypeParam>(p, lr.first, lr.second, attn::no_mask(), opt);
   }
 }
@@ -160,7 +164,8 @@ TYPED_TEST(SlidingWindow, ComposesWithKeyPaddingAndCausal) {
   opt.block_k = 32;
   expect_window_matches<TypeParam>(p, 30, 30, attn::key_padding({150, 61, 1}), opt);
   expect_window_matches<TypeParam>(p, 30, 30, attn::causal(), opt);
-  expect_window_matches<TypeParam>(p, 30, 30, attn::causal() & attn::key_padding({7, 150, 100}), opt);
+  expect_window_matches<TypeParam>(p, 30, 30, attn::causal() & attn::key_padding({7, 150, 100}),
+                                   opt);
 }
 
 // The window also works as a plain mask policy in masked_attention, with a score modifier.
@@ -205,7 +210,8 @@ TYPED_TEST(SlidingWindow, HugeBoundsAreUnbounded) {
 // (the engine masks partial tiles with it).
 TEST(WindowPolicy, RowKeysAreExactlyTheKeptKeys) {
   for (auto lens : std::vector<std::pair<index_t, index_t>>{{40, 40}, {13, 50}, {50, 13}})
-    for (auto lr : std::vector<std::pair<index_t, index_t>>{{0, 0}, {5, 0}, {0, 7}, {-1, 3}, {4, -1}, {-1, -1}, {100, 100}}) {
+    for (auto lr : std::vector<std::pair<index_t, index_t>>{
+             {0, 0}, {5, 0}, {0, 7}, {-1, 3}, {4, -1}, {-1, -1}, {100, 100}}) {
       attn::AttentionShape s;
       s.batch = s.q_heads = s.kv_heads = 1;
       s.lq = lens.first;
@@ -216,8 +222,8 @@ TEST(WindowPolicy, RowKeysAreExactlyTheKeptKeys) {
         const attn::KeyRange r = w.row_keys(0, 0, q);
         for (index_t k = 0; k < s.lk; ++k)
           ASSERT_EQ(w.keep(0, 0, q, k), r.begin <= k && k < r.end)
-              << "Lq " << s.lq << " Lk " << s.lk << " window (" << lr.first << ", " << lr.second << ") q " << q
-              << " k " << k;
+              << "Lq " << s.lq << " Lk " << s.lk << " window (" << lr.first << ", " << lr.second
+              << ") q " << q << " k " << k;
       }
     }
 }
@@ -234,7 +240,8 @@ attn::AttentionStats window_stats(index_t n, index_t left, index_t right, index_
   opt.block_q = br;
   opt.block_k = bc;
   opt.stats = &stats;
-  attn::sliding_window_attention(in.q.view, in.k.view, in.v.view, out.view, attn::window(left, right), opt);
+  attn::sliding_window_attention(in.q.view, in.k.view, in.v.view, out.view,
+                                 attn::window(left, right), opt);
   return stats;
 }
 
@@ -257,8 +264,10 @@ TEST(SlidingWindowStats, WorkIsLinearInSequenceLength) {
   }
   const attn::AttentionStats s1 = window_stats(2000, left, right, br, bc);
   const attn::AttentionStats s2 = window_stats(4000, left, right, br, bc);
-  const index_t tiles1 = s1.full_tiles + s1.partial_tiles, tiles2 = s2.full_tiles + s2.partial_tiles;
-  const index_t edge = (left + right + br) / bc + 2;  // key tiles of one query tile: the edges differ
+  const index_t tiles1 = s1.full_tiles + s1.partial_tiles,
+                tiles2 = s2.full_tiles + s2.partial_tiles;
+  const index_t edge =
+      (left + right + br) / bc + 2;  // key tiles of one query tile: the edges differ
   EXPECT_LE(tiles2, 2 * tiles1 + edge);
   EXPECT_GE(tiles2, 2 * tiles1 - edge);
 }
@@ -297,7 +306,8 @@ TEST(SlidingWindowErrors, BadShapesThrowBeforeWriting) {
                                    attn::key_padding({5, 6}));
     FAIL() << "no error";
   } catch (const attn::Error& e) {
-    EXPECT_NE(std::string(e.what()).find("key_padding has 2 lengths, but the batch is 1"), std::string::npos)
+    EXPECT_NE(std::string(e.what()).find("key_padding has 2 lengths, but the batch is 1"),
+              std::string::npos)
         << e.what();
   }
   for (float x : ok.buf) ASSERT_EQ(x, 42.f);

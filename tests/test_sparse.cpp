@@ -48,18 +48,20 @@ struct DenseLayout {
 /// Runs sparse_attention(layout, extra) in T and checks output and
 /// log-sum-exp against the fp64 reference with the dense mask.
 template <class T, class Extra = attn::NoMask>
-void expect_sparse_matches(const Problem& p, const BlockSparseLayout& layout, const Extra& extra = {},
-                           std::uint32_t seed = 7) {
-  SCOPED_TRACE(p.str() + " blocks " + std::to_string(layout.block_q()) + "x" + std::to_string(layout.block_k()));
+void expect_sparse_matches(const Problem& p, const BlockSparseLayout& layout,
+                           const Extra& extra = {}, std::uint32_t seed = 7) {
+  SCOPED_TRACE(p.str() + " blocks " + std::to_string(layout.block_q()) + "x" +
+               std::to_string(layout.block_k()));
   const Inputs<T> in(p, seed);
   const DenseLayout dense(layout, p.Lq, p.Lk);
   std::vector<float> lse_ref, lse(static_cast<std::size_t>(p.B * p.Hq * p.Lq), 0.f);
-  const Tensor<double> ref =
-      reference_output(in, p, attn::bool_mask(dense.view) & extra, attn::no_score_mod(), {}, &lse_ref);
+  const Tensor<double> ref = reference_output(in, p, attn::bool_mask(dense.view) & extra,
+                                              attn::no_score_mod(), {}, &lse_ref);
   Tensor<T> out(p.B, p.Hq, p.Lq, p.Dv, p.layout);
   attn::AttentionOptions opt;
   opt.lse = attn::TensorView<float, 3>(lse.data(), {p.B, p.Hq, p.Lq});
-  attn::sparse_attention(in.q.view, in.k.view, in.v.view, out.view, layout, extra, attn::no_score_mod(), opt);
+  attn::sparse_attention(in.q.view, in.k.view, in.v.view, out.view, layout, extra,
+                         attn::no_score_mod(), opt);
   const double tol = tolerance<T>(p.D, p.Lk, max_abs(in.v));
   EXPECT_LE(max_abs_diff(out, ref), tol);
   for (std::size_t i = 0; i < lse.size(); ++i) {
@@ -146,7 +148,8 @@ TYPED_TEST(Sparse, DifferentQueryAndKeyLengths) {
     p.Lk = lens.second;
     const index_t bq = 16, bk = 32, qb = (p.Lq + bq - 1) / bq, kb = (p.Lk + bk - 1) / bk;
     std::vector<bool> mask = random_block_mask(qb * kb, 0.5, 4);
-    for (index_t j = 0; j < kb; ++j) mask[static_cast<std::size_t>(j)] = false;  // query block 0 sees nothing
+    for (index_t j = 0; j < kb; ++j)
+      mask[static_cast<std::size_t>(j)] = false;  // query block 0 sees nothing
     expect_sparse_matches<TypeParam>(p, BlockSparseLayout::from_block_mask(bq, bk, qb, kb, mask));
   }
 }
@@ -184,15 +187,18 @@ TYPED_TEST(Sparse, ComposesWithCausalAndKeyPadding) {
 // match the blocks (each tile then spans several blocks).
 TYPED_TEST(Sparse, LayoutIsAMaskPolicyForAnyTiles) {
   const Problem p = square(130);
-  const BlockSparseLayout layout = BlockSparseLayout::random(130, 8, 4, 3) | BlockSparseLayout::local(130, 8, 1, 0);
+  const BlockSparseLayout layout =
+      BlockSparseLayout::random(130, 8, 4, 3) | BlockSparseLayout::local(130, 8, 1, 0);
   attn::AttentionOptions opt;
   opt.block_q = 20;
   opt.block_k = 36;
   const DenseLayout dense(layout, p.Lq, p.Lk);
   const Inputs<TypeParam> in(p, 3);
-  const Tensor<double> ref = reference_output(in, p, attn::bool_mask(dense.view), attn::no_score_mod());
+  const Tensor<double> ref =
+      reference_output(in, p, attn::bool_mask(dense.view), attn::no_score_mod());
   Tensor<TypeParam> out(p.B, p.Hq, p.Lq, p.Dv);
-  attn::masked_attention(in.q.view, in.k.view, in.v.view, out.view, attn::block_sparse(layout), opt);
+  attn::masked_attention(in.q.view, in.k.view, in.v.view, out.view, attn::block_sparse(layout),
+                         opt);
   EXPECT_LE(max_abs_diff(out, ref), tolerance<TypeParam>(p.D, p.Lk, max_abs(in.v)));
 }
 
@@ -234,26 +240,30 @@ TEST(SparseLayout, UnionIsTheOrOfMasks) {
   const std::vector<bool> ma = random_block_mask(qb * kb, 0.3, 1);
   const std::vector<bool> mb = random_block_mask(2 * qb * kb, 0.3, 2);
   const BlockSparseLayout a = BlockSparseLayout::from_block_mask(bq, bk, qb, kb, ma);
-  const BlockSparseLayout b = BlockSparseLayout::from_block_mask(bq, bk, qb, kb, mb, 2);  // per head
+  const BlockSparseLayout b =
+      BlockSparseLayout::from_block_mask(bq, bk, qb, kb, mb, 2);  // per head
   const BlockSparseLayout u = a | b;
   ASSERT_EQ(u.heads(), 2);
   index_t listed = 0;
   for (index_t h = 0; h < 2; ++h)
     for (index_t i = 0; i < qb; ++i)
       for (index_t j = 0; j < kb; ++j) {
-        const bool want = ma[static_cast<std::size_t>(i * kb + j)] || mb[static_cast<std::size_t>((h * qb + i) * kb + j)];
+        const bool want = ma[static_cast<std::size_t>(i * kb + j)] ||
+                          mb[static_cast<std::size_t>((h * qb + i) * kb + j)];
         EXPECT_EQ(u.contains(h, i, j), want) << h << " " << i << " " << j;
         listed += want ? 1 : 0;
       }
   EXPECT_EQ(u.nnz(), listed);
 
-  Problem p = square(70);  // 70 rows in 9 blocks of 8, 70 keys in 5 blocks of 16: too few key blocks
+  Problem p =
+      square(70);  // 70 rows in 9 blocks of 8, 70 keys in 5 blocks of 16: too few key blocks
   EXPECT_THROW(u.validate(p.Lq, p.Lk, p.Hq), attn::Error);
   p.Lk = 90;  // 6 key blocks
   const DenseLayout da(a, p.Lq, p.Lk), db(b, p.Lq, p.Lk), du(u, p.Lq, p.Lk);
   for (index_t h = 0; h < 2; ++h)
     for (index_t q = 0; q < p.Lq; ++q)
-      for (index_t k = 0; k < p.Lk; ++k) ASSERT_EQ(du.at(h, q, k), da.at(0, q, k) || db.at(h, q, k));
+      for (index_t k = 0; k < p.Lk; ++k)
+        ASSERT_EQ(du.at(h, q, k), da.at(0, q, k) || db.at(h, q, k));
   expect_sparse_matches<double>(p, u);
 }
 
@@ -264,8 +274,9 @@ TEST(SparseLayout, RandomIsReproducibleFromTheSeed) {
   EXPECT_EQ(a.row_offsets(), b.row_offsets());
   EXPECT_EQ(a.cols(), b.cols());
   EXPECT_NE(a.cols(), c.cols());
-  EXPECT_NE(row_of(a, 0, 5), row_of(a, 1, 5)) << "heads draw independently";  // 1 in C(79, 3) to fail
-  EXPECT_EQ(a.nnz(), 2 * 79 * 3);  // ceil(5000 / 64) = 79 rows per head, 3 distinct blocks each
+  EXPECT_NE(row_of(a, 0, 5), row_of(a, 1, 5))
+      << "heads draw independently";  // 1 in C(79, 3) to fail
+  EXPECT_EQ(a.nnz(), 2 * 79 * 3);     // ceil(5000 / 64) = 79 rows per head, 3 distinct blocks each
   // Fewer candidates than asked: every block.
   const BlockSparseLayout all = BlockSparseLayout::random(100, 10, 50, 1);
   EXPECT_EQ(all.nnz(), 100);
@@ -283,12 +294,13 @@ TEST(SparseLayout, BigBirdStructure) {
       EXPECT_EQ(static_cast<index_t>(row.size()), n) << "global block " << i << " sees every block";
       continue;
     }
-    std::vector<index_t> fixed = {0, n - 1};  // global
+    std::vector<index_t> fixed = {0, n - 1};                      // global
     for (index_t j = i - 1; j <= i + 1; ++j) fixed.push_back(j);  // window
     std::sort(fixed.begin(), fixed.end());
     fixed.erase(std::unique(fixed.begin(), fixed.end()), fixed.end());
     for (index_t j : fixed) EXPECT_TRUE(l.contains(0, i, j)) << i << " " << j;
-    EXPECT_EQ(row.size(), fixed.size() + 3) << "3 random blocks outside window and globals, row " << i;
+    EXPECT_EQ(row.size(), fixed.size() + 3)
+        << "3 random blocks outside window and globals, row " << i;
   }
   cfg.seed = 1;
   EXPECT_NE(attn::bigbird(n * 64, cfg).cols(), l.cols());
@@ -359,19 +371,35 @@ TEST(SparseErrors, BadLayoutsNameTheNumbers) {
   expect_error([] { BlockSparseLayout::local(100, 0, 1, 1); }, "block size is 0, must be > 0");
   expect_error([] { BlockSparseLayout::random(0, 16, 1, 1); }, "seq_len is 0, must be > 0");
   expect_error([] { BlockSparseLayout::global(100, 16, {7}); }, "global block 7 is outside [0, 7)");
-  expect_error([] { BlockSparseLayout(16, 16, 2, 5, 1, {0, 1, 2}, {3, 5}); },
-               "head 0 query block 1 lists key block 5, outside [0, 5)");
-  expect_error([] { BlockSparseLayout(16, 16, 1, 5, 1, {0, 2}, {3, 1}); },
-               "lists key block 1 after 3 (must be sorted and distinct)");
-  expect_error([] { BlockSparseLayout(16, 16, 2, 5, 1, {0, 1}, {3}); }, "has 2 row offsets, expected heads · q_blocks + 1 = 3");
-  expect_error([] { BlockSparseLayout(16, 16, 2, 5, 1, {0, 10, 2}, {1, 2}); },
-               "row offsets decrease at row 1: 10 then 2");
+  expect_error(
+      [] {
+        BlockSparseLayout(16, 16, 2, 5, 1, {0, 1, 2}, {3, 5});
+      },
+      "head 0 query block 1 lists key block 5, outside [0, 5)");
+  expect_error(
+      [] {
+        BlockSparseLayout(16, 16, 1, 5, 1, {0, 2}, {3, 1});
+      },
+      "lists key block 1 after 3 (must be sorted and distinct)");
+  expect_error(
+      [] {
+        BlockSparseLayout(16, 16, 2, 5, 1, {0, 1}, {3});
+      },
+      "has 2 row offsets, expected heads · q_blocks + 1 = 3");
+  expect_error(
+      [] {
+        BlockSparseLayout(16, 16, 2, 5, 1, {0, 10, 2}, {1, 2});
+      },
+      "row offsets decrease at row 1: 10 then 2");
   expect_error([] { BlockSparseLayout::from_block_mask(8, 0, 2, 2, std::vector<bool>(4, true)); },
                "block_k is 0, must be > 0");
   expect_error([] { BlockSparseLayout::from_block_mask(8, 8, 2, 2, std::vector<bool>(5, true)); },
                "block mask has 5 entries, expected heads · q_blocks · k_blocks = 1 · 2 · 2 = 4");
-  expect_error([] { (void)(BlockSparseLayout::local(100, 16, 1, 1) | BlockSparseLayout::local(100, 32, 1, 1)); },
-               "different grids: 7×7 blocks of 16×16 and 4×4 blocks of 32×32");
+  expect_error(
+      [] {
+        (void)(BlockSparseLayout::local(100, 16, 1, 1) | BlockSparseLayout::local(100, 32, 1, 1));
+      },
+      "different grids: 7×7 blocks of 16×16 and 4×4 blocks of 32×32");
   attn::BigBirdConfig bb;
   bb.window_blocks = 2;
   expect_error([&] { attn::bigbird(1000, bb); }, "bigbird window_blocks is 2, must be odd");
@@ -379,7 +407,8 @@ TEST(SparseErrors, BadLayoutsNameTheNumbers) {
   lf.window = 100;
   expect_error([&] { attn::longformer(1000, {}, lf); },
                "longformer window is 100, must be a non-negative multiple of 2 · block = 128");
-  expect_error([] { attn::longformer(1000, {1000}); }, "longformer global token 1000 is outside [0, seq_len = 1000)");
+  expect_error([] { attn::longformer(1000, {1000}); },
+               "longformer global token 1000 is outside [0, seq_len = 1000)");
 }
 
 // A layout that does not fit the call is rejected before the output is written.
@@ -389,14 +418,17 @@ TEST(SparseErrors, LayoutForAnotherProblemLeavesOutputUnchanged) {
   Tensor<float> out(p.B, p.Hq, p.Lq, p.Dv);
   for (auto& x : out.buf) x = 42.f;
   auto run = [&](const BlockSparseLayout& l, attn::AttentionOptions opt = {}) {
-    return [&, l, opt] { attn::sparse_attention(in.q.view, in.k.view, in.v.view, out.view, l, opt); };
+    return
+        [&, l, opt] { attn::sparse_attention(in.q.view, in.k.view, in.v.view, out.view, l, opt); };
   };
   expect_error(run(BlockSparseLayout::local(64, 16, 1, 1)),
                "layout has 4 query blocks of 16 rows, but Lq = 100 needs 7");
   const index_t qb = 7;
-  expect_error(run(BlockSparseLayout::from_block_mask(16, 16, qb, 3, std::vector<bool>(qb * 3, true))),
-               "layout has 3 key blocks of 16 keys, but Lk = 100 needs 7");
-  expect_error(run(BlockSparseLayout::random(100, 16, 2, 1, 3)), "layout has 3 heads, but q has 2 heads");
+  expect_error(
+      run(BlockSparseLayout::from_block_mask(16, 16, qb, 3, std::vector<bool>(qb * 3, true))),
+      "layout has 3 key blocks of 16 keys, but Lk = 100 needs 7");
+  expect_error(run(BlockSparseLayout::random(100, 16, 2, 1, 3)),
+               "layout has 3 heads, but q has 2 heads");
   attn::AttentionOptions opt;
   opt.block_q = 32;
   expect_error(run(BlockSparseLayout::local(100, 16, 1, 1), opt),

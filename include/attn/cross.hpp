@@ -50,8 +50,8 @@ namespace detail {
 /// batch and length, and binds the policies once so they throw early.
 template <class T, class Mask, class Mod>
 void check_cross(const MultiHeadConfig& c, const TensorView<const T, 3>& x,
-                 const TensorView<T, 3>& out, index_t mem_batch, index_t mem_len,
-                 const Mask& mask, const Mod& mod) {
+                 const TensorView<T, 3>& out, index_t mem_batch, index_t mem_len, const Mask& mask,
+                 const Mod& mod) {
   static_assert(is_mask_v<Mask>, "attn: the mask argument must be a mask policy (attn/mask.hpp)");
   static_assert(is_score_mod_v<Mod>,
                 "attn: the score_mod argument must be a score modifier (attn/score_mod.hpp)");
@@ -113,7 +113,8 @@ void cross_attention(detail::identity_t<TensorView<const T, 3>> x,
   const detail::GemmThreads threads(options.num_threads);
   detail::project_kv(c, weights, memory, ws.k, ws.v, ws.gemms, options.num_threads);
   const index_t B = memory.extent(0), Lk = memory.extent(1);
-  detail::cross_attention_forward(c, weights, x, bshd<const T>(ws.k.data(), B, Lk, c.kv_heads, c.head_dim),
+  detail::cross_attention_forward(c, weights, x,
+                                  bshd<const T>(ws.k.data(), B, Lk, c.kv_heads, c.head_dim),
                                   bshd<const T>(ws.v.data(), B, Lk, c.kv_heads, c.v_head_dim), out,
                                   mask, score_mod, options, ws);
 }
@@ -210,8 +211,8 @@ class CrossAttention : public AttentionProjections<T> {
     T* q = detail::grow(this->ws_.q, B * L * c.q_heads * c.head_dim);
     const MultiHeadWeights<T> w = this->weights();
     detail::project(x, w.wq, w.bq, q, this->ws_.gemms, options.num_threads);
-    attn::attention_weights(bshd<const T>(q, B, L, c.q_heads, c.head_dim), kv.keys(), weights,
-                            mask, score_mod, options);
+    attn::attention_weights(bshd<const T>(q, B, L, c.q_heads, c.head_dim), kv.keys(), weights, mask,
+                            score_mod, options);
   }
 
  private:
@@ -225,7 +226,7 @@ class CrossAttention : public AttentionProjections<T> {
                    this->cfg_.v_head_dim);
   }
 
-  ProjectedMemory<T> memory_;               // the memory projected by forward(x, memory, ...)
+  ProjectedMemory<T> memory_;                 // the memory projected by forward(x, memory, ...)
   mutable detail::ProjectionGemms<T> gemms_;  // packing buffers of project_memory
 };
 

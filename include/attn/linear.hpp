@@ -57,7 +57,8 @@ using FeatureOutput = Eigen::Map<RowMatrix<Acc>, Eigen::Unaligned, Eigen::OuterS
 ///       c such that φ(k) = e^c · φ̃(k) for the key features φ̃ that keys() writes.
 ///   template <class Acc> void keys(FeatureInput<Acc> x, FeatureOutput<Acc> phi) const;
 ///       φ̃(k) of each row of x.
-///   template <class Acc> void queries(FeatureInput<Acc> x, FeatureOutput<Acc> phi, Acc* log_scale) const;
+///   template <class Acc> void queries(FeatureInput<Acc> x, FeatureOutput<Acc> phi, Acc* log_scale)
+///   const;
 ///       φ̃(q) and a per row such that φ(q) = e^a · φ̃(q).
 ///
 /// The scales let a map keep its features in range (FAVOR+ features are
@@ -161,15 +162,15 @@ template <class Acc>
 void gemm_abt_serial(index_t rows, index_t cols, index_t depth, const Acc* a, index_t lda,
                      const Acc* b, Acc* c, index_t ldc) {
   Eigen::Map<RowMatrix<Acc>, Eigen::Unaligned, Eigen::OuterStride<>>(c, rows, cols,
-                                                                      Eigen::OuterStride<>(ldc))
+                                                                     Eigen::OuterStride<>(ldc))
       .setZero();
   Eigen::internal::gemm_blocking_space<Eigen::RowMajor, Acc, Acc, Eigen::Dynamic, Eigen::Dynamic,
                                        Eigen::Dynamic, 1, false>
       blocking(rows, cols, depth, 1, true);
   Eigen::internal::general_matrix_matrix_product<index_t, Acc, Eigen::RowMajor, false, Acc,
                                                  Eigen::ColMajor, false, Eigen::RowMajor,
-                                                 1>::run(rows, cols, depth, a, lda, b, depth, c,
-                                                         1, ldc, Acc(1), blocking);
+                                                 1>::run(rows, cols, depth, a, lda, b, depth, c, 1,
+                                                         ldc, Acc(1), blocking);
 }
 
 /// C += Aᵀ · B with Eigen's GEMM kernel, packing buffers allocated once
@@ -191,9 +192,10 @@ class TransposedGemm {
   void add_atb(index_t rows, index_t cols, index_t depth, const Acc* a, index_t lda, const Acc* b,
                index_t ldb, Acc* c, index_t ldc) {
     // Aᵀ of a row-major depth×rows matrix is a column-major rows×depth one.
-    Eigen::internal::general_matrix_matrix_product<
-        index_t, Acc, Eigen::ColMajor, false, Acc, Eigen::RowMajor, false, Eigen::RowMajor,
-        1>::run(rows, cols, depth, a, lda, b, ldb, c, 1, ldc, Acc(1), blocking_);
+    Eigen::internal::general_matrix_matrix_product<index_t, Acc, Eigen::ColMajor, false, Acc,
+                                                   Eigen::RowMajor, false, Eigen::RowMajor,
+                                                   1>::run(rows, cols, depth, a, lda, b, ldb, c, 1,
+                                                           ldc, Acc(1), blocking_);
   }
 
  private:
@@ -263,7 +265,8 @@ class FavorPlus : public FeatureMapPolicy {
 
   /// F; throws attn::Error if the features were drawn for another head dim.
   index_t num_features(index_t d) const {
-    if (d != d_) detail::fail("favor_plus features were drawn for head dim ", d_, ", but q has head dim ", d);
+    if (d != d_)
+      detail::fail("favor_plus features were drawn for head dim ", d_, ", but q has head dim ", d);
     return f_;
   }
   /// c = max_r |w_r|²/2 - log(F)/2: φ(k) = e^c · φ̃(k).
@@ -400,16 +403,17 @@ namespace detail {
 /// feature count and the state; returns the shape and F.
 template <class Q, class K, class V, class O, class Map, class Acc>
 AttentionShape check_linear(const TensorView<Q, 4>& q, const TensorView<K, 4>& k,
-                            const TensorView<V, 4>& v, const TensorView<O, 4>& out,
-                            const Map& map, const LinearState<Acc>* state,
-                            const LinearAttentionOptions& opt, index_t& features) {
+                            const TensorView<V, 4>& v, const TensorView<O, 4>& out, const Map& map,
+                            const LinearState<Acc>* state, const LinearAttentionOptions& opt,
+                            index_t& features) {
   const AttentionShape s = check_attention(q, k, v, out, AttentionOptions{});
   if (!(opt.eps > 0) || !std::isfinite(opt.eps))
     fail("eps is ", opt.eps, ", must be finite and > 0");
   if (opt.chunk < 0) fail("chunk is ", opt.chunk, ", must be >= 0 (0 = automatic)");
   if (opt.num_threads < 0) fail("num_threads is ", opt.num_threads, ", must be >= 0");
   features = map.num_features(s.d);
-  if (features <= 0) fail("the feature map gives ", features, " features for head dim ", s.d, ", must be > 0");
+  if (features <= 0)
+    fail("the feature map gives ", features, " features for head dim ", s.d, ", must be > 0");
   if (state) {
     const auto& st = state->s;
     const auto& z = state->z;
@@ -472,8 +476,8 @@ bool readable_in_place(const TensorView<const T, 4>& t) {
 /// Rows [row0, row0 + rows) of head (b, h) of t as a feature-map input: in
 /// place when readable_in_place, else converted into `pack`.
 template <class Acc, class T>
-FeatureInput<Acc> feature_input(const TensorView<const T, 4>& t, index_t b, index_t h,
-                                index_t row0, index_t rows, RowMatrix<Acc>& pack) {
+FeatureInput<Acc> feature_input(const TensorView<const T, 4>& t, index_t b, index_t h, index_t row0,
+                                index_t rows, RowMatrix<Acc>& pack) {
   if constexpr (std::is_same<T, Acc>::value) {
     if (readable_in_place<Acc>(t))
       return FeatureInput<Acc>(t.data() + b * t.stride(0) + h * t.stride(1) + row0 * t.stride(2),
@@ -491,8 +495,8 @@ void linear_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4
                     const LinearState<Acc>* state, const LinearAttentionOptions& opt) {
   const index_t g = shape.q_heads / shape.kv_heads;
   const index_t d = shape.d, dv = shape.dv;
-  const index_t n = std::min(opt.chunk > 0 ? opt.chunk : LinearTraits::chunk,
-                             std::max(shape.lq, shape.lk));
+  const index_t n =
+      std::min(opt.chunk > 0 ? opt.chunk : LinearTraits::chunk, std::max(shape.lq, shape.lk));
   const index_t tasks = shape.batch * shape.kv_heads;
   const int threads = resolve_threads(opt.num_threads, tasks);
   const double key_log_scale = map.key_log_scale();
@@ -504,7 +508,7 @@ void linear_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4
     const index_t b = t / shape.kv_heads;
     const index_t hk = t % shape.kv_heads;
     const index_t ldl = f + n, ldr = dv + 1;
-    auto st = sc.rhs.topRows(f);  // [S | z]                                  (F, Dv + 1)
+    auto st = sc.rhs.topRows(f);          // [S | z]                                  (F, Dv + 1)
     Acc* vaug = sc.rhs.data() + f * ldr;  // [V | 1] of the chunk, rows of ldr
 
     // [S | z] from the caller's state, or zeros.
@@ -538,8 +542,8 @@ void linear_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4
             sc.qlog.data() + u * rows);
       // eps·e^-(a + c) keeps num / (den + eps) the unstabilised ratio
       for (index_t r = 0; r < g * rows; ++r)
-        sc.qeps(r) = static_cast<Acc>(
-            opt.eps * std::exp(-(static_cast<double>(sc.qlog(r)) + key_log_scale)));
+        sc.qeps(r) = static_cast<Acc>(opt.eps *
+                                      std::exp(-(static_cast<double>(sc.qlog(r)) + key_log_scale)));
     };
     // num = lhs[:, :depth] · rhs[:depth, :]; depth F: φ̃(Q)[S | z]; F + rows: plus A [V | 1]
     auto multiply = [&](index_t rows, index_t depth) {
@@ -617,9 +621,9 @@ void linear_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4
 }
 
 template <class Q, class K, class V, class O, class Map, class Acc>
-void linear_entry(const TensorView<Q, 4>& q, const TensorView<K, 4>& k,
-                  const TensorView<V, 4>& v, const TensorView<O, 4>& out, const Map& map,
-                  const LinearState<Acc>* state, const LinearAttentionOptions& opt) {
+void linear_entry(const TensorView<Q, 4>& q, const TensorView<K, 4>& k, const TensorView<V, 4>& v,
+                  const TensorView<O, 4>& out, const Map& map, const LinearState<Acc>* state,
+                  const LinearAttentionOptions& opt) {
   static_assert(is_storage_type_v<std::remove_cv_t<Q>> && is_storage_type_v<std::remove_cv_t<K>> &&
                     is_storage_type_v<std::remove_cv_t<V>> && is_storage_type_v<O>,
                 "attn: element types must be float, double, Eigen::half or Eigen::bfloat16");
@@ -684,9 +688,8 @@ void linear_attention(const TensorView<Q, 4>& q, const TensorView<K, 4>& k,
                       const TensorView<V, 4>& v, const TensorView<O, 4>& out,
                       const Map& feature_map, const LinearAttentionOptions& opt = {}) {
   index_t f = 0;
-  const AttentionShape s =
-      detail::check_linear(q, k, v, out, feature_map,
-                           static_cast<const LinearState<double>*>(nullptr), opt, f);
+  const AttentionShape s = detail::check_linear(
+      q, k, v, out, feature_map, static_cast<const LinearState<double>*>(nullptr), opt, f);
   const double c = feature_map.key_log_scale();
   RowMatrix<double> x, phi_q(s.lq, f), phi_k(s.lk, f);
   Eigen::VectorXd log_q(s.lq);
@@ -712,7 +715,8 @@ void linear_attention(const TensorView<Q, 4>& q, const TensorView<K, 4>& k,
       const RowMatrix<double> num = a * vd;  // (Lq, Dv)
       for (index_t i = 0; i < s.lq; ++i) {
         const double den = a.row(i).sum() + opt.eps;
-        for (index_t col = 0; col < s.dv; ++col) out(b, h, i, col) = static_cast<O>(num(i, col) / den);
+        for (index_t col = 0; col < s.dv; ++col)
+          out(b, h, i, col) = static_cast<O>(num(i, col) / den);
       }
     }
 }

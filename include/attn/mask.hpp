@@ -186,11 +186,10 @@ template <class T>
 void check_broadcast_view(const TensorView<T, 4>& v, const AttentionShape& s, const char* name) {
   if (v.data() == nullptr) detail::fail(name, " has null data");
   if ((v.extent(0) != s.batch && v.extent(0) != 1) ||
-      (v.extent(1) != s.q_heads && v.extent(1) != 1) || v.extent(2) != s.lq ||
-      v.extent(3) != s.lk)
+      (v.extent(1) != s.q_heads && v.extent(1) != 1) || v.extent(2) != s.lq || v.extent(3) != s.lk)
     detail::fail(name, " has shape [", v.extent(0), ", ", v.extent(1), ", ", v.extent(2), ", ",
-                 v.extent(3), "], expected [", s.batch, " or 1, ", s.q_heads, " or 1, ", s.lq,
-                 ", ", s.lk, "]");
+                 v.extent(3), "], expected [", s.batch, " or 1, ", s.q_heads, " or 1, ", s.lq, ", ",
+                 s.lk, "]");
 }
 /// Offset of (b, h, q, 0) in a broadcastable view (size-1 dims broadcast).
 template <class T>
@@ -292,7 +291,8 @@ struct MaskAnd : MaskPolicy {
   /// Defined when both masks define it: the intersection of two intervals.
   template <class A2 = A, class B2 = B>
   auto row_keys(index_t bb, index_t h, index_t q) const
-      -> decltype(std::declval<const A2&>().row_keys(bb, h, q), std::declval<const B2&>().row_keys(bb, h, q), KeyRange{}) {
+      -> decltype(std::declval<const A2&>().row_keys(bb, h, q),
+                  std::declval<const B2&>().row_keys(bb, h, q), KeyRange{}) {
     const KeyRange ra = a.row_keys(bb, h, q), rb = b.row_keys(bb, h, q);
     return {std::max(ra.begin, rb.begin), std::min(ra.end, rb.end)};
   }
@@ -309,7 +309,8 @@ struct MaskAnd : MaskPolicy {
 template <class M, class = void>
 struct has_row_keys : std::false_type {};
 template <class M>
-struct has_row_keys<M, std::void_t<decltype(std::declval<const M&>().row_keys(index_t{}, index_t{}, index_t{}))>>
+struct has_row_keys<
+    M, std::void_t<decltype(std::declval<const M&>().row_keys(index_t{}, index_t{}, index_t{}))>>
     : std::true_type {};
 template <class M>
 inline constexpr bool has_row_keys_v = has_row_keys<M>::value;

@@ -25,8 +25,7 @@ void masked_attention(const TensorView<Q, 4>& q, const TensorView<K, 4>& k,
 }
 
 /// Same, without a score modifier.
-template <class Q, class K, class V, class O, class Mask,
-          class = std::enable_if_t<is_mask_v<Mask>>>
+template <class Q, class K, class V, class O, class Mask, class = std::enable_if_t<is_mask_v<Mask>>>
 void masked_attention(const TensorView<Q, 4>& q, const TensorView<K, 4>& k,
                       const TensorView<V, 4>& v, const TensorView<O, 4>& out, const Mask& mask,
                       const AttentionOptions& options) {

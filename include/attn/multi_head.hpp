@@ -120,7 +120,8 @@ class ProjectionGemms {
            index_t ldw, T* y, index_t ldy, int num_threads) {
     const index_t tasks = (rows + chunk - 1) / chunk;
     // Below ~4M multiply-adds (~0.1 ms) a parallel region costs more than it saves.
-    const bool small = static_cast<double>(rows) * static_cast<double>(cols) * static_cast<double>(depth) < 4.0e6;
+    const bool small =
+        static_cast<double>(rows) * static_cast<double>(cols) * static_cast<double>(depth) < 4.0e6;
     const int threads = small ? 1 : resolve_threads(num_threads, tasks);
     Entry& e = entry(cols, depth, threads);
     auto body = [&](TileGemm<T>& g, index_t t) {
@@ -189,10 +190,12 @@ void with_matrix(const TensorView<const T, 2>& w, F&& f) {
   const index_t r = w.extent(0), c = w.extent(1);
   if (w.stride(1) == 1 || c == 1) {
     f(Eigen::Map<const RowMatrix<T>, 0, Eigen::OuterStride<>>(
-        w.data(), r, c, Eigen::OuterStride<>(c == 1 ? std::max<index_t>(w.stride(0), 1) : w.stride(0))));
+        w.data(), r, c,
+        Eigen::OuterStride<>(c == 1 ? std::max<index_t>(w.stride(0), 1) : w.stride(0))));
   } else if (w.stride(0) == 1 || r == 1) {
     f(Eigen::Map<const ColMatrix<T>, 0, Eigen::OuterStride<>>(
-        w.data(), r, c, Eigen::OuterStride<>(r == 1 ? std::max<index_t>(w.stride(1), 1) : w.stride(1))));
+        w.data(), r, c,
+        Eigen::OuterStride<>(r == 1 ? std::max<index_t>(w.stride(1), 1) : w.stride(1))));
   } else {
     f(matrix(w));
   }
@@ -206,8 +209,8 @@ void for_row_blocks(const TensorView<T, 3>& x, F&& f) {
   using Mat = std::conditional_t<std::is_const<T>::value, const RowMatrix<Plain>, RowMatrix<Plain>>;
   const index_t B = x.extent(0), L = x.extent(1), d = x.extent(2);
   if (x.stride(2) == 1 && (B == 1 || x.stride(0) == L * x.stride(1))) {
-    f(Eigen::Map<Mat, 0, Eigen::OuterStride<>>(x.data(), B * L, d,
-                                              Eigen::OuterStride<>(L == 1 && B == 1 ? d : x.stride(1))),
+    f(Eigen::Map<Mat, 0, Eigen::OuterStride<>>(
+          x.data(), B * L, d, Eigen::OuterStride<>(L == 1 && B == 1 ? d : x.stride(1))),
       index_t{0});
     return;
   }
@@ -230,8 +233,7 @@ void add_bias(Y& y, const TensorView<const T, 1>& bias) {
 /// thread-split GEMMs of `gemms`; other strides go through an Eigen product.
 template <class T>
 void project(const TensorView<const T, 3>& x, const TensorView<const T, 2>& w,
-             const TensorView<const T, 1>& bias, T* y, ProjectionGemms<T>& gemms,
-             int num_threads) {
+             const TensorView<const T, 1>& bias, T* y, ProjectionGemms<T>& gemms, int num_threads) {
   const index_t cols = w.extent(1), depth = w.extent(0);
   for_row_blocks(x, [&](const auto& xm, index_t row0) {
     Eigen::Map<RowMatrix<T>> ym(y + row0 * cols, xm.rows(), cols);
@@ -258,7 +260,8 @@ void project_out(const T* heads, const TensorView<const T, 2>& wo, const TensorV
       gemms.run(om.rows(), cols, width, hm.data(), width, wo.data(), wo.stride(0), om.data(),
                 om.outerStride(), num_threads);
     } else {
-      with_matrix(wo, [&](const auto& wm) { om.noalias() = hm * wm; });  // (rows, Hq·Dv)·(Hq·Dv, d_model)
+      with_matrix(
+          wo, [&](const auto& wm) { om.noalias() = hm * wm; });  // (rows, Hq·Dv)·(Hq·Dv, d_model)
     }
     add_bias(om, bo);
   });
@@ -422,8 +425,8 @@ void check_self_attention(const MultiHeadConfig& c, const TensorView<const T, 3>
   static_assert(is_score_mod_v<Mod>,
                 "attn: the score_mod argument must be a score modifier (attn/score_mod.hpp)");
   if (c.d_kv_in != c.d_model)
-    fail("self-attention needs d_kv_in == d_model, but d_kv_in is ", c.d_kv_in,
-         " and d_model is ", c.d_model, " (use attn::CrossAttention)");
+    fail("self-attention needs d_kv_in == d_model, but d_kv_in is ", c.d_kv_in, " and d_model is ",
+         c.d_model, " (use attn::CrossAttention)");
   check_sequence(x, "x", c.d_model, "d_model");
   check_output(out, x, c.d_model);
   const AttentionShape s = layer_shape(c, x.extent(0), x.extent(1), x.extent(1));
@@ -488,16 +491,24 @@ class AttentionProjections {
 
   /// Wq [d_model, Hq·D] from any Eigen matrix (y = x·Wq).
   template <class Derived>
-  void set_wq(const Eigen::MatrixBase<Derived>& w) { set(wq_, w, "Wq", "d_model, q_heads*head_dim"); }
+  void set_wq(const Eigen::MatrixBase<Derived>& w) {
+    set(wq_, w, "Wq", "d_model, q_heads*head_dim");
+  }
   /// Wk [d_kv_in, Hkv·D].
   template <class Derived>
-  void set_wk(const Eigen::MatrixBase<Derived>& w) { set(wk_, w, "Wk", "d_kv_in, kv_heads*head_dim"); }
+  void set_wk(const Eigen::MatrixBase<Derived>& w) {
+    set(wk_, w, "Wk", "d_kv_in, kv_heads*head_dim");
+  }
   /// Wv [d_kv_in, Hkv·Dv].
   template <class Derived>
-  void set_wv(const Eigen::MatrixBase<Derived>& w) { set(wv_, w, "Wv", "d_kv_in, kv_heads*v_head_dim"); }
+  void set_wv(const Eigen::MatrixBase<Derived>& w) {
+    set(wv_, w, "Wv", "d_kv_in, kv_heads*v_head_dim");
+  }
   /// Wo [Hq·Dv, d_model].
   template <class Derived>
-  void set_wo(const Eigen::MatrixBase<Derived>& w) { set(wo_, w, "Wo", "q_heads*v_head_dim, d_model"); }
+  void set_wo(const Eigen::MatrixBase<Derived>& w) {
+    set(wo_, w, "Wo", "q_heads*v_head_dim, d_model");
+  }
 
   /// Wq from a row-major buffer of rows × cols (checked against the config).
   void set_wq(const T* data, index_t rows, index_t cols) { set_wq(map(data, rows, cols)); }
@@ -507,19 +518,32 @@ class AttentionProjections {
 
   /// Biases (row or column vectors); a layer has a bias only once it is set.
   template <class Derived>
-  void set_bq(const Eigen::MatrixBase<Derived>& b) { set_bias(bq_, b, "bq", wq_.cols()); }
+  void set_bq(const Eigen::MatrixBase<Derived>& b) {
+    set_bias(bq_, b, "bq", wq_.cols());
+  }
   template <class Derived>
-  void set_bk(const Eigen::MatrixBase<Derived>& b) { set_bias(bk_, b, "bk", wk_.cols()); }
+  void set_bk(const Eigen::MatrixBase<Derived>& b) {
+    set_bias(bk_, b, "bk", wk_.cols());
+  }
   template <class Derived>
-  void set_bv(const Eigen::MatrixBase<Derived>& b) { set_bias(bv_, b, "bv", wv_.cols()); }
+  void set_bv(const Eigen::MatrixBase<Derived>& b) {
+    set_bias(bv_, b, "bv", wv_.cols());
+  }
   template <class Derived>
-  void set_bo(const Eigen::MatrixBase<Derived>& b) { set_bias(bo_, b, "bo", wo_.cols()); }
+  void set_bo(const Eigen::MatrixBase<Derived>& b) {
+    set_bias(bo_, b, "bo", wo_.cols());
+  }
   void set_bq(const T* data, index_t n) { set_bq(vmap(data, n)); }
   void set_bk(const T* data, index_t n) { set_bk(vmap(data, n)); }
   void set_bv(const T* data, index_t n) { set_bv(vmap(data, n)); }
   void set_bo(const T* data, index_t n) { set_bo(vmap(data, n)); }
   /// Removes all biases.
-  void clear_biases() { bq_.resize(0); bk_.resize(0); bv_.resize(0); bo_.resize(0); }
+  void clear_biases() {
+    bq_.resize(0);
+    bk_.resize(0);
+    bv_.resize(0);
+    bo_.resize(0);
+  }
 
   const RowMatrix<T>& wq() const { return wq_; }
   const RowMatrix<T>& wk() const { return wk_; }

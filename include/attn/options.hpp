@@ -39,7 +39,9 @@ struct AttentionStats {
   std::int64_t skipped_tiles = 0;  ///< tiles inside the key range that the mask ruled out
   std::int64_t scores = 0;         ///< computed q·k scores (rows × keys over computed tiles)
   /// Multiply-adds ×2 of the two GEMMs: 2·scores·(D + Dv).
-  double flops(index_t d, index_t dv) const { return 2.0 * static_cast<double>(scores) * static_cast<double>(d + dv); }
+  double flops(index_t d, index_t dv) const {
+    return 2.0 * static_cast<double>(scores) * static_cast<double>(d + dv);
+  }
 };
 
 /// Options common to the attention entry points. Every field has a default

@@ -22,9 +22,9 @@ namespace reference {
 /// the mask and score modifier applied; an all-masked row is all zeros.
 /// Also returns each row's log-sum-exp (-inf for an all-masked row).
 template <class Q, class K, class Mask, class Mod>
-void probabilities(const TensorView<Q, 4>& q, const TensorView<K, 4>& k,
-                   const AttentionShape& s, const Mask& mask, const Mod& mod, double scale,
-                   index_t b, index_t h, std::vector<double>& p, std::vector<double>& lse) {
+void probabilities(const TensorView<Q, 4>& q, const TensorView<K, 4>& k, const AttentionShape& s,
+                   const Mask& mask, const Mod& mod, double scale, index_t b, index_t h,
+                   std::vector<double>& p, std::vector<double>& lse) {
   const index_t hk = s.kv_head(h);
   const double neg_inf = -std::numeric_limits<double>::infinity();
   p.assign(static_cast<std::size_t>(s.lq * s.lk), 0.0);
@@ -76,7 +76,8 @@ void attention(const TensorView<Q, 4>& q, const TensorView<K, 4>& k, const Tenso
             acc += p[static_cast<std::size_t>(i * s.lk + j)] * static_cast<double>(v(b, hk, j, c));
           out(b, h, i, c) = static_cast<O>(acc);
         }
-        if (!opt.lse.is_null()) opt.lse(b, h, i) = static_cast<float>(lse[static_cast<std::size_t>(i)]);
+        if (!opt.lse.is_null())
+          opt.lse(b, h, i) = static_cast<float>(lse[static_cast<std::size_t>(i)]);
       }
     }
 }

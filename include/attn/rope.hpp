@@ -71,8 +71,7 @@ class RopeTable {
   /// Makes the table cover positions [first, first + len) of `rope` with
   /// rotary dim `rd`; keeps the current table when it already does.
   void ensure(const Rope& rope, index_t rd, index_t first, index_t len) {
-    if (rope.theta == theta_ && rd == 2 * half_ && first >= first_ &&
-        first + len <= first_ + len_)
+    if (rope.theta == theta_ && rd == 2 * half_ && first >= first_ && first + len <= first_ + len_)
       return;
     theta_ = rope.theta;
     half_ = rd / 2;

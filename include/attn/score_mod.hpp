@@ -71,7 +71,8 @@ struct AdditiveBias : ScoreModPolicy {
   }
   template <class Acc>
   Acc operator()(index_t b, index_t h, index_t q, index_t k, Acc s) const {
-    return s + static_cast<Acc>(view.data()[detail::broadcast_row(view, b, h, q) + k * view.stride(3)]);
+    return s +
+           static_cast<Acc>(view.data()[detail::broadcast_row(view, b, h, q) + k * view.stride(3)]);
   }
   template <class Acc>
   void apply_tile(index_t b, index_t h, index_t q0, index_t k0, Acc* s, index_t ld, index_t rows,
@@ -139,7 +140,8 @@ Alibi alibi(const std::vector<S>& slopes) {
 inline std::vector<double> alibi_slopes(index_t n) {
   auto pow2 = [](index_t m) {
     std::vector<double> r;
-    for (index_t i = 1; i <= m; ++i) r.push_back(std::exp2(-8.0 * static_cast<double>(i) / static_cast<double>(m)));
+    for (index_t i = 1; i <= m; ++i)
+      r.push_back(std::exp2(-8.0 * static_cast<double>(i) / static_cast<double>(m)));
     return r;
   };
   index_t p = 1;
@@ -160,7 +162,8 @@ struct Softcap : ScoreModPolicy {
   double cap = 0;
 
   Softcap bind(const AttentionShape&) const {
-    if (!(cap > 0) || !std::isfinite(cap)) detail::fail("softcap cap is ", cap, ", must be finite and > 0");
+    if (!(cap > 0) || !std::isfinite(cap))
+      detail::fail("softcap cap is ", cap, ", must be finite and > 0");
     return *this;
   }
   template <class Acc>

@@ -70,7 +70,8 @@ class BlockSampler {
     if (4 * count < candidates) {
       while (static_cast<index_t>(row.size() - first) < count) {
         const index_t j = below(n);
-        if (is_excluded(j) || std::find(row.begin() + static_cast<std::ptrdiff_t>(first), row.end(), j) != row.end())
+        if (is_excluded(j) ||
+            std::find(row.begin() + static_cast<std::ptrdiff_t>(first), row.end(), j) != row.end())
           continue;
         row.push_back(j);
       }
@@ -111,27 +112,26 @@ class BlockSparseLayout {
   /// attn::Error naming the first violation.
   BlockSparseLayout(index_t block_q, index_t block_k, index_t q_blocks, index_t k_blocks,
                     index_t heads, std::vector<index_t> row_offsets, std::vector<index_t> cols)
-      : block_q_(block_q),
-        block_k_(block_k),
-        q_blocks_(q_blocks),
-        k_blocks_(k_blocks),
-        heads_(heads),
-        offsets_(std::move(row_offsets)),
-        cols_(std::move(cols)) {
+      : block_q_(block_q), block_k_(block_k), q_blocks_(q_blocks), k_blocks_(k_blocks),
+        heads_(heads), offsets_(std::move(row_offsets)), cols_(std::move(cols)) {
     check_grid(block_q_, block_k_, q_blocks_, k_blocks_, heads_);
     const index_t rows = heads_ * q_blocks_;
     if (static_cast<index_t>(offsets_.size()) != rows + 1)
-      detail::fail("block-sparse layout has ", offsets_.size(), " row offsets, expected heads · q_blocks + 1 = ",
-                   rows + 1);
+      detail::fail("block-sparse layout has ", offsets_.size(),
+                   " row offsets, expected heads · q_blocks + 1 = ", rows + 1);
     if (offsets_.front() != 0 || offsets_.back() != static_cast<index_t>(cols_.size()))
-      detail::fail("block-sparse layout row offsets run from ", offsets_.front(), " to ", offsets_.back(),
-                   ", expected 0 to the number of key blocks listed, ", cols_.size());
-    for (index_t r = 0; r < rows; ++r)  // non-decreasing from 0 to cols.size(): every row lies in cols
+      detail::fail("block-sparse layout row offsets run from ", offsets_.front(), " to ",
+                   offsets_.back(), ", expected 0 to the number of key blocks listed, ",
+                   cols_.size());
+    for (index_t r = 0; r < rows;
+         ++r)  // non-decreasing from 0 to cols.size(): every row lies in cols
       if (offsets_[static_cast<std::size_t>(r + 1)] < offsets_[static_cast<std::size_t>(r)])
-        detail::fail("block-sparse layout row offsets decrease at row ", r, ": ", offsets_[static_cast<std::size_t>(r)],
-                     " then ", offsets_[static_cast<std::size_t>(r + 1)]);
+        detail::fail("block-sparse layout row offsets decrease at row ", r, ": ",
+                     offsets_[static_cast<std::size_t>(r)], " then ",
+                     offsets_[static_cast<std::size_t>(r + 1)]);
     for (index_t r = 0; r < rows; ++r) {
-      const index_t a = offsets_[static_cast<std::size_t>(r)], e = offsets_[static_cast<std::size_t>(r + 1)];
+      const index_t a = offsets_[static_cast<std::size_t>(r)],
+                    e = offsets_[static_cast<std::size_t>(r + 1)];
       for (index_t i = a; i < e; ++i) {
         const index_t c = cols_[static_cast<std::size_t>(i)];
         if (c < 0 || c >= k_blocks_)
@@ -153,8 +153,9 @@ class BlockSparseLayout {
                                            index_t heads = 1) {
     check_grid(block_q, block_k, q_blocks, k_blocks, heads);
     if (static_cast<index_t>(mask.size()) != heads * q_blocks * k_blocks)
-      detail::fail("block mask has ", mask.size(), " entries, expected heads · q_blocks · k_blocks = ",
-                   heads, " · ", q_blocks, " · ", k_blocks, " = ", heads * q_blocks * k_blocks);
+      detail::fail("block mask has ", mask.size(),
+                   " entries, expected heads · q_blocks · k_blocks = ", heads, " · ", q_blocks,
+                   " · ", k_blocks, " = ", heads * q_blocks * k_blocks);
     std::vector<index_t> offsets{0}, cols;
     for (index_t r = 0; r < heads * q_blocks; ++r) {
       for (index_t j = 0; j < k_blocks; ++j)
@@ -199,13 +200,14 @@ class BlockSparseLayout {
 
   /// Self-attention over seq_len tokens: the listed blocks are global, i.e.
   /// each sees every block and is seen by every block. Nothing else is set.
-  static BlockSparseLayout global(index_t seq_len, index_t block, const std::vector<index_t>& blocks) {
+  static BlockSparseLayout global(index_t seq_len, index_t block,
+                                  const std::vector<index_t>& blocks) {
     const index_t n = blocks_for(seq_len, block, "seq_len");
     std::vector<index_t> sorted = blocks;
     for (index_t g : sorted)
       if (g < 0 || g >= n)
-        detail::fail("global block ", g, " is outside [0, ", n, ") (seq_len ", seq_len, " in blocks of ",
-                     block, ")");
+        detail::fail("global block ", g, " is outside [0, ", n, ") (seq_len ", seq_len,
+                     " in blocks of ", block, ")");
     std::sort(sorted.begin(), sorted.end());
     sorted.erase(std::unique(sorted.begin(), sorted.end()), sorted.end());
     return from_rows(seq_len, block, 1, [&](index_t, index_t i, std::vector<index_t>& row) {
@@ -222,8 +224,8 @@ class BlockSparseLayout {
   /// no more than per_row). The draw depends only on (seed, seq_len, block,
   /// per_row, heads): the same arguments give the same layout on every
   /// platform. heads > 1 draws each head independently.
-  static BlockSparseLayout random(index_t seq_len, index_t block, index_t per_row, std::uint64_t seed,
-                                  index_t heads = 1) {
+  static BlockSparseLayout random(index_t seq_len, index_t block, index_t per_row,
+                                  std::uint64_t seed, index_t heads = 1) {
     const index_t n = blocks_for(seq_len, block, "seq_len");
     if (per_row < 0) detail::fail("random blocks per row is ", per_row, ", must be >= 0");
     detail::BlockSampler sampler(seed);
@@ -252,7 +254,8 @@ class BlockSparseLayout {
         std::set_union(ra.first, ra.second, rb.first, rb.second, std::back_inserter(cols));
         offsets.push_back(static_cast<index_t>(cols.size()));
       }
-    return {a.block_q_, a.block_k_, a.q_blocks_, a.k_blocks_, heads, std::move(offsets), std::move(cols)};
+    return {a.block_q_, a.block_k_,         a.q_blocks_,    a.k_blocks_,
+            heads,      std::move(offsets), std::move(cols)};
   }
 
   index_t block_q() const { return block_q_; }    ///< query rows per block
@@ -325,7 +328,6 @@ class BlockSparseLayout {
   std::vector<index_t> cols_;
 };
 
-
 // ---------------------------------------------------------------- presets --
 
 /// BigBird's block-sparse pattern (Zaheer et al. 2020, the ITC variant that
@@ -350,29 +352,33 @@ struct BigBirdConfig {
 inline BlockSparseLayout bigbird(index_t seq_len, const BigBirdConfig& cfg = {}) {
   if (cfg.window_blocks < 1 || cfg.window_blocks % 2 == 0)
     detail::fail("bigbird window_blocks is ", cfg.window_blocks, ", must be odd and >= 1");
-  if (cfg.global_blocks < 0) detail::fail("bigbird global_blocks is ", cfg.global_blocks, ", must be >= 0");
-  if (cfg.random_blocks < 0) detail::fail("bigbird random_blocks is ", cfg.random_blocks, ", must be >= 0");
+  if (cfg.global_blocks < 0)
+    detail::fail("bigbird global_blocks is ", cfg.global_blocks, ", must be >= 0");
+  if (cfg.random_blocks < 0)
+    detail::fail("bigbird random_blocks is ", cfg.random_blocks, ", must be >= 0");
   if (cfg.block <= 0) detail::fail("bigbird block is ", cfg.block, ", must be > 0");
   if (seq_len <= 0) detail::fail("seq_len is ", seq_len, ", must be > 0");
   const index_t n = (seq_len + cfg.block - 1) / cfg.block;
-  const index_t first = std::min(n, (cfg.global_blocks + 1) / 2);  // global blocks [0, first)
+  const index_t first = std::min(n, (cfg.global_blocks + 1) / 2);   // global blocks [0, first)
   const index_t last = std::max(first, n - cfg.global_blocks / 2);  // and [last, n)
   const index_t half = std::min(n, (cfg.window_blocks - 1) / 2);
   detail::BlockSampler sampler(cfg.seed);
   std::vector<index_t> excluded;
-  return BlockSparseLayout::from_rows(seq_len, cfg.block, cfg.heads, [&](index_t, index_t i, std::vector<index_t>& row) {
-    if (i < first || i >= last) {  // a global query block sees everything
-      for (index_t j = 0; j < n; ++j) row.push_back(j);
-      return;
-    }
-    // Window and global key blocks, then random ones from the others.
-    excluded.clear();
-    for (index_t j = 0; j < first; ++j) excluded.push_back(j);
-    for (index_t j = std::max(first, i - half); j <= std::min(last - 1, i + half); ++j) excluded.push_back(j);
-    for (index_t j = last; j < n; ++j) excluded.push_back(j);
-    row.insert(row.end(), excluded.begin(), excluded.end());
-    sampler.draw(n, excluded, cfg.random_blocks, row);
-  });
+  return BlockSparseLayout::from_rows(
+      seq_len, cfg.block, cfg.heads, [&](index_t, index_t i, std::vector<index_t>& row) {
+        if (i < first || i >= last) {  // a global query block sees everything
+          for (index_t j = 0; j < n; ++j) row.push_back(j);
+          return;
+        }
+        // Window and global key blocks, then random ones from the others.
+        excluded.clear();
+        for (index_t j = 0; j < first; ++j) excluded.push_back(j);
+        for (index_t j = std::max(first, i - half); j <= std::min(last - 1, i + half); ++j)
+          excluded.push_back(j);
+        for (index_t j = last; j < n; ++j) excluded.push_back(j);
+        row.insert(row.end(), excluded.begin(), excluded.end());
+        sampler.draw(n, excluded, cfg.random_blocks, row);
+      });
 }
 
 /// Longformer's pattern at block granularity (Beltagy et al. 2020: a sliding
@@ -394,8 +400,8 @@ inline BlockSparseLayout longformer(index_t seq_len, const std::vector<index_t>&
                                     const LongformerConfig& cfg = {}) {
   if (cfg.block <= 0) detail::fail("longformer block is ", cfg.block, ", must be > 0");
   if (cfg.window < 0 || cfg.window % (2 * cfg.block) != 0)
-    detail::fail("longformer window is ", cfg.window, ", must be a non-negative multiple of 2 · block = ",
-                 2 * cfg.block);
+    detail::fail("longformer window is ", cfg.window,
+                 ", must be a non-negative multiple of 2 · block = ", 2 * cfg.block);
   if (seq_len <= 0) detail::fail("seq_len is ", seq_len, ", must be > 0");
   std::vector<index_t> global;
   for (index_t t : global_tokens) {
@@ -435,7 +441,8 @@ struct BlockSparseMask : MaskPolicy {
   }
 
   bool keep(index_t b, index_t h, index_t q, index_t k) const {
-    return inner.keep(b, h, q, k) && layout->contains(h, q / layout->block_q(), k / layout->block_k());
+    return inner.keep(b, h, q, k) &&
+           layout->contains(h, q / layout->block_q(), k / layout->block_k());
   }
 
   KeyRange key_range(index_t b, index_t h, index_t q0, index_t q1) const {
@@ -503,16 +510,17 @@ inline BlockSparseMask<NoMask> block_sparse(const BlockSparseLayout& layout) {
 /// O(nnz · block_q · block_k · (D + Dv)); options.stats counts the computed
 /// blocks. A row that sees no key outputs zeros and lse -inf.
 template <class Q, class K, class V, class O, class Mask = NoMask, class Mod = NoScoreMod>
-void sparse_attention(const TensorView<Q, 4>& q, const TensorView<K, 4>& k, const TensorView<V, 4>& v,
-                      const TensorView<O, 4>& out, const BlockSparseLayout& layout, const Mask& mask = {},
+void sparse_attention(const TensorView<Q, 4>& q, const TensorView<K, 4>& k,
+                      const TensorView<V, 4>& v, const TensorView<O, 4>& out,
+                      const BlockSparseLayout& layout, const Mask& mask = {},
                       const Mod& score_mod = {}, const AttentionOptions& options = {}) {
   static_assert(is_mask_v<Mask>, "attn: the mask argument must be a mask policy (attn/mask.hpp)");
   if (options.block_q != 0 && options.block_q != layout.block_q())
-    detail::fail("block_q is ", options.block_q, ", but the layout's query blocks have ", layout.block_q(),
-                 " rows (leave block_q at 0)");
+    detail::fail("block_q is ", options.block_q, ", but the layout's query blocks have ",
+                 layout.block_q(), " rows (leave block_q at 0)");
   if (options.block_k != 0 && options.block_k != layout.block_k())
-    detail::fail("block_k is ", options.block_k, ", but the layout's key blocks have ", layout.block_k(),
-                 " keys (leave block_k at 0)");
+    detail::fail("block_k is ", options.block_k, ", but the layout's key blocks have ",
+                 layout.block_k(), " keys (leave block_k at 0)");
   AttentionOptions opt = options;
   opt.block_q = layout.block_q();
   opt.block_k = layout.block_k();
@@ -524,9 +532,9 @@ void sparse_attention(const TensorView<Q, 4>& q, const TensorView<K, 4>& k, cons
 
 /// Same, with options and no extra mask or score modifier.
 template <class Q, class K, class V, class O>
-void sparse_attention(const TensorView<Q, 4>& q, const TensorView<K, 4>& k, const TensorView<V, 4>& v,
-                      const TensorView<O, 4>& out, const BlockSparseLayout& layout,
-                      const AttentionOptions& options) {
+void sparse_attention(const TensorView<Q, 4>& q, const TensorView<K, 4>& k,
+                      const TensorView<V, 4>& v, const TensorView<O, 4>& out,
+                      const BlockSparseLayout& layout, const AttentionOptions& options) {
   sparse_attention(q, k, v, out, layout, no_mask(), no_score_mod(), options);
 }
 

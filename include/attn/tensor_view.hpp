@@ -45,8 +45,8 @@ class TensorView {
   }
 
   /// A view of T converts to a view of const T.
-  template <class U, class = std::enable_if_t<std::is_same<const U, T>::value &&
-                                              !std::is_same<U, T>::value>>
+  template <class U,
+            class = std::enable_if_t<std::is_same<const U, T>::value && !std::is_same<U, T>::value>>
   TensorView(const TensorView<U, Rank>& other)  // NOLINT(google-explicit-constructor)
       : data_(other.data()), shape_(other.shape()), strides_(other.strides()) {}
 

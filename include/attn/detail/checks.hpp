@@ -58,8 +58,8 @@ void check_no_overlap(const TensorView<A, RA>& out, const char* out_name,
                       const TensorView<B, RB>& in, const char* in_name) {
   const ByteRange a = byte_range(out), b = byte_range(in);
   if (a.lo < b.hi && b.lo < a.hi)
-    fail(out_name, " overlaps ", in_name, ": ", out_name, " spans bytes [", a.lo, ", ", a.hi,
-         "), ", in_name, " spans [", b.lo, ", ", b.hi, ")");
+    fail(out_name, " overlaps ", in_name, ": ", out_name, " spans bytes [", a.lo, ", ", a.hi, "), ",
+         in_name, " spans [", b.lo, ", ", b.hi, ")");
 }
 
 /// A view that is written must not map two indices to one element.
@@ -67,20 +67,22 @@ template <class T, int R>
 void check_not_self_overlapping(const TensorView<T, R>& v, const char* name) {
   std::array<int, R> order{};
   for (int i = 0; i < R; ++i) order[i] = i;
-  std::sort(order.begin(), order.end(), [&](int a, int b) {
-    return std::abs(v.stride(a)) < std::abs(v.stride(b));
-  });
+  std::sort(order.begin(), order.end(),
+            [&](int a, int b) { return std::abs(v.stride(a)) < std::abs(v.stride(b)); });
   index_t reach = 0;  // largest offset reachable with the smaller-stride dims
   for (int i : order) {
     if (v.extent(i) == 1) continue;
     if (std::abs(v.stride(i)) <= reach)
-      fail(name, " has shape ", shape_str(v), " and strides ", [&] {
-        std::ostringstream os;
-        os << '[';
-        for (int j = 0; j < R; ++j) os << (j ? ", " : "") << v.stride(j);
-        os << ']';
-        return os.str();
-      }(), ", which map two elements to one address (dimension ", i, ")");
+      fail(
+          name, " has shape ", shape_str(v), " and strides ",
+          [&] {
+            std::ostringstream os;
+            os << '[';
+            for (int j = 0; j < R; ++j) os << (j ? ", " : "") << v.stride(j);
+            os << ']';
+            return os.str();
+          }(),
+          ", which map two elements to one address (dimension ", i, ")");
     reach += (v.extent(i) - 1) * std::abs(v.stride(i));
   }
 }

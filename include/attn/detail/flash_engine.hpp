@@ -48,8 +48,8 @@ inline constexpr bool is_storage_type_v =
 /// Accumulation type: double if any operand is double, float otherwise
 /// (half and bfloat16 storage accumulate in float).
 template <class... T>
-using accum_t = std::conditional_t<(std::is_same<std::remove_cv_t<T>, double>::value || ...),
-                                   double, float>;
+using accum_t =
+    std::conditional_t<(std::is_same<std::remove_cv_t<T>, double>::value || ...), double, float>;
 
 /// Tile constants (see PERF.md: 128 × 256 was the best simple choice at
 /// D = 64 and 128 on the target machine).
@@ -68,24 +68,25 @@ template <class M, class = void>
 struct has_next_key : std::false_type {};
 template <class M>
 struct has_next_key<M, std::void_t<decltype(std::declval<const M&>().next_key(
-                           index_t{}, index_t{}, index_t{}, index_t{}, index_t{}))>> : std::true_type {};
+                           index_t{}, index_t{}, index_t{}, index_t{}, index_t{}))>>
+    : std::true_type {};
 
 /// Per-worker scratch of the engine.
 template <class Acc>
 struct FlashScratch {
   using Mat = RowMatrix<Acc>;
   using Vec = Eigen::Array<Acc, Eigen::Dynamic, 1>;
-  Mat q;           // (Br, D)  scaled query tile
-  Mat s;           // (Br, Bc) scores, then probabilities
-  Mat o;           // (Br, Dv) output accumulator
-  Mat k, v;        // (Bc, D), (Bc, Dv) packed key/value tiles, when a view cannot be used in place
-  Vec m, l;        // (Br) running row max and row sum
+  Mat q;     // (Br, D)  scaled query tile
+  Mat s;     // (Br, Bc) scores, then probabilities
+  Mat o;     // (Br, Dv) output accumulator
+  Mat k, v;  // (Bc, D), (Bc, Dv) packed key/value tiles, when a view cannot be used in place
+  Vec m, l;  // (Br) running row max and row sum
   TileGemm<Acc> qk, pv;
   AttentionStats stats;  // this worker's share of the call's counters
 
   FlashScratch(index_t br, index_t bc, index_t d, index_t dv, bool pack_k, bool pack_v)
-      : q(br, d), s(br, bc), o(br, dv), k(pack_k ? bc : 0, d), v(pack_v ? bc : 0, dv), m(br),
-        l(br), qk(br, bc, d), pv(br, dv, bc) {}
+      : q(br, d), s(br, bc), o(br, dv), k(pack_k ? bc : 0, d), v(pack_v ? bc : 0, dv), m(br), l(br),
+        qk(br, bc, d), pv(br, dv, bc) {}
 };
 
 /// A tile of a [L, D] slice as (pointer, leading dimension): in place when
@@ -138,7 +139,8 @@ void flash_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4>
                    const AttentionOptions& opt) {
   constexpr Acc neg_inf = -std::numeric_limits<Acc>::infinity();
 
-  const Acc scale = static_cast<Acc>(opt.scale.value_or(1.0 / std::sqrt(static_cast<double>(shape.d))));
+  const Acc scale =
+      static_cast<Acc>(opt.scale.value_or(1.0 / std::sqrt(static_cast<double>(shape.d))));
   const index_t br = std::min(opt.block_q > 0 ? opt.block_q : TileTraits::block_q, shape.lq);
   const index_t bc = std::min(opt.block_k > 0 ? opt.block_k : TileTraits::block_k, shape.lk);
   const index_t q_tiles = (shape.lq + br - 1) / br;
@@ -175,7 +177,8 @@ void flash_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4>
     kr.end = std::min(kr.end, shape.lk);
     for (index_t k0 = kr.begin; k0 < kr.end; k0 += bc) {
       if constexpr (has_next_key<Mask>::value) {
-        // Jump whole tiles (the grid stays kr.begin + n·Bc) to the one holding the next visible key.
+        // Jump whole tiles (the grid stays kr.begin + n·Bc) to the one holding the next visible
+        // key.
         const index_t next = std::clamp(mask.next_key(b, h, q0, q0 + rows, k0), k0, kr.end);
         const index_t jump = (next - k0) / bc;
         sc.stats.skipped_tiles += jump;

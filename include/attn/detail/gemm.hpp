@@ -37,18 +37,20 @@ class TileGemm {
   /// C: rows×cols row-major (ldc).
   void add_abt(index_t rows, index_t cols, index_t depth, const Acc* a, index_t lda, const Acc* b,
                index_t ldb, Acc* c, index_t ldc, Acc alpha) {
-    Eigen::internal::general_matrix_matrix_product<
-        index_t, Acc, Eigen::RowMajor, false, Acc, Eigen::ColMajor, false, Eigen::RowMajor,
-        1>::run(rows, cols, depth, a, lda, b, ldb, c, 1, ldc, alpha, blocking_);
+    Eigen::internal::general_matrix_matrix_product<index_t, Acc, Eigen::RowMajor, false, Acc,
+                                                   Eigen::ColMajor, false, Eigen::RowMajor,
+                                                   1>::run(rows, cols, depth, a, lda, b, ldb, c, 1,
+                                                           ldc, alpha, blocking_);
   }
 
   /// C += alpha · A · B.  A: rows×depth row-major (lda); B: depth×cols row-major (ldb);
   /// C: rows×cols row-major (ldc).
   void add_ab(index_t rows, index_t cols, index_t depth, const Acc* a, index_t lda, const Acc* b,
               index_t ldb, Acc* c, index_t ldc, Acc alpha) {
-    Eigen::internal::general_matrix_matrix_product<
-        index_t, Acc, Eigen::RowMajor, false, Acc, Eigen::RowMajor, false, Eigen::RowMajor,
-        1>::run(rows, cols, depth, a, lda, b, ldb, c, 1, ldc, alpha, blocking_);
+    Eigen::internal::general_matrix_matrix_product<index_t, Acc, Eigen::RowMajor, false, Acc,
+                                                   Eigen::RowMajor, false, Eigen::RowMajor,
+                                                   1>::run(rows, cols, depth, a, lda, b, ldb, c, 1,
+                                                           ldc, alpha, blocking_);
   }
 
  private:

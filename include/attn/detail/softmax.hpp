@@ -19,7 +19,7 @@ namespace detail {
 /// x = n·ln2 + r, |r| <= ln2/2, a degree-6 polynomial for exp(r), and 2^n
 /// written into the exponent bits. Branch-free so that loops over it vectorise.
 inline float exp_nonpositive(float x) {
-  const float below = -87.3f;                           // exp(below) ~ 1.2e-38, just above FLT_MIN
+  const float below = -87.3f;  // exp(below) ~ 1.2e-38, just above FLT_MIN
   // No clamp: for x below the range the arithmetic may give garbage or NaN,
   // and the result is masked to 0 at the end.
   const float shifted = x * 1.44269504088896341f + 12582912.0f;  // 1.5·2^23 + round(x·log2 e)
