@@ -178,19 +178,23 @@ void register_all(bool sweep) {
       benchmark::RegisterBenchmark(("linear/" + std::string(causal ? "causal" : "full")).c_str(),
                                    BM_Linear)
           ->Args({n, causal, 0})
+          ->ArgNames({"N", "causal", "chunk"})
           ->Unit(benchmark::kMillisecond)
           ->UseRealTime();
   for (index_t n : recur_n) {
     benchmark::RegisterBenchmark("linear/causal_plain_recurrence", BM_PlainRecurrence)
         ->Arg(n)
+        ->ArgName("N")
         ->Unit(benchmark::kMillisecond)
         ->UseRealTime();
     benchmark::RegisterBenchmark("linear/causal_chunk1", BM_Linear)
         ->Args({n, 1, 1})
+        ->ArgNames({"N", "causal", "chunk"})
         ->Unit(benchmark::kMillisecond)
         ->UseRealTime();
     benchmark::RegisterBenchmark("linear/causal_decode_calls", BM_LinearDecodeCalls)
         ->Arg(n)
+        ->ArgName("N")
         ->Unit(benchmark::kMillisecond)
         ->UseRealTime();
   }
@@ -198,6 +202,7 @@ void register_all(bool sweep) {
     for (index_t chunk : {16, 32, 64, 128, 256})
       benchmark::RegisterBenchmark("linear/causal_chunk_sweep", BM_Linear)
           ->Args({16384, 1, chunk})
+          ->ArgNames({"N", "causal", "chunk"})
           ->Unit(benchmark::kMillisecond)
           ->UseRealTime();
   for (int causal : {0, 1})
@@ -205,6 +210,7 @@ void register_all(bool sweep) {
       benchmark::RegisterBenchmark(("flash/" + std::string(causal ? "causal" : "full")).c_str(),
                                    BM_Flash)
           ->Args({n, causal})
+          ->ArgNames({"N", "causal"})
           ->Unit(benchmark::kMillisecond)
           ->UseRealTime();
 }

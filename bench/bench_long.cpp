@@ -183,6 +183,7 @@ int main(int argc, char** argv) {
       benchmark::RegisterBenchmark((std::string("BM_") + path_name(path)).c_str(),
                                    [path](benchmark::State& s) { bench(s, path); })
           ->Arg(n)
+          ->ArgName("N")
           ->Unit(benchmark::kMillisecond)
           ->UseRealTime();
     }
