@@ -2,6 +2,7 @@
 // window written out as a dense boolean mask, window properties, tile counts
 // and argument errors.
 #include "support.hpp"
+#include "type_names.hpp"
 
 #include <attn/sliding_window.hpp>
 
@@ -72,15 +73,7 @@ Problem square(index_t n, index_t h = 2) {
 
 template <class T>
 class SlidingWindow : public ::testing::Test {};
-/// Names the typed instances "float" and "double" (and gives the variadic
-/// macro its optional argument, which clang's -Wpedantic asks for).
-struct TypeNames {
-  template <class T>
-  static std::string GetName(int) {
-    return std::is_same<T, float>::value ? "float" : "double";
-  }
-};
-TYPED_TEST_SUITE(SlidingWindow, FloatTypes, TypeNames);
+TYPED_TEST_SUITE(SlidingWindow, FloatTypes, StorageTypeNames);
 
 // ------------------------------------------------------ against the reference --
 

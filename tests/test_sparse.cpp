@@ -2,6 +2,7 @@
 // written out as a dense boolean mask; layout builders and their
 // properties; tile counts; argument errors.
 #include "support.hpp"
+#include "type_names.hpp"
 
 #include <attn/sparse.hpp>
 
@@ -98,15 +99,7 @@ std::vector<index_t> row_of(const BlockSparseLayout& l, index_t h, index_t i) {
 
 template <class T>
 class Sparse : public ::testing::Test {};
-/// Names the typed instances "float" and "double" (and gives the variadic
-/// macro its optional argument, which clang's -Wpedantic asks for).
-struct TypeNames {
-  template <class T>
-  static std::string GetName(int) {
-    return std::is_same<T, float>::value ? "float" : "double";
-  }
-};
-TYPED_TEST_SUITE(Sparse, FloatTypes, TypeNames);
+TYPED_TEST_SUITE(Sparse, FloatTypes, StorageTypeNames);
 
 // ------------------------------------------------------ against the reference --
 

@@ -173,35 +173,6 @@ void gemm_abt_serial(index_t rows, index_t cols, index_t depth, const Acc* a, in
                                                          ldc, Acc(1), blocking);
 }
 
-/// C += Aᵀ · B with Eigen's GEMM kernel, packing buffers allocated once
-/// (like TileGemm, whose products take A untransposed).
-/// A: depth×rows row-major (lda), B: depth×cols row-major (ldb), C: rows×cols row-major (ldc).
-template <class Acc>
-class TransposedGemm {
-  using Blocking = Eigen::internal::gemm_blocking_space<Eigen::RowMajor, Acc, Acc, Eigen::Dynamic,
-                                                        Eigen::Dynamic, Eigen::Dynamic, 1, false>;
-
- public:
-  TransposedGemm(index_t max_rows, index_t max_cols, index_t max_depth)
-      : blocking_(max_rows, max_cols, max_depth, 1, true) {
-    blocking_.allocateAll();
-  }
-  TransposedGemm(const TransposedGemm&) = delete;
-  TransposedGemm& operator=(const TransposedGemm&) = delete;
-
-  void add_atb(index_t rows, index_t cols, index_t depth, const Acc* a, index_t lda, const Acc* b,
-               index_t ldb, Acc* c, index_t ldc) {
-    // Aᵀ of a row-major depth×rows matrix is a column-major rows×depth one.
-    Eigen::internal::general_matrix_matrix_product<index_t, Acc, Eigen::ColMajor, false, Acc,
-                                                   Eigen::RowMajor, false, Eigen::RowMajor,
-                                                   1>::run(rows, cols, depth, a, lda, b, ldb, c, 1,
-                                                           ldc, Acc(1), blocking_);
-  }
-
- private:
-  Blocking blocking_;
-};
-
 }  // namespace detail
 
 /// FAVOR+ positive orthogonal random features (Choromanski et al.,
@@ -458,7 +429,7 @@ struct LinearScratch {
   Mat rhs;         // (F + n, Dv + 1)        [S | z ; V | 1]
   Mat num;         // (g·n, Dv + 1)          [numerator | denominator]
   TileGemm<Acc> qk, out;
-  TransposedGemm<Acc> kv;
+  TileGemm<Acc> kv;
 
   LinearScratch(index_t g, index_t n, index_t d, index_t f, index_t dv, bool pack)
       : x(pack ? n : 0, d), lhs(g * n, f + n), qlog(g * n), qeps(g * n), kphi(n, f),
@@ -531,7 +502,7 @@ void linear_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4
     };
     // [S | z] += φ̃(K)ᵀ [V | 1]                                               (F, Dv + 1)
     auto absorb_keys = [&](index_t rows) {
-      sc.kv.add_atb(f, ldr, rows, sc.kphi.data(), f, vaug, ldr, st.data(), ldr);
+      sc.kv.add_atb(f, ldr, rows, sc.kphi.data(), f, vaug, ldr, st.data(), ldr, Acc(1));
     };
     // φ̃(Q) of queries [i0, i0 + rows) of the g heads into lhs, row u·rows + r for head u.
     auto load_queries = [&](index_t i0, index_t rows) {
