@@ -3,8 +3,10 @@
 //   h = x + MHA(LayerNorm(x))              (RoPE on q and k)
 //   y = h + W2·GELU(W1·LayerNorm(h) + b1) + b2
 //
-// with random weights, timed per token, bidirectional and causal.
+// with random weights, timed per token: bidirectional, causal, and causal
+// within a sliding window of 128 keys.
 #include <attn/multi_head.hpp>
+#include <attn/sliding_window.hpp>
 
 #include <Eigen/Core>
 
@@ -100,10 +102,13 @@ int main() {
   Mat y(L, d);
   const double dense = seconds_per_token(blk, x, y, attn::no_mask());
   const double causal = seconds_per_token(blk, x, y, attn::causal());
+  const double windowed =
+      seconds_per_token(blk, x, y, attn::window(127, 0));  // itself + 127 before
   std::printf("pre-norm block, d_model %ld, %ld heads, ffn %ld, L %ld\n", long(d), long(heads),
               long(ffn), long(L));
   std::printf("  bidirectional: %8.1f us/token\n", dense * 1e6);
   std::printf("  causal:        %8.1f us/token\n", causal * 1e6);
+  std::printf("  window 128:    %8.1f us/token\n", windowed * 1e6);
   std::printf("  checksum %.6f\n", double(y.sum()));
   return 0;
 }
