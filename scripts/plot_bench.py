@@ -77,9 +77,10 @@ class Row:
 
 
 def gflops_of(entry):
-    """The GFLOP/s counter of a benchmark entry (GFLOPs, GFLOP/s, ...), or None."""
+    """The GFLOP/s counter of a benchmark entry (GFLOPs, GFLOP/s, GFLOP_s), or None.
+    A counter named plain "GFLOP" is the work per call, not a rate, and is not used."""
     for key, value in entry.items():
-        if re.fullmatch(r"gflop(s|/s|_s)?", key, re.IGNORECASE) and isinstance(value, (int, float)):
+        if re.fullmatch(r"gflop(s|/s|_s)", key, re.IGNORECASE) and isinstance(value, (int, float)):
             return float(value)
     return None
 
