@@ -127,6 +127,21 @@ struct Problem {
   }
 };
 
+/// A problem from its sizes.
+inline Problem make(index_t B, index_t Hq, index_t Hkv, index_t Lq, index_t Lk, index_t D,
+                    index_t Dv, Layout layout = Layout::bhsd) {
+  Problem p;
+  p.B = B;
+  p.Hq = Hq;
+  p.Hkv = Hkv;
+  p.Lq = Lq;
+  p.Lk = Lk;
+  p.D = D;
+  p.Dv = Dv;
+  p.layout = layout;
+  return p;
+}
+
 /// Inputs of one problem: q, k, v in T.
 template <class T>
 struct Inputs {
@@ -153,6 +168,21 @@ Tensor<double> reference_output(const Inputs<T>& in, const Problem& p, const Mas
   return out;
 }
 
+/// Output within `tol` of the reference; lse equal where the reference's is
+/// infinite (rows that see no key) and within tol·(1 + |lse|) elsewhere.
+template <class T>
+void expect_close(const Tensor<T>& out, const Tensor<double>& ref, const std::vector<float>& lse,
+                  const std::vector<float>& lse_ref, double tol) {
+  EXPECT_LE(max_abs_diff(out, ref), tol);
+  for (std::size_t i = 0; i < lse.size(); ++i) {
+    if (std::isinf(lse_ref[i])) {
+      ASSERT_EQ(lse[i], lse_ref[i]) << "lse row " << i;
+    } else {
+      ASSERT_NEAR(lse[i], lse_ref[i], tol * (1.0 + std::abs(lse_ref[i]))) << "lse row " << i;
+    }
+  }
+}
+
 /// Runs masked_attention in T and checks it against the fp64 reference,
 /// log-sum-exp included.
 template <class T, class Mask, class Mod = attn::NoScoreMod>
@@ -165,15 +195,7 @@ void expect_matches_reference(const Problem& p, const Mask& mask, const Mod& mod
   Tensor<T> out(p.B, p.Hq, p.Lq, p.Dv, p.layout);
   opt.lse = attn::TensorView<float, 3>(lse.data(), {p.B, p.Hq, p.Lq});
   attn::masked_attention(in.q.view, in.k.view, in.v.view, out.view, mask, mod, opt);
-  const double tol = tolerance<T>(p.D, p.Lk, max_abs(in.v));
-  EXPECT_LE(max_abs_diff(out, ref), tol);
-  for (std::size_t i = 0; i < lse.size(); ++i) {
-    if (std::isinf(lse_ref[i])) {
-      ASSERT_EQ(lse[i], lse_ref[i]) << "lse row " << i;
-    } else {
-      ASSERT_NEAR(lse[i], lse_ref[i], tol * (1.0 + std::abs(lse_ref[i]))) << "lse row " << i;
-    }
-  }
+  expect_close(out, ref, lse, lse_ref, tolerance<T>(p.D, p.Lk, max_abs(in.v)));
 }
 
 /// Typed-test list: every body runs in float and in double.

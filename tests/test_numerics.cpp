@@ -16,24 +16,6 @@ using namespace attn_test;
 constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
-Problem make(index_t B, index_t Hq, index_t Hkv, index_t Lq, index_t Lk, index_t D, index_t Dv) {
-  Problem p;
-  p.B = B;
-  p.Hq = Hq;
-  p.Hkv = Hkv;
-  p.Lq = Lq;
-  p.Lk = Lk;
-  p.D = D;
-  p.Dv = Dv;
-  return p;
-}
-
-/// Machine epsilon 2^(1 - digits) (Eigen 3.4.0's NumTraits<half>::epsilon() is 2^-13, not 2^-10).
-template <class T>
-double storage_eps() {
-  return std::ldexp(1.0, 1 - std::numeric_limits<T>::digits);
-}
-
 /// Largest |scale · q·k| over the problem.
 template <class T>
 double max_score(const Inputs<T>& in, const Problem& p, double scale) {
@@ -125,7 +107,7 @@ TEST(NumericsReduced, ScoresUpToTenThousandInHalfAndBfloat16) {
     ASSERT_TRUE(all_finite(r.out));
     ASSERT_TRUE(all_finite(r.lse));
     EXPECT_LE(max_abs_diff(r.out, ref),
-              storage_eps<T>() * max_abs(ref) + tolerance<float>(p.D, p.Lk, max_abs(in.v), 1e4));
+              eps<T>() * max_abs(ref) + tolerance<float>(p.D, p.Lk, max_abs(in.v), 1e4));
   };
   check(Eigen::half());
   check(Eigen::bfloat16());
@@ -315,7 +297,7 @@ void expect_empty_rows_zero(const Problem& p, const Mask& mask,
         }
       }
   EXPECT_GT(empties, 0);
-  const double tol = storage_eps<T>() * std::max(max_abs(ref), 1.0) +
+  const double tol = eps<T>() * std::max(max_abs(ref), 1.0) +
                      tolerance<attn::detail::accum_t<T>>(p.D, p.Lk, max_abs(in.v));
   EXPECT_LE(max_abs_diff(r.out, ref), tol);
 }
@@ -396,7 +378,7 @@ TYPED_TEST(EveryStorage, EqualScoresGiveTheMeanOfTheValues) {
         worst = std::max(worst, std::abs(static_cast<double>(r.out(0, h, i, c)) - mean));
       }
     }
-  EXPECT_LE(worst, storage_eps<T>() * max_abs(in.v) +
+  EXPECT_LE(worst, eps<T>() * max_abs(in.v) +
                        tolerance<attn::detail::accum_t<T>>(p.D, p.Lk, max_abs(in.v)));
 }
 

@@ -110,11 +110,6 @@ Outcome<O> run(const MixedInputs<Q, K, V>& in, const Problem& p, const Mask& mas
 }
 
 /// Machine epsilon 2^(1 - digits) of a storage type. (Eigen 3.4.0's
-/// NumTraits<half>::epsilon() is 2^-13 rather than half's 2^-10, so it is not used.)
-template <class T>
-double storage_eps() {
-  return std::ldexp(1.0, 1 - std::numeric_limits<T>::digits);
-}
 static_assert(std::numeric_limits<Eigen::half>::digits == 11, "half has an 11-bit significand");
 static_assert(std::numeric_limits<Eigen::bfloat16>::digits == 8,
               "bfloat16 has an 8-bit significand");
@@ -124,7 +119,7 @@ static_assert(std::numeric_limits<Eigen::bfloat16>::digits == 8,
 /// twice for margin) plus the accumulation error of support.hpp's tolerance.
 template <class O, class Acc>
 double storage_tolerance(const Problem& p, double max_ref, double vmax) {
-  return storage_eps<O>() * std::max(max_ref, 1.0) + tolerance<Acc>(p.D, p.Lk, vmax);
+  return eps<O>() * std::max(max_ref, 1.0) + tolerance<Acc>(p.D, p.Lk, vmax);
 }
 
 template <class O>
@@ -155,20 +150,6 @@ void expect_storage_accuracy(const Problem& p, const Mask& mask = {}, const Mod&
   EXPECT_LE(fast, (storage_tolerance<T, float>(p, max_ref, vmax)));
   EXPECT_LE(fast, 2.0 * naive + floor) << "naive same-storage error " << naive;
   expect_lse_close(r, tolerance<float>(p.D, p.Lk, vmax));
-}
-
-Problem make(index_t B, index_t Hq, index_t Hkv, index_t Lq, index_t Lk, index_t D, index_t Dv,
-             Layout layout = Layout::bhsd) {
-  Problem p;
-  p.B = B;
-  p.Hq = Hq;
-  p.Hkv = Hkv;
-  p.Lq = Lq;
-  p.Lk = Lk;
-  p.D = D;
-  p.Dv = Dv;
-  p.layout = layout;
-  return p;
 }
 
 // ------------------------------------------------- half and bfloat16 alone --

@@ -63,15 +63,7 @@ void expect_sparse_matches(const Problem& p, const BlockSparseLayout& layout,
   opt.lse = attn::TensorView<float, 3>(lse.data(), {p.B, p.Hq, p.Lq});
   attn::sparse_attention(in.q.view, in.k.view, in.v.view, out.view, layout, extra,
                          attn::no_score_mod(), opt);
-  const double tol = tolerance<T>(p.D, p.Lk, max_abs(in.v));
-  EXPECT_LE(max_abs_diff(out, ref), tol);
-  for (std::size_t i = 0; i < lse.size(); ++i) {
-    if (std::isinf(lse_ref[i])) {
-      ASSERT_EQ(lse[i], lse_ref[i]) << "lse row " << i;
-    } else {
-      ASSERT_NEAR(lse[i], lse_ref[i], tol * (1.0 + std::abs(lse_ref[i]))) << "lse row " << i;
-    }
-  }
+  expect_close(out, ref, lse, lse_ref, tolerance<T>(p.D, p.Lk, max_abs(in.v)));
 }
 
 Problem square(index_t n, index_t h = 2) {
