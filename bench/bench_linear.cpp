@@ -6,10 +6,12 @@
 //
 // Compare within one run: --benchmark_repetitions=3 --benchmark_report_aggregates_only=true
 #include <attn/attn.hpp>
+#include <attn/detail/small_gemm.hpp>
 #include <attn/linear.hpp>
 
 #include <benchmark/benchmark.h>
 
+#include <omp.h>
 #include <cstring>
 #include <random>
 #include <string>
@@ -36,16 +38,17 @@ struct Problem {
   }
 };
 
-// GEMM FLOPs of the linear engine (see linear.hpp), F = Dv = 64, one kv
-// head per query head: non-causal 2·(Lq + Lk)·F·(Dv+1); causal per chunk of
-// c rows 4·c·F·(Dv+1) (prefix and state update) + 2·c²·(F + Dv+1) (intra-chunk).
+// Product FLOPs of the linear engine (see linear.hpp), F = Dv = 64, one kv
+// head per query head: non-causal 2·(Lq + Lk)·F·Dv; causal per chunk of c
+// rows 4·c·F·Dv (product with the state, state update) + the triangle,
+// c(c+1)/2 pairs each costing 2·F (φ(Q)φ(K)ᵀ) + 2·Dv (times V).
 double linear_flops(index_t n, bool causal, index_t chunk) {
-  const double f = kDim, dv1 = kDim + 1, heads = kBatch * kHeads;
-  if (!causal) return heads * 2.0 * 2.0 * n * f * dv1;
+  const double f = kDim, dv = kDim, heads = kBatch * kHeads;
+  if (!causal) return heads * 2.0 * 2.0 * n * f * dv;
   double total = 0;
   for (index_t c0 = 0; c0 < n; c0 += chunk) {
     const double c = static_cast<double>(std::min(chunk, n - c0));
-    total += 4.0 * c * f * dv1 + 2.0 * c * c * (f + dv1);
+    total += 4.0 * c * f * dv + c * (c + 1) * (f + dv);
   }
   return heads * total;
 }
@@ -138,7 +141,52 @@ void BM_PlainRecurrence(benchmark::State& state) {
     benchmark::DoNotOptimize(p.out.data());
     benchmark::ClobberMemory();
   }
-  set_counters(state, 4.0 * kBatch * kHeads * n * kDim * (kDim + 1), n);
+  set_counters(state, 4.0 * kBatch * kHeads * n * kDim * kDim, n);
+}
+
+// The ceiling of the chunked form on this machine: the product kernel it
+// runs (detail/small_gemm.hpp) on one chunk-sized product with operands in
+// L1, φ(Q_c)[24×64] · S[64×64], every thread on its own buffers.
+void BM_ChunkKernel(benchmark::State& state) {
+  const index_t m = attn::LinearTraits::chunk, k = kDim, n = kDim, reps = 2048;
+  const int threads = omp_get_max_threads();
+  std::vector<std::vector<float>> a(threads, std::vector<float>(m * k, 0.5f)),
+      b(threads, std::vector<float>(k * n, 0.25f)), c(threads, std::vector<float>(m * n));
+  for (auto _ : state) {
+#pragma omp parallel num_threads(threads)
+    {
+      const int t = omp_get_thread_num();
+      for (index_t r = 0; r < reps; ++r) {
+        attn::detail::small_gemm<float>(m, n, k, a[t].data(), k, b[t].data(), n, c[t].data(), n,
+                                        r > 0);
+        benchmark::DoNotOptimize(c[t].data());
+      }
+    }
+  }
+  state.counters["GFLOP/s"] = benchmark::Counter(2.0 * m * n * k * reps * threads * 1e-9,
+                                                 benchmark::Counter::kIsIterationInvariantRate);
+}
+
+// The elu + 1 feature map alone over the q and k rows of N tokens, 8 heads,
+// heads over threads: the part of every path that is not a product.
+void BM_FeatureMap(benchmark::State& state) {
+  const index_t n = state.range(0);
+  Problem p(n);
+  std::vector<float> phi(p.q.size());
+  for (auto _ : state) {
+#pragma omp parallel for schedule(static)
+    for (index_t h = 0; h < 2 * kBatch * kHeads; ++h) {
+      const float* x = (h % 2 ? p.k.data() : p.q.data()) + (h / 2) * n * kDim;
+      attn::elu_plus_one().features<float>(
+          attn::FeatureInput<float>(x, n, kDim, Eigen::OuterStride<>(kDim)),
+          attn::FeatureOutput<float>(phi.data() + (h / 2) * n * kDim, n, kDim,
+                                     Eigen::OuterStride<>(kDim)));
+    }
+    benchmark::DoNotOptimize(phi.data());
+    benchmark::ClobberMemory();
+  }
+  state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(kBatch * kHeads * n),
+                                                  benchmark::Counter::kIsIterationInvariantRate);
 }
 
 // Dense softmax attention on the flash engine (the baseline), causal or not.
@@ -198,8 +246,15 @@ void register_all(bool sweep) {
         ->Unit(benchmark::kMillisecond)
         ->UseRealTime();
   }
+  benchmark::RegisterBenchmark("linear/chunk_kernel", BM_ChunkKernel)->UseRealTime();
+  for (index_t n : recur_n)
+    benchmark::RegisterBenchmark("linear/feature_map", BM_FeatureMap)
+        ->Arg(n)
+        ->ArgName("N")
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime();
   if (sweep)
-    for (index_t chunk : {16, 32, 64, 128, 256})
+    for (index_t chunk : {8, 16, 24, 32, 64, 128})
       benchmark::RegisterBenchmark("linear/causal_chunk_sweep", BM_Linear)
           ->Args({16384, 1, chunk})
           ->ArgNames({"N", "causal", "chunk"})

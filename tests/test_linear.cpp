@@ -5,6 +5,8 @@
 
 #include <attn/linear.hpp>
 
+#include <cmath>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -279,6 +281,33 @@ TYPED_TEST(LinearAttention, NonCausalStateAddsEarlierKeys) {
                          seq_slice(in.v.view, cut, p.Lk - cut), out.view, attn::relu(),
                          state.state());
   EXPECT_LE(max_abs_diff(out, ref), linear_tolerance<TypeParam>(p.D, p.Lk, max_abs(in.v)));
+}
+
+// elu + 1 element by element, against std::exp in double: ordinary values of
+// both signs (every lane of a vector and a tail), and the special values,
+// -inf -> 0, +inf -> +inf, NaN -> NaN, -0 -> 1.
+TYPED_TEST(LinearAttention, EluPlusOneElementwise) {
+  using T = TypeParam;
+  const double inf = std::numeric_limits<double>::infinity();
+  std::vector<double> xs = {-inf, inf, std::nan(""), -0.0, 0.0, -87.0, -100.0, 30.0};
+  for (int i = 0; i < 37; ++i) xs.push_back(-6.0 + 0.33 * i);
+  const index_t n = static_cast<index_t>(xs.size());
+  std::vector<T> x(xs.begin(), xs.end()), phi(xs.size(), T(-7));
+  attn::elu_plus_one().features<T>(
+      attn::FeatureInput<T>(x.data(), 1, n, Eigen::OuterStride<>(n)),
+      attn::FeatureOutput<T>(phi.data(), 1, n, Eigen::OuterStride<>(n)));
+  for (index_t i = 0; i < n; ++i) {
+    const double xi = static_cast<double>(x[i]), got = static_cast<double>(phi[i]);
+    if (std::isnan(xi)) {
+      EXPECT_TRUE(std::isnan(got)) << i;
+      continue;
+    }
+    const double want = xi > 0 ? xi + 1 : std::exp(xi);
+    if (std::isinf(want))
+      EXPECT_EQ(got, want) << "x = " << xi;
+    else  // a few ulp, relative; values below the smallest normal may flush to 0
+      EXPECT_NEAR(got, want, 4 * eps<T>() * want + std::numeric_limits<T>::min()) << "x = " << xi;
+  }
 }
 
 // -------------------------------------------------------------- FAVOR+ --

@@ -10,20 +10,23 @@
 // j <= i + Lk - Lq). Nothing of size Lq·Lk is formed: the non-causal form is
 // O((Lq + Lk)·F·Dv); the causal form walks the sequence in chunks of C rows,
 //
-//   num  = φ(Q_c) · [S | z]  +  tril(φ(Q_c) φ(K_c)ᵀ) · [V_c | 1]     (C, Dv + 1)
-//   out  = num[:, :Dv] / (num[:, Dv] + eps)
-//   [S | z] += φ(K_c)ᵀ · [V_c | 1]                                   (F, Dv + 1)
+//   A    = tril(φ(Q_c) φ(K_c)ᵀ)                                   (C, C)
+//   out  = (φ(Q_c) S + A V_c) / (φ(Q_c) z + A 1 + eps)             (C, Dv)
+//   S   += φ(K_c)ᵀ V_c,   z += φ(K_c)ᵀ 1                            (F, Dv), (F)
 //
-// so almost all of its O(L·F·Dv + L·C·(F + Dv)) work is GEMM. The state [S | z]
-// of each (batch, key/value head) may come in from and go back to the caller
-// (LinearState), so a long sequence can be processed in pieces, or decoded one
-// token at a time, with the result of one call over the whole sequence.
+// so almost all of its O(L·F·Dv + L·C·(F + Dv)) work is small dense products
+// (detail/small_gemm.hpp: operands already in L1, no packing; the triangle's
+// products stop at the diagonal). The state (S, z) of each (batch, key/value
+// head) may come in from and go back to the caller (LinearState), so a long
+// sequence can be processed in pieces, or decoded one token at a time, with
+// the result of one call over the whole sequence.
 #pragma once
 
 #include "attn/detail/checks.hpp"
 #include "attn/detail/flash_engine.hpp"
-#include "attn/detail/gemm.hpp"
 #include "attn/detail/parallel.hpp"
+#include "attn/detail/small_gemm.hpp"
+#include "attn/detail/softmax.hpp"
 #include "attn/options.hpp"
 #include "attn/tensor_view.hpp"
 
@@ -33,6 +36,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <random>
 #include <type_traits>
@@ -101,7 +105,27 @@ struct EluPlusOne : SimpleFeatureMap<EluPlusOne> {
   template <class Acc>
   void features(FeatureInput<Acc> x, FeatureOutput<Acc> phi) const {
     // e^min(x,0) + max(x,0) is x + 1 for x > 0 and e^x otherwise (no select: vectorises)
-    phi.array() = x.array().min(Acc(0)).exp() + x.array().max(Acc(0));
+    if constexpr (std::is_same<Acc, float>::value) {
+      // the engine's branch-free exp, row by row; min and max by integer masks,
+      // which vectorise where a float select may not (see detail/softmax.hpp)
+      for (index_t r = 0; r < x.rows(); ++r) {
+        const float* xr = x.data() + r * x.outerStride();
+        float* pr = phi.data() + r * phi.outerStride();
+        for (index_t j = 0; j < x.cols(); ++j) {
+          std::uint32_t bits, neg_bits, pos_bits;
+          std::memcpy(&bits, xr + j, sizeof bits);
+          const std::uint32_t neg = 0u - static_cast<std::uint32_t>(xr[j] < 0.f);
+          neg_bits = bits & neg;   // min(x, 0) (+0 for NaN)
+          pos_bits = bits & ~neg;  // max(x, 0) (NaN for NaN)
+          float lo, hi;
+          std::memcpy(&lo, &neg_bits, sizeof lo);
+          std::memcpy(&hi, &pos_bits, sizeof hi);
+          pr[j] = detail::exp_nonpositive(lo) + hi;
+        }
+      }
+    } else {
+      phi.array() = x.array().min(Acc(0)).exp() + x.array().max(Acc(0));
+    }
   }
 };
 
@@ -319,12 +343,14 @@ struct LinearAttentionOptions {
   int num_threads = 0;
 };
 
-/// Tile constants of linear attention. A chunk of C rows costs 4·F·(Dv+1)
-/// per row for the state plus 2·C·(F+Dv+1) per row inside the chunk; at
-/// F = Dv = 64 on the target machine C = 16–32 was fastest (C = 64: +20%,
-/// C = 128: +55% time), C = 32 keeps the state-update GEMM's depth useful.
+/// Tile constants of linear attention. A chunk of C rows costs 4·F·Dv flops
+/// per row for the state (product with S, update of S) plus about C·(F+Dv)
+/// per row inside the chunk (the triangle of φ(Q)φ(K)ᵀ and its product with
+/// V). At F = Dv = 64 on the target machine (AVX2, one thread) C = 16–32 was
+/// fastest, C = 24 by a few percent (C = 64: +13%, C = 128: +37% time); 24
+/// is also four of the product kernel's 6-row blocks.
 struct LinearTraits {
-  static constexpr index_t chunk = 32;
+  static constexpr index_t chunk = 24;
   static_assert(chunk > 0, "chunks must be non-empty");
 };
 
@@ -415,26 +441,25 @@ AttentionShape check_linear(const TensorView<Q, 4>& q, const TensorView<K, 4>& k
 // --------------------------------------------------------------- engine --
 
 /// Per-worker scratch of linear attention; g = query heads per kv head,
-/// n = chunk rows, F features. The causal chunk is one GEMM of two stacked
-/// operands, num = [φ̃(Q) | A] · [S | z ; V | 1], so the state [S | z] lives in
-/// the top F rows of `rhs` and the chunk's [V | 1] right below it.
+/// n = chunk rows, F features.
 template <class Acc>
 struct LinearScratch {
   using Mat = RowMatrix<Acc>;
   using Vec = Eigen::Matrix<Acc, Eigen::Dynamic, 1>;
-  Mat x;           // (n, D)                 q or k rows, when they cannot be read in place
-  Mat lhs;         // (g·n, F + n)           [φ̃(Q) | A], A = tril(φ̃(Q) φ̃(K)ᵀ) per head
-  Vec qlog, qeps;  // (g·n)                  log scale a of each query row, eps·e^-(a+c)
-  Mat kphi;        // (n, F)                 φ̃(K)
-  Mat rhs;         // (F + n, Dv + 1)        [S | z ; V | 1]
-  Mat num;         // (g·n, Dv + 1)          [numerator | denominator]
-  TileGemm<Acc> qk, out;
-  TileGemm<Acc> kv;
+  Mat x;           // (n, D)       q or k rows, when they cannot be read in place
+  Mat lhs;         // (g·n, F + n) [φ̃(Q) | A], A = tril(φ̃(Q) φ̃(K)ᵀ) per head
+  Mat vals;        // (n, Dv)      v rows, when they cannot be read in place
+  Vec qlog, qeps;  // (g·n)        log scale a of each query row, eps·e^-(a+c)
+  Mat kphi;        // (n, F)       φ̃(K)
+  Mat kphi_t;      // (F, n)       φ̃(K)ᵀ
+  Mat s;           // (F, Dv)      S
+  Vec z;           // (F)          z
+  Mat num;         // (g·n, Dv)    numerators
+  Vec den;         // (g·n)        denominators without eps
 
-  LinearScratch(index_t g, index_t n, index_t d, index_t f, index_t dv, bool pack)
-      : x(pack ? n : 0, d), lhs(g * n, f + n), qlog(g * n), qeps(g * n), kphi(n, f),
-        rhs(f + n, dv + 1), num(g * n, dv + 1), qk(g * n, n, f), out(g * n, dv + 1, f + n),
-        kv(f, dv + 1, n) {}
+  LinearScratch(index_t g, index_t n, index_t d, index_t f, index_t dv, bool pack, bool pack_v)
+      : x(pack ? n : 0, d), lhs(g * n, f + n), vals(pack_v ? n : 0, dv), qlog(g * n), qeps(g * n),
+        kphi(n, f), kphi_t(f, n), s(f, dv), z(f), num(g * n, dv), den(g * n) {}
 };
 
 /// Whether rows of t can be handed to a feature map in place: Acc storage,
@@ -472,37 +497,56 @@ void linear_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4
   const int threads = resolve_threads(opt.num_threads, tasks);
   const double key_log_scale = map.key_log_scale();
   const bool pack = !readable_in_place<Acc>(q) || !readable_in_place<Acc>(k);
+  const bool pack_v = !readable_in_place<Acc>(v);
+  const bool out_in_place = std::is_same<O, Acc>::value && out.stride(3) == 1;
 
-  auto make_scratch = [&] { return std::make_unique<LinearScratch<Acc>>(g, n, d, f, dv, pack); };
+  auto make_scratch = [&] {
+    return std::make_unique<LinearScratch<Acc>>(g, n, d, f, dv, pack, pack_v);
+  };
 
   auto run_task = [&](LinearScratch<Acc>& sc, index_t t) {
     const index_t b = t / shape.kv_heads;
     const index_t hk = t % shape.kv_heads;
-    const index_t ldl = f + n, ldr = dv + 1;
-    auto st = sc.rhs.topRows(f);          // [S | z]                                  (F, Dv + 1)
-    Acc* vaug = sc.rhs.data() + f * ldr;  // [V | 1] of the chunk, rows of ldr
+    const index_t ldl = f + n;
+    Acc* st = sc.s.data();      // S, (F, Dv)
+    const Acc* vals = nullptr;  // V of the current chunk, rows of ldv
+    index_t ldv = dv;
 
-    // [S | z] from the caller's state, or zeros.
+    // S and z from the caller's state, or zeros.
     if (state) {
       for (index_t r = 0; r < f; ++r) {
-        for (index_t c = 0; c < dv; ++c) st(r, c) = state->s(b, hk, r, c);
-        st(r, dv) = state->z(b, hk, r);
+        for (index_t c = 0; c < dv; ++c) st[r * dv + c] = state->s(b, hk, r, c);
+        sc.z(r) = state->z(b, hk, r);
       }
     } else {
-      st.setZero();
+      sc.s.setZero();
+      sc.z.setZero();
     }
 
-    // φ̃(K) and [V | 1] of keys [j0, j0 + rows).
+    // φ̃(K), φ̃(K)ᵀ and V of keys [j0, j0 + rows).
     auto load_keys = [&](index_t j0, index_t rows) {
       map.template keys<Acc>(feature_input<Acc>(k, b, hk, j0, rows, sc.x),
                              FeatureOutput<Acc>(sc.kphi.data(), rows, f, Eigen::OuterStride<>(f)));
-      Eigen::Map<RowMatrix<Acc>> va(vaug, rows, ldr);
-      va.leftCols(dv) = matrix(v, b, hk).middleRows(j0, rows).template cast<Acc>();
-      va.col(dv).setOnes();
+      sc.kphi_t.leftCols(rows) = sc.kphi.topRows(rows).transpose();
+      if constexpr (std::is_same<V, Acc>::value) {
+        if (!pack_v) {
+          ldv = v.stride(2);
+          vals = v.data() + b * v.stride(0) + hk * v.stride(1) + j0 * ldv;
+          return;
+        }
+      }
+      sc.vals.topRows(rows) = matrix(v, b, hk).middleRows(j0, rows).template cast<Acc>();
+      vals = sc.vals.data();
+      ldv = dv;
     };
-    // [S | z] += φ̃(K)ᵀ [V | 1]                                               (F, Dv + 1)
+    // S += φ̃(K)ᵀ V,  z += φ̃(K)ᵀ 1
     auto absorb_keys = [&](index_t rows) {
-      sc.kv.add_atb(f, ldr, rows, sc.kphi.data(), f, vaug, ldr, st.data(), ldr, Acc(1));
+      small_gemm<Acc>(f, dv, rows, sc.kphi_t.data(), n, vals, ldv, st, dv, true);
+      Acc* z = sc.z.data();
+      for (index_t r = 0; r < rows; ++r) {  // row by row: contiguous, vectorises
+        const Acc* kr = sc.kphi.data() + r * f;
+        for (index_t c = 0; c < f; ++c) z[c] += kr[c];
+      }
     };
     // φ̃(Q) of queries [i0, i0 + rows) of the g heads into lhs, row u·rows + r for head u.
     auto load_queries = [&](index_t i0, index_t rows) {
@@ -512,33 +556,42 @@ void linear_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4
             FeatureOutput<Acc>(sc.lhs.data() + u * rows * ldl, rows, f, Eigen::OuterStride<>(ldl)),
             sc.qlog.data() + u * rows);
       // eps·e^-(a + c) keeps num / (den + eps) the unstabilised ratio
-      for (index_t r = 0; r < g * rows; ++r)
-        sc.qeps(r) = static_cast<Acc>(opt.eps *
-                                      std::exp(-(static_cast<double>(sc.qlog(r)) + key_log_scale)));
+      for (index_t r = 0; r < g * rows; ++r) {
+        const double a = static_cast<double>(sc.qlog(r)) + key_log_scale;  // 0 for elu+1, ReLU
+        sc.qeps(r) = static_cast<Acc>(a == 0 ? opt.eps : opt.eps * std::exp(-a));
+      }
     };
-    // num = lhs[:, :depth] · rhs[:depth, :]; depth F: φ̃(Q)[S | z]; F + rows: plus A [V | 1]
-    auto multiply = [&](index_t rows, index_t depth) {
-      Eigen::Map<RowMatrix<Acc>>(sc.num.data(), g * rows, ldr).setZero();
-      sc.out.add_ab(g * rows, ldr, depth, sc.lhs.data(), ldl, sc.rhs.data(), ldr, sc.num.data(),
-                    ldr, Acc(1));
+    // φ̃(Q) of lhs rows [r0, r0 + rows) as an Eigen block
+    auto phi_q = [&](index_t r0, index_t rows) {
+      return Eigen::Map<RowMatrix<Acc>, Eigen::Unaligned, Eigen::OuterStride<>>(
+          sc.lhs.data() + r0 * ldl, rows, f, Eigen::OuterStride<>(ldl));
     };
-    // out = num[:, :Dv] / (num[:, Dv] + eps·e^-(a+c))
+    // out = num / (den + eps·e^-(a+c))
     auto store = [&](index_t i0, index_t rows) {
       for (index_t u = 0; u < g; ++u) {
         auto dst = matrix(out, b, hk * g + u).middleRows(i0, rows);
         for (index_t r = 0; r < rows; ++r) {
           const index_t row = u * rows + r;
-          const Acc inv = Acc(1) / (sc.num(row, dv) + sc.qeps(row));
-          dst.row(r) = (sc.num.row(row).head(dv) * inv).template cast<O>();
+          const Acc inv = Acc(1) / (sc.den(row) + sc.qeps(row));
+          const Acc* src = sc.num.data() + row * dv;
+          if constexpr (std::is_same<O, Acc>::value) {
+            if (out_in_place) {  // unit stride: a plain loop the compiler vectorises
+              Acc* o = &dst(r, 0);
+              for (index_t c = 0; c < dv; ++c) o[c] = src[c] * inv;
+              continue;
+            }
+          }
+          dst.row(r) = (sc.num.row(row) * inv).template cast<O>();
         }
       }
     };
-    // Queries [i0, i1) that see exactly the keys in the state.
+    // Queries [i0, i1) that see exactly the keys in the state: num = φ̃(Q) S, den = φ̃(Q) z.
     auto queries_on_state = [&](index_t i0, index_t i1) {
       for (; i0 < i1; i0 += n) {
         const index_t rows = std::min(n, i1 - i0);
         load_queries(i0, rows);
-        multiply(rows, f);
+        small_gemm<Acc>(g * rows, dv, f, sc.lhs.data(), ldl, st, dv, sc.num.data(), dv, false);
+        sc.den.head(g * rows).noalias() = phi_q(0, g * rows) * sc.z;
         store(i0, rows);
       }
     };
@@ -566,15 +619,27 @@ void linear_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4
         const index_t rows = std::min(n, shape.lq - q_diag - c0);
         load_queries(q_diag + c0, rows);
         load_keys(k_diag + c0, rows);
-        // A = φ̃(Q) φ̃(K)ᵀ, then zero above the diagonal of each head's block  (g·rows, rows)
-        Acc* a = sc.lhs.data() + f;
-        for (index_t r = 0; r < g * rows; ++r) std::fill(a + r * ldl, a + r * ldl + rows, Acc(0));
-        sc.qk.add_abt(g * rows, rows, f, sc.lhs.data(), ldl, sc.kphi.data(), f, a, ldl, Acc(1));
-        for (index_t u = 0; u < g; ++u)
+        for (index_t u = 0; u < g; ++u) {
+          Acc* lhs_u = sc.lhs.data() + u * rows * ldl;
+          Acc* a = lhs_u + f;  // A of head u, (rows, rows) with row stride ldl
+          // A = φ̃(Q) φ̃(K)ᵀ on and below the diagonal, then zero above it
+          small_gemm<Acc>(rows, rows, f, lhs_u, ldl, sc.kphi_t.data(), n, a, ldl, false,
+                          GemmBand{-1, 0});
           for (index_t r = 0; r + 1 < rows; ++r)
-            std::fill(a + (u * rows + r) * ldl + r + 1, a + (u * rows + r) * ldl + rows, Acc(0));
-        // num = φ̃(Q)[S | z] (exclusive prefix) + A [V | 1] (this chunk), one GEMM
-        multiply(rows, f + rows);
+            std::fill(a + r * ldl + r + 1, a + r * ldl + rows, Acc(0));
+          // num = φ̃(Q) S (exclusive prefix) + A V (this chunk; row blocks stop
+          // at the diagonal)
+          Acc* num_u = sc.num.data() + u * rows * dv;
+          small_gemm<Acc>(rows, dv, f, lhs_u, ldl, st, dv, num_u, dv, false);
+          small_gemm<Acc>(rows, dv, rows, a, ldl, vals, ldv, num_u, dv, true, GemmBand{0, -1});
+          // den = φ̃(Q) z + A 1
+          sc.den.segment(u * rows, rows).noalias() =
+              phi_q(u * rows, rows) * sc.z +
+              Eigen::Map<RowMatrix<Acc>, Eigen::Unaligned, Eigen::OuterStride<>>(
+                  a, rows, rows, Eigen::OuterStride<>(ldl))
+                  .rowwise()
+                  .sum();
+        }
         store(q_diag + c0, rows);
         absorb_keys(rows);
       }
@@ -582,8 +647,8 @@ void linear_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4
 
     if (state) {
       for (index_t r = 0; r < f; ++r) {
-        for (index_t c = 0; c < dv; ++c) state->s(b, hk, r, c) = st(r, c);
-        state->z(b, hk, r) = st(r, dv);
+        for (index_t c = 0; c < dv; ++c) state->s(b, hk, r, c) = st[r * dv + c];
+        state->z(b, hk, r) = sc.z(r);
       }
     }
   };
