@@ -235,6 +235,44 @@ TYPED_TEST(LinearAttention, PiecesWithCarriedStateEqualOneCall) {
     }
 }
 
+// A state whose rows are not contiguous (here: every other element of a
+// buffer twice the size) is copied in and out instead of used in place; the
+// arithmetic is the same, so outputs and final state are bit for bit equal.
+TYPED_TEST(LinearAttention, StridedStateEqualsContiguousState) {
+  Problem p;
+  p.B = 2;
+  p.Hq = p.Hkv = 2;
+  p.Lq = p.Lk = 60;
+  p.D = 8;
+  p.Dv = 5;
+  const Inputs<TypeParam> in(p, 5);
+  attn::LinearAttentionOptions opt;
+  opt.causal = true;
+  attn::LinearStateBuffer<TypeParam> dense(p.B, p.Hkv, p.D, p.Dv);
+  std::vector<TypeParam> s_buf(static_cast<std::size_t>(2 * p.B * p.Hkv * p.D * p.Dv)),
+      z_buf(static_cast<std::size_t>(2 * p.B * p.Hkv * p.D));
+  const attn::LinearState<TypeParam> strided{
+      attn::TensorView<TypeParam, 4>(s_buf.data(), {p.B, p.Hkv, p.D, p.Dv},
+                                     {2 * p.Hkv * p.D * p.Dv, 2 * p.D * p.Dv, 2 * p.Dv, 2}),
+      attn::TensorView<TypeParam, 3>(z_buf.data(), {p.B, p.Hkv, p.D},
+                                     {2 * p.Hkv * p.D, 2 * p.D, 2})};
+  Tensor<TypeParam> a(p.B, p.Hq, p.Lq, p.Dv), b(p.B, p.Hq, p.Lq, p.Dv);
+  for (int call = 0; call < 2; ++call) {  // the second call starts from a non-zero state
+    attn::linear_attention(in.q.view, in.k.view, in.v.view, a.view, attn::elu_plus_one(),
+                           dense.state(), opt);
+    attn::linear_attention(in.q.view, in.k.view, in.v.view, b.view, attn::elu_plus_one(), strided,
+                           opt);
+    EXPECT_EQ(max_abs_diff(a, b), 0.0);
+  }
+  for (index_t i = 0; i < p.B; ++i)
+    for (index_t h = 0; h < p.Hkv; ++h)
+      for (index_t r = 0; r < p.D; ++r) {
+        EXPECT_EQ(strided.z(i, h, r), dense.state().z(i, h, r));
+        for (index_t c = 0; c < p.Dv; ++c)
+          EXPECT_EQ(strided.s(i, h, r, c), dense.state().s(i, h, r, c));
+      }
+}
+
 // Decoding one token at a time (Lq = Lk = 1 per call) equals one causal call.
 TYPED_TEST(LinearAttention, TokenByTokenDecodingEqualsOneCausalCall) {
   Problem p;

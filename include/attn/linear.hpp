@@ -499,6 +499,7 @@ void linear_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4
   const bool pack = !readable_in_place<Acc>(q) || !readable_in_place<Acc>(k);
   const bool pack_v = !readable_in_place<Acc>(v);
   const bool out_in_place = std::is_same<O, Acc>::value && out.stride(3) == 1;
+  const bool state_in_place = state && state->s.stride(3) == 1 && state->z.stride(2) == 1;
 
   auto make_scratch = [&] {
     return std::make_unique<LinearScratch<Acc>>(g, n, d, f, dv, pack, pack_v);
@@ -508,20 +509,28 @@ void linear_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4
     const index_t b = t / shape.kv_heads;
     const index_t hk = t % shape.kv_heads;
     const index_t ldl = f + n;
-    Acc* st = sc.s.data();      // S, (F, Dv)
+    Acc* st = sc.s.data();  // S, (F, Dv), rows of lds
+    Acc* zp = sc.z.data();  // z, (F)
+    index_t lds = dv;
     const Acc* vals = nullptr;  // V of the current chunk, rows of ldv
     index_t ldv = dv;
 
-    // S and z from the caller's state, or zeros.
-    if (state) {
+    // S and z: the caller's state in place when its rows are contiguous (a
+    // decoding step then copies nothing), else copied in and out; or zeros.
+    if (state && state_in_place) {
+      st = &state->s(b, hk, 0, 0);
+      lds = state->s.stride(2);
+      zp = &state->z(b, hk, 0);
+    } else if (state) {
       for (index_t r = 0; r < f; ++r) {
         for (index_t c = 0; c < dv; ++c) st[r * dv + c] = state->s(b, hk, r, c);
-        sc.z(r) = state->z(b, hk, r);
+        zp[r] = state->z(b, hk, r);
       }
     } else {
       sc.s.setZero();
       sc.z.setZero();
     }
+    const Eigen::Map<const Eigen::Matrix<Acc, Eigen::Dynamic, 1>> z(zp, f);
 
     // φ̃(K), φ̃(K)ᵀ and V of keys [j0, j0 + rows).
     auto load_keys = [&](index_t j0, index_t rows) {
@@ -541,11 +550,10 @@ void linear_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4
     };
     // S += φ̃(K)ᵀ V,  z += φ̃(K)ᵀ 1
     auto absorb_keys = [&](index_t rows) {
-      small_gemm<Acc>(f, dv, rows, sc.kphi_t.data(), n, vals, ldv, st, dv, true);
-      Acc* z = sc.z.data();
+      small_gemm<Acc>(f, dv, rows, sc.kphi_t.data(), n, vals, ldv, st, lds, true);
       for (index_t r = 0; r < rows; ++r) {  // row by row: contiguous, vectorises
         const Acc* kr = sc.kphi.data() + r * f;
-        for (index_t c = 0; c < f; ++c) z[c] += kr[c];
+        for (index_t c = 0; c < f; ++c) zp[c] += kr[c];
       }
     };
     // φ̃(Q) of queries [i0, i0 + rows) of the g heads into lhs, row u·rows + r for head u.
@@ -590,8 +598,8 @@ void linear_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4
       for (; i0 < i1; i0 += n) {
         const index_t rows = std::min(n, i1 - i0);
         load_queries(i0, rows);
-        small_gemm<Acc>(g * rows, dv, f, sc.lhs.data(), ldl, st, dv, sc.num.data(), dv, false);
-        sc.den.head(g * rows).noalias() = phi_q(0, g * rows) * sc.z;
+        small_gemm<Acc>(g * rows, dv, f, sc.lhs.data(), ldl, st, lds, sc.num.data(), dv, false);
+        sc.den.head(g * rows).noalias() = phi_q(0, g * rows) * z;
         store(i0, rows);
       }
     };
@@ -630,11 +638,11 @@ void linear_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4
           // num = φ̃(Q) S (exclusive prefix) + A V (this chunk; row blocks stop
           // at the diagonal)
           Acc* num_u = sc.num.data() + u * rows * dv;
-          small_gemm<Acc>(rows, dv, f, lhs_u, ldl, st, dv, num_u, dv, false);
+          small_gemm<Acc>(rows, dv, f, lhs_u, ldl, st, lds, num_u, dv, false);
           small_gemm<Acc>(rows, dv, rows, a, ldl, vals, ldv, num_u, dv, true, GemmBand{0, -1});
           // den = φ̃(Q) z + A 1
           sc.den.segment(u * rows, rows).noalias() =
-              phi_q(u * rows, rows) * sc.z +
+              phi_q(u * rows, rows) * z +
               Eigen::Map<RowMatrix<Acc>, Eigen::Unaligned, Eigen::OuterStride<>>(
                   a, rows, rows, Eigen::OuterStride<>(ldl))
                   .rowwise()
@@ -645,10 +653,10 @@ void linear_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4
       }
     }
 
-    if (state) {
+    if (state && !state_in_place) {
       for (index_t r = 0; r < f; ++r) {
         for (index_t c = 0; c < dv; ++c) state->s(b, hk, r, c) = st[r * dv + c];
-        state->z(b, hk, r) = sc.z(r);
+        state->z(b, hk, r) = zp[r];
       }
     }
   };
