@@ -1,10 +1,19 @@
 // Linear attention against dense flash attention and against a token-by-token
 // recurrence, B = 1, H = 8, D = Dv = 64, float, elu + 1 features (F = 64).
 //
-//   bench_linear                       short run: N = 1024 and 4096
-//   bench_linear --sweep               N = 1024 … 65536 (flash up to 16384)
+//   bench_linear             short run: N = 1024 and 4096
+//   bench_linear --sweep     N = 256 … 65536 (flash rows over 2 TFLOP per call,
+//                            N >= 32768, are skipped with a note)
 //
+// Baselines run first at each N: flash/full and flash/causal (dense softmax
+// attention on the flash engine), then causal_plain_recurrence (the RNN form
+// written directly with Eigen). Counters: GFLOPs (a rate, GFLOP/s, over the
+// products each path computes), roofline_frac against roofline/gemm,
+// x_baseline = flash time / this row's time (linear rows), x_recurrence =
+// recurrence time / this row's time (causal rows), tokens/s.
 // Compare within one run: --benchmark_repetitions=3 --benchmark_report_aggregates_only=true
+#include "bench_support.hpp"
+
 #include <attn/attn.hpp>
 #include <attn/detail/small_gemm.hpp>
 #include <attn/linear.hpp>
@@ -12,6 +21,7 @@
 #include <benchmark/benchmark.h>
 
 #include <omp.h>
+
 #include <cstring>
 #include <random>
 #include <string>
@@ -53,15 +63,25 @@ double linear_flops(index_t n, bool causal, index_t chunk) {
   return heads * total;
 }
 
-void set_counters(benchmark::State& state, double flops_per_iter, index_t n) {
-  state.counters["GFLOP/s"] =
-      benchmark::Counter(flops_per_iter * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+std::string key(const char* what, index_t n) {
+  return std::string(what) + "/N:" + std::to_string(n);
+}
+
+// GFLOPs, roofline_frac and tokens/s of a row that took `t` seconds per call.
+void set_counters(benchmark::State& state, double flops_per_iter, double t, index_t n) {
+  attn_bench::set_gflops(state, flops_per_iter, t);
   state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(kBatch * kHeads * n),
                                                   benchmark::Counter::kIsIterationInvariantRate);
 }
 
+// x_recurrence = the recurrence's time at this N / t (no counter if it did not run).
+void set_recurrence_ratio(benchmark::State& state, index_t n, double t) {
+  const double base = attn_bench::baseline_seconds(key("recurrence", n));
+  if (base > 0 && t > 0) state.counters["x_recurrence"] = base / t;
+}
+
 // Linear attention: args N, causal, chunk (0 = default; 1 = the engine run
-// token by token: per token φ(q)ᵀ[S | z] and a rank-1 state update).
+// token by token: per token φ(q)ᵀS and a rank-1 state update).
 void BM_Linear(benchmark::State& state) {
   const index_t n = state.range(0);
   const bool causal = state.range(1) != 0;
@@ -70,14 +90,16 @@ void BM_Linear(benchmark::State& state) {
   opt.causal = causal;
   opt.chunk = state.range(2);
   auto out = attn::bhsd(p.out.data(), kBatch, kHeads, n, kDim);
-  for (auto _ : state) {
+  const double t = attn_bench::timed_loop(state, [&] {
     attn::linear_attention(p.view(p.q, n), p.view(p.k, n), p.view(p.v, n), out,
                            attn::elu_plus_one(), opt);
     benchmark::DoNotOptimize(p.out.data());
     benchmark::ClobberMemory();
-  }
-  set_counters(state,
-               linear_flops(n, causal, opt.chunk > 0 ? opt.chunk : attn::LinearTraits::chunk), n);
+  });
+  set_counters(
+      state, linear_flops(n, causal, opt.chunk > 0 ? opt.chunk : attn::LinearTraits::chunk), t, n);
+  attn_bench::set_ratio(state, key(causal ? "causal" : "full", n), t);
+  if (causal) set_recurrence_ratio(state, n, t);
 }
 
 // Decoding through the public API, one call per token carrying the state:
@@ -93,18 +115,19 @@ void BM_LinearDecodeCalls(benchmark::State& state) {
     return attn::Tensor4<const float>(b.data() + t * kDim, {kBatch, kHeads, 1, kDim},
                                       {kHeads * n * kDim, n * kDim, kDim, 1});
   };
-  for (auto _ : state) {
+  const double t = attn_bench::timed_loop(state, [&] {
     st.reset();
-    for (index_t t = 0; t < n; ++t)
+    for (index_t i = 0; i < n; ++i)
       attn::linear_attention(
-          slice(p.q, t), slice(p.k, t), slice(p.v, t),
-          attn::Tensor4<float>(p.out.data() + t * kDim, {kBatch, kHeads, 1, kDim},
+          slice(p.q, i), slice(p.k, i), slice(p.v, i),
+          attn::Tensor4<float>(p.out.data() + i * kDim, {kBatch, kHeads, 1, kDim},
                                {kHeads * n * kDim, n * kDim, kDim, 1}),
           attn::elu_plus_one(), st.state(), opt);
     benchmark::DoNotOptimize(p.out.data());
     benchmark::ClobberMemory();
-  }
-  set_counters(state, linear_flops(n, true, 1), n);
+  });
+  set_counters(state, linear_flops(n, true, 1), t, n);
+  set_recurrence_ratio(state, n, t);
 }
 
 // The baseline recurrence written directly, one token at a time per (batch,
@@ -117,7 +140,7 @@ void BM_PlainRecurrence(benchmark::State& state) {
   const float eps = 1e-6f;
   using Vec = Eigen::Matrix<float, Eigen::Dynamic, 1>;
   using RowVec = Eigen::Matrix<float, 1, Eigen::Dynamic>;
-  for (auto _ : state) {
+  const double t = attn_bench::timed_loop(state, [&] {
 #pragma omp parallel for schedule(dynamic, 1)
     for (index_t h = 0; h < kBatch * kHeads; ++h) {
       const auto q = Eigen::Map<const attn::RowMatrix<float>>(p.q.data() + h * n * kDim, n, kDim);
@@ -128,20 +151,21 @@ void BM_PlainRecurrence(benchmark::State& state) {
       Vec phi_k(kDim), phi_q(kDim);
       RowVec v_aug(kDim + 1), num(kDim + 1);
       v_aug(kDim) = 1.f;
-      for (index_t t = 0; t < n; ++t) {
+      for (index_t i = 0; i < n; ++i) {
         // φ = elu + 1 = e^min(x,0) + max(x,0)
-        phi_k = (k.row(t).array().min(0.f).exp() + k.row(t).array().max(0.f)).transpose();
-        phi_q = (q.row(t).array().min(0.f).exp() + q.row(t).array().max(0.f)).transpose();
-        v_aug.head(kDim) = v.row(t);
+        phi_k = (k.row(i).array().min(0.f).exp() + k.row(i).array().max(0.f)).transpose();
+        phi_q = (q.row(i).array().min(0.f).exp() + q.row(i).array().max(0.f)).transpose();
+        v_aug.head(kDim) = v.row(i);
         s.noalias() += phi_k * v_aug;
         num.noalias() = phi_q.transpose() * s;
-        out.row(t) = num.head(kDim) / (num(kDim) + eps);
+        out.row(i) = num.head(kDim) / (num(kDim) + eps);
       }
     }
     benchmark::DoNotOptimize(p.out.data());
     benchmark::ClobberMemory();
-  }
-  set_counters(state, 4.0 * kBatch * kHeads * n * kDim * kDim, n);
+  });
+  attn_bench::record_time(state, key("recurrence", n), t);
+  set_counters(state, 4.0 * kBatch * kHeads * n * kDim * kDim, t, n);
 }
 
 // The ceiling of the chunked form on this machine: the product kernel it
@@ -152,23 +176,22 @@ void BM_ChunkKernel(benchmark::State& state) {
   const int threads = omp_get_max_threads();
   std::vector<std::vector<float>> a(threads, std::vector<float>(m * k, 0.5f)),
       b(threads, std::vector<float>(k * n, 0.25f)), c(threads, std::vector<float>(m * n));
-  for (auto _ : state) {
+  const double t = attn_bench::timed_loop(state, [&] {
 #pragma omp parallel num_threads(threads)
     {
-      const int t = omp_get_thread_num();
+      const int i = omp_get_thread_num();
       for (index_t r = 0; r < reps; ++r) {
-        attn::detail::small_gemm<float>(m, n, k, a[t].data(), k, b[t].data(), n, c[t].data(), n,
+        attn::detail::small_gemm<float>(m, n, k, a[i].data(), k, b[i].data(), n, c[i].data(), n,
                                         r > 0);
-        benchmark::DoNotOptimize(c[t].data());
+        benchmark::DoNotOptimize(c[i].data());
       }
     }
-  }
-  state.counters["GFLOP/s"] = benchmark::Counter(2.0 * m * n * k * reps * threads * 1e-9,
-                                                 benchmark::Counter::kIsIterationInvariantRate);
+  });
+  attn_bench::set_gflops(state, 2.0 * m * n * k * reps * threads, t);
 }
 
 // The elu + 1 feature map alone over the q and k rows of N tokens, 8 heads,
-// heads over threads: the part of every path that is not a product.
+// heads over threads: a part of every linear path that is not a product.
 void BM_FeatureMap(benchmark::State& state) {
   const index_t n = state.range(0);
   Problem p(n);
@@ -193,12 +216,14 @@ void BM_FeatureMap(benchmark::State& state) {
 void BM_Flash(benchmark::State& state) {
   const index_t n = state.range(0);
   const bool causal = state.range(1) != 0;
+  const double pairs = causal ? 0.5 * n * (n + 1.0) : 1.0 * n * n;
+  if (attn_bench::skip_over_limits(state, "flash", 0, 4.0 * kBatch * kHeads * pairs * kDim)) return;
   Problem p(n);
   auto out = attn::bhsd(p.out.data(), kBatch, kHeads, n, kDim);
   attn::AttentionStats stats;
   attn::AttentionOptions opt;
   opt.stats = &stats;
-  for (auto _ : state) {
+  const double t = attn_bench::timed_loop(state, [&] {
     if (causal)
       attn::masked_attention(p.view(p.q, n), p.view(p.k, n), p.view(p.v, n), out, attn::causal(),
                              attn::no_score_mod(), opt);
@@ -206,35 +231,40 @@ void BM_Flash(benchmark::State& state) {
       attn::scaled_dot_product_attention(p.view(p.q, n), p.view(p.k, n), p.view(p.v, n), out, opt);
     benchmark::DoNotOptimize(p.out.data());
     benchmark::ClobberMemory();
-  }
-  set_counters(state, stats.flops(kDim, kDim), n);
+  });
+  attn_bench::record_time(state, key(causal ? "causal" : "full", n), t);
+  set_counters(state, stats.flops(kDim, kDim), t, n);
 }
 
 void register_all(bool sweep) {
-  std::vector<index_t> linear_n, flash_n, recur_n;
-  if (sweep) {
-    linear_n = {1024, 2048, 4096, 8192, 16384, 32768, 65536};
-    flash_n = {1024, 2048, 4096, 8192, 16384};
-    recur_n = {4096, 16384};
-  } else {
-    linear_n = {1024, 4096};
-    flash_n = {1024, 4096};
-    recur_n = {4096};
+  const std::vector<index_t> sizes = attn_bench::lengths(sweep, {1024, 4096});
+  const std::vector<index_t> decode_n =
+      sweep ? std::vector<index_t>{4096, 16384} : std::vector<index_t>{4096};
+  attn_bench::register_roofline_row();
+  // baselines first: a row's ratio counters read times recorded earlier in the run
+  for (index_t n : sizes) {
+    for (int causal : {0, 1})
+      benchmark::RegisterBenchmark(("flash/" + std::string(causal ? "causal" : "full")).c_str(),
+                                   BM_Flash)
+          ->Args({n, causal})
+          ->ArgNames({"N", "causal"})
+          ->Unit(benchmark::kMillisecond)
+          ->UseRealTime();
+    benchmark::RegisterBenchmark("linear/causal_plain_recurrence", BM_PlainRecurrence)
+        ->Arg(n)
+        ->ArgName("N")
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime();
   }
   for (int causal : {0, 1})
-    for (index_t n : linear_n)
+    for (index_t n : sizes)
       benchmark::RegisterBenchmark(("linear/" + std::string(causal ? "causal" : "full")).c_str(),
                                    BM_Linear)
           ->Args({n, causal, 0})
           ->ArgNames({"N", "causal", "chunk"})
           ->Unit(benchmark::kMillisecond)
           ->UseRealTime();
-  for (index_t n : recur_n) {
-    benchmark::RegisterBenchmark("linear/causal_plain_recurrence", BM_PlainRecurrence)
-        ->Arg(n)
-        ->ArgName("N")
-        ->Unit(benchmark::kMillisecond)
-        ->UseRealTime();
+  for (index_t n : decode_n) {
     benchmark::RegisterBenchmark("linear/causal_chunk1", BM_Linear)
         ->Args({n, 1, 1})
         ->ArgNames({"N", "causal", "chunk"})
@@ -245,27 +275,20 @@ void register_all(bool sweep) {
         ->ArgName("N")
         ->Unit(benchmark::kMillisecond)
         ->UseRealTime();
-  }
-  benchmark::RegisterBenchmark("linear/chunk_kernel", BM_ChunkKernel)->UseRealTime();
-  for (index_t n : recur_n)
     benchmark::RegisterBenchmark("linear/feature_map", BM_FeatureMap)
         ->Arg(n)
         ->ArgName("N")
         ->Unit(benchmark::kMillisecond)
         ->UseRealTime();
+  }
+  benchmark::RegisterBenchmark("linear/chunk_kernel", BM_ChunkKernel)
+      ->Unit(benchmark::kMillisecond)
+      ->UseRealTime();
   if (sweep)
     for (index_t chunk : {8, 16, 24, 32, 64, 128})
       benchmark::RegisterBenchmark("linear/causal_chunk_sweep", BM_Linear)
           ->Args({16384, 1, chunk})
           ->ArgNames({"N", "causal", "chunk"})
-          ->Unit(benchmark::kMillisecond)
-          ->UseRealTime();
-  for (int causal : {0, 1})
-    for (index_t n : flash_n)
-      benchmark::RegisterBenchmark(("flash/" + std::string(causal ? "causal" : "full")).c_str(),
-                                   BM_Flash)
-          ->Args({n, causal})
-          ->ArgNames({"N", "causal"})
           ->Unit(benchmark::kMillisecond)
           ->UseRealTime();
 }
