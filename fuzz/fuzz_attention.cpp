@@ -315,8 +315,17 @@ void with_mask(const Buffer<Q>& q, const Buffer<K>& k, const Buffer<V>& v, Buffe
                       }),
                       plan);
     }
-    default:
+    case 6:
       return with_mod(q, k, v, out, attn::causal() & attn::key_padding(plan.lengths), plan);
+    case 7: {  // a band of left/right keys, -1 = unbounded on that side
+      const index_t left = static_cast<index_t>(plan.seed % 14) - 1;
+      const index_t right = static_cast<index_t>((plan.seed / 14) % 14) - 1;
+      return with_mod(q, k, v, out, attn::window(left, right), plan);
+    }
+    default: {
+      const index_t left = static_cast<index_t>(plan.seed % 20);
+      return with_mod(q, k, v, out, attn::window(left, 0) & attn::key_padding(plan.lengths), plan);
+    }
   }
 }
 
@@ -349,7 +358,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   s.lk = in.range(1, 40);
   s.d = in.range(1, 24);
   s.dv = in.range(1, 24);
-  plan.mask = static_cast<int>(in.range(0, 6));
+  plan.mask = static_cast<int>(in.range(0, 8));
   plan.mod = static_cast<int>(in.range(0, 4));
   const double amps[] = {0.1, 1.0, 3.0, 30.0};
   plan.amp = amps[in.range(0, 3)];
