@@ -10,7 +10,7 @@
 //   bench_attention           D = 64 and 128 at N = 512 ... 4096 (a short run)
 //   bench_attention --sweep   D = 64 at N = 256 ... 65536 as well; rows past the
 //                             limits of bench_support.hpp (N² buffers over 4 GiB,
-//                             calls over 20 s) are skipped with a note
+//                             calls over 2 TFLOP) are skipped with a note
 //
 // Counters: GFLOPs (GFLOP/s) with flops = 4·B·H·Lq·Lk·D (dense) or 4·B·H·D·N(N+1)/2
 // (causal: only the pairs that are kept), for every row, so rows compare

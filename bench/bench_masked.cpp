@@ -20,7 +20,7 @@
 //   bench_masked              N = 1024 and 4096 (a short run)
 //   bench_masked --sweep      N = 256 ... 65536; rows past the limits of
 //                             bench_support.hpp (N² buffers over 4 GiB, calls over
-//                             20 s at the GEMM roofline) are skipped with a note
+//                             2 TFLOP) are skipped with a note
 //
 // Counters: GFLOPs (GFLOP/s) over the computed work only: AttentionStats (computed
 // tiles) for flash, the two full N×N GEMMs for naive; roofline_frac against the

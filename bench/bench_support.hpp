@@ -11,8 +11,8 @@
 //              (record_time); an efficient row at the same key then reports
 //              x_baseline = baseline time / its own time (set_ratio). Register the
 //              baselines first: only times measured earlier in the run count.
-//   limits     skip_over_limits() turns a sweep row whose N² buffers or run time
-//              would pass kMaxBytes / kMaxSeconds into a note, not a crash.
+//   limits     skip_over_limits() turns a sweep row whose N² buffers or work per
+//              call would pass kMaxBytes / kMaxFlops into a note, not a crash.
 //
 // Usage in a benchmark function (key e.g. "dense/N:1024/D:64"):
 //   baseline:   const double t = timed_loop(state, [&] { naive(p); });
@@ -225,25 +225,25 @@ inline void set_ratio(benchmark::State& state, const std::string& key, double se
 
 /// Largest N²-sized buffers (scores, masks, biases) a row may allocate.
 inline constexpr double kMaxBytes = 4.0 * (1 << 30);
-/// Longest call a row may take, estimated at the GEMM roofline.
-inline constexpr double kMaxSeconds = 20.0;
+/// Most work a row may do per call: 2 TFLOP, about 20 s at the ~100 GFLOP/s
+/// of this 2-core machine. A fixed count, so a sweep runs the same rows on
+/// every run.
+inline constexpr double kMaxFlops = 2e12;
 
 /// Skips the row with a note (Google Benchmark 1.7 has only SkipWithError, so
 /// the JSON marks it error_occurred with the note as its message) when its
-/// `bytes` of N²-sized buffers pass kMaxBytes, or when `flops` per call at the
-/// GEMM roofline would take longer than kMaxSeconds. `what` names the path.
-/// Returns true when the row was skipped; call it before allocating.
+/// `bytes` of N²-sized buffers pass kMaxBytes or its `flops` per call pass
+/// kMaxFlops. `what` names the path. Returns true when the row was skipped;
+/// call it before allocating anything.
 inline bool skip_over_limits(benchmark::State& state, const std::string& what, double bytes,
-                             double flops, int threads = 0) {
+                             double flops) {
   char note[200];
-  const double seconds = flops * 1e-9 / roofline_gflops(threads);
   if (bytes > kMaxBytes)
     std::snprintf(note, sizeof note, "%s: N² buffers need %.1f GiB, over the %.0f GiB limit",
                   what.c_str(), bytes / (1 << 30), kMaxBytes / (1 << 30));
-  else if (seconds > kMaxSeconds)
-    std::snprintf(note, sizeof note,
-                  "%s: %.2g TFLOP per call, ~%.0f s at the GEMM roofline, over the %.0f s limit",
-                  what.c_str(), flops * 1e-12, seconds, kMaxSeconds);
+  else if (flops > kMaxFlops)
+    std::snprintf(note, sizeof note, "%s: %.2g TFLOP per call, over the %.0f TFLOP limit",
+                  what.c_str(), flops * 1e-12, kMaxFlops * 1e-12);
   else
     return false;
   state.SkipWithError(note);
