@@ -99,7 +99,8 @@ double timed_loop(benchmark::State& state, F&& body) {
 
 namespace detail {
 /// GFLOP/s of C = A·B, 2048³ floats, on `threads` threads (0: Eigen's default,
-/// all that OpenMP offers): the best of 3 timed products after one warm-up.
+/// all that OpenMP offers): the best of 5 timed products after one warm-up (the best, as other
+/// processes on a shared machine only ever slow a product down).
 inline double measure_gemm_gflops(int threads) {
   constexpr index_t n = 2048;
   const std::vector<float> a_buf = random_buffer(static_cast<std::size_t>(n * n), 11),
@@ -110,7 +111,7 @@ inline double measure_gemm_gflops(int threads) {
   if (threads > 0) Eigen::setNbThreads(threads);
   c.noalias() = a * b;  // warm-up: page faults, packing buffers
   double best = 0;
-  for (int rep = 0; rep < 3; ++rep) {
+  for (int rep = 0; rep < 5; ++rep) {
     const auto start = std::chrono::steady_clock::now();
     c.noalias() = a * b;  // (n, n), 2·n³ FLOP
     benchmark::DoNotOptimize(c.data());
