@@ -203,8 +203,9 @@ def style(index, roof):
 
 
 def figure(plt, lines):
-    """A figure tall enough for one legend entry per series."""
-    return plt.subplots(figsize=(10, max(5.5, 0.2 * len(lines) + 1.0)))
+    """A figure tall enough for one legend entry per series, and wider past 20 series
+    so that the plot keeps its width beside the legend."""
+    return plt.subplots(figsize=(10 if len(lines) <= 20 else 13, max(5.5, 0.2 * len(lines) + 1.0)))
 
 
 def n_axis(ax, lines):
