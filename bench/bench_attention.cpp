@@ -7,9 +7,16 @@
 //   gemm    per head: the same two products without the softmax: the roofline
 //           of what Eigen's GEMM reaches on these shapes on this machine
 //
-// Counters: GFLOP/s with flops = 4·B·H·Lq·Lk·D (dense) or 4·B·H·D·N(N+1)/2
+//   bench_attention           D = 64 and 128 at N = 512 ... 4096 (a short run)
+//   bench_attention --sweep   D = 64 at N = 256 ... 65536 as well; rows past the
+//                             limits of bench_support.hpp (N² buffers over 4 GiB,
+//                             calls over 2 TFLOP) are skipped with a note
+//
+// Counters: GFLOPs (GFLOP/s) with flops = 4·B·H·Lq·Lk·D (dense) or 4·B·H·D·N(N+1)/2
 // (causal: only the pairs that are kept), for every row, so rows compare
-// directly. Peak memory: BM_peak_rss runs each path once in a child process.
+// directly; roofline_frac against the row roofline/gemm (a 2048³ sgemm);
+// x_baseline on flash rows = naive time / flash time at the same shape.
+// Peak memory: BM_peak_rss runs each path once in a child process.
 #include "bench_support.hpp"
 
 #include <cmath>
@@ -44,6 +51,20 @@ double attention_flops(index_t n, index_t d, bool causal) {
   return 4.0 * kBatch * kHeads * pairs * static_cast<double>(d);
 }
 
+/// Ratio key of one shape: "dense/N:1024/D:64".
+std::string key(bool causal, index_t n, index_t d) {
+  return std::string(causal ? "causal" : "dense") + "/N:" + std::to_string(n) +
+         "/D:" + std::to_string(d);
+}
+
+int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
 // --------------------------------------------------------------------- flash --
 
 void run_flash(Problem& p, bool causal) {
@@ -54,14 +75,19 @@ void run_flash(Problem& p, bool causal) {
     attn::scaled_dot_product_attention(q, k, v, o);
 }
 
+/// Flash engine; x_baseline against the naive row of the same shape.
 void BM_flash(benchmark::State& state, bool causal) {
-  Problem p(state.range(0), state.range(1));
-  for (auto _ : state) {
+  const index_t n = state.range(0), d = state.range(1);
+  const double flops = attention_flops(n, d, causal);
+  if (skip_over_limits(state, causal ? "flash causal" : "flash dense", 0, flops)) return;
+  Problem p(n, d);
+  const double t = timed_loop(state, [&] {
     run_flash(p, causal);
     benchmark::DoNotOptimize(p.o.data());
     benchmark::ClobberMemory();
-  }
-  state.counters["GFLOPs"] = flops_rate(attention_flops(p.n, p.d, causal) / 1e9);
+  });
+  set_gflops(state, flops, t);
+  set_ratio(state, key(causal, n, d), t);
 }
 
 // --------------------------------------------------------------------- naive --
@@ -98,38 +124,63 @@ void run_naive(Problem& p, bool causal, bool softmax) {
   }
 }
 
+/// Skips a naive-path row whose per-thread N×N score buffers or dense GEMMs
+/// pass the sweep limits.
+bool skip_naive(benchmark::State& state, const char* what, index_t n, index_t d) {
+  const double scores = static_cast<double>(n) * static_cast<double>(n) * sizeof(float);
+  return skip_over_limits(state, what, scores * max_threads(), attention_flops(n, d, false));
+}
+
+/// Naive baseline: records its time for the flash row of the same shape.
 void BM_naive(benchmark::State& state, bool causal) {
-  Problem p(state.range(0), state.range(1));
-  for (auto _ : state) {
+  const index_t n = state.range(0), d = state.range(1);
+  if (skip_naive(state, causal ? "naive causal" : "naive dense", n, d)) return;
+  Problem p(n, d);
+  const double t = timed_loop(state, [&] {
     run_naive(p, causal, true);
     benchmark::DoNotOptimize(p.o.data());
     benchmark::ClobberMemory();
-  }
-  state.counters["GFLOPs"] = flops_rate(attention_flops(p.n, p.d, causal) / 1e9);
+  });
+  record_time(state, key(causal, n, d), t);
+  set_gflops(state, attention_flops(n, d, causal), t);
 }
 
 void BM_gemm_roofline(benchmark::State& state) {
-  Problem p(state.range(0), state.range(1));
-  for (auto _ : state) {
+  const index_t n = state.range(0), d = state.range(1);
+  if (skip_naive(state, "gemm", n, d)) return;
+  Problem p(n, d);
+  const double t = timed_loop(state, [&] {
     run_naive(p, false, false);
     benchmark::DoNotOptimize(p.o.data());
     benchmark::ClobberMemory();
-  }
-  state.counters["GFLOPs"] = flops_rate(attention_flops(p.n, p.d, false) / 1e9);
+  });
+  set_gflops(state, attention_flops(n, d, false), t);
 }
 
-void shapes(benchmark::internal::Benchmark* b) {
+/// Registers one family over the shapes: D = 64 and 128 at N = 512 ... 4096,
+/// or with --sweep D = 64 at N = 256 ... 65536 and D = 128 at N = 512 ... 4096.
+template <class F>
+void register_shapes(const char* name, F fn, bool sweep) {
+  auto* b = benchmark::RegisterBenchmark(name, fn);
   b->ArgNames({"N", "D"});
-  for (index_t d : {64, 128})
-    for (index_t n : {512, 1024, 2048, 4096}) b->Args({n, d});
+  for (index_t n : lengths(sweep, {512, 1024, 2048, 4096})) b->Args({n, 64});
+  for (index_t n : {512, 1024, 2048, 4096}) b->Args({n, 128});
   b->UseRealTime()->Unit(benchmark::kMillisecond);
 }
 
-BENCHMARK_CAPTURE(BM_flash, dense, false)->Apply(shapes);
-BENCHMARK_CAPTURE(BM_naive, dense, false)->Apply(shapes);
-BENCHMARK(BM_gemm_roofline)->Apply(shapes);
-BENCHMARK_CAPTURE(BM_flash, causal, true)->Apply(shapes);
-BENCHMARK_CAPTURE(BM_naive, causal, true)->Apply(shapes);
+void register_timings(bool sweep) {
+  register_roofline_row();
+  // Baselines first: the flash rows read their times.
+  register_shapes(
+      "BM_naive/dense", [](benchmark::State& s) { BM_naive(s, false); }, sweep);
+  register_shapes(
+      "BM_naive/causal", [](benchmark::State& s) { BM_naive(s, true); }, sweep);
+  register_shapes("BM_gemm_roofline", BM_gemm_roofline, sweep);
+  register_shapes(
+      "BM_flash/dense", [](benchmark::State& s) { BM_flash(s, false); }, sweep);
+  register_shapes(
+      "BM_flash/causal", [](benchmark::State& s) { BM_flash(s, true); }, sweep);
+}
 
 // ------------------------------------------------------------- peak memory --
 
@@ -144,18 +195,16 @@ void BM_peak_rss(benchmark::State& state, const char* path) {
   state.counters["qkvo_MiB"] = inputs;  // what the four tensors alone occupy
   state.counters["extra_MiB"] = mib - inputs;
 }
-BENCHMARK_CAPTURE(BM_peak_rss, flash, "flash")
-    ->Arg(4096)
-    ->Arg(16384)
-    ->ArgName("N")
-    ->Iterations(1)
-    ->Unit(benchmark::kMillisecond);
-BENCHMARK_CAPTURE(BM_peak_rss, naive, "naive")
-    ->Arg(4096)
-    ->Arg(16384)
-    ->ArgName("N")
-    ->Iterations(1)
-    ->Unit(benchmark::kMillisecond);
+void register_peak_rss() {
+  for (const char* path : {"flash", "naive"})
+    benchmark::RegisterBenchmark((std::string("BM_peak_rss/") + path).c_str(),
+                                 [path](benchmark::State& s) { BM_peak_rss(s, path); })
+        ->Arg(4096)
+        ->Arg(16384)
+        ->ArgName("N")
+        ->Iterations(1)
+        ->Unit(benchmark::kMillisecond);
+}
 
 /// Child mode: `--attn-child flash|naive N` runs once and prints the peak RSS in MiB.
 int child_main(const std::string& path, index_t n) {
@@ -174,6 +223,9 @@ int child_main(const std::string& path, index_t n) {
 int main(int argc, char** argv) {
   if (argc == 4 && std::strcmp(argv[1], "--attn-child") == 0)
     return child_main(argv[2], std::atol(argv[3]));
+  const bool sweep = take_flag(argc, argv, "--sweep");
+  register_timings(sweep);
+  register_peak_rss();
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::RunSpecifiedBenchmarks();

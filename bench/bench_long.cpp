@@ -2,7 +2,8 @@
 // attention against dense flash attention, B = 1, H = 8, D = 64, float.
 //
 //   bench_long                 N = 1024 ... 4096 (a short run)
-//   bench_long --sweep          N = 1024 ... 65536; dense up to 16384
+//   bench_long --sweep          N = 256 ... 65536; dense rows over 2 TFLOP per call
+//                              (N >= 32768) are skipped with a note
 //   bench_long --memory [--sweep]
 //                              peak resident memory per (path, N), each shape
 //                              in a forked child, printed as a table; no timing
@@ -12,7 +13,9 @@
 //
 // Other flags go to Google Benchmark (--benchmark_filter=..., --benchmark_repetitions=3).
 // Counters: GFLOPs (a rate, GFLOP/s) over the computed tiles only (AttentionStats),
-// GFLOP per call, tiles = computed tiles.
+// GFLOP per call, tiles = computed tiles, roofline_frac against the row
+// roofline/gemm (a 2048³ sgemm on the same threads), and on window and bigbird
+// rows x_baseline = dense time / this row's time at the same N.
 #include "bench_support.hpp"
 
 #include <attn/attn.hpp>
@@ -79,14 +82,30 @@ void run(Path path, Problem& p, index_t n, const attn::BlockSparseLayout* layout
   benchmark::ClobberMemory();
 }
 
+/// 4·H·N²·D: the work of dense attention.
+double dense_flops(index_t n) {
+  return 4.0 * kHeads * static_cast<double>(n) * static_cast<double>(n) * kDim;
+}
+
+/// Ratio key of one shape (every path here runs at B = 1, H = 8, D = 64): "N:4096".
+std::string key(index_t n) { return "N:" + std::to_string(n); }
+
+/// One path at one N; dense is the baseline (registered first), the others
+/// report x_baseline against it.
 void bench(benchmark::State& state, Path path) {
   const index_t n = state.range(0);
+  if (path == Path::dense && attn_bench::skip_over_limits(state, "dense", 0, dense_flops(n)))
+    return;
   Problem p(n);
   const attn::BlockSparseLayout layout =
       path == Path::bigbird ? attn::bigbird(n) : attn::BlockSparseLayout();
   attn::AttentionStats stats;
-  for (auto _ : state) run(path, p, n, &layout, stats);
-  state.counters["GFLOPs"] = attn_bench::flops_rate(stats.flops(kDim, kDim) / 1e9);
+  const double t = attn_bench::timed_loop(state, [&] { run(path, p, n, &layout, stats); });
+  if (path == Path::dense)
+    attn_bench::record_time(state, key(n), t);
+  else
+    attn_bench::set_ratio(state, key(n), t);
+  attn_bench::set_gflops(state, stats.flops(kDim, kDim), t, g_threads);
   state.counters["tiles"] = static_cast<double>(stats.full_tiles + stats.partial_tiles);
   state.counters["GFLOP"] = stats.flops(kDim, kDim) * 1e-9;
 }
@@ -137,11 +156,11 @@ std::vector<double> child_memory(Path path, index_t n) {
   return {mib[0], mib[1], mib[2]};
 }
 
-void memory_table(const std::vector<index_t>& sizes, index_t dense_max) {
+void memory_table(const std::vector<index_t>& sizes) {
   std::printf("%-8s %7s %12s %12s %12s\n", "path", "N", "inputs_MiB", "extra_MiB", "peak_MiB");
   for (Path path : {Path::window, Path::bigbird, Path::dense})
     for (index_t n : sizes) {
-      if (path == Path::dense && n > dense_max) continue;
+      if (path == Path::dense && dense_flops(n) > attn_bench::kMaxFlops) continue;
       const std::vector<double> m = child_memory(path, n);
       if (m.empty()) {
         std::printf("%-8s %7ld  (child failed)\n", path_name(path), static_cast<long>(n));
@@ -169,17 +188,15 @@ int main(int argc, char** argv) {
       rest.push_back(argv[i]);
     }
   }
-  std::vector<index_t> sizes;
-  for (index_t n = 1024; n <= (sweep ? 65536 : 4096); n *= 2) sizes.push_back(n);
-  const index_t dense_max = sweep ? 16384 : 4096;  // dense at 32768 takes ~30 s per call
+  const std::vector<index_t> sizes = attn_bench::lengths(sweep, {1024, 2048, 4096});
 
   if (memory) {  // before anything starts OpenMP threads in this process, so children may
-    memory_table(sizes, dense_max);
+    memory_table(sizes);
     return 0;
   }
-  for (Path path : {Path::window, Path::bigbird, Path::dense})
+  attn_bench::register_roofline_row(g_threads);
+  for (Path path : {Path::dense, Path::window, Path::bigbird})  // the baseline first
     for (index_t n : sizes) {
-      if (path == Path::dense && n > dense_max) continue;
       benchmark::RegisterBenchmark((std::string("BM_") + path_name(path)).c_str(),
                                    [path](benchmark::State& s) { bench(s, path); })
           ->Arg(n)

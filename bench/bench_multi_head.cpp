@@ -3,11 +3,20 @@
 // projections and its attention, and the attention held against the
 // foundation's scaled_dot_product_attention on the same shapes.
 //
-//   bench_multi_head                      d_model 512 (8×64) at L 512, 2048; d_model 2048 at L 512
-//   bench_multi_head --full               adds d_model 2048 (16×128, kv 16 and 4) at L 2048
+//   bench_multi_head           d_model 512 (8×64) at N 512, 2048; d_model 2048 at N 512
+//   bench_multi_head --sweep   adds d_model 512 at N = 256 ... 65536 and d_model 2048
+//                              (16×128, kv 16 and 4) at N 2048; rows past the limits
+//                              of bench_support.hpp (N² scores over 4 GiB, calls over
+//                              2 TFLOP) are skipped with a note. --full: the same.
+//
+// Rows are named path/N:<len>/d_model:<d>/H:<q heads>/Hkv:<kv heads>. Counters:
+// GFLOPs (GFLOP/s), roofline_frac against the row roofline/gemm, and x_baseline:
+// layer against naive_eigen, layer_attention_bshd against sdpa_bhsd (same shape).
 //
 // Pass Google Benchmark flags as usual, e.g.
 //   --benchmark_repetitions=3 --benchmark_report_aggregates_only=true
+#include "bench_support.hpp"
+
 #include <attn/attn.hpp>
 #include <attn/multi_head.hpp>
 
@@ -30,10 +39,10 @@ using Mat = attn::RowMatrix<float>;
 struct Shape {
   index_t d_model, q_heads, kv_heads, len;
   index_t head_dim() const { return d_model / q_heads; }
+  /// "N:2048/d_model:512/H:8/Hkv:8": the length first, as the plots read it.
   std::string name() const {
-    return "d" + std::to_string(d_model) + "/h" + std::to_string(q_heads) + "x" +
-           std::to_string(head_dim()) + "/kv" + std::to_string(kv_heads) + "/L" +
-           std::to_string(len);
+    return "N:" + std::to_string(len) + "/d_model:" + std::to_string(d_model) +
+           "/H:" + std::to_string(q_heads) + "/Hkv:" + std::to_string(kv_heads);
   }
   /// 2·rows·in·out of the four projections.
   double projection_flops() const {
@@ -79,15 +88,18 @@ struct Setup {
   }
 };
 
-void set_rate(benchmark::State& state, double flops) {
-  state.counters["GFLOP/s"] =
-      benchmark::Counter(flops * 1e-9 * double(state.iterations()), benchmark::Counter::kIsRate);
+/// Skips a row whose naive N×N score buffer or work per call pass the limits.
+bool skip_over_limits(benchmark::State& state, const Shape& s, const char* path, bool scores) {
+  const double bytes = scores ? double(s.len) * double(s.len) * sizeof(float) : 0.0;
+  return attn_bench::skip_over_limits(state, path, bytes,
+                                      s.projection_flops() + s.attention_flops());
 }
 
 // ------------------------------------------------------------------- paths --
 
 /// The whole layer: projections, attention, output projection.
 void layer(benchmark::State& state, Shape shape) {
+  if (skip_over_limits(state, shape, "layer", false)) return;
   const Setup su(shape);
   attn::MultiHeadAttention<float> mha(su.config());
   mha.set_wq(su.wq);
@@ -97,12 +109,13 @@ void layer(benchmark::State& state, Shape shape) {
   Mat out(shape.len, shape.d_model);
   const attn::TensorView<float, 3> ov(out.data(), {1, shape.len, shape.d_model});
   mha.forward(su.xview(), ov);  // sizes the scratch once
-  for (auto _ : state) {
+  const double t = attn_bench::timed_loop(state, [&] {
     mha.forward(su.xview(), ov);
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
-  }
-  set_rate(state, shape.projection_flops() + shape.attention_flops());
+  });
+  attn_bench::set_gflops(state, shape.projection_flops() + shape.attention_flops(), t);
+  attn_bench::set_ratio(state, "layer/" + shape.name(), t);
 }
 
 /// The layer's four projections alone (the same calls forward makes).
@@ -120,19 +133,20 @@ void layer_projections(benchmark::State& state, Shape shape) {
                                         out(shape.len, shape.d_model);
   const attn::TensorView<float, 3> ov(out.data(), {1, shape.len, shape.d_model});
   attn::detail::ProjectionGemms<float> gemms;
-  for (auto _ : state) {
+  const double t = attn_bench::timed_loop(state, [&] {
     attn::detail::project(su.xview(), w.wq, w.bq, q.data(), gemms, 0);
     attn::detail::project(su.xview(), w.wk, w.bk, k.data(), gemms, 0);
     attn::detail::project(su.xview(), w.wv, w.bv, v.data(), gemms, 0);
     attn::detail::project_out(heads.data(), w.wo, w.bo, ov, gemms, 0);
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
-  }
-  set_rate(state, shape.projection_flops());
+  });
+  attn_bench::set_gflops(state, shape.projection_flops(), t);
 }
 
 /// The layer's attention alone: bshd views of the projection buffers.
 void layer_attention(benchmark::State& state, Shape shape) {
+  if (skip_over_limits(state, shape, "layer_attention_bshd", false)) return;
   const index_t D = shape.head_dim(), L = shape.len;
   const Mat q = random(L, shape.q_heads * D, 7, 1.f), k = random(L, shape.kv_heads * D, 8, 1.f),
             v = random(L, shape.kv_heads * D, 9, 1.f);
@@ -140,18 +154,20 @@ void layer_attention(benchmark::State& state, Shape shape) {
   attn::AttentionStats stats;
   attn::AttentionOptions opt;
   opt.stats = &stats;
-  for (auto _ : state) {
+  const double t = attn_bench::timed_loop(state, [&] {
     attn::scaled_dot_product_attention(attn::bshd(q.data(), 1, L, shape.q_heads, D),
                                        attn::bshd(k.data(), 1, L, shape.kv_heads, D),
                                        attn::bshd(v.data(), 1, L, shape.kv_heads, D),
                                        attn::bshd(a.data(), 1, L, shape.q_heads, D), opt);
     benchmark::DoNotOptimize(a.data());
-  }
-  set_rate(state, stats.flops(D, D));
+  });
+  attn_bench::set_gflops(state, stats.flops(D, D), t);
+  attn_bench::set_ratio(state, "attention/" + shape.name(), t);
 }
 
 /// The foundation's SDPA on contiguous bhsd tensors of the same shape.
 void sdpa_bhsd(benchmark::State& state, Shape shape) {
+  if (skip_over_limits(state, shape, "sdpa_bhsd", false)) return;
   const index_t D = shape.head_dim(), L = shape.len;
   const Mat q = random(shape.q_heads * L, D, 7, 1.f), k = random(shape.kv_heads * L, D, 8, 1.f),
             v = random(shape.kv_heads * L, D, 9, 1.f);
@@ -159,14 +175,15 @@ void sdpa_bhsd(benchmark::State& state, Shape shape) {
   attn::AttentionStats stats;
   attn::AttentionOptions opt;
   opt.stats = &stats;
-  for (auto _ : state) {
+  const double t = attn_bench::timed_loop(state, [&] {
     attn::scaled_dot_product_attention(attn::bhsd(q.data(), 1, shape.q_heads, L, D),
                                        attn::bhsd(k.data(), 1, shape.kv_heads, L, D),
                                        attn::bhsd(v.data(), 1, shape.kv_heads, L, D),
                                        attn::bhsd(a.data(), 1, shape.q_heads, L, D), opt);
     benchmark::DoNotOptimize(a.data());
-  }
-  set_rate(state, stats.flops(D, D));
+  });
+  attn_bench::record_time(state, "attention/" + shape.name(), t);
+  attn_bench::set_gflops(state, stats.flops(D, D), t);
 }
 
 /// The same layer written naively in Eigen: projections, then per head the
@@ -174,12 +191,13 @@ void sdpa_bhsd(benchmark::State& state, Shape shape) {
 /// head's columns, then the output projection. Buffers are allocated once
 /// outside the loop (a fair naive baseline, not a careless one).
 void naive_eigen(benchmark::State& state, Shape shape) {
+  if (skip_over_limits(state, shape, "naive_eigen", true)) return;
   const Setup su(shape);
   const index_t D = shape.head_dim(), L = shape.len, group = shape.q_heads / shape.kv_heads;
   const float scale = 1.f / std::sqrt(float(D));
   Mat q(L, shape.q_heads * D), k(L, shape.kv_heads * D), v(L, shape.kv_heads * D),
       a(L, shape.q_heads * D), s(L, L), out(L, shape.d_model);
-  for (auto _ : state) {
+  const double t = attn_bench::timed_loop(state, [&] {
     q.noalias() = su.x * su.wq;
     k.noalias() = su.x * su.wk;
     v.noalias() = su.x * su.wv;
@@ -194,42 +212,38 @@ void naive_eigen(benchmark::State& state, Shape shape) {
     out.noalias() = a * su.wo;
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
-  }
-  set_rate(state, shape.projection_flops() + shape.attention_flops());
+  });
+  attn_bench::record_time(state, "layer/" + shape.name(), t);
+  attn_bench::set_gflops(state, shape.projection_flops() + shape.attention_flops(), t);
 }
 
+/// The five rows of one shape, each baseline before the row that reads its time.
 void register_shape(const Shape& s) {
   const std::string n = s.name();
   for (auto* b :
-       {benchmark::RegisterBenchmark(("layer/" + n).c_str(), layer, s),
-        benchmark::RegisterBenchmark(("naive_eigen/" + n).c_str(), naive_eigen, s),
+       {benchmark::RegisterBenchmark(("naive_eigen/" + n).c_str(), naive_eigen, s),
+        benchmark::RegisterBenchmark(("sdpa_bhsd/" + n).c_str(), sdpa_bhsd, s),
+        benchmark::RegisterBenchmark(("layer/" + n).c_str(), layer, s),
         benchmark::RegisterBenchmark(("layer_projections/" + n).c_str(), layer_projections, s),
-        benchmark::RegisterBenchmark(("layer_attention_bshd/" + n).c_str(), layer_attention, s),
-        benchmark::RegisterBenchmark(("sdpa_bhsd/" + n).c_str(), sdpa_bhsd, s)})
+        benchmark::RegisterBenchmark(("layer_attention_bshd/" + n).c_str(), layer_attention, s)})
     b->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(0.2);
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool full = false;
-  std::vector<char*> args;
-  for (int i = 0; i < argc; ++i) {
-    if (std::strcmp(argv[i], "--full") == 0)
-      full = true;
-    else
-      args.push_back(argv[i]);
-  }
-  register_shape({512, 8, 8, 512});
-  register_shape({512, 8, 8, 2048});
+  const bool full = attn_bench::take_flag(argc, argv, "--full");
+  const bool sweep = attn_bench::take_flag(argc, argv, "--sweep") || full;
+  attn_bench::register_roofline_row();
+  for (index_t len : attn_bench::lengths(sweep, {512, 2048})) register_shape({512, 8, 8, len});
   register_shape({2048, 16, 16, 512});
   register_shape({2048, 16, 4, 512});
-  if (full) {
+  if (sweep) {
     register_shape({2048, 16, 16, 2048});
     register_shape({2048, 16, 4, 2048});
   }
-  int n = static_cast<int>(args.size());
-  benchmark::Initialize(&n, args.data());
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
   return 0;

@@ -1,16 +1,43 @@
 // bench/bench_support.hpp — helpers shared by the attn benchmarks.
+//
+// Besides buffers and peak memory, three things every binary reports the same way:
+//
+//   roofline   roofline_gflops() measures once per process what a 2048³ Eigen sgemm
+//              reaches with the benchmark's thread count; register_roofline_row()
+//              adds it as the row `roofline/gemm`, and set_gflops() /
+//              set_roofline_frac() give every GFLOP/s row the counter
+//              roofline_frac = row GFLOP/s / probe GFLOP/s.
+//   ratios     a baseline row records its time per call under a shape key
+//              (record_time); an efficient row at the same key then reports
+//              x_baseline = baseline time / its own time (set_ratio). Register the
+//              baselines first: only times measured earlier in the run count.
+//   limits     skip_over_limits() turns a sweep row whose N² buffers or work per
+//              call would pass kMaxBytes / kMaxFlops into a note, not a crash.
+//
+// Usage in a benchmark function (key e.g. "dense/N:1024/D:64"):
+//   baseline:   const double t = timed_loop(state, [&] { naive(p); });
+//               record_time(state, key, t);
+//               set_gflops(state, naive_flops, t);
+//   efficient:  const double t = timed_loop(state, [&] { flash(p); });
+//               set_ratio(state, key, t);
+//               set_gflops(state, stats.flops(d, dv), t);
+//   own GFLOP/s counter:  set_roofline_frac(state, flops / t * 1e-9);
 #pragma once
 
 #include <attn/attn.hpp>
 
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <map>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <unistd.h>
@@ -56,6 +83,194 @@ inline double run_child(const std::string& args) {
   if (std::fscanf(p, "%lf", &value) != 1) value = 0;
   pclose(p);
   return value;
+}
+
+/// Runs `for (auto _ : state) body();` and returns the wall-clock seconds per
+/// iteration of that loop (0 when it did not run, e.g. after SkipWithError).
+template <class F>
+double timed_loop(benchmark::State& state, F&& body) {
+  const auto start = std::chrono::steady_clock::now();
+  for (auto _ : state) body();
+  const std::chrono::duration<double> elapsed = std::chrono::steady_clock::now() - start;
+  return state.iterations() > 0 ? elapsed.count() / static_cast<double>(state.iterations()) : 0.0;
+}
+
+// ---------------------------------------------------------------- roofline --
+
+namespace detail {
+/// GFLOP/s of C = A·B, 2048³ floats, on `threads` threads (0: Eigen's default,
+/// all that OpenMP offers): the best of 5 timed products after one warm-up (the best, as other
+/// processes on a shared machine only ever slow a product down).
+inline double measure_gemm_gflops(int threads) {
+  constexpr index_t n = 2048;
+  const std::vector<float> a_buf = random_buffer(static_cast<std::size_t>(n * n), 11),
+                           b_buf = random_buffer(a_buf.size(), 12);
+  const Eigen::Map<const attn::RowMatrix<float>> a(a_buf.data(), n, n), b(b_buf.data(), n, n);
+  attn::RowMatrix<float> c(n, n);
+  const int saved = Eigen::nbThreads();
+  if (threads > 0) Eigen::setNbThreads(threads);
+  c.noalias() = a * b;  // warm-up: page faults, packing buffers
+  double best = 0;
+  for (int rep = 0; rep < 5; ++rep) {
+    const auto start = std::chrono::steady_clock::now();
+    c.noalias() = a * b;  // (n, n), 2·n³ FLOP
+    benchmark::DoNotOptimize(c.data());
+    const std::chrono::duration<double> t = std::chrono::steady_clock::now() - start;
+    best = std::max(best, 2.0 * n * n * n / t.count() * 1e-9);
+  }
+  Eigen::setNbThreads(saved);
+  return best;
+}
+}  // namespace detail
+
+/// What a large Eigen sgemm (2048³) reaches on this machine with `threads`
+/// threads (0: all), in GFLOP/s. Measured on the first call for each thread
+/// count (about a second), then cached for the rest of the process.
+inline double roofline_gflops(int threads = 0) {
+  static std::map<int, double> cache;
+  auto it = cache.find(threads);
+  if (it == cache.end()) it = cache.emplace(threads, detail::measure_gemm_gflops(threads)).first;
+  return it->second;
+}
+
+/// Sets the counter roofline_frac = gflops / roofline_gflops(threads), for a
+/// row that reached `gflops` GFLOP/s. Use it next to a GFLOP/s counter of
+/// one's own; set_gflops() sets both.
+inline void set_roofline_frac(benchmark::State& state, double gflops, int threads = 0) {
+  state.counters["roofline_frac"] = gflops / roofline_gflops(threads);
+}
+
+/// Sets the rate counter `GFLOPs` (GFLOP/s of `flops_per_iter` FLOP per
+/// iteration, counting only computed work) and roofline_frac, for a row whose
+/// loop took `seconds_per_iter` (timed_loop's result).
+inline void set_gflops(benchmark::State& state, double flops_per_iter, double seconds_per_iter,
+                       int threads = 0) {
+  state.counters["GFLOPs"] = flops_rate(flops_per_iter * 1e-9);
+  if (seconds_per_iter > 0)
+    set_roofline_frac(state, flops_per_iter * 1e-9 / seconds_per_iter, threads);
+}
+
+/// Registers the row `roofline/gemm`: the probe's 2048³ sgemm timed as a
+/// benchmark, with GFLOPs, roofline_frac (about 1) and probe_GFLOPs (the
+/// denominator of every roofline_frac in this run). Register it first.
+inline void register_roofline_row(int threads = 0) {
+  benchmark::RegisterBenchmark(
+      "roofline/gemm",
+      [threads](benchmark::State& state) {
+        constexpr index_t n = 2048;
+        const std::vector<float> a_buf = random_buffer(static_cast<std::size_t>(n * n), 11),
+                                 b_buf = random_buffer(a_buf.size(), 12);
+        const Eigen::Map<const attn::RowMatrix<float>> a(a_buf.data(), n, n), b(b_buf.data(), n, n);
+        attn::RowMatrix<float> c(n, n);
+        const double probe = roofline_gflops(threads);  // measured before the timed loop
+        const int saved = Eigen::nbThreads();
+        if (threads > 0) Eigen::setNbThreads(threads);
+        const double t = timed_loop(state, [&] {
+          c.noalias() = a * b;  // (n, n)
+          benchmark::DoNotOptimize(c.data());
+        });
+        Eigen::setNbThreads(saved);
+        set_gflops(state, 2.0 * n * n * n, t, threads);
+        state.counters["probe_GFLOPs"] = probe;
+      })
+      ->Unit(benchmark::kMillisecond)
+      ->UseRealTime();
+}
+
+// ----------------------------------------------------------- baseline ratios --
+
+namespace detail {
+/// (iterations, seconds per iteration) of each recorded run of a baseline.
+using Samples = std::vector<std::pair<std::int64_t, double>>;
+inline std::map<std::string, Samples>& baseline_times() {
+  static std::map<std::string, Samples> times;
+  return times;
+}
+}  // namespace detail
+
+/// Records the time per call of a baseline row under `key` (the variant and
+/// shape, e.g. "causal/N:1024/D:64"). Call it after the loop of every run of the
+/// baseline; Google Benchmark's reported runs are those with the most
+/// iterations (the shorter ones only size the loop), and their median is used.
+inline void record_time(const benchmark::State& state, const std::string& key,
+                        double seconds_per_iter) {
+  if (state.error_occurred() || seconds_per_iter <= 0) return;
+  detail::baseline_times()[key].emplace_back(static_cast<std::int64_t>(state.iterations()),
+                                             seconds_per_iter);
+}
+
+/// The baseline time recorded under `key` (median of its reported runs), 0 if none.
+inline double baseline_seconds(const std::string& key) {
+  const auto it = detail::baseline_times().find(key);
+  if (it == detail::baseline_times().end() || it->second.empty()) return 0;
+  std::int64_t most = 0;
+  for (const auto& s : it->second) most = std::max(most, s.first);
+  std::vector<double> t;
+  for (const auto& s : it->second)
+    if (s.first == most) t.push_back(s.second);
+  std::sort(t.begin(), t.end());
+  return t.size() % 2 ? t[t.size() / 2] : 0.5 * (t[t.size() / 2 - 1] + t[t.size() / 2]);
+}
+
+/// Sets the counter `x_baseline` = (baseline time at `key`) / seconds_per_iter,
+/// this row's time per call (timed_loop's result): above 1 this row is faster.
+/// No counter when no baseline ran at `key` earlier in this process (filtered
+/// out, skipped over a limit, or registered after this row).
+inline void set_ratio(benchmark::State& state, const std::string& key, double seconds_per_iter) {
+  const double base = baseline_seconds(key);
+  if (base > 0 && seconds_per_iter > 0 && !state.error_occurred())
+    state.counters["x_baseline"] = base / seconds_per_iter;
+}
+
+// ------------------------------------------------------------ sweep limits --
+
+/// Largest N²-sized buffers (scores, masks, biases) a row may allocate.
+inline constexpr double kMaxBytes = 4.0 * (1 << 30);
+/// Most work a row may do per call: 2 TFLOP, about 20 s at the ~100 GFLOP/s
+/// of this 2-core machine. A fixed count, so a sweep runs the same rows on
+/// every run.
+inline constexpr double kMaxFlops = 2e12;
+
+/// Skips the row with a note (Google Benchmark 1.7 has only SkipWithError, so
+/// the JSON marks it error_occurred with the note as its message) when its
+/// `bytes` of N²-sized buffers pass kMaxBytes or its `flops` per call pass
+/// kMaxFlops. `what` names the path. Returns true when the row was skipped;
+/// call it before allocating anything.
+inline bool skip_over_limits(benchmark::State& state, const std::string& what, double bytes,
+                             double flops) {
+  char note[200];
+  if (bytes > kMaxBytes)
+    std::snprintf(note, sizeof note, "%s: N² buffers need %.1f GiB, over the %.0f GiB limit",
+                  what.c_str(), bytes / (1 << 30), kMaxBytes / (1 << 30));
+  else if (flops > kMaxFlops)
+    std::snprintf(note, sizeof note, "%s: %.2g TFLOP per call, over the %.0f TFLOP limit",
+                  what.c_str(), flops * 1e-12, kMaxFlops * 1e-12);
+  else
+    return false;
+  state.SkipWithError(note);
+  return true;
+}
+
+/// N = 256, 512, ..., 65536 (the sweep), or `short_run` without --sweep.
+inline std::vector<index_t> lengths(bool sweep, std::vector<index_t> short_run) {
+  if (!sweep) return short_run;
+  std::vector<index_t> n;
+  for (index_t len = 256; len <= 65536; len *= 2) n.push_back(len);
+  return n;
+}
+
+/// Removes `flag` from argv (before benchmark::Initialize sees it); true if it was there.
+inline bool take_flag(int& argc, char** argv, const char* flag) {
+  bool found = false;
+  int out = 0;
+  for (int i = 0; i < argc; ++i) {
+    if (i > 0 && std::strcmp(argv[i], flag) == 0)
+      found = true;
+    else
+      argv[out++] = argv[i];
+  }
+  argc = out;
+  return found;
 }
 
 }  // namespace attn_bench

@@ -8,16 +8,21 @@ Reads JSON files written by any bench_* executable with
                         per variant (benchmark family, capture label and every argument
                         but N), with O(N^2) and O(N) guide lines;
   <prefix>_gflops.png   GFLOP/s against N; GEMM roofline rows (names containing
-                        "roofline" or "gemm") are drawn dashed, as the reference.
+                        "roofline" or "gemm") are drawn black and dashed, and the
+                        `roofline/gemm` probe rows (no N) as one horizontal line.
 
-N is read from the "N:<n>" part of each benchmark name; rows without one are
-skipped, and so are rows whose name matches --exclude (default: peak-memory
-rows, "peak_rss" or "memory", whose time is that of a child process). With repetitions the median is used:
-the "median" aggregate when the file has one, else the median of the
-repetitions. The table (stdout, or the file given with --table) gives, per
-variant and shape, the time, the GFLOP/s and the ratios to the baselines in
-the same file at the same shape: the naive path of the same variant
-("naive", "reference" or "baseline" in the family name) and the GEMM roofline.
+Lines cycle through 10 colours, then change marker and line style, so series stay
+distinguishable past ten. N is read from the "N:<n>" part of each benchmark name;
+rows without one are left out of the plots (but kept in the table), and so are rows
+whose name matches --exclude (default: peak-memory rows, "peak_rss" or "memory",
+whose time is that of a child process). With repetitions the median is used: the
+"median" aggregate when the file has one, else the median of the repetitions.
+
+The table (stdout, or the file given with --table) gives per variant and shape the
+time, GFLOP/s and the counters the benchmarks emit themselves: roofline_frac (row
+GFLOP/s over the run's GEMM roofline probe) and x_baseline (the baseline's time
+over this row's, same shape, same run). Rows the benchmarks skipped over their
+sweep limits (error_occurred) are listed under the table with their note.
 
 Usage: plot_bench.py FILE.json [FILE.json ...] [--out-dir DIR] [--table FILE] [--prefix NAME]
                      [--exclude REGEX]
@@ -36,7 +41,6 @@ from pathlib import Path
 OPTION_PART = re.compile(
     r"^(real_time|process_time|manual_time|(min_time|min_warmup_time|repeats|iterations):.*)$")
 ROOFLINE = re.compile(r"roofline|gemm", re.IGNORECASE)
-NAIVE = re.compile(r"naive|reference|baseline", re.IGNORECASE)
 TIME_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}
 
 
@@ -53,6 +57,8 @@ class Row:
         self.n = int(self.args["N"]) if self.args.get("N", "").isdigit() else None
         self.seconds = None
         self.gflops = None
+        self.roofline_frac = None  # counters the benchmark emitted, at their median
+        self.x_baseline = None
 
     @property
     def variant(self):
@@ -67,14 +73,6 @@ class Row:
     def is_roofline(self):
         return bool(ROOFLINE.search(self.variant))
 
-    @property
-    def is_naive(self):
-        return bool(NAIVE.search(self.family))
-
-    @property
-    def is_baseline(self):
-        return self.is_roofline or self.is_naive
-
 
 def gflops_of(entry):
     """The GFLOP/s counter of a benchmark entry (GFLOPs, GFLOP/s, GFLOP_s), or None.
@@ -85,19 +83,33 @@ def gflops_of(entry):
     return None
 
 
+def counter_of(entry, name):
+    """A numeric counter of a benchmark entry, or None when the row has none."""
+    value = entry.get(name)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def median_of(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
 def load(path, exclude):
-    """Rows of one JSON file, at their medians, in the file's order, less those whose
-    name matches the regular expression `exclude`."""
+    """(rows, notes) of one JSON file: the rows at their medians, in the file's order,
+    less those whose name matches the regular expression `exclude`; the notes of the
+    rows skipped with an error, as (run_name, message), each once."""
     with open(path) as f:
         data = json.load(f)
     source = Path(path).stem
     repetitions = OrderedDict()  # run_name -> [iteration entries]
     medians = {}  # run_name -> median aggregate entry
+    notes = OrderedDict()  # run_name -> error message
     for entry in data.get("benchmarks", []):
-        if entry.get("error_occurred"):
-            continue
         run_name = entry.get("run_name", entry["name"])
         if exclude and re.search(exclude, run_name):
+            continue
+        if entry.get("error_occurred"):
+            notes.setdefault(run_name, entry.get("error_message", ""))
             continue
         if entry.get("run_type") == "aggregate":
             if entry.get("aggregate_name") == "median":
@@ -108,23 +120,22 @@ def load(path, exclude):
     rows = []
     for run_name, entries in repetitions.items():
         row = Row(source, run_name)
-        if row.n is None:
-            continue
         median = medians.get(run_name)
         if median is not None:
             row.seconds = median["real_time"] * TIME_UNIT_SECONDS[median.get("time_unit", "ns")]
             row.gflops = gflops_of(median)
-        else:
+            row.roofline_frac = counter_of(median, "roofline_frac")
+            row.x_baseline = counter_of(median, "x_baseline")
+        elif entries:
             row.seconds = statistics.median(
                 e["real_time"] * TIME_UNIT_SECONDS[e.get("time_unit", "ns")] for e in entries)
-            rates = [g for g in map(gflops_of, entries) if g is not None]
-            row.gflops = statistics.median(rates) if rates else None
+            row.gflops = median_of(map(gflops_of, entries))
+            row.roofline_frac = median_of(counter_of(e, "roofline_frac") for e in entries)
+            row.x_baseline = median_of(counter_of(e, "x_baseline") for e in entries)
+        else:
+            continue
         rows.append(row)
-    skipped = [name for name in repetitions if Row(source, name).n is None]
-    if skipped:
-        print(f"plot_bench: {source}: skipped {len(skipped)} rows without N "
-              f"(e.g. {skipped[0]})", file=sys.stderr)
-    return rows
+    return rows, [(name, message) for name, message in notes.items() if name not in repetitions]
 
 
 # ------------------------------------------------------------------- table --
@@ -136,45 +147,38 @@ def format_time(seconds):
     return f"{seconds / 1e-9:.3g} ns"
 
 
-def find_baselines(row, rows):
-    """The naive row of the same variant and the roofline row, same file and shape."""
-    same_shape = [r for r in rows if r is not row and r.source == row.source
-                  and r.args == row.args]
-    naive = next((r for r in same_shape if r.is_naive and not r.is_roofline
-                  and r.labels == row.labels), None)
-    roofline = next((r for r in same_shape if r.is_roofline), None)
-    return naive, roofline
-
-
-def table(rows, many_sources):
-    """Markdown table: time, GFLOP/s, speed-up over naive, fraction of the roofline."""
-    lines = ["| variant | shape | time | GFLOP/s | speed-up vs naive | vs GEMM roofline |",
+def table(rows, notes, many_sources):
+    """Markdown table: time, GFLOP/s, fraction of the GEMM roofline and ratio to the
+    baseline as the benchmarks emitted them; then the rows that were not run."""
+    lines = ["| variant | shape | time | GFLOP/s | fraction of roofline | ratio to baseline |",
              "|---|---|---:|---:|---:|---:|"]
-    for row in sorted(rows, key=lambda r: (r.source, r.shape, r.n, r.is_baseline)):
-        naive, roofline = find_baselines(row, rows)
-        speedup = (f"{naive.seconds / row.seconds:.2f}×"
-                   if naive is not None and not row.is_baseline else "")
-        if roofline is not None and not row.is_roofline:
-            if row.gflops and roofline.gflops:
-                of_roof = f"{row.gflops / roofline.gflops:.2f}× (GFLOP/s)"
-            else:
-                of_roof = f"{roofline.seconds / row.seconds:.2f}× (time)"
-        else:
-            of_roof = ""
+    order = {id(row): i for i, row in enumerate(rows)}
+    # Per file, shape and N, in the file's order (the probe first, baselines before the
+    # rows that compare with them).
+    for row in sorted(rows, key=lambda r: (r.source, r.shape, r.n or 0, order[id(r)])):
         variant = f"{row.source}: {row.variant}" if many_sources else row.variant
-        shape = "/".join(p for p in (f"N:{row.n}", row.shape) if p)
+        shape = "/".join(p for p in (f"N:{row.n}" if row.n else "", row.shape) if p)
         gflops = f"{row.gflops:.1f}" if row.gflops is not None else ""
+        frac = f"{row.roofline_frac:.2f}" if row.roofline_frac is not None else ""
+        ratio = f"{row.x_baseline:.2f}×" if row.x_baseline is not None else ""
         lines.append(f"| {variant} | {shape} | {format_time(row.seconds)} | {gflops} | "
-                     f"{speedup} | {of_roof} |")
+                     f"{frac} | {ratio} |")
+    if notes:
+        lines += ["", "Not run (over the sweep limits of bench/bench_support.hpp):", ""]
+        lines += [f"- {source + ': ' if many_sources else ''}`{name}`: {message}"
+                  for source, name, message in notes]
     return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------- plots --
 
 def series(rows, many_sources):
-    """(label, is_roofline, [(n, row)] sorted by n) per variant and shape."""
+    """(label, is_roofline, [(n, row)] sorted by n) per variant and shape, for the rows
+    with an N."""
     groups = OrderedDict()
     for row in rows:
+        if row.n is None:
+            continue
         label = f"{row.variant} {row.shape}".strip()
         if many_sources:
             label = f"{row.source}: {label}"
@@ -182,11 +186,26 @@ def series(rows, many_sources):
     return [(label, roof, sorted(rs, key=lambda r: r.n)) for (label, roof), rs in groups.items()]
 
 
-def style(plt, index, roof):
-    """The same colour per series in both plots; rooflines black and dashed."""
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+LINESTYLES = ("-", "--", ":", "-.")
+
+
+def style(index, roof):
+    """Line style of series `index`: one of 10 colours, and past each ten the next
+    marker and line style, so no two of the first 80 series look alike (the same
+    style in both plots). GEMM rooflines are black and dashed, markers still cycling."""
+    group = index // 10
+    marker = MARKERS[group % len(MARKERS)]
     if roof:
-        return {"color": "black", "linestyle": "--"}
-    return {"color": plt.get_cmap("tab10")(index % 10), "linestyle": "-"}
+        return {"color": "black", "linestyle": "--", "marker": MARKERS[index % len(MARKERS)]}
+    return {"color": f"C{index % 10}", "linestyle": LINESTYLES[group % len(LINESTYLES)],
+            "marker": marker}
+
+
+def figure(plt, lines):
+    """A figure tall enough for one legend entry per series, and wider past 20 series
+    so that the plot keeps its width beside the legend."""
+    return plt.subplots(figsize=(10 if len(lines) <= 20 else 13, max(5.5, 0.2 * len(lines) + 1.0)))
 
 
 def n_axis(ax, lines):
@@ -200,10 +219,10 @@ def n_axis(ax, lines):
 
 
 def plot_time(plt, lines, path):
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    fig, ax = figure(plt, lines)
     for i, (label, roof, rs) in enumerate(lines):
-        ax.plot([r.n for r in rs], [r.seconds * 1e3 for r in rs], marker="o", label=label,
-                **style(plt, i, roof))
+        ax.plot([r.n for r in rs], [r.seconds * 1e3 for r in rs], label=label,
+                **style(i, roof))
     # Guide lines through the geometric mean of the times at the smallest N:
     # t = t0·(N/N0)^2 and t = t0·(N/N0).
     ns = sorted({r.n for _, _, rs in lines for r in rs})
@@ -227,23 +246,31 @@ def plot_time(plt, lines, path):
     plt.close(fig)
 
 
-def plot_gflops(plt, lines, path):
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+def plot_gflops(plt, lines, probes, path):
+    """`probes`: GFLOP/s of the roofline/gemm rows (one per file), drawn as one line
+    at their median."""
+    fig, ax = figure(plt, lines)
     drawn = 0
     for i, (label, roof, rs) in enumerate(lines):
         pts = [(r.n, r.gflops) for r in rs if r.gflops is not None]
         if not pts:
             continue
         drawn += 1
-        ax.plot([n for n, _ in pts], [g for _, g in pts], marker="o",
-                label=label + (" (roofline)" if roof else ""), **style(plt, i, roof))
+        ax.plot([n for n, _ in pts], [g for _, g in pts],
+                label=label + (" (roofline)" if roof else ""), **style(i, roof))
+    if probes:
+        drawn += 1
+        probe = statistics.median(probes)
+        runs = f", median of {len(probes)} files" if len(probes) > 1 else ""
+        ax.axhline(probe, color="black", linestyle="-", linewidth=2, alpha=0.6,
+                   label=f"roofline/gemm (2048³ sgemm): {probe:.0f} GFLOP/s{runs}")
     if drawn == 0:
         ax.text(0.5, 0.5, "no GFLOP/s counter in these results", ha="center",
                 transform=ax.transAxes)
     n_axis(ax, lines)
     ax.set_ylim(bottom=0)
     ax.set_ylabel("GFLOP/s (median)")
-    ax.set_title("Throughput against sequence length (dashed: GEMM roofline)")
+    ax.set_title("Throughput against sequence length (black: GEMM rooflines)")
     ax.grid(True, which="both", alpha=0.3)
     if drawn:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
@@ -274,8 +301,12 @@ def main(argv=None):
               file=sys.stderr)
         return 2
 
-    rows = [row for path in args.json for row in load(path, args.exclude)]
-    if not rows:
+    rows, notes = [], []
+    for path in args.json:
+        file_rows, file_notes = load(path, args.exclude)
+        rows += file_rows
+        notes += [(Path(path).stem, name, message) for name, message in file_notes]
+    if not any(row.n is not None for row in rows):
         print("plot_bench: no benchmark with an N:<n> argument in " + ", ".join(args.json),
               file=sys.stderr)
         return 1
@@ -287,9 +318,10 @@ def main(argv=None):
     lines = series(rows, many_sources)
     time_png, gflops_png = out_dir / f"{prefix}_time.png", out_dir / f"{prefix}_gflops.png"
     plot_time(plt, lines, time_png)
-    plot_gflops(plt, lines, gflops_png)
+    probes = [r.gflops for r in rows if r.n is None and r.variant == "roofline/gemm" and r.gflops]
+    plot_gflops(plt, lines, probes, gflops_png)
 
-    text = table(rows, many_sources)
+    text = table(rows, notes, many_sources)
     if args.table:
         Path(args.table).write_text(text, encoding="utf-8")
         print(f"plot_bench: wrote {args.table}", file=sys.stderr)

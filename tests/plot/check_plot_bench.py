@@ -1,16 +1,27 @@
 #!/usr/bin/env python3
 """ctest check of scripts/plot_bench.py on sample.json, a real bench_attention run.
 
+sample.json: `bench_attention --sweep --benchmark_repetitions=3` filtered to the
+roofline/gemm probe row, N = 512 and 1024 at D = 64, and the naive dense row at
+N = 65536, which the benchmark skips over its memory limit (a note, error_occurred).
+
 Runs the script on the sample (with its median aggregates) and on a copy
-without aggregates (the script must then take the median of the
-repetitions), and checks that both PNGs are written and non-empty and that
-the table has one row per variant and N with the time, GFLOP/s and ratios
-that follow from the JSON. Exits 77 (ctest SKIP_RETURN_CODE) without
-matplotlib.
+without aggregates (the script must then take the medians itself), and checks
+  - both PNGs are written, non-empty PNGs;
+  - the table has one row per variant and shape, with the time, GFLOP/s,
+    roofline_frac and x_baseline that follow from the JSON's repetitions;
+    baselines and the probe have no ratio, every flash row has one;
+  - the skipped row is listed under the table with its note;
+  - the counters in the sample mean what they say: x_baseline is the naive
+    median time over the flash median time, roofline_frac the row's GFLOP/s
+    over the probe's;
+  - the line styles of 40 series are all different.
+Exits 77 (ctest SKIP_RETURN_CODE) without matplotlib.
 
 Usage: check_plot_bench.py PLOT_BENCH.py SAMPLE.json WORK_DIR
 """
 
+import importlib.util
 import json
 import re
 import statistics
@@ -19,28 +30,44 @@ import sys
 from pathlib import Path
 
 SKIP = 77
+VARIANTS = ["roofline/gemm", "BM_naive/dense", "BM_naive/causal", "BM_gemm_roofline",
+            "BM_flash/dense", "BM_flash/causal"]
+SHAPES = ["N:512/D:64", "N:1024/D:64"]
 
 
 def medians(data):
-    """run_name -> (median real_time in ms, median GFLOPs) of the repetitions."""
+    """run_name -> {time (ms), GFLOPs, roofline_frac, x_baseline, probe}, the medians of
+    the repetitions (None for a counter the row lacks)."""
     runs = {}
     for e in data["benchmarks"]:
-        if e.get("run_type") == "iteration" and "/N:" in e["run_name"]:
+        if e.get("run_type") == "iteration" and not e.get("error_occurred"):
             assert e["time_unit"] == "ms", e
             runs.setdefault(e["run_name"], []).append(e)
-    return {name: (statistics.median(e["real_time"] for e in es),
-                   statistics.median(e["GFLOPs"] for e in es)) for name, es in runs.items()}
+
+    def med(entries, key):
+        values = [e[key] for e in entries if key in e]
+        assert len(values) in (0, len(entries)), (key, entries)
+        return statistics.median(values) if values else None
+
+    return {name: {"time": med(es, "real_time"), "GFLOPs": med(es, "GFLOPs"),
+                   "roofline_frac": med(es, "roofline_frac"),
+                   "x_baseline": med(es, "x_baseline"), "probe": med(es, "probe_GFLOPs")}
+            for name, es in runs.items()}
 
 
 def parse_table(text):
-    """variant -> shape -> cells, from the markdown table."""
-    lines = [l for l in text.splitlines() if l.startswith("|")]
-    assert lines[0].startswith("| variant | shape | time | GFLOP/s"), lines[0]
-    table = {}
-    for line in lines[2:]:
-        cells = [c.strip() for c in line.strip("|").split("|")]
+    """variant -> shape -> cells, from the markdown table; and the lines after it."""
+    lines = text.splitlines()
+    header = "| variant | shape | time | GFLOP/s | fraction of roofline | ratio to baseline |"
+    assert lines[0] == header, lines[0]
+    table, end = {}, 2
+    for end in range(2, len(lines) + 1):
+        if end == len(lines) or not lines[end].startswith("|"):
+            break
+        cells = [c.strip() for c in lines[end].strip("|").split("|")]
+        assert cells[1] not in table.get(cells[0], {}), f"duplicate row {cells[:2]}"
         table.setdefault(cells[0], {})[cells[1]] = cells[2:]
-    return table
+    return table, lines[end:]
 
 
 def ms(cell):
@@ -49,7 +76,26 @@ def ms(cell):
 
 
 def ratio(cell):
-    return float(re.match(r"([0-9.]+)×", cell).group(1))
+    return float(re.fullmatch(r"([0-9.]+)×", cell).group(1))
+
+
+def close(a, b, tol):
+    return abs(a - b) <= tol
+
+
+def check_sample_counters(expected):
+    """The counters the benchmark emitted agree with the times and rates beside them."""
+    probe = expected["roofline/gemm/real_time"]["probe"]
+    assert probe and probe > 0, "the roofline/gemm row carries probe_GFLOPs"
+    for name, row in expected.items():
+        assert row["roofline_frac"] is not None, f"{name} has GFLOP/s but no roofline_frac"
+        assert close(row["roofline_frac"], row["GFLOPs"] / probe, 0.01 * row["roofline_frac"])
+    for mode in ("dense", "causal"):
+        for shape in SHAPES:
+            flash = expected[f"BM_flash/{mode}/{shape}/real_time"]
+            naive = expected[f"BM_naive/{mode}/{shape}/real_time"]
+            assert close(flash["x_baseline"], naive["time"] / flash["time"],
+                         0.01 * flash["x_baseline"]), (mode, shape, flash, naive)
 
 
 def check(script, sample, work, name):
@@ -64,37 +110,40 @@ def check(script, sample, work, name):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
 
     expected = medians(json.loads(sample.read_text()))
-    table = parse_table(table_path.read_text(encoding="utf-8"))
-    variants = ["BM_flash/dense", "BM_naive/dense", "BM_gemm_roofline", "BM_flash/causal",
-                "BM_naive/causal"]
-    assert sorted(table) == sorted(variants), sorted(table)
+    table, after = parse_table(table_path.read_text(encoding="utf-8"))
+    assert sorted(table) == sorted(VARIANTS), sorted(table)
     rows = 0
-    for variant in variants:
-        for n in (512, 1024):
-            shape = f"N:{n}/D:64"
+    for variant in VARIANTS:
+        shapes = [""] if variant == "roofline/gemm" else SHAPES
+        assert sorted(table[variant]) == sorted(shapes), (variant, sorted(table[variant]))
+        for shape in shapes:
             cells = table[variant][shape]
-            t, g = expected[f"{variant}/{shape}/real_time"]
-            # 3 significant digits in the table
-            assert abs(ms(cells[0]) - t) <= 5e-3 * t, (variant, shape, cells[0], t)
-            assert abs(float(cells[1]) - g) <= 0.051, (variant, shape, cells[1], g)
-            rows += 1
-        for n in (512, 1024):
-            cells = table[variant][f"N:{n}/D:64"]
+            want = expected["/".join(p for p in (variant, shape, "real_time") if p)]
+            # time to 3 significant digits, GFLOP/s to 1 decimal, the rest to 2
+            assert close(ms(cells[0]), want["time"], 5e-3 * want["time"]), (variant, shape, cells)
+            assert close(float(cells[1]), want["GFLOPs"], 0.051), (variant, shape, cells)
+            assert close(float(cells[2]), want["roofline_frac"], 0.0051), (variant, shape, cells)
             if variant.startswith("BM_flash"):
-                mode = variant.split("/")[1]
-                t_naive = expected[f"BM_naive/{mode}/N:{n}/D:64/real_time"][0]
-                t = expected[f"{variant}/N:{n}/D:64/real_time"][0]
-                assert abs(ratio(cells[2]) - t_naive / t) <= 0.006, (variant, n, cells[2])
+                assert close(ratio(cells[3]), want["x_baseline"], 0.0051), (variant, shape, cells)
             else:
-                assert cells[2] == "", (variant, n, cells[2])  # baselines get no speed-up
-            if variant == "BM_gemm_roofline":
-                assert cells[3] == ""
-            else:
-                g = expected[f"{variant}/N:{n}/D:64/real_time"][1]
-                g_roof = expected[f"BM_gemm_roofline/N:{n}/D:64/real_time"][1]
-                assert abs(ratio(cells[3]) - g / g_roof) <= 0.006, (variant, n, cells[3])
-    assert rows == 10
+                assert cells[3] == "", (variant, shape, cells)  # baselines get no ratio
+            rows += 1
+    notes = "\n".join(after)
+    assert "Not run" in notes, after
+    assert re.search(r"`BM_naive/dense/N:65536/D:64/real_time`: naive dense: N² buffers need "
+                     r"32\.0 GiB, over the 4 GiB limit", notes), notes
+    assert rows == 1 + 5 * len(SHAPES)
     return rows
+
+
+def check_styles(script):
+    """No two of the first 40 series share colour, marker and line style."""
+    spec = importlib.util.spec_from_file_location("plot_bench", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    styles = [module.style(i, False) for i in range(40)]
+    keys = {(s["color"], s["marker"], s["linestyle"]) for s in styles}
+    assert len(keys) == 40, sorted(keys)
 
 
 def main():
@@ -105,6 +154,8 @@ def main():
         return SKIP
     script, sample, work = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     work.mkdir(parents=True, exist_ok=True)
+    check_sample_counters(medians(json.loads(sample.read_text())))
+    check_styles(script)
     check(script, sample, work, "with_aggregates")
 
     # The same runs without the aggregate rows: the script takes the medians itself.
