@@ -2,11 +2,12 @@
 # Sets everything up on a fresh Debian 12 machine and runs the main job:
 # installs the packages, builds (Release, -march=native), runs the benchmark
 # suite (JSON results under build/main/results/) and the quickstart example.
-# Usage: bash scripts/main.sh [--full]
+# Usage: bash scripts/main.sh [--full] [--reps=R]
 #   default: each binary's short run, 1 repetition (a few minutes on 2 cores)
 #   --full:  every binary with --sweep (N = 256 ... 65536 where the path can run;
 #            rows over the limits of bench/bench_support.hpp are skipped with a
-#            note) and 3 repetitions (medians in the JSON)
+#            note) and 3 repetitions (medians in the JSON); about 30 minutes
+#   --reps=R: R repetitions instead (--full --reps=1: the sweep in about 10)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh --if-missing
@@ -16,10 +17,15 @@ cmake --build "$build" -j"$(nproc)"
 mkdir -p "$build/results"
 reps=1
 sweep=()
-if [[ "${1:-}" == "--full" ]]; then
-  reps=3
-  sweep=(--sweep)
-fi
+reps_arg=
+for arg in "$@"; do
+  case "$arg" in
+    --full) reps=3; sweep=(--sweep) ;;
+    --reps=*) reps_arg=${arg#--reps=} ;;
+    *) echo "main.sh: unknown argument $arg (use --full, --reps=R)" >&2; exit 2 ;;
+  esac
+done
+[[ -n "$reps_arg" ]] && reps=$reps_arg
 for exe in "$build"/bench/bench_*; do
   name=$(basename "$exe")
   echo "== $name"

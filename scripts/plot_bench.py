@@ -11,7 +11,8 @@ Reads JSON files written by any bench_* executable with
                         "roofline" or "gemm") are drawn black and dashed, and the
                         `roofline/gemm` probe rows (no N) as one horizontal line.
 
-Lines cycle through 10 colours, then change marker and line style, so series stay
+With several files (scripts/main.sh passes one per binary) each figure has one panel
+per file, with its own guides, roofline probe and legend. Lines cycle through 10 colours, then change marker and line style, so series stay
 distinguishable past ten. N is read from the "N:<n>" part of each benchmark name;
 rows without one are left out of the plots (but kept in the table), and so are rows
 whose name matches --exclude (default: peak-memory rows, "peak_rss" or "memory",
@@ -218,8 +219,8 @@ def n_axis(ax, lines):
     ax.set_xlabel("sequence length N")
 
 
-def plot_time(plt, lines, path):
-    fig, ax = figure(plt, lines)
+def draw_time(ax, lines, legend_below):
+    """Time per call against N on log-log axes, with O(N²) and O(N) guide lines."""
     for i, (label, roof, rs) in enumerate(lines):
         ax.plot([r.n for r in rs], [r.seconds * 1e3 for r in rs], label=label,
                 **style(i, roof))
@@ -238,18 +239,13 @@ def plot_time(plt, lines, path):
     n_axis(ax, lines)
     ax.set_yscale("log")
     ax.set_ylabel("time per call (ms, median)")
-    ax.set_title("Time against sequence length")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    legend(ax, legend_below)
 
 
-def plot_gflops(plt, lines, probes, path):
-    """`probes`: GFLOP/s of the roofline/gemm rows (one per file), drawn as one line
-    at their median."""
-    fig, ax = figure(plt, lines)
+def draw_gflops(ax, lines, probes, legend_below):
+    """GFLOP/s against N; `probes`: GFLOP/s of the roofline/gemm rows, drawn as one
+    line at their median. Returns whether anything was drawn."""
     drawn = 0
     for i, (label, roof, rs) in enumerate(lines):
         pts = [(r.n, r.gflops) for r in rs if r.gflops is not None]
@@ -270,12 +266,59 @@ def plot_gflops(plt, lines, probes, path):
     n_axis(ax, lines)
     ax.set_ylim(bottom=0)
     ax.set_ylabel("GFLOP/s (median)")
-    ax.set_title("Throughput against sequence length (black: GEMM rooflines)")
     ax.grid(True, which="both", alpha=0.3)
     if drawn:
+        legend(ax, legend_below)
+    return drawn
+
+
+def legend(ax, below):
+    if below:  # panels: the legend under its own axes, two columns
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
+    else:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+
+
+def plot_time(plt, lines, path):
+    fig, ax = figure(plt, lines)
+    draw_time(ax, lines, False)
+    ax.set_title("Time against sequence length")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_gflops(plt, lines, probes, path):
+    fig, ax = figure(plt, lines)
+    draw_gflops(ax, lines, probes, False)
+    ax.set_title("Throughput against sequence length (black: GEMM rooflines)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_panels(plt, panels, kind, path):
+    """One panel per results file (one benchmark binary), two columns, each panel
+    with its own series, guides or roofline, and legend. `panels`: (title, lines,
+    probes) per file. kind: "time" or "gflops"."""
+    cols = 2
+    rows = (len(panels) + cols - 1) // cols
+    most = max(len(lines) for _, lines, _ in panels)
+    height = 5.0 + 0.12 * most  # room for the legend under each panel
+    fig, axes = plt.subplots(rows, cols, figsize=(16, rows * height), squeeze=False)
+    for ax, (title, lines, probes) in zip(axes.flat, panels):
+        if kind == "time":
+            draw_time(ax, lines, True)
+        else:
+            draw_gflops(ax, lines, probes, True)
+        ax.set_title(title)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle("Time against sequence length, log-log (dotted: O(N²) and O(N))"
+                 if kind == "time" else
+                 "Throughput against sequence length (black line: the file's GEMM roofline probe)")
+    fig.tight_layout(rect=(0, 0, 1, 0.985))  # keep the panels' titles clear of the suptitle
+    fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
@@ -315,11 +358,24 @@ def main(argv=None):
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    lines = series(rows, many_sources)
     time_png, gflops_png = out_dir / f"{prefix}_time.png", out_dir / f"{prefix}_gflops.png"
-    plot_time(plt, lines, time_png)
-    probes = [r.gflops for r in rows if r.n is None and r.variant == "roofline/gemm" and r.gflops]
-    plot_gflops(plt, lines, probes, gflops_png)
+    if many_sources:  # one panel per file: a single plot of every series is unreadable
+        panels = []
+        for source in OrderedDict((r.source, None) for r in rows):
+            mine = [r for r in rows if r.source == source]
+            lines = series(mine, False)
+            if lines:
+                probes = [r.gflops for r in mine
+                          if r.n is None and r.variant == "roofline/gemm" and r.gflops]
+                panels.append((source, lines, probes))
+        plot_panels(plt, panels, "time", time_png)
+        plot_panels(plt, panels, "gflops", gflops_png)
+    else:
+        lines = series(rows, many_sources)
+        plot_time(plt, lines, time_png)
+        probes = [r.gflops for r in rows
+                  if r.n is None and r.variant == "roofline/gemm" and r.gflops]
+        plot_gflops(plt, lines, probes, gflops_png)
 
     text = table(rows, notes, many_sources)
     if args.table:

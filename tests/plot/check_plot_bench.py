@@ -15,7 +15,8 @@ without aggregates (the script must then take the medians itself), and checks
   - the counters in the sample mean what they say: x_baseline is the naive
     median time over the flash median time, roofline_frac the row's GFLOP/s
     over the probe's;
-  - the line styles of 40 series are all different.
+  - the line styles of 40 series are all different;
+  - three files give one panel each (a taller figure) and a table naming each file.
 Exits 77 (ctest SKIP_RETURN_CODE) without matplotlib.
 
 Usage: check_plot_bench.py PLOT_BENCH.py SAMPLE.json WORK_DIR
@@ -146,6 +147,42 @@ def check_styles(script):
     assert len(keys) == 40, sorted(keys)
 
 
+def png_size(path):
+    """(width, height) in pixels, from the PNG's IHDR chunk."""
+    head = path.read_bytes()[16:24]
+    return int.from_bytes(head[:4], "big"), int.from_bytes(head[4:], "big")
+
+
+def check_panels(script, sample, work):
+    """Several files (main.sh passes one per binary) give one panel per file: the
+    PNGs are written under the 'bench' prefix, and the table names every row with
+    its file."""
+    out_dir = work / "panels"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    for name in ("bench_one", "bench_two", "bench_three"):
+        copy = out_dir / f"{name}.json"
+        copy.write_text(sample.read_text())
+        files.append(copy)
+    table_path = out_dir / "table.md"
+    run = subprocess.run([sys.executable, str(script), *map(str, files), "--out-dir",
+                          str(out_dir), "--table", str(table_path)], capture_output=True,
+                         text=True)
+    assert run.returncode == 0, run.stderr
+    for png in ("bench_time.png", "bench_gflops.png"):
+        path = out_dir / png
+        assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+    # three files: two rows of panels, so the image is much taller than one plot's
+    single = png_size(work / "with_aggregates" / f"{sample.stem}_time.png")
+    for png in ("bench_time.png", "bench_gflops.png"):
+        size = png_size(out_dir / png)
+        assert size[1] > 1.4 * single[1], (png, size, single)
+    text = table_path.read_text(encoding="utf-8")
+    for f in files:
+        assert text.count(f"| {f.stem}: BM_flash/dense |") == len(SHAPES), (f.stem, text)
+    return len(files)
+
+
 def main():
     try:
         import matplotlib  # noqa: F401
@@ -164,7 +201,9 @@ def main():
     bare = work / sample.name
     bare.write_text(json.dumps(data))
     rows = check(script, bare, work, "repetitions_only")
-    print(f"plot_bench: {rows} table rows checked, with and without aggregates")
+    panels = check_panels(script, sample, work)
+    print(f"plot_bench: {rows} table rows checked, with and without aggregates; "
+          f"{panels} files as panels")
     return 0
 
 
