@@ -23,10 +23,6 @@
 #include <cstdlib>
 #include <limits>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 namespace {
 
 using namespace attn_bench;
@@ -55,14 +51,6 @@ double attention_flops(index_t n, index_t d, bool causal) {
 std::string key(bool causal, index_t n, index_t d) {
   return std::string(causal ? "causal" : "dense") + "/N:" + std::to_string(n) +
          "/D:" + std::to_string(d);
-}
-
-int max_threads() {
-#ifdef _OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
 }
 
 // --------------------------------------------------------------------- flash --

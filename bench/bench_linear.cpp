@@ -20,8 +20,6 @@
 
 #include <benchmark/benchmark.h>
 
-#include <omp.h>
-
 #include <cstring>
 #include <random>
 #include <string>
@@ -173,19 +171,17 @@ void BM_PlainRecurrence(benchmark::State& state) {
 // L1, φ(Q_c)[24×64] · S[64×64], every thread on its own buffers.
 void BM_ChunkKernel(benchmark::State& state) {
   const index_t m = attn::LinearTraits::chunk, k = kDim, n = kDim, reps = 2048;
-  const int threads = omp_get_max_threads();
+  const int threads = attn_bench::max_threads();
   std::vector<std::vector<float>> a(threads, std::vector<float>(m * k, 0.5f)),
       b(threads, std::vector<float>(k * n, 0.25f)), c(threads, std::vector<float>(m * n));
   const double t = attn_bench::timed_loop(state, [&] {
-#pragma omp parallel num_threads(threads)
-    {
-      const int i = omp_get_thread_num();
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int i = 0; i < threads; ++i)  // one buffer set per thread
       for (index_t r = 0; r < reps; ++r) {
         attn::detail::small_gemm<float>(m, n, k, a[i].data(), k, b[i].data(), n, c[i].data(), n,
                                         r > 0);
         benchmark::DoNotOptimize(c[i].data());
       }
-    }
   });
   attn_bench::set_gflops(state, 2.0 * m * n * k * reps * threads, t);
 }

@@ -34,10 +34,6 @@
 #include <string>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 namespace {
 
 using namespace attn_bench;
@@ -79,14 +75,6 @@ bool causal(Variant v) {
 double input_bytes(Variant v, index_t n) {
   const double nn = static_cast<double>(n) * static_cast<double>(n);
   return v == Variant::documents ? nn * sizeof(bool) : v == Variant::bias ? nn * sizeof(float) : 0;
-}
-
-int max_threads() {
-#ifdef _OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
 }
 
 /// Ratio key of one shape: "alibi/N:1024".

@@ -42,9 +42,22 @@
 
 #include <unistd.h>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 namespace attn_bench {
 
 using attn::index_t;
+
+/// Threads an OpenMP parallel region of this process gets (1 without OpenMP).
+inline int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
 
 /// Seeded N(0,1) buffer.
 inline std::vector<float> random_buffer(std::size_t n, std::uint32_t seed) {
