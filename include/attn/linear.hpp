@@ -178,25 +178,6 @@ class NormalStream {
   bool has_spare_ = false;
 };
 
-/// C = A · Bᵀ with Eigen's GEMM kernel called directly: single-threaded
-/// (no OpenMP team of its own, whatever the caller's context) and with the
-/// packing buffers on the stack for the tile sizes used here.
-/// A: rows×depth (lda), B: cols×depth (contiguous), C: rows×cols (ldc), row-major.
-template <class Acc>
-void gemm_abt_serial(index_t rows, index_t cols, index_t depth, const Acc* a, index_t lda,
-                     const Acc* b, Acc* c, index_t ldc) {
-  Eigen::Map<RowMatrix<Acc>, Eigen::Unaligned, Eigen::OuterStride<>>(c, rows, cols,
-                                                                     Eigen::OuterStride<>(ldc))
-      .setZero();
-  Eigen::internal::gemm_blocking_space<Eigen::RowMajor, Acc, Acc, Eigen::Dynamic, Eigen::Dynamic,
-                                       Eigen::Dynamic, 1, false>
-      blocking(rows, cols, depth, 1, true);
-  Eigen::internal::general_matrix_matrix_product<index_t, Acc, Eigen::RowMajor, false, Acc,
-                                                 Eigen::ColMajor, false, Eigen::RowMajor,
-                                                 1>::run(rows, cols, depth, a, lda, b, depth, c, 1,
-                                                         ldc, Acc(1), blocking);
-}
-
 }  // namespace detail
 
 /// FAVOR+ positive orthogonal random features (Choromanski et al.,
@@ -252,7 +233,7 @@ class FavorPlus : public FeatureMapPolicy {
       }
     }
     const double quarter = std::pow(static_cast<double>(d_), -0.25);
-    wd_ = w_ * quarter;  // rows w_r · D^(-1/4): then w_rᵀx' = (w_r D^(-1/4))ᵀ x
+    wd_ = (w_ * quarter).transpose();  // columns w_r · D^(-1/4): w_rᵀx' = (w_r D^(-1/4))ᵀ x
     wf_ = wd_.cast<float>();
     max_half_norm2_ = 0.5 * w_.rowwise().squaredNorm().maxCoeff();
     ++draws_;
@@ -310,14 +291,14 @@ class FavorPlus : public FeatureMapPolicy {
       w = wf_.data();
     else
       w = wd_.data();
-    detail::gemm_abt_serial<Acc>(x.rows(), f_, d_, x.data(), x.outerStride(), w, phi.data(),
-                                 phi.outerStride());
+    detail::small_gemm<Acc>(x.rows(), f_, d_, x.data(), x.outerStride(), w, f_, phi.data(),
+                            phi.outerStride(), false);
   }
 
   index_t d_ = 0, f_ = 0;
   std::mt19937_64 gen_;
   RowMatrix<double> w_;   // (F, D) w_r
-  RowMatrix<double> wd_;  // (F, D) w_r · D^(-1/4)
+  RowMatrix<double> wd_;  // (D, F) (W · D^(-1/4))ᵀ, the row-major right operand of project()
   RowMatrix<float> wf_;   // the same in float
   double max_half_norm2_ = 0;
   int draws_ = 0;
