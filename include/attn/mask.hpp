@@ -190,6 +190,7 @@ void check_broadcast_view(const TensorView<T, 4>& v, const AttentionShape& s, co
     detail::fail(name, " has shape [", v.extent(0), ", ", v.extent(1), ", ", v.extent(2), ", ",
                  v.extent(3), "], expected [", s.batch, " or 1, ", s.q_heads, " or 1, ", s.lq, ", ",
                  s.lk, "]");
+  (void)byte_range(v, name);  // every element's address fits
 }
 /// Offset of (b, h, q, 0) in a broadcastable view (size-1 dims broadcast).
 template <class T>
