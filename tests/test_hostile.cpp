@@ -251,6 +251,14 @@ TEST(Hostile, OverflowingSizesStridesAndOffsets) {
                                      w.bias_p(), {1, 1, W::Lq, W::Lk}, {0, 0, kMax, 1})));
        },
        "additive_bias has shape [1, 1, 5, 6] and strides [0, 0, 9223372036854775807, 1]"},
+      {"k and v broadcast over 2^63 - 1 keys (stride 0): Lq + Lk overflows",
+       [&](W& w) {
+         const Tensor4<const float> k(w.at(W::q_n), {W::B, W::Hkv, kMax, W::D}, {W::D, W::D, 0, 1});
+         const Tensor4<const float> v(w.at(W::q_n + W::k_n), {W::B, W::Hkv, kMax, W::Dv},
+                                      {W::Dv, W::Dv, 0, 1});
+         attn::sliding_window_attention(w.q(), k, v, w.out(), attn::window(kMax, kMax));
+       },
+       "Lq + Lk: 5 + 9223372036854775807 overflows a 64-bit integer"},
       {"RoPE positions past 2^63",
        [&](W& w) {
          attn::Rope r;
@@ -340,6 +348,15 @@ TEST(Hostile, BuildersWithHugeCountsFinish) {
 
 // -------------------------------------------------------- 2. aliasing --
 
+// Every wrapper policy lists the views of the policies inside it.
+static_assert(attn::detail::has_views<attn::BlockSparseMask<attn::BoolMask>>::value,
+              "block-sparse masks forward their inner mask's views");
+static_assert(attn::detail::has_views<attn::MaskAnd<attn::Causal, attn::BoolMask>>::value,
+              "a & b forwards both masks' views");
+static_assert(
+    attn::detail::has_views<attn::ComposedMod<attn::Softcap, attn::AdditiveBias<float>>>::value,
+    "compose forwards every modifier's views");
+
 TEST(Hostile, OutputsThatAliasWhatTheCallReads) {
   const auto layout = attn::BlockSparseLayout::local(W::Lq, 2, 1, 1);  // 3×3 blocks of 2
   const attn::BlockSparseLayout grid(2, 2, 3, 3, 1, layout.row_offsets(), layout.cols());
@@ -423,6 +440,24 @@ TEST(Hostile, OutputsThatAliasWhatTheCallReads) {
          attn::scaled_dot_product_attention(w.q(), w.k(), w.v(), w.out(), o);
        },
        "stats overlaps v"},
+      {"options.stats inside an additive bias (masked_attention)",
+       [&](W& w) {
+         attn::AttentionOptions o;
+         o.stats = reinterpret_cast<attn::AttentionStats*>(w.bias_p() + 4);
+         attn::masked_attention(w.q(), w.k(), w.v(), w.out(), attn::causal(),
+                                attn::compose(attn::softcap(4.0), attn::additive_bias(w.bias())),
+                                o);
+       },
+       "stats overlaps additive_bias"},
+      {"options.stats inside a bool mask nested in a block-sparse layout",
+       [&](W& w) {
+         attn::AttentionOptions o;
+         o.stats = reinterpret_cast<attn::AttentionStats*>(w.mask_buf.get() + 8);
+         attn::sparse_attention(w.q(), w.k(), w.v(), w.out(), grid,
+                                attn::causal() & attn::bool_mask(w.mask()), attn::no_score_mod(),
+                                o);
+       },
+       "stats overlaps bool_mask"},
       {"options.stats inside lse (sparse_attention)",
        [&](W& w) {
          attn::AttentionOptions o;
@@ -477,6 +512,13 @@ TEST(Hostile, ParametersFiniteAsDoubleButInfiniteAsFloat) {
          attn::masked_attention(w.q(), w.k(), w.v(), w.out(), attn::no_mask(), attn::softcap(1e39));
        },
        "softcap cap is 1e+39, it and 1 / cap must be finite in the accumulation type float"},
+      {"linear attention eps 1e39, float",
+       [&](W& w) {
+         attn::LinearAttentionOptions o;
+         o.eps = 1e39;
+         attn::linear_attention(w.q(), w.k(), w.v(), w.out(), attn::elu_plus_one(), o);
+       },
+       "eps is 1e+39, must be finite in the accumulation type float"},
       {"soft-cap 1e-39 (1 / cap infinite as float)",
        [&](W& w) {
          attn::attention_weights(w.q(), w.k(), w.weights(), attn::causal(), attn::softcap(1e-39));

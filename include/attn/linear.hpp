@@ -403,6 +403,9 @@ AttentionShape check_linear(const TensorView<Q, 4>& q, const TensorView<K, 4>& k
   const AttentionShape s = check_attention(q, k, v, out, AttentionOptions{});
   if (!(opt.eps > 0) || !std::isfinite(opt.eps))
     fail("eps is ", opt.eps, ", must be finite and > 0");
+  if (!(opt.eps <= accum_max_v<Q, K, V, O>))  // added to float denominators
+    fail("eps is ", opt.eps, ", must be finite in the accumulation type ",
+         accum_name(accum_max_v<Q, K, V, O>));
   if (opt.chunk < 0) fail("chunk is ", opt.chunk, ", must be >= 0 (0 = automatic)");
   if (opt.num_threads < 0) fail("num_threads is ", opt.num_threads, ", must be >= 0");
   features = map.num_features(s.d);

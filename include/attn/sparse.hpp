@@ -552,6 +552,7 @@ void sparse_attention(const TensorView<Q, 4>& q, const TensorView<K, 4>& k,
   opt.block_q = layout.block_q();
   opt.block_k = layout.block_k();
   const BlockSparseMask<Mask> m{{}, &layout, mask};  // (a capturing lambda has no default)
+  detail::check_stats_policy_views(opt.stats, m, score_mod);
   detail::attention_entry(q, k, v, out, m, score_mod, opt);
 }
 

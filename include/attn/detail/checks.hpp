@@ -184,6 +184,9 @@ AttentionShape check_attention(const TensorView<Q, 4>& q, const TensorView<K, 4>
       out.extent(3) != s.dv)
     fail("out has shape ", shape_str(out), ", expected [", s.batch, ", ", s.q_heads, ", ", s.lq,
          ", ", s.dv, "] (batch, q heads, Lq, Dv)");
+  // masks and modifiers form positions up to Lq + Lk (k and v may broadcast a
+  // huge Lk with a zero stride; out's element count already fits)
+  (void)checked_add(s.lq, s.lk, "Lq + Lk");
   check_not_self_overlapping(out, "out");
   check_no_overlap(out, "out", q, "q");
   check_no_overlap(out, "out", k, "k");
