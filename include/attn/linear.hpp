@@ -30,8 +30,7 @@
 #include "attn/options.hpp"
 #include "attn/tensor_view.hpp"
 
-#include <Eigen/Core>
-#include <Eigen/QR>
+#include "attn/core/eigen.hpp"
 
 #include <algorithm>
 #include <cmath>
