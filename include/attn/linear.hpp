@@ -23,7 +23,7 @@
 #pragma once
 
 #include "attn/detail/checks.hpp"
-#include "attn/detail/flash_engine.hpp"
+#include "attn/engine/forward.hpp"
 #include "attn/detail/parallel.hpp"
 #include "attn/detail/small_gemm.hpp"
 #include "attn/detail/softmax.hpp"
