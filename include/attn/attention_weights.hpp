@@ -13,9 +13,9 @@
 #pragma once
 
 #include "attn/detail/checks.hpp"
-#include "attn/detail/flash_engine.hpp"
 #include "attn/detail/gemm.hpp"
 #include "attn/detail/parallel.hpp"
+#include "attn/engine/forward.hpp"
 #include "attn/mask.hpp"
 #include "attn/options.hpp"
 #include "attn/score_mod.hpp"

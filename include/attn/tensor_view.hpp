@@ -6,9 +6,8 @@
 // broadcasts a dimension.
 #pragma once
 
+#include "attn/core/eigen.hpp"
 #include "attn/core/error.hpp"
-
-#include <Eigen/Core>
 
 #include <array>
 #include <cstddef>
