@@ -73,6 +73,23 @@ void check_policy_views(const P& policy, const TensorView<O, 4>& out,
     if (!lse.is_null()) check_no_overlap(lse, "lse", view, name);
   });
 }
+/// options.stats is written: it must not lie in a view a policy reads.
+/// Views that bind() will refuse (null, wrong shape, overflowing) are left to it.
+template <class... P>
+void check_stats_policy_views(const AttentionStats* stats, const P&... policies) {
+  if (!stats) return;
+  auto one = [&](const auto& view, const char* name) {
+    ByteRange r;
+    try {
+      if (view.data() == nullptr || view.size() == 0) return;
+      r = byte_range(view, name);
+    } catch (const Error&) {
+      return;
+    }
+    check_disjoint(object_bytes(stats), "stats", r, name);
+  };
+  (for_each_view(policies, one), ...);
+}
 }  // namespace detail
 
 // ---------------------------------------------------------------- no mask --
@@ -190,6 +207,7 @@ void check_broadcast_view(const TensorView<T, 4>& v, const AttentionShape& s, co
     detail::fail(name, " has shape [", v.extent(0), ", ", v.extent(1), ", ", v.extent(2), ", ",
                  v.extent(3), "], expected [", s.batch, " or 1, ", s.q_heads, " or 1, ", s.lq, ", ",
                  s.lk, "]");
+  (void)byte_range(v, name);  // every element's address fits
 }
 /// Offset of (b, h, q, 0) in a broadcastable view (size-1 dims broadcast).
 template <class T>

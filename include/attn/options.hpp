@@ -2,34 +2,15 @@
 // and the one exception type.
 #pragma once
 
+#include "attn/core/error.hpp"
 #include "attn/tensor_view.hpp"
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <optional>
-#include <sstream>
-#include <stdexcept>
-#include <string>
 
 namespace attn {
-
-/// Thrown for every invalid argument, before any output is written. The
-/// message names the argument and the numbers.
-class Error : public std::invalid_argument {
- public:
-  using std::invalid_argument::invalid_argument;
-};
-
-namespace detail {
-/// Builds "attn: <parts...>" and throws attn::Error.
-template <class... Parts>
-[[noreturn]] void fail(const Parts&... parts) {
-  std::ostringstream os;
-  os << "attn: ";
-  (os << ... << parts);
-  throw Error(os.str());
-}
-}  // namespace detail
 
 /// What one call computed, for FLOP accounting (filled when
 /// AttentionOptions::stats is set). Counts are summed over all tasks.
@@ -89,6 +70,9 @@ struct AttentionShape {
   index_t lk = 0;        ///< key/value length
   index_t d = 0;         ///< head dim of q and k
   index_t dv = 0;        ///< head dim of v and the output
+  /// Largest finite value of the type the kernel accumulates in (FLT_MAX for
+  /// float, DBL_MAX for double): policies check their parameters against it.
+  double accum_max = std::numeric_limits<double>::max();
 
   /// Key/value head read by query head `h` (GQA/MQA).
   index_t kv_head(index_t h) const { return h / (q_heads / kv_heads); }

@@ -58,6 +58,7 @@ template <class Q, class K, class V, class O, class Mask = NoMask, class Mod = N
 void attention(const TensorView<Q, 4>& q, const TensorView<K, 4>& k, const TensorView<V, 4>& v,
                const TensorView<O, 4>& out, const Mask& mask = {}, const Mod& score_mod = {},
                const AttentionOptions& opt = {}) {
+  detail::check_stats_policy_views(opt.stats, mask, score_mod);
   const AttentionShape s = detail::check_attention(q, k, v, out, opt);
   const Mask m = mask.bind(s);
   const Mod mod = score_mod.bind(s);

@@ -105,8 +105,14 @@ struct Alibi : ScoreModPolicy {
   Alibi bind(const AttentionShape& s) const {
     if (static_cast<index_t>(slopes.size()) != s.q_heads)
       detail::fail("alibi has ", slopes.size(), " slopes, but q has ", s.q_heads, " heads");
+    // |slope| · distance must stay finite in the accumulation type; the
+    // largest distance |i + (Lk - Lq) - j| is max(Lq - 1 + Lk - Lq, Lk - 1) < Lk + Lq.
+    const double reach = static_cast<double>(s.lq) + static_cast<double>(s.lk);
     for (std::size_t h = 0; h < slopes.size(); ++h)
-      if (!std::isfinite(slopes[h])) detail::fail("alibi slope of head ", h, " is ", slopes[h]);
+      if (!(std::abs(slopes[h]) * reach <= s.accum_max))
+        detail::fail("alibi slope of head ", h, " is ", slopes[h],
+                     ", must be finite in the accumulation type ", detail::accum_name(s.accum_max),
+                     " times the largest distance, Lq + Lk = ", reach);
     Alibi m = *this;
     m.offset = s.diagonal_offset();
     return m;
@@ -138,14 +144,16 @@ Alibi alibi(const std::vector<S>& slopes) {
 /// The standard ALiBi slopes for n heads: 2^(-8·i/n) for i = 1..n (n a power
 /// of two; otherwise the published interleaving of the two nearest powers).
 inline std::vector<double> alibi_slopes(index_t n) {
+  if (n <= 0) detail::fail("alibi_slopes: the head count is ", n, ", must be > 0");
   auto pow2 = [](index_t m) {
     std::vector<double> r;
+    r.reserve(static_cast<std::size_t>(m));
     for (index_t i = 1; i <= m; ++i)
       r.push_back(std::exp2(-8.0 * static_cast<double>(i) / static_cast<double>(m)));
     return r;
   };
   index_t p = 1;
-  while (p * 2 <= n) p *= 2;
+  while (p <= n / 2) p *= 2;  // the largest power of two <= n (p * 2 could overflow)
   std::vector<double> r = pow2(p);
   if (p < n) {
     const std::vector<double> extra = pow2(2 * p);
@@ -161,9 +169,14 @@ struct Softcap : ScoreModPolicy {
   static constexpr bool is_identity = false;
   double cap = 0;
 
-  Softcap bind(const AttentionShape&) const {
+  Softcap bind(const AttentionShape& s) const {
     if (!(cap > 0) || !std::isfinite(cap))
       detail::fail("softcap cap is ", cap, ", must be finite and > 0");
+    // cap and 1 / cap are both used, in the accumulation type
+    if (!(cap <= s.accum_max) || !(1.0 / cap <= s.accum_max))
+      detail::fail("softcap cap is ", cap,
+                   ", it and 1 / cap must be finite in the accumulation type ",
+                   detail::accum_name(s.accum_max));
     return *this;
   }
   template <class Acc>

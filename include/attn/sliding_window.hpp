@@ -107,6 +107,7 @@ void sliding_window_attention(const TensorView<Q, 4>& q, const TensorView<K, 4>&
                               const Window& window, const Mask& mask = {},
                               const Mod& score_mod = {}, const AttentionOptions& options = {}) {
   static_assert(is_mask_v<Mask>, "attn: the mask argument must be a mask policy (attn/mask.hpp)");
+  detail::check_stats_policy_views(options.stats, mask, score_mod);
   detail::attention_entry(q, k, v, out, window & mask, score_mod, options);
 }
 
