@@ -13,6 +13,9 @@
 //     O  = O · exp(m - m') + P · V[k0:k0+Bc]                  (Br, Dv)
 //   out = O / l;  lse = m + log(l)  (zeros and -inf for rows that see no key)
 //
+// With dropout, P · V uses P ∘ M / (1 - p) (M the Philox keep decisions);
+// l and lse use the undropped P, as FlashAttention does.
+//
 // Scratch is O(Br·Bc + Br·(D+Dv) + Bc·(D+Dv)) per worker, allocated once per
 // call; nothing grows with Lq·Lk. A task's arithmetic depends only on the
 // task, so results are bitwise identical for any thread count.
@@ -24,6 +27,7 @@
 #include "attn/detail/softmax.hpp"
 #include "attn/mask.hpp"
 #include "attn/options.hpp"
+#include "attn/policy/dropout.hpp"
 #include "attn/score_mod.hpp"
 #include "attn/tensor_view.hpp"
 
@@ -150,6 +154,8 @@ void flash_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4>
   const bool pack_k = !std::is_same<K, Acc>::value || k.stride(3) != 1;
   const bool pack_v = !std::is_same<V, Acc>::value || v.stride(3) != 1;
   const bool want_lse = !opt.lse.is_null();
+  const DropoutGen drop =
+      DropoutGen::bind(opt.dropout, shape.batch, shape.q_heads, shape.lq, shape.lk);
 
   auto make_scratch = [&] {
     return std::make_unique<FlashScratch<Acc>>(br, bc, shape.d, shape.dv, pack_k, pack_v);
@@ -220,6 +226,8 @@ void flash_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4>
         }
         sc.l(r) += exp_shift_sum(row.data(), cols, m_use);
         sc.m(r) = m_new;
+        // Dropout acts on the P that multiplies V; l keeps the undropped sum.
+        if (drop.enabled) drop.apply_row(b, h, q0 + r, k0, row.data(), cols);
       }
 
       // O += P · V                                                           (rows, Dv)
