@@ -55,7 +55,9 @@ struct Problem {
         k(random_buffer(q.size(), 2)), v(random_buffer(q.size(), 3)), out(q.size()),
         dout(random_buffer(q.size(), 4)), dq(q.size()), dk(q.size()), dv(q.size()),
         lse(static_cast<std::size_t>(kHeads * len)), layout(attn::bigbird(len)) {}
-  attn::Tensor4<float> view(std::vector<float>& b) { return attn::bhsd(b.data(), 1, kHeads, n, kDim); }
+  attn::Tensor4<float> view(std::vector<float>& b) {
+    return attn::bhsd(b.data(), 1, kHeads, n, kDim);
+  }
   attn::TensorView<float, 3> lse_view() { return {lse.data(), {1, kHeads, n}}; }
 };
 
@@ -94,9 +96,8 @@ void backward(Problem& p, Kind kind, const attn::AttentionOptions& opt) {
       attn::attention_backward(q, k, v, o, lse, d, dq, dk, dv, attn::causal(), opt);
       break;
     case Kind::window:
-      attn::sliding_window_attention_backward(q, k, v, o, lse, d, dq, dk, dv,
-                                              attn::window(255, 0), attn::no_mask(),
-                                              attn::no_score_mod(), opt);
+      attn::sliding_window_attention_backward(q, k, v, o, lse, d, dq, dk, dv, attn::window(255, 0),
+                                              attn::no_mask(), attn::no_score_mod(), opt);
       break;
     case Kind::bigbird:
       attn::sparse_attention_backward(q, k, v, o, lse, d, dq, dk, dv, p.layout, attn::no_mask(),
@@ -105,7 +106,9 @@ void backward(Problem& p, Kind kind, const attn::AttentionOptions& opt) {
   }
 }
 
-std::string key(Kind kind, index_t n) { return std::string(name(kind)) + "/N:" + std::to_string(n); }
+std::string key(Kind kind, index_t n) {
+  return std::string(name(kind)) + "/N:" + std::to_string(n);
+}
 
 void register_shape(Kind kind, index_t n) {
   const std::string k = key(kind, n);
@@ -119,22 +122,23 @@ void register_shape(Kind kind, index_t n) {
                                })
       ->Unit(benchmark::kMillisecond)
       ->UseRealTime();
-  benchmark::RegisterBenchmark(
-      ("backward/" + k).c_str(),
-      [kind, n, k](benchmark::State& state) {
-        Problem p(n);
-        const double flops = 2.5 * forward(p, kind, {});
-        const double t = timed_loop(state, [&] {
-          backward(p, kind, {});
-          benchmark::DoNotOptimize(p.dq.data());
-        });
-        record_time(state, "bwd/" + std::to_string(n), kind == Kind::dense ? t : 0);
-        if (kind == Kind::causal) set_ratio(state, "bwd/" + std::to_string(n), t);
-        const double fwd = baseline_seconds("fwd/" + k);
-        if (fwd > 0 && t > 0) state.counters["x_forward"] = t / fwd;
-        state.counters["us_per_key"] = t / static_cast<double>(n) * 1e6;
-        set_gflops(state, flops, t);
-      })
+  benchmark::RegisterBenchmark(("backward/" + k).c_str(),
+                               [kind, n, k](benchmark::State& state) {
+                                 Problem p(n);
+                                 const double flops = 2.5 * forward(p, kind, {});
+                                 const double t = timed_loop(state, [&] {
+                                   backward(p, kind, {});
+                                   benchmark::DoNotOptimize(p.dq.data());
+                                 });
+                                 record_time(state, "bwd/" + std::to_string(n),
+                                             kind == Kind::dense ? t : 0);
+                                 if (kind == Kind::causal)
+                                   set_ratio(state, "bwd/" + std::to_string(n), t);
+                                 const double fwd = baseline_seconds("fwd/" + k);
+                                 if (fwd > 0 && t > 0) state.counters["x_forward"] = t / fwd;
+                                 state.counters["us_per_key"] = t / static_cast<double>(n) * 1e6;
+                                 set_gflops(state, flops, t);
+                               })
       ->Unit(benchmark::kMillisecond)
       ->UseRealTime();
 }
