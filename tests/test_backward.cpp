@@ -438,6 +438,52 @@ TEST(BackwardProperties, BitwiseIdenticalForAnyThreadCount) {
   expect_bitwise_across_threads(attn::no_score_mod(), opt);
 }
 
+TEST(BackwardProperties, GlobalPositionsShardsEqualOneShot) {
+  // Query shards [0, 40) and [40, 100) of a causal ALiBi problem with dropout, each with
+  // positions.q_offset: dq rows equal the one-shot call's, and dk, dv of the shards add up to it.
+  const Problem p = shape(100, 100, 4, 2, 16, 16);
+  const Inputs<double> in(p, 9);
+  const Tensor<double> dout = random_tensor<double>(p.B, p.Hq, p.Lq, p.Dv, 10);
+  const auto mod = attn::alibi(attn::alibi_slopes(p.Hq));
+  attn::AttentionOptions opt = tiles(16, 32);
+  opt.dropout = {0.2, 5, 1};
+  Tensor<double> out(p.B, p.Hq, p.Lq, p.Dv);
+  std::vector<double> lse = lse_double(in, p, attn::causal(), mod, opt);
+  attn::masked_attention(in.q.view, in.k.view, in.v.view, out.view, attn::causal(), mod, opt);
+  Grads<double> full(p);
+  attn::attention_backward(in.q.view, in.k.view, in.v.view, out.view,
+                           attn::TensorView<const double, 3>(lse.data(), {p.B, p.Hq, p.Lq}),
+                           dout.view, full.dq.view, full.dk.view, full.dv.view, attn::causal(), mod,
+                           opt);
+  Tensor<double> dk_sum(p.B, p.Hkv, p.Lk, p.D), dv_sum(p.B, p.Hkv, p.Lk, p.Dv);
+  for (auto [q0, q1] : {std::pair<index_t, index_t>{0, 40}, {40, 100}}) {
+    const index_t n = q1 - q0;
+    auto rows = [&](const auto& t, index_t last) {  // rows [q0, q1) of a [B, H, L, last] view
+      auto v = t.view;
+      return attn::Tensor4<std::remove_reference_t<decltype(*v.data())>>(
+          v.data() + q0 * v.stride(2), {v.extent(0), v.extent(1), n, last}, v.strides());
+    };
+    attn::AttentionOptions o = opt;
+    o.positions.q_offset = q0;
+    o.positions.q_length = p.Lq;
+    Grads<double> g(make(p.B, p.Hq, p.Hkv, n, p.Lk, p.D, p.Dv));
+    const attn::TensorView<const double, 3> l(lse.data() + q0, {p.B, p.Hq, n},
+                                              {p.Hq * p.Lq, p.Lq, 1});
+    attn::attention_backward(rows(in.q, p.D), in.k.view, in.v.view, rows(out, p.Dv), l,
+                             rows(dout, p.Dv), g.dq.view, g.dk.view, g.dv.view, attn::causal(), mod,
+                             o);
+    for (index_t b = 0; b < p.B; ++b)
+      for (index_t h = 0; h < p.Hq; ++h)
+        for (index_t i = 0; i < n; ++i)
+          for (index_t c = 0; c < p.D; ++c)
+            ASSERT_NEAR(g.dq(b, h, i, c), full.dq(b, h, q0 + i, c), 1e-12);
+    for (std::size_t i = 0; i < dk_sum.buf.size(); ++i) dk_sum.buf[i] += g.dk.buf[i];
+    for (std::size_t i = 0; i < dv_sum.buf.size(); ++i) dv_sum.buf[i] += g.dv.buf[i];
+  }
+  EXPECT_LE(max_abs_diff(dk_sum, full.dk), 1e-12 * std::max(1.0, max_abs(full.dk)));
+  EXPECT_LE(max_abs_diff(dv_sum, full.dv), 1e-12 * std::max(1.0, max_abs(full.dv)));
+}
+
 // ------------------------------------------------------------------- errors --
 
 TEST(BackwardErrors, ShapesAndOverlapsNamedBeforeWriting) {

@@ -9,6 +9,7 @@
 #include "attn/masked.hpp"
 #include "attn/multi_head.hpp"
 #include "attn/ops/backward.hpp"
+#include "attn/ops/merge.hpp"
 #include "attn/options.hpp"
 #include "attn/policy/dropout.hpp"
 #include "attn/reference.hpp"

@@ -57,6 +57,20 @@ struct Dropout {
   bool enabled() const { return p > 0; }
 };
 
+/// Where a call's queries and keys sit in a longer sequence (a KV cache, a
+/// ring shard, a varlen segment). Query row i of the call is global query
+/// q_offset + i of a sequence of q_length queries; key j is global key
+/// k_offset + j of k_length keys. A length of 0 means offset + the call's own
+/// length. Masks and score modifiers are bound to the global lengths and see
+/// global indices, so a sharded or cached computation equals the one-shot one
+/// (bool_mask and additive_bias views are indexed globally too).
+struct Positions {
+  index_t q_offset = 0;
+  index_t k_offset = 0;
+  index_t q_length = 0;
+  index_t k_length = 0;
+};
+
 /// Options common to the attention entry points. Every field has a default
 /// that is right for most callers.
 struct AttentionOptions {
@@ -77,6 +91,8 @@ struct AttentionOptions {
   AttentionStats* stats = nullptr;
   /// Dropout on the probabilities (training); off by default.
   Dropout dropout;
+  /// Global positions of the queries and keys (default: the call is the whole sequence).
+  Positions positions;
 };
 
 /// The sizes of one attention problem, as read from q, k, v.

@@ -20,17 +20,22 @@
 //       dQ   += scale · dX · K                                   (Br, D), over key tiles in order
 //     dK[k0:] = dK_t, dV[k0:] = dV_t
 //
+// Masks, modifiers and dropout see global positions (AttentionOptions::positions):
+// local query row i is q_offset + i, local key j is k_offset + j.
+//
 // Five tile products per visited tile (the forward has two). Scratch per
 // worker is O(Br·Bc + (Br + Bc)·(D + Dv)) plus, when dq is not stored in the
 // accumulation type with unit column stride, a (group·Lq, D) accumulator for
 // dQ. Nothing grows with Lq·Lk.
 #pragma once
 
+#include "attn/core/types.hpp"
 #include "attn/detail/checks.hpp"
-#include "attn/detail/flash_engine.hpp"
 #include "attn/detail/gemm.hpp"
 #include "attn/detail/parallel.hpp"
 #include "attn/detail/softmax.hpp"
+#include "attn/engine/walk.hpp"
+#include "attn/kv/strided.hpp"
 #include "attn/mask.hpp"
 #include "attn/options.hpp"
 #include "attn/policy/dropout.hpp"
@@ -149,8 +154,10 @@ void flash_backward(const TensorView<const Q, 4>& q, const TensorView<const K, 4
   const bool pack_k = !std::is_same<K, Acc>::value || k.stride(3) != 1;
   const bool pack_v = !std::is_same<V, Acc>::value || v.stride(3) != 1;
   const bool dq_in_place = std::is_same<DQ, Acc>::value && dq.stride(3) == 1;
+  const AttentionShape global = global_shape(shape, opt.positions);
+  const index_t qoff = opt.positions.q_offset, koff = opt.positions.k_offset;
   const DropoutGen drop =
-      DropoutGen::bind(opt.dropout, shape.batch, shape.q_heads, shape.lq, shape.lk);
+      DropoutGen::bind(opt.dropout, shape.batch, shape.q_heads, global.lq, global.lk);
 
   // A broadcast dbias is summed over batches or KV heads inside one task, in order.
   const GradBroadcast bcast = grad_broadcast(mod, shape);
@@ -194,7 +201,9 @@ void flash_backward(const TensorView<const Q, 4>& q, const TensorView<const K, 4
 
       for (index_t g = 0; g < group; ++g) {
         const index_t h = h0 + g;
-        const KeyRange qr = query_range(mask, b, h, k0, k0 + cols, shape.lq);
+        const KeyRange gq = query_range(mask, b, h, koff + k0, koff + k0 + cols, global.lq);
+        const KeyRange qr{std::clamp<index_t>(gq.begin - qoff, 0, shape.lq),
+                          std::clamp<index_t>(gq.end - qoff, 0, shape.lq)};
         if (qr.empty()) continue;
         Acc* dq_base = sc.dq.data() + g * shape.lq * d;
         if constexpr (std::is_same<DQ, Acc>::value)
@@ -202,9 +211,10 @@ void flash_backward(const TensorView<const Q, 4>& q, const TensorView<const K, 4
         const index_t lddq = dq_in_place ? dq.stride(2) : d;
         for (index_t q0 = qr.begin / br * br; q0 < qr.end; q0 += br) {
           const index_t rows = std::min(br, shape.lq - q0);
+          const index_t gq0 = qoff + q0, gk0 = koff + k0;  // global positions of the tile
           const TileKind kind = Mask::always_full
                                     ? TileKind::full
-                                    : mask.classify(b, h, q0, q0 + rows, k0, k0 + cols);
+                                    : mask.classify(b, h, gq0, gq0 + rows, gk0, gk0 + cols);
           if (kind == TileKind::empty) {
             ++sc.stats.skipped_tiles;
             continue;
@@ -226,8 +236,9 @@ void flash_backward(const TensorView<const Q, 4>& q, const TensorView<const K, 4
           pm.setZero();
           sc.gemm.scores(rows, cols, d, qs.data(), d, kt, ldk, p, lds, false);
           if constexpr (keep_x) sc.x.topLeftCorner(rows, cols) = pm;
-          mod.apply_tile(b, h, q0, k0, p, lds, rows, cols);
-          if (kind == TileKind::partial) mask_partial_tile(mask, b, h, q0, k0, p, lds, rows, cols);
+          mod.apply_tile(b, h, gq0, gk0, p, lds, rows, cols);
+          if (kind == TileKind::partial)
+            mask_partial_tile(mask, b, h, gq0, gk0, p, lds, rows, cols);
           for (index_t r = 0; r < rows; ++r) {
             const Acc l = sc.lse(g * shape.lq + q0 + r);
             Acc* row = p + r * lds;
@@ -243,7 +254,7 @@ void flash_backward(const TensorView<const Q, 4>& q, const TensorView<const K, 4
           if (drop.enabled) {
             for (index_t r = 0; r < rows; ++r) {
               std::copy_n(p + r * lds, cols, dp + r * lds);
-              drop.apply_row(b, h, q0 + r, k0, dp + r * lds, cols);
+              drop.apply_row(b, h, gq0 + r, gk0, dp + r * lds, cols);
             }
             pd = dp;
           }
@@ -255,7 +266,8 @@ void flash_backward(const TensorView<const Q, 4>& q, const TensorView<const K, 4
           dpm.setZero();
           sc.gemm.scores(rows, cols, dvd, dot, lddo, vt, ldv, dp, lds, true);
           if (drop.enabled)
-            for (index_t r = 0; r < rows; ++r) drop.apply_row(b, h, q0 + r, k0, dp + r * lds, cols);
+            for (index_t r = 0; r < rows; ++r)
+              drop.apply_row(b, h, gq0 + r, gk0, dp + r * lds, cols);
 
           // dS = P ∘ (dP - Δ); dX = score_mod'(X) ∘ dS
           for (index_t r = 0; r < rows; ++r) {
@@ -265,8 +277,8 @@ void flash_backward(const TensorView<const Q, 4>& q, const TensorView<const K, 4
             for (index_t c = 0; c < cols; ++c) dr[c] = pr[c] * (dr[c] - delta);
           }
           if constexpr (!Mod::is_identity)
-            mod.grad_tile(b, h, q0, k0, keep_x ? sc.x.data() : static_cast<const Acc*>(nullptr), dp,
-                          lds, rows, cols);
+            mod.grad_tile(b, h, gq0, gk0, keep_x ? sc.x.data() : static_cast<const Acc*>(nullptr),
+                          dp, lds, rows, cols);
 
           // dK += dXᵀ · Qs                                                   (cols, D)
           sc.gemm.add_atb(cols, d, rows, dp, lds, qs.data(), d, dkt.data(), d, false);

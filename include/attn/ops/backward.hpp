@@ -2,8 +2,8 @@
 // and its sliding-window and block-sparse forms.
 #pragma once
 
+#include "attn/core/types.hpp"
 #include "attn/detail/checks.hpp"
-#include "attn/detail/flash_engine.hpp"
 #include "attn/engine/backward.hpp"
 #include "attn/mask.hpp"
 #include "attn/options.hpp"
@@ -51,7 +51,8 @@ AttentionShape check_backward(const TensorView<Q, 4>& q, const TensorView<K, 4>&
   check_not_self_overlapping(dq, "dq");
   check_not_self_overlapping(dk, "dk");
   check_not_self_overlapping(dv, "dv");
-  DropoutGen::bind(opt.dropout, s.batch, s.q_heads, s.lq, s.lk);
+  const AttentionShape global = global_shape(s, opt.positions);
+  DropoutGen::bind(opt.dropout, s.batch, s.q_heads, global.lq, global.lk);
 
   // Each output against every input and every other output.
   auto against_all = [&](const auto& g, const char* gn) {
@@ -111,9 +112,13 @@ void backward_entry(const TensorView<Q, 4>& q, const TensorView<K, 4>& k, const 
   static_assert(is_mask_v<Mask>, "attn: the mask argument must be a mask policy (attn/mask.hpp)");
   static_assert(is_score_mod_v<Mod>,
                 "attn: the score_mod argument must be a score modifier (attn/score_mod.hpp)");
-  const AttentionShape probe = check_attention(q, k, v, out, AttentionOptions{});
-  const Mask bound_mask = mask.bind(probe);
-  const Mod bound_mod = mod.bind(probe);
+  AttentionOptions probe_opt;
+  probe_opt.positions = opt.positions;
+  const AttentionShape probe = check_attention(q, k, v, out, probe_opt);
+  const AttentionShape global =
+      global_shape(probe, opt.positions);  // policies see global positions
+  const Mask bound_mask = mask.bind(global);
+  const Mod bound_mod = mod.bind(global);
   const AttentionShape shape =
       check_backward(q, k, v, out, lse, dout, dq, dk, dv, bound_mask, bound_mod, opt);
   for_each_grad_view(bound_mod, [](const auto& g, const char*) {
