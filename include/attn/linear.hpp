@@ -127,6 +127,11 @@ struct EluPlusOne : SimpleFeatureMap<EluPlusOne> {
       phi.array() = x.array().min(Acc(0)).exp() + x.array().max(Acc(0));
     }
   }
+  /// dφ/dx (for linear_attention_backward): 1 for x > 0, e^x otherwise.
+  template <class Acc>
+  Acc derivative(Acc x) const {
+    return x > Acc(0) ? Acc(1) : std::exp(x);
+  }
 };
 
 /// The elu + 1 feature map.
@@ -140,6 +145,11 @@ struct Relu : SimpleFeatureMap<Relu> {
   template <class Acc>
   void features(FeatureInput<Acc> x, FeatureOutput<Acc> phi) const {
     phi.array() = x.array().max(Acc(0));
+  }
+  /// dφ/dx (for linear_attention_backward): 1 for x > 0, 0 otherwise.
+  template <class Acc>
+  Acc derivative(Acc x) const {
+    return x > Acc(0) ? Acc(1) : Acc(0);
   }
 };
 

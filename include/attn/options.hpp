@@ -25,6 +25,19 @@ struct AttentionStats {
   }
 };
 
+/// Dropout on the attention probabilities: each probability is kept with
+/// probability 1 - p and then scaled by 1 / (1 - p). The keep decision of
+/// (batch, query head, query, key) is a pure function of (seed, offset, batch,
+/// head, query, key) from the counter-based Philox-4x32-10 generator, so the
+/// backward regenerates it and nothing depends on threads or tiles. p = 0
+/// (the default) is no dropout.
+struct Dropout {
+  double p = 0;              ///< drop probability, in [0, 1)
+  std::uint64_t seed = 0;    ///< the generator's key
+  std::uint64_t offset = 0;  ///< a counter word, < 2^32: e.g. the step or layer number
+  bool enabled() const { return p > 0; }
+};
+
 /// Where a call's queries and keys sit in a longer sequence (a KV cache, a
 /// ring shard, a varlen segment). Query row i of the call is global query
 /// q_offset + i of a sequence of q_length queries; key j is global key
@@ -57,6 +70,8 @@ struct AttentionOptions {
   /// Optional output: what was computed (tiles, scores). Not thread-safe to
   /// share between concurrent calls.
   AttentionStats* stats = nullptr;
+  /// Dropout on the probabilities (training); off by default.
+  Dropout dropout;
   /// Global positions of the queries and keys (default: the call is the whole sequence).
   Positions positions;
 };
