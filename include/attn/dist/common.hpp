@@ -27,6 +27,8 @@ namespace dist {
 /// Where one call spent its time, for benchmarks (seconds, this rank).
 struct RingTimings {
   double compute = 0;       ///< local attention and merges
+  double compute_cpu = 0;   ///< CPU seconds of this process during compute (all its threads):
+                            ///< follows the work even when other programs share the cores
   double exposed_comm = 0;  ///< waiting for transfers after the step's compute was done
   double total = 0;         ///< the whole call, checks included
   int steps = 0;            ///< ring steps run (transfers + 1)
