@@ -270,6 +270,18 @@ TEST(DistErrors, ALocalErrorOnOneRankFailsOnAll) {
   for (float x : out.buf) EXPECT_EQ(x, 42.f);
 }
 
+TEST(DistErrors, PositionsArePlacedByTheCall) {
+  Tensor<float> q(1, 2, 4, 8), k(1, 2, 4, 8), v(1, 2, 4, 8), out(1, 2, 4, 8);
+  attn::dist::DistOptions opt;
+  opt.positions.q_offset = 3;
+  expect_fails_everywhere(
+      [&] {
+        attn::dist::ring_attention(MPI_COMM_WORLD, q.cview(), k.cview(), v.cview(), out.view,
+                                   attn::causal(), attn::no_score_mod(), opt);
+      },
+      "options.positions is {3, 0, 0, 0}; leave it default");
+}
+
 TEST(DistErrors, ZigzagNeedsEqualChunks) {
   const int me = rank_(), p = ranks_();
   const index_t L = me == 0 ? 5 : 4;  // 5 rows cannot be two equal chunks

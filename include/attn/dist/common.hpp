@@ -189,84 +189,89 @@ inline int message_count(std::int64_t bytes, const char* what) {
   return static_cast<int>(bytes);
 }
 
-// ---------------------------------------------------- local → global indices --
+// ------------------------------------------------------ local → global heads --
+// Sequence positions go through AttentionOptions::positions; heads have no such
+// option, so the all-to-all, whose ranks hold Hq/p of the heads, maps them here.
 
-/// A mask bound to the whole problem, seen from a block of it: local head h,
-/// query q and key k are global head h + h0, query q + q0, key k + k0.
+/// A mask bound to the whole problem, seen by a call that holds heads
+/// [h0, h0 + H_local): local head h is global head h + h0.
 template <class M>
-struct ShiftedMask : MaskPolicy {
+struct HeadShiftedMask : MaskPolicy {
   static constexpr bool always_full = M::always_full;
   M inner;
-  index_t h0 = 0, q0 = 0, k0 = 0;
+  index_t h0 = 0;
 
-  ShiftedMask bind(const AttentionShape&) const { return *this; }
+  HeadShiftedMask bind(const AttentionShape&) const { return *this; }
   template <class F>
   void for_each_view(F&& f) const {
     attn::detail::for_each_view(inner, f);
   }
   bool keep(index_t b, index_t h, index_t q, index_t k) const {
-    return inner.keep(b, h + h0, q + q0, k + k0);
+    return inner.keep(b, h + h0, q, k);
   }
-  KeyRange key_range(index_t b, index_t h, index_t qa, index_t qb) const {
-    const KeyRange r = inner.key_range(b, h + h0, qa + q0, qb + q0);
-    return {r.begin - k0, r.end - k0};
+  KeyRange key_range(index_t b, index_t h, index_t q0, index_t q1) const {
+    return inner.key_range(b, h + h0, q0, q1);
   }
   template <class M2 = M>
   auto row_keys(index_t b, index_t h, index_t q) const
       -> decltype(std::declval<const M2&>().row_keys(b, h, q), KeyRange{}) {
-    const KeyRange r = inner.row_keys(b, h + h0, q + q0);
-    return {r.begin - k0, r.end - k0};
+    return inner.row_keys(b, h + h0, q);
   }
   template <class M2 = M>
-  auto next_key(index_t b, index_t h, index_t qa, index_t qb, index_t k) const
-      -> decltype(std::declval<const M2&>().next_key(b, h, qa, qb, k)) {
-    return inner.next_key(b, h + h0, qa + q0, qb + q0, k + k0) - k0;
+  auto next_key(index_t b, index_t h, index_t q0, index_t q1, index_t k) const
+      -> decltype(std::declval<const M2&>().next_key(b, h, q0, q1, k)) {
+    return inner.next_key(b, h + h0, q0, q1, k);
   }
-  TileKind classify(index_t b, index_t h, index_t qa, index_t qb, index_t ka, index_t kb) const {
-    return inner.classify(b, h + h0, qa + q0, qb + q0, ka + k0, kb + k0);
+  TileKind classify(index_t b, index_t h, index_t q0, index_t q1, index_t k0, index_t k1) const {
+    return inner.classify(b, h + h0, q0, q1, k0, k1);
   }
 };
 
-/// A score modifier bound to the whole problem, seen from a block of it.
+/// The same for a score modifier.
 template <class M>
-struct ShiftedMod : ScoreModPolicy {
+struct HeadShiftedMod : ScoreModPolicy {
   static constexpr bool is_identity = M::is_identity;
   M inner;
-  index_t h0 = 0, q0 = 0, k0 = 0;
+  index_t h0 = 0;
 
-  ShiftedMod bind(const AttentionShape&) const { return *this; }
+  HeadShiftedMod bind(const AttentionShape&) const { return *this; }
   template <class F>
   void for_each_view(F&& f) const {
     attn::detail::for_each_view(inner, f);
   }
   template <class Acc>
   Acc operator()(index_t b, index_t h, index_t q, index_t k, Acc s) const {
-    return inner(b, h + h0, q + q0, k + k0, s);
+    return inner(b, h + h0, q, k, s);
   }
   template <class Acc>
-  void apply_tile(index_t b, index_t h, index_t qa, index_t ka, Acc* s, index_t ld, index_t rows,
+  void apply_tile(index_t b, index_t h, index_t q0, index_t k0, Acc* s, index_t ld, index_t rows,
                   index_t cols) const {
-    inner.apply_tile(b, h + h0, qa + q0, ka + k0, s, ld, rows, cols);
+    inner.apply_tile(b, h + h0, q0, k0, s, ld, rows, cols);
   }
 };
 
 template <class M>
-ShiftedMask<M> shifted_mask(const M& bound, index_t h0, index_t q0, index_t k0) {
-  ShiftedMask<M> m;
+HeadShiftedMask<M> head_shifted_mask(const M& bound, index_t h0) {
+  HeadShiftedMask<M> m;
   m.inner = bound;
   m.h0 = h0;
-  m.q0 = q0;
-  m.k0 = k0;
   return m;
 }
 template <class M>
-ShiftedMod<M> shifted_mod(const M& bound, index_t h0, index_t q0, index_t k0) {
-  ShiftedMod<M> m;
+HeadShiftedMod<M> head_shifted_mod(const M& bound, index_t h0) {
+  HeadShiftedMod<M> m;
   m.inner = bound;
   m.h0 = h0;
-  m.q0 = q0;
-  m.k0 = k0;
   return m;
+}
+
+/// The distributed calls place every piece themselves.
+inline void check_no_positions(const AttentionOptions& opt, const char* fn) {
+  const Positions& p = opt.positions;
+  if (p.q_offset != 0 || p.k_offset != 0 || p.q_length != 0 || p.k_length != 0)
+    attn::detail::fail(fn, ": options.positions is {", p.q_offset, ", ", p.k_offset, ", ",
+                       p.q_length, ", ", p.k_length,
+                       "}; leave it default, the call places each rank's slice itself");
 }
 
 /// Accumulation type of a distributed call: double if any operand is double.

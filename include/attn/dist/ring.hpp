@@ -23,6 +23,7 @@
 #include "attn/dist/common.hpp"
 #include "attn/dist/shard.hpp"
 #include "attn/masked.hpp"
+#include "attn/ops/merge.hpp"
 
 #include <mpi.h>
 
@@ -128,38 +129,6 @@ RingPlan plan_ring(const std::vector<Descriptor>& all, SeqLayout layout, int me,
   return plan;
 }
 
-/// Merges the partial result (ob, lb) over a disjoint key set into (oa, la),
-/// rows [row0, row0 + rows) of every (batch, head), in place.
-template <class Acc>
-void merge_rows(const TensorView<Acc, 4>& oa, const TensorView<float, 3>& la,
-                const TensorView<const Acc, 4>& ob, const TensorView<const float, 3>& lb,
-                index_t row0, index_t rows) {
-  constexpr float neg_inf = -std::numeric_limits<float>::infinity();
-  const index_t dv = oa.extent(3);
-  for (index_t b = 0; b < oa.extent(0); ++b)
-    for (index_t h = 0; h < oa.extent(1); ++h)
-      for (index_t i = row0; i < row0 + rows; ++i) {
-        const float lse_b = lb(b, h, i);
-        if (lse_b == neg_inf) continue;  // the block saw no key for this row
-        Acc* a = &oa(b, h, i, 0);
-        const Acc* x = &ob(b, h, i, 0);
-        const float lse_a = la(b, h, i);
-        if (lse_a == neg_inf) {
-          for (index_t c = 0; c < dv; ++c) a[c * oa.stride(3)] = x[c * ob.stride(3)];
-          la(b, h, i) = lse_b;
-          continue;
-        }
-        // lse' = max + log(exp(lse_a - max) + exp(lse_b - max)), weights exp(lse - lse')
-        const Acc m = std::max<Acc>(lse_a, lse_b);
-        const Acc sum = std::exp(Acc(lse_a) - m) + std::exp(Acc(lse_b) - m);
-        const Acc lse = m + std::log(sum);
-        const Acc wa = std::exp(Acc(lse_a) - lse), wb = std::exp(Acc(lse_b) - lse);
-        for (index_t c = 0; c < dv; ++c)
-          a[c * oa.stride(3)] = wa * a[c * oa.stride(3)] + wb * x[c * ob.stride(3)];
-        la(b, h, i) = static_cast<float>(lse);
-      }
-}
-
 inline double now() { return MPI_Wtime(); }
 
 }  // namespace detail
@@ -193,12 +162,13 @@ void ring_attention(MPI_Comm comm, const TensorView<Q, 4>& q, const TensorView<K
 
   // ---- checks, agreed by every rank
   AttentionShape local;
-  agree(comm, "ring_attention",
-        [&] { local = attn::detail::check_attention(q, k, v, out, options); });
+  agree(comm, "ring_attention", [&] {
+    local = attn::detail::check_attention(q, k, v, out, options);
+    check_no_positions(options, "ring_attention");
+  });
   const std::vector<Descriptor> all = allgather(comm, describe(q, k, v, out, local, options));
   AttentionShape global = local;
   Mask bound_mask;
-  Mod bound_mod;
   RingPlan plan;
   agree(comm, "ring_attention", [&] {
     check_same_everywhere(all);
@@ -220,7 +190,7 @@ void ring_attention(MPI_Comm comm, const TensorView<Q, 4>& q, const TensorView<K
                                "); use shard() to split it");
       }
     bound_mask = mask.bind(global);
-    bound_mod = score_mod.bind(global);
+    const Mod bound_mod = score_mod.bind(global);
     attn::detail::check_policy_views(bound_mask, out, options.lse);
     attn::detail::check_policy_views(bound_mod, out, options.lse);
     plan = plan_ring(all, options.layout, me, bound_mask, global.batch, global.q_heads);
@@ -318,11 +288,15 @@ void ring_attention(MPI_Comm comm, const TensorView<Q, 4>& q, const TensorView<K
       for (index_t r0 = 0; r0 < blk.q_len; r0 += piece) {
         const index_t rows = std::min(piece, blk.q_len - r0);
         const index_t row = blk.q_row + r0;
+        // This piece's queries and the slice's keys at their places in the whole sequence.
+        step_opt.positions = Positions{blk.q_pos + r0, blk.k_pos, global.lq, global.lk};
         step_opt.lse = seq_rows(part_l, row, rows);
-        masked_attention(seq_rows(q, row, rows), kk, vv, seq_rows(part_o, row, rows),
-                         shifted_mask(bound_mask, 0, blk.q_pos + r0, blk.k_pos),
-                         shifted_mod(bound_mod, 0, blk.q_pos + r0, blk.k_pos), step_opt);
-        merge_rows<Acc>(acc_o, acc_l, part_o, part_l, row, rows);
+        masked_attention(seq_rows(q, row, rows), kk, vv, seq_rows(part_o, row, rows), mask,
+                         score_mod, step_opt);
+        merge_partials(seq_rows(acc_o, row, rows), seq_rows(acc_l, row, rows),
+                       TensorView<const Acc, 4>(seq_rows(part_o, row, rows)),
+                       TensorView<const float, 3>(seq_rows(part_l, row, rows)),
+                       options.num_threads);
         if (options.stats) {
           total_stats.full_tiles += step_stats.full_tiles;
           total_stats.partial_tiles += step_stats.partial_tiles;

@@ -155,8 +155,10 @@ void ulysses_attention(MPI_Comm comm, const TensorView<Q, 4>& q, const TensorVie
   const int me = comm_rank(comm), p = comm_size(comm);
 
   AttentionShape local;
-  agree(comm, "ulysses_attention",
-        [&] { local = attn::detail::check_attention(q, k, v, out, options); });
+  agree(comm, "ulysses_attention", [&] {
+    local = attn::detail::check_attention(q, k, v, out, options);
+    check_no_positions(options, "ulysses_attention");
+  });
   const std::vector<Descriptor> all = allgather(comm, describe(q, k, v, out, local, options));
   AttentionShape global = local;
   Mask bound_mask;
@@ -223,8 +225,8 @@ void ulysses_attention(MPI_Comm comm, const TensorView<Q, 4>& q, const TensorVie
   opt.stats = options.stats;
   if (!options.lse.is_null()) opt.lse = lv;
   masked_attention(TensorView<const QS, 4>(qv), TensorView<const KS, 4>(kv),
-                   TensorView<const VS, 4>(vv), ov, shifted_mask(bound_mask, me * hq, 0, 0),
-                   shifted_mod(bound_mod, me * hq, 0, 0), opt);
+                   TensorView<const VS, 4>(vv), ov, head_shifted_mask(bound_mask, me * hq),
+                   head_shifted_mod(bound_mod, me * hq), opt);
   const double t2 = MPI_Wtime();
   const double cpu = static_cast<double>(std::clock() - c1) / CLOCKS_PER_SEC;
 
