@@ -1,7 +1,7 @@
 // Ring and all-to-all attention across MPI ranks, against the cost model of
 // docs/distributed.md. Run under mpirun (rank 0 reports):
 //
-//   mpirun -np 2 build/main/bench/bench_ring [--len=L] [--threads=T]
+//   mpirun -np 2 build/main/bench/bench_ring [--len=L] [--threads=T] [--iters=I]
 //
 // Every row has a fixed iteration count (ranks must run the same loops) and
 // reports the slowest rank's time per call. Rows:
@@ -10,8 +10,8 @@
 //   pingpong/bytes:...            one ring exchange of a K/V slice (Sendrecv right/left):
 //                                 the link's bandwidth GBps, for the model
 //   local/N:L/...                 one ring step without the ring: the slice's queries
-//                                 against one slice of keys in one process, dense; its
-//                                 GFLOPs is the rate F of the model; the baseline
+//                                 against one slice of keys in one process, dense (the
+//                                 baseline; ring rows time it again between their calls)
 //   ring/<layout>/<mask>/N:...    ring_attention over N = p·L; per rank the call is split
 //                                 into compute (attention and merges) and exposed
 //                                 communication (waiting after the compute was done)
@@ -20,13 +20,14 @@
 // Counters of ring rows: compute_frac = compute / (compute + exposed communication)
 // over the ring steps, worst rank (1 when the transfers hide behind the compute);
 // call_frac = compute / the whole call (setup, checks agreed by collectives, output
-// copy included); comm_frac = exposed communication / call, exposed_ms per call; balance = the
-// least-loaded rank's compute time / the most-loaded's, balance_cpu the same in CPU time (robust
-// when other programs share the cores); step_ms = wall / ring steps;
-// model_ms = the model's step time max(work / F, bytes / bandwidth), with F and the
-// bandwidth measured by the rows above in this run; model_ratio = step_ms / model_ms;
-// model_ratio_cpu the same in CPU seconds (the local row's GFLOPs_cpu as F);
-// x_baseline = p · (local step time · work fraction) / wall.
+// copy included); comm_frac = exposed communication / call, exposed_ms per call;
+// balance = the least-loaded rank's compute time / the most-loaded's, balance_cpu the
+// same in CPU seconds; step_ms = wall / ring steps; model_ms = the cost model's step
+// time max(w·C / F, S / bandwidth) with C = 4·L²·D·H, w the busiest rank's share of a
+// dense step (zigzag causal 1/2), F (F_GFLOPs) timed in the same loop as the ring (one
+// dense step between ring calls, so both see the same load) and the bandwidth from the
+// pingpong row; model_ratio = step_ms / model_ms; model_ratio_cpu the same in CPU
+// seconds; x_baseline = p · w · (dense step time) / wall.
 #include "bench_support.hpp"
 
 #include <attn/dist/ring.hpp>
@@ -51,8 +52,7 @@ using attn::dist::SeqLayout;
 constexpr index_t kDim = 64, kHeads = 1;
 index_t g_len = 4096;    // --len: rows per rank
 int g_threads = 1;       // --threads: per rank
-double g_rate = 0;       // FLOP/s of one dense step, from the local row (wall clock)
-double g_rate_cpu = 0;   // the same per CPU second of the process
+int g_iters = 3;         // --iters: calls per ring row
 double g_bandwidth = 0;  // bytes/s of one ring exchange, from the pingpong row
 
 int rank() { return attn::dist::detail::comm_rank(MPI_COMM_WORLD); }
@@ -125,9 +125,8 @@ void bench_local(benchmark::State& state) {
   }
   const double flops =
       4.0 * static_cast<double>(g_len) * static_cast<double>(g_len) * kDim * kHeads;
-  g_rate = flops * static_cast<double>(state.iterations()) / total;
-  g_rate_cpu = flops * static_cast<double>(state.iterations()) / max_over_ranks(cpu);
-  state.counters["GFLOPs_cpu"] = g_rate_cpu * 1e-9;
+  state.counters["GFLOPs_cpu"] =
+      flops * static_cast<double>(state.iterations()) / max_over_ranks(cpu) * 1e-9;
   attn_bench::set_gflops(state, flops, total / static_cast<double>(state.iterations()), g_threads);
 }
 
@@ -155,9 +154,22 @@ void bench_ring(benchmark::State& state, SeqLayout layout, Kind kind, bool ulyss
       attn::dist::ring_attention(MPI_COMM_WORLD, s.qv(), s.kv(), s.vv(), s.ov(), attn::no_mask(),
                                  attn::no_score_mod(), opt);
   };
+  // The model's compute term, measured in the same loop as the ring (so both see the same
+  // load on a shared machine): one dense step, this rank's queries against its own keys.
+  Slices step(heads, heads, g_len);
+  attn::AttentionOptions step_opt;
+  step_opt.num_threads = g_threads;
   call();  // warm-up: first touch of the buffers
-  double compute = 0, compute_cpu = 0, exposed = 0, wall = 0, slowest = 0;
+  double compute = 0, compute_cpu = 0, exposed = 0, wall = 0, slowest = 0, local = 0, local_cpu = 0;
   for (auto _ : state) {
+    if (!ulysses) {
+      MPI_Barrier(MPI_COMM_WORLD);
+      const double t0 = MPI_Wtime();
+      const std::clock_t c0 = std::clock();
+      attn::scaled_dot_product_attention(step.qv(), step.kv(), step.vv(), step.ov(), step_opt);
+      local_cpu += static_cast<double>(std::clock() - c0) / CLOCKS_PER_SEC;
+      local += max_over_ranks(MPI_Wtime() - t0);
+    }
     MPI_Barrier(MPI_COMM_WORLD);
     call();
     const double t = max_over_ranks(tm.total);
@@ -179,18 +191,30 @@ void bench_ring(benchmark::State& state, SeqLayout layout, Kind kind, bool ulyss
   state.counters["balance"] = min_over_ranks(compute) / max_over_ranks(compute);
   const double cpu_max = max_over_ranks(compute_cpu);
   state.counters["balance_cpu"] = min_over_ranks(compute_cpu) / cpu_max;
-  attn_bench::set_gflops(state, flops, slowest / iters, g_threads * p);
+  // GFLOPs: the whole job's rate; roofline_frac: per rank, against the probe each rank ran.
+  state.counters["GFLOPs"] = attn_bench::flops_rate(flops * 1e-9);
+  attn_bench::set_roofline_frac(state, flops / (slowest / iters) * 1e-9 / p, g_threads);
   if (!ulysses) {
-    const double step = slowest / iters / tm.steps;
+    // Work of the busiest rank per step, as a fraction of a dense step: causal zigzag 1/2;
+    // causal contiguous: the last rank computes p − 1 full steps and one half.
+    const double busiest = kind == Kind::dense           ? 1.0
+                           : layout == SeqLayout::zigzag ? 0.5
+                                                         : (p - 0.5) / p;
     const double step_flops = 4.0 * static_cast<double>(g_len) * static_cast<double>(g_len) * kDim *
-                              static_cast<double>(heads) * work;
-    const double model = std::max(step_flops / g_rate, slice_bytes(g_len, heads) / g_bandwidth);
-    state.counters["step_ms"] = step * 1e3;
+                              static_cast<double>(heads);
+    const double rate = step_flops * iters / local;  // F, this row's own measurement
+    const double rate_cpu = step_flops * iters / max_over_ranks(local_cpu);
+    const double step_time = slowest / iters / tm.steps;
+    const double model =
+        std::max(busiest * step_flops / rate, slice_bytes(g_len, heads) / g_bandwidth);
+    state.counters["F_GFLOPs"] = rate * 1e-9;
+    state.counters["step_ms"] = step_time * 1e3;
     state.counters["model_ms"] = model * 1e3;
-    state.counters["model_ratio"] = step / model;
-    // The same in CPU time, which other programs on the machine do not inflate.
-    state.counters["model_ratio_cpu"] = cpu_max / iters / tm.steps / (step_flops / g_rate_cpu);
-    state.counters["x_baseline"] = p * (step_flops / g_rate) / (slowest / iters);
+    state.counters["model_ratio"] = step_time / model;
+    // The same in CPU seconds: the busiest rank's compute per step against the model's.
+    state.counters["model_ratio_cpu"] =
+        cpu_max / iters / tm.steps / (busiest * step_flops / rate_cpu);
+    state.counters["x_baseline"] = p * work * (step_flops / rate) / (slowest / iters);
   }
 }
 
@@ -209,6 +233,8 @@ int main(int argc, char** argv) {
   for (int i = 0; i < argc; ++i) {
     if (std::strncmp(argv[i], "--len=", 6) == 0)
       g_len = std::atol(argv[i] + 6);
+    else if (std::strncmp(argv[i], "--iters=", 8) == 0)
+      g_iters = std::max(1, std::atoi(argv[i] + 8));
     else if (std::strncmp(argv[i], "--threads=", 10) == 0)
       g_threads = std::atoi(argv[i] + 10);
     else if (std::strcmp(argv[i], "--sweep") == 0)
@@ -244,7 +270,7 @@ int main(int argc, char** argv) {
     benchmark::RegisterBenchmark(
         (r.name + shape).c_str(),
         [r](benchmark::State& st) { bench_ring(st, r.layout, r.kind, r.ulysses); })
-        ->Iterations(3)
+        ->Iterations(g_iters)
         ->UseManualTime()
         ->Unit(benchmark::kMillisecond);
   int rest_argc = static_cast<int>(rest.size());

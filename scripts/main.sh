@@ -30,9 +30,9 @@ for exe in "$build"/bench/bench_*; do
   name=$(basename "$exe")
   echo "== $name"
   launch=()
-  if [[ $name == bench_ring ]]; then  # MPI: two ranks of one thread each
+  if [[ $name == bench_ring ]]; then  # MPI: two ranks of one thread, unbound (a shared machine)
     launch=(env OMP_NUM_THREADS=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-            mpirun -np 2 --oversubscribe)
+            mpirun -np 2 --oversubscribe --bind-to none)
   fi
   "${launch[@]}" "$exe" "${sweep[@]}" --benchmark_repetitions=$reps \
          --benchmark_out="$build/results/$name.json" --benchmark_out_format=json
