@@ -270,6 +270,21 @@ TEST(DistErrors, ALocalErrorOnOneRankFailsOnAll) {
   for (float x : out.buf) EXPECT_EQ(x, 42.f);
 }
 
+TEST(DistErrors, AMaskThatRulesOutOtherBlocksOnOneRankFailsOnAll) {
+  // Rank 0 attends densely, the others causally: their rings would run different steps.
+  if (ranks_() == 1) GTEST_SKIP() << "one rank: nothing to disagree with";
+  const index_t L = 4;
+  Tensor<float> q(1, 2, L, 8), k(1, 2, L, 8), v(1, 2, L, 8), out(1, 2, L, 8);
+  std::fill(out.buf.begin(), out.buf.end(), 42.f);
+  const attn::Window mask = rank_() == 0 ? attn::window(-1, -1) : attn::window(-1, 0);
+  expect_fails_everywhere(
+      [&] {
+        attn::dist::ring_attention(MPI_COMM_WORLD, q.cview(), k.cview(), v.cview(), out.view, mask);
+      },
+      "differs across ranks; every rank must pass the same mask and modifier");
+  for (float x : out.buf) EXPECT_EQ(x, 42.f);
+}
+
 TEST(DistErrors, PositionsArePlacedByTheCall) {
   Tensor<float> q(1, 2, 4, 8), k(1, 2, 4, 8), v(1, 2, 4, 8), out(1, 2, 4, 8);
   attn::dist::DistOptions opt;

@@ -61,9 +61,13 @@ inline int comm_size(MPI_Comm comm) {
 
 /// Runs `checks` on this rank, then agrees with every other rank: if any
 /// rank's checks threw attn::Error, every rank throws the same Error, with
-/// the message of the lowest failing rank. Collective: every rank calls it.
+/// the message of the lowest failing rank. If `fingerprint` is given, the
+/// checks set it to a summary of what this rank is about to do; ranks that
+/// differ (a mask that is not the same everywhere) fail everywhere too,
+/// instead of waiting for messages that never come. Collective.
 template <class F>
-void agree(MPI_Comm comm, const char* fn, F&& checks) {
+void agree(MPI_Comm comm, const char* fn, F&& checks, const std::int64_t* fingerprint = nullptr,
+           const char* fingerprint_what = "") {
   std::string msg;
   bool failed = false;
   try {
@@ -73,9 +77,17 @@ void agree(MPI_Comm comm, const char* fn, F&& checks) {
     failed = true;
   }
   const int me = comm_rank(comm), p = comm_size(comm);
-  int first = failed ? me : p;
-  MPI_Allreduce(MPI_IN_PLACE, &first, 1, MPI_INT, MPI_MIN, comm);
-  if (first == p) return;
+  // min over ranks of: the first failing rank, the fingerprint, ~fingerprint (= ~max)
+  const std::int64_t fp = fingerprint && !failed ? *fingerprint : 0;
+  std::int64_t v[3] = {failed ? me : p, fp, ~fp};
+  MPI_Allreduce(MPI_IN_PLACE, v, 3, MPI_INT64_T, MPI_MIN, comm);
+  const int first = static_cast<int>(v[0]);
+  if (first == p) {
+    if (v[1] != ~v[2])  // min != max
+      attn::detail::fail(fn, ": ", fingerprint_what,
+                         " differs across ranks; every rank must pass the same mask and modifier");
+    return;
+  }
   const std::string prefix = "attn: ";
   if (msg.compare(0, prefix.size(), prefix) == 0) msg.erase(0, prefix.size());
   int len = me == first ? static_cast<int>(msg.size()) : 0;

@@ -59,11 +59,12 @@ struct Block {
 /// (global positions, local order), the global lengths, and which blocks the
 /// mask leaves anything in.
 struct RingPlan {
-  std::vector<std::vector<Chunk>> q_chunks, k_chunks;  // per rank
-  std::vector<index_t> k_len;                          // per rank, local key length
-  index_t lq = 0, lk = 0;                              // global lengths
-  int steps = 1;                                       // ring steps run
-  std::vector<std::vector<Block>> work;                // this rank's blocks per step
+  std::vector<std::vector<Chunk>> q_chunks, k_chunks;   // per rank
+  std::vector<index_t> k_len;                           // per rank, local key length
+  index_t lq = 0, lk = 0;                               // global lengths
+  int steps = 1;                                        // ring steps run
+  std::uint64_t fingerprint = 14695981039346656037ULL;  // of every rank's live blocks
+  std::vector<std::vector<Block>> work;                 // this rank's blocks per step
 };
 
 inline std::vector<Chunk> runs_of(SeqLayout layout, index_t global_len, index_t local_begin,
@@ -115,6 +116,10 @@ RingPlan plan_ring(const std::vector<Descriptor>& all, SeqLayout layout, int me,
         for (const Chunk& kc : plan.k_chunks[static_cast<std::size_t>(s)]) {
           if (live(qc, kc)) {
             last = std::max(last, t);
+            // FNV-1a over (rank, step, query run, key run): equal plans, equal fingerprints
+            for (const index_t x : {index_t{r}, index_t{t}, qc.begin, kc.begin})
+              plan.fingerprint =
+                  (plan.fingerprint ^ static_cast<std::uint64_t>(x)) * 1099511628211ULL;
             if (r == me)
               plan.work[static_cast<std::size_t>(t)].push_back(
                   Block{q_row, qc.length, qc.begin, k_row, kc.length, kc.begin});
@@ -125,6 +130,7 @@ RingPlan plan_ring(const std::vector<Descriptor>& all, SeqLayout layout, int me,
       }
     }
   plan.steps = last + 1;
+  plan.fingerprint ^= static_cast<std::uint64_t>(plan.steps);
   plan.work.resize(static_cast<std::size_t>(plan.steps));
   return plan;
 }
@@ -170,37 +176,43 @@ void ring_attention(MPI_Comm comm, const TensorView<Q, 4>& q, const TensorView<K
   AttentionShape global = local;
   Mask bound_mask;
   RingPlan plan;
-  agree(comm, "ring_attention", [&] {
-    check_same_everywhere(all);
-    global.lq = global.lk = 0;
-    for (const auto& d : all) {
-      global.lq += d.f[Descriptor::lq];
-      global.lk += d.f[Descriptor::lk];
-    }
-    if (options.layout == SeqLayout::zigzag)
-      for (int r = 0; r < p; ++r) {
-        const auto& d = all[static_cast<std::size_t>(r)];
-        for (auto [len, total, name] :
-             {std::tuple<index_t, index_t, const char*>{d.f[Descriptor::lq], global.lq, "q"},
-              {d.f[Descriptor::lk], global.lk, "k"}})
-          if (len * p != total || total % (2 * p) != 0)
-            attn::detail::fail("ring_attention: the zigzag layout needs every rank to hold 2 of ",
-                               2 * p, " equal chunks, but ", name, " has length ", len, " on rank ",
-                               r, " of a sequence of ", total, " (it must divide by ", 2 * p,
-                               "); use shard() to split it");
-      }
-    bound_mask = mask.bind(global);
-    const Mod bound_mod = score_mod.bind(global);
-    attn::detail::check_policy_views(bound_mask, out, options.lse);
-    attn::detail::check_policy_views(bound_mod, out, options.lse);
-    plan = plan_ring(all, options.layout, me, bound_mask, global.batch, global.q_heads);
-    const index_t max_lk = *std::max_element(plan.k_len.begin(), plan.k_len.end());
-    message_count(max_lk * global.batch * global.kv_heads *
-                          (global.d * static_cast<index_t>(sizeof(KS)) +
-                           global.dv * static_cast<index_t>(sizeof(VS))) +
-                      64,
-                  "ring_attention: a key/value slice");
-  });
+  std::int64_t fingerprint = 0;
+  agree(
+      comm, "ring_attention",
+      [&] {
+        check_same_everywhere(all);
+        global.lq = global.lk = 0;
+        for (const auto& d : all) {
+          global.lq += d.f[Descriptor::lq];
+          global.lk += d.f[Descriptor::lk];
+        }
+        if (options.layout == SeqLayout::zigzag)
+          for (int r = 0; r < p; ++r) {
+            const auto& d = all[static_cast<std::size_t>(r)];
+            for (auto [len, total, name] :
+                 {std::tuple<index_t, index_t, const char*>{d.f[Descriptor::lq], global.lq, "q"},
+                  {d.f[Descriptor::lk], global.lk, "k"}})
+              if (len * p != total || total % (2 * p) != 0)
+                attn::detail::fail(
+                    "ring_attention: the zigzag layout needs every rank to hold 2 of ", 2 * p,
+                    " equal chunks, but ", name, " has length ", len, " on rank ", r,
+                    " of a sequence of ", total, " (it must divide by ", 2 * p,
+                    "); use shard() to split it");
+          }
+        bound_mask = mask.bind(global);
+        const Mod bound_mod = score_mod.bind(global);
+        attn::detail::check_policy_views(bound_mask, out, options.lse);
+        attn::detail::check_policy_views(bound_mod, out, options.lse);
+        plan = plan_ring(all, options.layout, me, bound_mask, global.batch, global.q_heads);
+        fingerprint = static_cast<std::int64_t>(plan.fingerprint);
+        const index_t max_lk = *std::max_element(plan.k_len.begin(), plan.k_len.end());
+        message_count(max_lk * global.batch * global.kv_heads *
+                              (global.d * static_cast<index_t>(sizeof(KS)) +
+                               global.dv * static_cast<index_t>(sizeof(VS))) +
+                          64,
+                      "ring_attention: a key/value slice");
+      },
+      &fingerprint, "the set of blocks the mask leaves (its fingerprint)");
 
   // ---- buffers: two for travelling slices, the running result, one step's partial
   const index_t B = global.batch, Hq = global.q_heads, Hkv = global.kv_heads;
