@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <string>
 #include <vector>
@@ -126,6 +127,35 @@ TEST(Ring, CausalContiguousAndZigzag) {
     EXPECT_EQ(t.computed_steps, layout == SeqLayout::zigzag ? ranks_() : rank_() + 1);
   }
   expect_matches<float>(ring_case(SeqLayout::zigzag), attn::causal_top_left());
+}
+
+TEST(Ring, ZigzagGivesEveryRankTheSameCausalWork) {
+  // Counted, not timed: the scores each rank computes (options.stats) under a causal mask.
+  const int p = ranks_();
+  for (SeqLayout layout : {SeqLayout::zigzag, SeqLayout::contiguous}) {
+    const index_t L = 2 * 16;  // two chunks of 16 rows per rank
+    Tensor<float> q = attn_test::random_tensor<float>(1, 2, L, 8, 5 + rank_());
+    Tensor<float> k = attn_test::random_tensor<float>(1, 2, L, 8, 9 + rank_());
+    Tensor<float> v = attn_test::random_tensor<float>(1, 2, L, 8, 13 + rank_());
+    Tensor<float> out(1, 2, L, 8);
+    attn::AttentionStats stats;
+    attn::dist::DistOptions opt;
+    opt.layout = layout;
+    opt.block_q = opt.block_k = 4;
+    opt.num_threads = 1;
+    opt.stats = &stats;
+    attn::dist::ring_attention(MPI_COMM_WORLD, q.cview(), k.cview(), v.cview(), out.view,
+                               attn::causal(), attn::no_score_mod(), opt);
+    std::int64_t lo = stats.scores, hi = stats.scores;
+    MPI_Allreduce(MPI_IN_PLACE, &lo, 1, MPI_INT64_T, MPI_MIN, MPI_COMM_WORLD);
+    MPI_Allreduce(MPI_IN_PLACE, &hi, 1, MPI_INT64_T, MPI_MAX, MPI_COMM_WORLD);
+    EXPECT_GT(lo, 0);
+    if (layout == SeqLayout::zigzag) {
+      EXPECT_EQ(lo, hi) << attn::dist::layout_name(layout);
+    } else if (p > 1) {
+      EXPECT_LT(lo, hi) << attn::dist::layout_name(layout);
+    }
+  }
 }
 
 TEST(Ring, CausalWindowStopsTheRingEarly) {
