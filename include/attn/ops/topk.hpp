@@ -5,10 +5,11 @@
 //
 //   selection   for each key tile the mask does not rule out:
 //                 S = mask(score_mod(scale · Qs · K[k0:k0+Bc]ᵀ))       (Br, Bc)
-//                 each row keeps its k_best best (score, key) in a bounded
-//                 min-heap; a score enters only if it beats the row's
-//                 current k-th best, so after the first tiles almost every
-//                 score costs one comparison
+//                 each row appends the (score, key) pairs that beat its
+//                 current k-th best to a buffer of 2·k_best + 32; a full
+//                 buffer is cut back to its k_best best (nth_element), which
+//                 raises the threshold, so after the first tiles almost every
+//                 score costs one vectorised comparison
 //   output      for each row: p = softmax(selected scores),
 //                 out = Σ p_j · V[j] over the selected j only            (Dv)
 //
@@ -30,6 +31,10 @@
 #include "attn/tensor_view.hpp"
 
 #include <Eigen/Core>
+
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -55,6 +60,39 @@ struct TopkOptions : AttentionOptions {
 
 namespace detail {
 
+/// Scores compared with the threshold at once (one bit each of a mask).
+inline constexpr index_t kTopkChunk = 16;
+
+/// Bit i set iff x[i] > t, for i < 16 (false for NaN). The compiler does not
+/// vectorise the bit-building loop in context, so x86 gets the compare and
+/// mask instructions of the widest ISA the translation unit is compiled for.
+inline std::uint32_t greater_mask16(const float* x, float t) {
+#if defined(__AVX512F__)
+  return _mm512_cmp_ps_mask(_mm512_loadu_ps(x), _mm512_set1_ps(t), _CMP_GT_OQ);
+#elif defined(__AVX__)
+  const __m256 vt = _mm256_set1_ps(t);
+  return static_cast<std::uint32_t>(
+      _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x), vt, _CMP_GT_OQ)) |
+      (_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + 8), vt, _CMP_GT_OQ)) << 8));
+#elif defined(__SSE2__)
+  const __m128 vt = _mm_set1_ps(t);
+  std::uint32_t m = 0;
+  for (int i = 0; i < 4; ++i)
+    m |= static_cast<std::uint32_t>(_mm_movemask_ps(_mm_cmpgt_ps(_mm_loadu_ps(x + 4 * i), vt)))
+         << (4 * i);
+  return m;
+#else
+  std::uint32_t m = 0;
+  for (int i = 0; i < 16; ++i) m |= static_cast<std::uint32_t>(x[i] > t) << i;
+  return m;
+#endif
+}
+inline std::uint32_t greater_mask16(const double* x, double t) {
+  std::uint32_t m = 0;
+  for (int i = 0; i < 16; ++i) m |= static_cast<std::uint32_t>(x[i] > t) << i;
+  return m;
+}
+
 /// One candidate of a row's selection.
 template <class Acc>
 struct TopkCandidate {
@@ -62,28 +100,52 @@ struct TopkCandidate {
   index_t key;
 };
 
-/// Heap order with the worst candidate on top: lower score is worse; among
-/// equal scores the higher key index is worse.
+/// The selection order, best first: higher score first; among equal scores
+/// the lower key index first. A strict total order on distinct keys, so the
+/// selection does not depend on how candidates arrive.
 template <class Acc>
-struct TopkWorseFirst {
+struct TopkBetter {
   bool operator()(const TopkCandidate<Acc>& a, const TopkCandidate<Acc>& b) const {
     return a.score > b.score || (a.score == b.score && a.key < b.key);
   }
 };
 
+/// Keeps the kb best of buf[0, n) (n > kb) in buf[0, kb), in their order, and
+/// returns the kb-th best score. buf holds candidates in increasing key order,
+/// so among scores equal to the kb-th best the first ones are the lower keys;
+/// the filter is stable, so the order holds afterwards. `tmp` has room for n.
+template <class Acc>
+Acc topk_compact(TopkCandidate<Acc>* buf, index_t n, index_t kb, Acc* tmp) {
+  for (index_t i = 0; i < n; ++i) tmp[i] = buf[i].score;
+  std::nth_element(tmp, tmp + (kb - 1), tmp + n, std::greater<Acc>());
+  const Acc tau = tmp[kb - 1];  // the kb-th best score
+  index_t above = 0;
+  for (index_t i = 0; i < n; ++i) above += buf[i].score > tau ? 1 : 0;
+  index_t ties = kb - above;  // scores equal to tau that fit, lowest keys first
+  index_t kept = 0;
+  for (index_t i = 0; i < n; ++i) {  // branch-free stable filter
+    const bool tie = buf[i].score == tau && ties > 0;
+    ties -= tie ? 1 : 0;
+    buf[kept] = buf[i];
+    kept += (buf[i].score > tau || tie) ? 1 : 0;
+  }
+  return tau;
+}
+
 template <class Acc>
 struct TopkScratch {
   RowMatrix<Acc> q, s, k;  // (Br, D) scaled queries, (Br, Bc) scores, (Bc, D) packed keys
-  std::vector<TopkCandidate<Acc>> heap;  // (Br, kb) selections, row-major
-  std::vector<index_t> count;            // (Br) selected so far
-  std::vector<Acc> threshold;            // (Br) score to beat: the k-th best once full, else -inf
+  std::vector<TopkCandidate<Acc>> cand;  // (Br, cap) candidates, row-major, in key order
+  std::vector<Acc> tmp;                  // (cap) scores being partitioned
+  std::vector<index_t> count;            // (Br) candidates held
+  std::vector<Acc> threshold;  // (Br) score to beat: the k-th best after a compaction, else -inf
   Eigen::Matrix<Acc, 1, Eigen::Dynamic> o;  // (Dv) one output row
   TileGemm<Acc> qk;
   AttentionStats stats;
-  TopkScratch(index_t br, index_t bc, index_t d, index_t dv, index_t kb, bool pack_k)
-      : q(br, d), s(br, bc), k(pack_k ? bc : 0, d), heap(static_cast<std::size_t>(br * kb)),
-        count(static_cast<std::size_t>(br)), threshold(static_cast<std::size_t>(br)), o(dv),
-        qk(br, bc, d) {}
+  TopkScratch(index_t br, index_t bc, index_t d, index_t dv, index_t cap, bool pack_k)
+      : q(br, d), s(br, bc), k(pack_k ? bc : 0, d), cand(static_cast<std::size_t>(br * cap)),
+        tmp(static_cast<std::size_t>(cap)), count(static_cast<std::size_t>(br)),
+        threshold(static_cast<std::size_t>(br)), o(dv), qk(br, bc, d) {}
 };
 
 /// Sets the scores of a partial tile that the mask hides to -inf.
@@ -124,10 +186,14 @@ void topk_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4>&
   const int threads = resolve_threads(opt.num_threads, tasks);
   const bool pack_k = !std::is_same<K, Acc>::value || k.stride(3) != 1;
   const bool want_lse = !opt.lse.is_null(), want_idx = !opt.indices.is_null();
-  const TopkWorseFirst<Acc> worse_first;
+  // Each row appends the scores that beat its threshold to a buffer of cap = 2·kb + 32;
+  // when it fills, the kb best are kept (nth_element, O(cap)) and the threshold
+  // rises to the kb-th best. Amortised O(1) per candidate, no heap upkeep.
+  const index_t cap = 2 * kb + 32;
+  const TopkBetter<Acc> better;
 
   auto make_scratch = [&] {
-    return std::make_unique<TopkScratch<Acc>>(br, bc, shape.d, shape.dv, kb, pack_k);
+    return std::make_unique<TopkScratch<Acc>>(br, bc, shape.d, shape.dv, cap, pack_k);
   };
 
   auto run_task = [&](TopkScratch<Acc>& sc, index_t t) {
@@ -144,7 +210,7 @@ void topk_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4>&
     std::fill(sc.count.begin(), sc.count.begin() + rows, index_t(0));
     std::fill(sc.threshold.begin(), sc.threshold.begin() + rows, neg_inf);
 
-    // ---- selection: one Q·Kᵀ pass with a bounded heap per row
+    // ---- selection: one Q·Kᵀ pass, a bounded candidate buffer per row
     KeyRange kr = mask.key_range(b, h, q0, q0 + rows);
     kr.begin = std::max<index_t>(kr.begin, 0);
     kr.end = std::min(kr.end, shape.lk);
@@ -170,38 +236,53 @@ void topk_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4>&
 
       for (index_t r = 0; r < rows; ++r) {
         const Acc* row = s + r * lds;
-        TopkCandidate<Acc>* heap = sc.heap.data() + r * kb;
-        index_t& n = sc.count[static_cast<std::size_t>(r)];
-        Acc& thr = sc.threshold[static_cast<std::size_t>(r)];
-        for (index_t c = 0; c < cols; ++c) {
-          if (!(row[c] > thr)) continue;  // not better than the k-th best (or -inf / NaN)
-          if (n < kb) {
-            heap[n++] = {row[c], k0 + c};
-            std::push_heap(heap, heap + n, worse_first);
-            if (n == kb) thr = heap[0].score;
-          } else {
-            std::pop_heap(heap, heap + kb, worse_first);  // drop the worst
-            heap[kb - 1] = {row[c], k0 + c};
-            std::push_heap(heap, heap + kb, worse_first);
-            thr = heap[0].score;
+        TopkCandidate<Acc>* buf = sc.cand.data() + r * cap;
+        index_t n = sc.count[static_cast<std::size_t>(r)];
+        Acc thr = sc.threshold[static_cast<std::size_t>(r)];
+        // Appends key k0 + c if it beats the threshold (an equal score never displaces a kept
+        // one: the kept key has the lower index); a full buffer keeps its kb best, and the
+        // kb-th best becomes the score to beat.
+        auto offer = [&](index_t c) {
+          if (!(row[c] > thr)) return;
+          buf[n++] = {row[c], k0 + c};
+          if (n == cap) {
+            thr = topk_compact(buf, cap, kb, sc.tmp.data());
+            n = kb;
           }
+        };
+        index_t c0 = 0;
+        for (; c0 + kTopkChunk <= cols; c0 += kTopkChunk) {
+          // Which scores of the chunk beat the threshold? (one vector compare; NaN never does)
+          for (std::uint32_t hits = greater_mask16(row + c0, thr); hits != 0; hits &= hits - 1)
+            offer(c0 + __builtin_ctz(hits));
         }
+        for (index_t c = c0; c < cols; ++c) offer(c);
+        sc.count[static_cast<std::size_t>(r)] = n;
+        sc.threshold[static_cast<std::size_t>(r)] = thr;
       }
     }
 
     // ---- output: softmax over the selected scores, V rows of the selected keys only
     auto dst = matrix(out, b, h).middleRows(q0, rows);
     for (index_t r = 0; r < rows; ++r) {
-      TopkCandidate<Acc>* heap = sc.heap.data() + r * kb;
-      const index_t n = sc.count[static_cast<std::size_t>(r)];
-      std::sort_heap(heap, heap + n, worse_first);  // best first, ties by lower key
+      TopkCandidate<Acc>* sel = sc.cand.data() + r * cap;
+      index_t n = sc.count[static_cast<std::size_t>(r)];
+      if (n > kb) {
+        topk_compact(sel, n, kb, sc.tmp.data());
+        n = kb;
+      }
+      std::sort(sel, sel + n, better);  // best first, ties by lower key
       sc.o.setZero();
       Acc l = 0;
-      const Acc m = n > 0 ? heap[0].score : Acc(0);
+      const Acc m = n > 0 ? sel[0].score : Acc(0);
+      const V* vbase = v.data() + b * v.stride(0) + hk * v.stride(1);
+      for (index_t j = 0; j < n; ++j)  // the selected rows are scattered over V: fetch them all
+        for (index_t c = 0; c < shape.dv; c += 64 / static_cast<index_t>(sizeof(V)))
+          __builtin_prefetch(vbase + sel[j].key * v.stride(2) + c * v.stride(3));
       for (index_t j = 0; j < n; ++j) {
-        const Acc p = std::exp(heap[j].score - m);  // exp(s_j - max)
+        const Acc p = std::exp(sel[j].score - m);  // exp(s_j - max)
         l += p;
-        const V* vrow = v.data() + b * v.stride(0) + hk * v.stride(1) + heap[j].key * v.stride(2);
+        const V* vrow = vbase + sel[j].key * v.stride(2);
         for (index_t c = 0; c < shape.dv; ++c)
           sc.o(c) += p * static_cast<Acc>(vrow[c * v.stride(3)]);
       }
@@ -212,7 +293,7 @@ void topk_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4>&
             n > 0 ? static_cast<float>(m + std::log(l)) : -std::numeric_limits<float>::infinity();
       if (want_idx)
         for (index_t j = 0; j < opt.indices.extent(3); ++j)
-          opt.indices(b, h, q0 + r, j) = j < n ? static_cast<std::int64_t>(heap[j].key) : -1;
+          opt.indices(b, h, q0 + r, j) = j < n ? static_cast<std::int64_t>(sel[j].key) : -1;
     }
   };
 
