@@ -184,6 +184,29 @@ TEST(TopkDeterminism, AnyThreadCount) {
   ASSERT_EQ(a.buf, b.buf);
 }
 
+// A shard of the queries at their global positions equals those rows of the
+// one-shot call (causal mask and T5 bias both use the global positions).
+TEST(TopkPositions, QueryShardEqualsOneShotRows) {
+  const Problem p = make(1, 2, 1, 100, 100, 16, 16);
+  const Inputs<double> in(p, 12);
+  std::vector<double> table(32 * 2, 0.0);
+  for (std::size_t i = 0; i < table.size(); ++i) table[i] = 0.1 * static_cast<double>(i % 7);
+  const auto mod = attn::t5_bias(table, 32, 64, false);
+  Tensor<double> full(1, 2, 100, 16);
+  attn::topk_attention(in.q.view, in.k.view, in.v.view, full.view, 5, attn::causal(), mod);
+  Tensor<double> qs(1, 2, 30, 16), part(1, 2, 30, 16);
+  for (index_t h = 0; h < 2; ++h)
+    for (index_t i = 0; i < 30; ++i)
+      for (index_t c = 0; c < 16; ++c) qs(0, h, i, c) = in.q(0, h, 40 + i, c);
+  attn::TopkOptions opt;
+  opt.positions.q_offset = 40;
+  opt.positions.q_length = 100;
+  attn::topk_attention(qs.view, in.k.view, in.v.view, part.view, 5, attn::causal(), mod, opt);
+  for (index_t h = 0; h < 2; ++h)
+    for (index_t i = 0; i < 30; ++i)
+      for (index_t c = 0; c < 16; ++c) ASSERT_EQ(part(0, h, i, c), full(0, h, 40 + i, c));
+}
+
 // ------------------------------------------------------------------ errors --
 
 TEST(TopkErrors, ThrowBeforeWriting) {

@@ -211,13 +211,18 @@ void topk_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4>&
     std::fill(sc.threshold.begin(), sc.threshold.begin() + rows, neg_inf);
 
     // ---- selection: one Q·Kᵀ pass, a bounded candidate buffer per row
-    KeyRange kr = mask.key_range(b, h, q0, q0 + rows);
-    kr.begin = std::max<index_t>(kr.begin, 0);
-    kr.end = std::min(kr.end, shape.lk);
-    for (index_t k0 = kr.begin; k0 < kr.end; k0 += bc) {
-      const index_t cols = std::min(bc, kr.end - k0);
-      const TileKind kind =
-          Mask::always_full ? TileKind::full : mask.classify(b, h, q0, q0 + rows, k0, k0 + cols);
+    // Masks and modifiers see global positions (options.positions): query row q0 + r of the
+    // call is global query q_pos + r, key k0 + c is global key k_pos + k0 + c.
+    const index_t q_pos = opt.positions.q_offset + q0, k_pos = opt.positions.k_offset;
+    const KeyRange g = mask.key_range(b, h, q_pos, q_pos + rows);
+    const index_t k_begin = std::clamp<index_t>(g.begin - k_pos, 0, shape.lk);
+    const index_t k_end = std::clamp<index_t>(g.end - k_pos, 0, shape.lk);
+    for (index_t k0 = k_begin; k0 < k_end; k0 += bc) {
+      const index_t cols = std::min(bc, k_end - k0);
+      const index_t gk0 = k_pos + k0;
+      const TileKind kind = Mask::always_full
+                                ? TileKind::full
+                                : mask.classify(b, h, q_pos, q_pos + rows, gk0, gk0 + cols);
       if (kind == TileKind::empty) {
         ++sc.stats.skipped_tiles;
         continue;
@@ -231,8 +236,8 @@ void topk_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4>&
       const index_t lds = cols;
       Eigen::Map<RowMatrix<Acc>>(s, rows, cols).setZero();
       sc.qk.add_abt(rows, cols, d, qs.data(), d, kt, ldk, s, lds, Acc(1));  // S = Qs·Kᵀ
-      mod.apply_tile(b, h, q0, k0, s, lds, rows, cols);
-      if (kind == TileKind::partial) topk_mask_tile(mask, b, h, q0, k0, s, lds, rows, cols);
+      mod.apply_tile(b, h, q_pos, gk0, s, lds, rows, cols);
+      if (kind == TileKind::partial) topk_mask_tile(mask, b, h, q_pos, gk0, s, lds, rows, cols);
 
       for (index_t r = 0; r < rows; ++r) {
         const Acc* row = s + r * lds;
@@ -349,8 +354,9 @@ void topk_attention(const TensorView<Q, 4>& q, const TensorView<K, 4>& k, const 
     detail::check_no_overlap(ix, "indices", out, "out");
     if (!options.lse.is_null()) detail::check_no_overlap(ix, "indices", options.lse, "lse");
   }
-  const Mask bound_mask = mask.bind(shape);
-  const Mod bound_mod = score_mod.bind(shape);
+  const AttentionShape global = detail::global_shape(shape, options.positions);
+  const Mask bound_mask = mask.bind(global);
+  const Mod bound_mod = score_mod.bind(global);
   detail::check_policy_views(bound_mask, out, options.lse);
   detail::check_policy_views(bound_mod, out, options.lse);
   if (!options.indices.is_null()) {

@@ -31,8 +31,10 @@ void topk_attention(const TensorView<Q, 4>& q, const TensorView<K, 4>& k, const 
                     const TensorView<std::int64_t, 4>& indices = {}) {
   const AttentionShape s = detail::check_attention(q, k, v, out, opt);
   if (k_best < 1) detail::fail("k_best is ", k_best, ", must be >= 1");
-  const Mask m = mask.bind(s);
-  const Mod mod = score_mod.bind(s);
+  const AttentionShape global = detail::global_shape(s, opt.positions);
+  const Mask m = mask.bind(global);
+  const Mod mod = score_mod.bind(global);
+  const index_t qp = opt.positions.q_offset, kp = opt.positions.k_offset;
   const double scale = opt.scale.value_or(1.0 / std::sqrt(static_cast<double>(s.d)));
   const double neg_inf = -std::numeric_limits<double>::infinity();
   std::vector<std::pair<double, index_t>> row;
@@ -42,11 +44,11 @@ void topk_attention(const TensorView<Q, 4>& q, const TensorView<K, 4>& k, const 
       for (index_t i = 0; i < s.lq; ++i) {
         row.clear();
         for (index_t j = 0; j < s.lk; ++j) {
-          if (!m.keep(b, h, i, j)) continue;
+          if (!m.keep(b, h, qp + i, kp + j)) continue;
           double dot = 0;
           for (index_t c = 0; c < s.d; ++c)
             dot += static_cast<double>(q(b, h, i, c)) * static_cast<double>(k(b, hk, j, c));
-          const double score = mod(b, h, i, j, scale * dot);
+          const double score = mod(b, h, qp + i, kp + j, scale * dot);
           if (score == neg_inf || std::isnan(score)) continue;
           row.emplace_back(score, j);
         }
