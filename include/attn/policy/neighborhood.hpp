@@ -151,12 +151,32 @@ struct Neighborhood : MaskPolicy {
     return r;
   }
 
-  /// Exact: counts the visible keys of each row in the tile.
+  /// Could any row of [q0, q1) see a key of [k0, k1) along the first
+  /// dimension? (A cheap test that rules out most empty tiles: the rows of
+  /// [q0, q1) span few first-dimension coordinates.)
+  bool outer_overlaps(index_t q0, index_t q1, index_t k0, index_t k1) const {
+    const index_t p = pitch[0];
+    index_t lo = grid[0], hi = -1;  // union of the windows of the rows' first coordinates
+    for (index_t y = q0 / p; y <= (q1 - 1) / p; ++y) {
+      const index_t s = start(0, y);
+      lo = std::min(lo, s);
+      hi = std::max(hi, s + (kernel[0] - 1) * dilation[0]);
+    }
+    return k0 / p <= hi && (k1 - 1) / p >= lo;
+  }
+
+  /// Exact: counts the visible keys of each row in the tile, stopping as soon
+  /// as the tile is known to be partial.
   TileKind classify(index_t, index_t, index_t q0, index_t q1, index_t k0, index_t k1) const {
-    index_t seen = 0;
-    for (index_t q = q0; q < q1; ++q) seen += count(q, k0, k1);
-    if (seen == 0) return TileKind::empty;
-    return seen == (q1 - q0) * (k1 - k0) ? TileKind::full : TileKind::partial;
+    if (!outer_overlaps(q0, q1, k0, k1)) return TileKind::empty;
+    bool some = false, all = true;
+    for (index_t q = q0; q < q1; ++q) {
+      const index_t c = count(q, k0, k1);
+      some = some || c > 0;
+      all = all && c == k1 - k0;
+      if (some && !all) return TileKind::partial;
+    }
+    return some ? TileKind::full : TileKind::empty;
   }
 };
 
