@@ -143,8 +143,10 @@ TYPED_TEST_SUITE(Bias2dAttention, FloatTypes, StorageTypeNames);
 
 TYPED_TEST(Bias2dAttention, MatchesSwinIndexWrittenOut) {
   using T = TypeParam;
-  for (auto [gh, gw] : std::vector<std::pair<index_t, index_t>>{{1, 1}, {7, 7}, {5, 13}, {12, 11}})
+  for (const auto& grid :
+       std::vector<std::pair<index_t, index_t>>{{1, 1}, {7, 7}, {5, 13}, {12, 11}})
     for (const Layout layout : {Layout::bhsd, Layout::bshd}) {
+      const index_t gh = grid.first, gw = grid.second;
       const index_t n = gh * gw, H = 3;
       const Problem p = make(2, H, 1, n, n, 19, 12, layout);
       const std::vector<double> table = random_table((2 * gh - 1) * (2 * gw - 1) * H, 4);
