@@ -1,0 +1,214 @@
+// The attention kinds of issue 16 against their baselines, float, B = 1, D = 64:
+//
+//   topk/...       topk_attention (k_best = 64) over Lk = 65536 keys, Lq = 512, H = 2,
+//                  against dense flash attention (x_baseline) and against the Q·Kᵀ half of
+//                  flash alone (qk_half: the same tiled products, nothing else; the
+//                  counter x_qk_half = qk_half time / this row's time)
+//   neighborhood/  7 × 7 neighbourhood attention on side × side grids, H = 1: dense flash
+//                  attention over the same tokens is the baseline at side 128; ns_per_pixel
+//                  shows the work is linear in the pixels
+//   bias/          dense attention at N = 2048, H = 4 with no bias (the baseline), T5
+//                  bias, 2-D relative bias (32 × 64 grid) and ALiBi: x_baseline is the
+//                  bias's cost factor (1 = free)
+//
+//   bench_kinds [--threads=T] [Google Benchmark flags]
+#include "bench_support.hpp"
+
+#include <attn/attn.hpp>
+
+#include <benchmark/benchmark.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace {
+
+using attn::index_t;
+
+constexpr index_t kDim = 64;
+int g_threads = 0;
+
+struct Buffers {
+  std::vector<float> q, k, v, out;
+  Buffers(index_t hq, index_t lq, index_t lk)
+      : q(attn_bench::random_buffer(static_cast<std::size_t>(hq * lq * kDim), 1)),
+        k(attn_bench::random_buffer(static_cast<std::size_t>(hq * lk * kDim), 2)),
+        v(attn_bench::random_buffer(k.size(), 3)), out(q.size()) {}
+};
+
+attn::AttentionOptions options(attn::AttentionStats* stats = nullptr) {
+  attn::AttentionOptions opt;
+  opt.num_threads = g_threads;
+  opt.stats = stats;
+  return opt;
+}
+
+// -------------------------------------------------------------------- top-k --
+
+constexpr index_t kTopkHeads = 2, kTopkLq = 512, kTopkLk = 65536, kBest = 64;
+constexpr index_t kQkRows = 128, kQkCols = 256;  // the engine's default tiles
+
+/// The Q·Kᵀ half of flash attention alone: per (head, query tile of 128),
+/// S = (scale·Q)·Kᵀ over key tiles of 256 with the engine's tile product,
+/// nothing else (no softmax, no P·V).
+void qk_half(const Buffers& p) {
+  constexpr index_t q_tiles = kTopkLq / kQkRows;
+  const index_t br = kQkRows, bc = kQkCols;
+  struct Scratch {
+    attn::RowMatrix<float> q{kQkRows, kDim}, s{kQkRows, kQkCols};
+    attn::detail::TileGemm<float> gemm{kQkRows, kQkCols, kDim};
+    float sink = 0;
+  };
+  const index_t tasks = kTopkHeads * q_tiles;
+  attn::detail::parallel_tasks(
+      tasks, attn::detail::resolve_threads(g_threads, tasks),
+      [] { return std::make_unique<Scratch>(); },
+      [&](Scratch& sc, index_t t) {
+        const index_t h = t % kTopkHeads, q0 = (t / kTopkHeads) * br;
+        sc.q = Eigen::Map<const attn::RowMatrix<float>>(p.q.data() + (h * kTopkLq + q0) * kDim, br,
+                                                        kDim) *
+               0.125f;
+        for (index_t k0 = 0; k0 < kTopkLk; k0 += bc) {
+          sc.s.setZero();
+          sc.gemm.add_abt(br, bc, kDim, sc.q.data(), kDim, p.k.data() + (h * kTopkLk + k0) * kDim,
+                          kDim, sc.s.data(), bc, 1.f);
+          sc.sink += sc.s(0, 0);
+        }
+      },
+      [](Scratch& sc) { benchmark::DoNotOptimize(sc.sink); });
+}
+
+void bench_topk(benchmark::State& state, int path) {
+  Buffers p(kTopkHeads, kTopkLq, kTopkLk);
+  const auto q = attn::bhsd(p.q.data(), 1, kTopkHeads, kTopkLq, kDim);
+  const auto k = attn::bhsd(p.k.data(), 1, kTopkHeads, kTopkLk, kDim);
+  const auto v = attn::bhsd(p.v.data(), 1, kTopkHeads, kTopkLk, kDim);
+  const auto out = attn::bhsd(p.out.data(), 1, kTopkHeads, kTopkLq, kDim);
+  const double t = attn_bench::timed_loop(state, [&] {
+    if (path == 0)
+      qk_half(p);
+    else if (path == 1)
+      attn::scaled_dot_product_attention(q, k, v, out, options());
+    else
+      attn::topk_attention(q, k, v, out, kBest, attn::TopkOptions(options()));
+    benchmark::ClobberMemory();
+  });
+  const double qk_flops = 2.0 * kTopkHeads * kTopkLq * kTopkLk * kDim;
+  if (path == 0) attn_bench::record_time(state, "qk_half", t);
+  if (path == 1) attn_bench::record_time(state, "flash", t);
+  if (path == 2) {
+    attn_bench::set_ratio(state, "flash", t);
+    const double qk = attn_bench::baseline_seconds("qk_half");
+    if (qk > 0 && t > 0) state.counters["x_qk_half"] = qk / t;
+  }
+  attn_bench::set_gflops(state, path == 1 ? 2 * qk_flops : qk_flops, t, g_threads);
+}
+
+// ------------------------------------------------------------- neighbourhood --
+
+void bench_neighborhood(benchmark::State& state, bool dense) {
+  const index_t side = state.range(0), n = side * side;
+  Buffers p(1, n, n);
+  const auto q = attn::bhsd(p.q.data(), 1, 1, n, kDim);
+  const auto k = attn::bhsd(p.k.data(), 1, 1, n, kDim);
+  const auto v = attn::bhsd(p.v.data(), 1, 1, n, kDim);
+  const auto out = attn::bhsd(p.out.data(), 1, 1, n, kDim);
+  const attn::Neighborhood nb = attn::neighborhood({side, side}, 7);
+  attn::AttentionStats stats;
+  const double t = attn_bench::timed_loop(state, [&] {
+    if (dense)
+      attn::scaled_dot_product_attention(q, k, v, out, options(&stats));
+    else
+      attn::neighborhood_attention(q, k, v, out, nb, options(&stats));
+    benchmark::ClobberMemory();
+  });
+  const std::string key = "grid:" + std::to_string(side);
+  if (dense)
+    attn_bench::record_time(state, key, t);
+  else
+    attn_bench::set_ratio(state, key, t);
+  attn_bench::set_gflops(state, stats.flops(kDim, kDim), t, g_threads);
+  state.counters["ns_per_pixel"] = t * 1e9 / static_cast<double>(n);
+}
+
+// --------------------------------------------------------------------- bias --
+
+constexpr index_t kBiasHeads = 4, kGridH = 32, kGridW = 64, kBiasN = kGridH * kGridW;
+
+void bench_bias(benchmark::State& state, int which) {
+  Buffers p(kBiasHeads, kBiasN, kBiasN);
+  const auto q = attn::bhsd(p.q.data(), 1, kBiasHeads, kBiasN, kDim);
+  const auto k = attn::bhsd(p.k.data(), 1, kBiasHeads, kBiasN, kDim);
+  const auto v = attn::bhsd(p.v.data(), 1, kBiasHeads, kBiasN, kDim);
+  const auto out = attn::bhsd(p.out.data(), 1, kBiasHeads, kBiasN, kDim);
+  const std::vector<float> t5_table = attn_bench::random_buffer(32 * kBiasHeads, 4);
+  const std::vector<float> table_2d =
+      attn_bench::random_buffer((2 * kGridH - 1) * (2 * kGridW - 1) * kBiasHeads, 5);
+  const auto t5 = attn::t5_bias(t5_table, 32, 128, true);
+  const auto rel = attn::relative_bias_2d(table_2d, kGridH, kGridW);
+  const auto alibi = attn::alibi(attn::alibi_slopes(kBiasHeads));
+  const double t = attn_bench::timed_loop(state, [&] {
+    switch (which) {
+      case 0:
+        attn::masked_attention(q, k, v, out, attn::no_mask(), options());
+        break;
+      case 1:
+        attn::masked_attention(q, k, v, out, attn::no_mask(), t5, options());
+        break;
+      case 2:
+        attn::masked_attention(q, k, v, out, attn::no_mask(), rel, options());
+        break;
+      default:
+        attn::masked_attention(q, k, v, out, attn::no_mask(), alibi, options());
+    }
+    benchmark::ClobberMemory();
+  });
+  if (which == 0)
+    attn_bench::record_time(state, "bias", t);
+  else
+    attn_bench::set_ratio(state, "bias", t);
+  attn_bench::set_gflops(state, 4.0 * kBiasHeads * kBiasN * kBiasN * kDim, t, g_threads);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<char*> rest;
+  for (int i = 0; i < argc; ++i) {
+    if (std::strncmp(argv[i], "--threads=", 10) == 0)
+      g_threads = std::atoi(argv[i] + 10);
+    else
+      rest.push_back(argv[i]);
+  }
+  attn_bench::register_roofline_row(g_threads);
+  const char* topk_names[] = {"topk/qk_half/Lk:65536", "topk/flash/Lk:65536",
+                              "topk/topk_k64/Lk:65536"};
+  for (int path = 0; path < 3; ++path)
+    benchmark::RegisterBenchmark(topk_names[path], bench_topk, path)
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime();
+  benchmark::RegisterBenchmark("neighborhood/dense", bench_neighborhood, true)
+      ->Arg(128)
+      ->Unit(benchmark::kMillisecond)
+      ->UseRealTime();
+  benchmark::RegisterBenchmark("neighborhood/na7x7", bench_neighborhood, false)
+      ->Arg(64)
+      ->Arg(128)
+      ->Arg(256)
+      ->Unit(benchmark::kMillisecond)
+      ->UseRealTime();
+  const char* bias_names[] = {"bias/none/N:2048", "bias/t5/N:2048", "bias/rel2d/N:2048",
+                              "bias/alibi/N:2048"};
+  for (int which = 0; which < 4; ++which)
+    benchmark::RegisterBenchmark(bias_names[which], bench_bias, which)
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime();
+  int n = static_cast<int>(rest.size());
+  benchmark::Initialize(&n, rest.data());
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

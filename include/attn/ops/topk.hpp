@@ -1,0 +1,381 @@
+// attn/ops/topk.hpp — top-k (and hard) attention: each query row takes the
+// softmax over its k_best highest scores only.
+//
+// For each task (batch b, query head h, query tile of Br rows):
+//
+//   selection   for each key tile the mask does not rule out:
+//                 S = mask(score_mod(scale · Qs · K[k0:k0+Bc]ᵀ))       (Br, Bc)
+//                 each row appends the (score, key) pairs that beat its
+//                 current k-th best to a buffer of 2·k_best + 32; a full
+//                 buffer is cut back to its k_best best (nth_element), which
+//                 raises the threshold, so after the first tiles almost every
+//                 score costs one vectorised comparison
+//   output      for each row: p = softmax(selected scores),
+//                 out = Σ p_j · V[j] over the selected j only            (Dv)
+//
+// Ties are broken by the lower key index (keys arrive in increasing order and
+// an equal score never displaces a kept one). A key is selectable iff the
+// mask keeps it and its modified score is neither -inf nor NaN. Extra memory
+// is O(Br · k_best) per worker; nothing grows with Lq·Lk. A task's
+// arithmetic depends only on the task, so results are bitwise identical for
+// any thread count.
+#pragma once
+
+#include "attn/detail/checks.hpp"
+#include "attn/detail/flash_engine.hpp"
+#include "attn/detail/gemm.hpp"
+#include "attn/detail/parallel.hpp"
+#include "attn/mask.hpp"
+#include "attn/options.hpp"
+#include "attn/score_mod.hpp"
+#include "attn/tensor_view.hpp"
+
+#include <Eigen/Core>
+
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+namespace attn {
+
+/// Options of topk_attention: the common ones, plus the optional output of
+/// the selected keys.
+struct TopkOptions : AttentionOptions {
+  /// Optional output [B, Hq, Lq, k_best]: the selected key indices of each
+  /// row, best score first (ties: lower index first), -1 past the number of
+  /// selectable keys. Leave default-constructed to skip it.
+  TensorView<std::int64_t, 4> indices;
+
+  TopkOptions() = default;
+  TopkOptions(const AttentionOptions& o) : AttentionOptions(o) {}  // NOLINT: widening is intended
+};
+
+namespace detail {
+
+/// Scores compared with the threshold at once (one bit each of a mask).
+inline constexpr index_t kTopkChunk = 16;
+
+/// Bit i set iff x[i] > t, for i < 16 (false for NaN). The compiler does not
+/// vectorise the bit-building loop in context, so x86 gets the compare and
+/// mask instructions of the widest ISA the translation unit is compiled for.
+inline std::uint32_t greater_mask16(const float* x, float t) {
+#if defined(__AVX512F__)
+  return _mm512_cmp_ps_mask(_mm512_loadu_ps(x), _mm512_set1_ps(t), _CMP_GT_OQ);
+#elif defined(__AVX__)
+  const __m256 vt = _mm256_set1_ps(t);
+  return static_cast<std::uint32_t>(
+      _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x), vt, _CMP_GT_OQ)) |
+      (_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + 8), vt, _CMP_GT_OQ)) << 8));
+#elif defined(__SSE2__)
+  const __m128 vt = _mm_set1_ps(t);
+  std::uint32_t m = 0;
+  for (int i = 0; i < 4; ++i)
+    m |= static_cast<std::uint32_t>(_mm_movemask_ps(_mm_cmpgt_ps(_mm_loadu_ps(x + 4 * i), vt)))
+         << (4 * i);
+  return m;
+#else
+  std::uint32_t m = 0;
+  for (int i = 0; i < 16; ++i) m |= static_cast<std::uint32_t>(x[i] > t) << i;
+  return m;
+#endif
+}
+inline std::uint32_t greater_mask16(const double* x, double t) {
+  std::uint32_t m = 0;
+  for (int i = 0; i < 16; ++i) m |= static_cast<std::uint32_t>(x[i] > t) << i;
+  return m;
+}
+
+/// One candidate of a row's selection.
+template <class Acc>
+struct TopkCandidate {
+  Acc score;
+  index_t key;
+};
+
+/// The selection order, best first: higher score first; among equal scores
+/// the lower key index first. A strict total order on distinct keys, so the
+/// selection does not depend on how candidates arrive.
+template <class Acc>
+struct TopkBetter {
+  bool operator()(const TopkCandidate<Acc>& a, const TopkCandidate<Acc>& b) const {
+    return a.score > b.score || (a.score == b.score && a.key < b.key);
+  }
+};
+
+/// Keeps the kb best of buf[0, n) (n > kb) in buf[0, kb), in their order, and
+/// returns the kb-th best score. buf holds candidates in increasing key order,
+/// so among scores equal to the kb-th best the first ones are the lower keys;
+/// the filter is stable, so the order holds afterwards. `tmp` has room for n.
+template <class Acc>
+Acc topk_compact(TopkCandidate<Acc>* buf, index_t n, index_t kb, Acc* tmp) {
+  for (index_t i = 0; i < n; ++i) tmp[i] = buf[i].score;
+  std::nth_element(tmp, tmp + (kb - 1), tmp + n, std::greater<Acc>());
+  const Acc tau = tmp[kb - 1];  // the kb-th best score
+  index_t above = 0;
+  for (index_t i = 0; i < n; ++i) above += buf[i].score > tau ? 1 : 0;
+  index_t ties = kb - above;  // scores equal to tau that fit, lowest keys first
+  index_t kept = 0;
+  for (index_t i = 0; i < n; ++i) {  // branch-free stable filter
+    const bool tie = buf[i].score == tau && ties > 0;
+    ties -= tie ? 1 : 0;
+    buf[kept] = buf[i];
+    kept += (buf[i].score > tau || tie) ? 1 : 0;
+  }
+  return tau;
+}
+
+template <class Acc>
+struct TopkScratch {
+  RowMatrix<Acc> q, s, k;  // (Br, D) scaled queries, (Br, Bc) scores, (Bc, D) packed keys
+  std::vector<TopkCandidate<Acc>> cand;  // (Br, cap) candidates, row-major, in key order
+  std::vector<Acc> tmp;                  // (cap) scores being partitioned
+  std::vector<index_t> count;            // (Br) candidates held
+  std::vector<Acc> threshold;  // (Br) score to beat: the k-th best after a compaction, else -inf
+  Eigen::Matrix<Acc, 1, Eigen::Dynamic> o;  // (Dv) one output row
+  TileGemm<Acc> qk;
+  AttentionStats stats;
+  TopkScratch(index_t br, index_t bc, index_t d, index_t dv, index_t cap, bool pack_k)
+      : q(br, d), s(br, bc), k(pack_k ? bc : 0, d), cand(static_cast<std::size_t>(br * cap)),
+        tmp(static_cast<std::size_t>(cap)), count(static_cast<std::size_t>(br)),
+        threshold(static_cast<std::size_t>(br)), o(dv), qk(br, bc, d) {}
+};
+
+/// Sets the scores of a partial tile that the mask hides to -inf.
+template <class Mask, class Acc>
+void topk_mask_tile(const Mask& mask, index_t b, index_t h, index_t q0, index_t k0, Acc* s,
+                    index_t lds, index_t rows, index_t cols) {
+  constexpr Acc neg_inf = -std::numeric_limits<Acc>::infinity();
+  for (index_t r = 0; r < rows; ++r) {
+    Acc* row = s + r * lds;
+    if constexpr (has_row_keys_v<Mask>) {
+      const KeyRange keys = mask.row_keys(b, h, q0 + r);
+      const index_t lo = std::clamp<index_t>(keys.begin - k0, 0, cols);
+      const index_t hi = std::clamp<index_t>(keys.end - k0, lo, cols);
+      std::fill(row, row + lo, neg_inf);
+      std::fill(row + hi, row + cols, neg_inf);
+    } else {
+      for (index_t c = 0; c < cols; ++c)
+        if (!mask.keep(b, h, q0 + r, k0 + c)) row[c] = neg_inf;
+    }
+  }
+}
+
+/// The two passes. Arguments are checked; mask and mod are bound; kb <= Lk.
+template <class Acc, class Q, class K, class V, class O, class Mask, class Mod>
+void topk_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4>& k,
+                  const TensorView<const V, 4>& v, const TensorView<O, 4>& out,
+                  const AttentionShape& shape, index_t k_best, const Mask& mask, const Mod& mod,
+                  const TopkOptions& opt) {
+  constexpr Acc neg_inf = -std::numeric_limits<Acc>::infinity();
+  const Acc scale =
+      static_cast<Acc>(opt.scale.value_or(1.0 / std::sqrt(static_cast<double>(shape.d))));
+  const index_t br = std::min(opt.block_q > 0 ? opt.block_q : TileTraits::block_q, shape.lq);
+  const index_t bc = std::min(opt.block_k > 0 ? opt.block_k : TileTraits::block_k, shape.lk);
+  const index_t kb = std::min(k_best, shape.lk);
+  const index_t q_tiles = (shape.lq + br - 1) / br;
+  const index_t heads = shape.batch * shape.q_heads;
+  const index_t tasks = heads * q_tiles;
+  const int threads = resolve_threads(opt.num_threads, tasks);
+  const bool pack_k = !std::is_same<K, Acc>::value || k.stride(3) != 1;
+  const bool want_lse = !opt.lse.is_null(), want_idx = !opt.indices.is_null();
+  // Each row appends the scores that beat its threshold to a buffer of cap = 2·kb + 32;
+  // when it fills, the kb best are kept (nth_element, O(cap)) and the threshold
+  // rises to the kb-th best. Amortised O(1) per candidate, no heap upkeep.
+  const index_t cap = 2 * kb + 32;
+  const TopkBetter<Acc> better;
+
+  auto make_scratch = [&] {
+    return std::make_unique<TopkScratch<Acc>>(br, bc, shape.d, shape.dv, cap, pack_k);
+  };
+
+  auto run_task = [&](TopkScratch<Acc>& sc, index_t t) {
+    const index_t qt = q_tiles - 1 - t / heads;
+    const index_t b = (t % heads) / shape.q_heads;
+    const index_t h = t % shape.q_heads;
+    const index_t hk = shape.kv_head(h);
+    const index_t q0 = qt * br;
+    const index_t rows = std::min(br, shape.lq - q0);
+    const index_t d = shape.d;
+
+    auto qs = sc.q.topRows(rows);
+    qs = matrix(q, b, h).middleRows(q0, rows).template cast<Acc>() * scale;  // (rows, D)
+    std::fill(sc.count.begin(), sc.count.begin() + rows, index_t(0));
+    std::fill(sc.threshold.begin(), sc.threshold.begin() + rows, neg_inf);
+
+    // ---- selection: one Q·Kᵀ pass, a bounded candidate buffer per row
+    // Masks and modifiers see global positions (options.positions): query row q0 + r of the
+    // call is global query q_pos + r, key k0 + c is global key k_pos + k0 + c.
+    const index_t q_pos = opt.positions.q_offset + q0, k_pos = opt.positions.k_offset;
+    const KeyRange g = mask.key_range(b, h, q_pos, q_pos + rows);
+    const index_t k_begin = std::clamp<index_t>(g.begin - k_pos, 0, shape.lk);
+    const index_t k_end = std::clamp<index_t>(g.end - k_pos, 0, shape.lk);
+    for (index_t k0 = k_begin; k0 < k_end; k0 += bc) {
+      const index_t cols = std::min(bc, k_end - k0);
+      const index_t gk0 = k_pos + k0;
+      const TileKind kind = Mask::always_full
+                                ? TileKind::full
+                                : mask.classify(b, h, q_pos, q_pos + rows, gk0, gk0 + cols);
+      if (kind == TileKind::empty) {
+        ++sc.stats.skipped_tiles;
+        continue;
+      }
+      ++(kind == TileKind::full ? sc.stats.full_tiles : sc.stats.partial_tiles);
+      sc.stats.scores += rows * cols;
+
+      index_t ldk = 0;
+      const Acc* kt = load_tile<Acc>(k, b, hk, k0, cols, sc.k, ldk);
+      Acc* s = sc.s.data();
+      const index_t lds = cols;
+      Eigen::Map<RowMatrix<Acc>>(s, rows, cols).setZero();
+      sc.qk.add_abt(rows, cols, d, qs.data(), d, kt, ldk, s, lds, Acc(1));  // S = Qs·Kᵀ
+      mod.apply_tile(b, h, q_pos, gk0, s, lds, rows, cols);
+      if (kind == TileKind::partial) topk_mask_tile(mask, b, h, q_pos, gk0, s, lds, rows, cols);
+
+      for (index_t r = 0; r < rows; ++r) {
+        const Acc* row = s + r * lds;
+        TopkCandidate<Acc>* buf = sc.cand.data() + r * cap;
+        index_t n = sc.count[static_cast<std::size_t>(r)];
+        Acc thr = sc.threshold[static_cast<std::size_t>(r)];
+        // Appends key k0 + c if it beats the threshold (an equal score never displaces a kept
+        // one: the kept key has the lower index); a full buffer keeps its kb best, and the
+        // kb-th best becomes the score to beat.
+        auto offer = [&](index_t c) {
+          if (!(row[c] > thr)) return;
+          buf[n++] = {row[c], k0 + c};
+          if (n == cap) {
+            thr = topk_compact(buf, cap, kb, sc.tmp.data());
+            n = kb;
+          }
+        };
+        index_t c0 = 0;
+        for (; c0 + kTopkChunk <= cols; c0 += kTopkChunk) {
+          // Which scores of the chunk beat the threshold? (one vector compare; NaN never does)
+          for (std::uint32_t hits = greater_mask16(row + c0, thr); hits != 0; hits &= hits - 1)
+            offer(c0 + __builtin_ctz(hits));
+        }
+        for (index_t c = c0; c < cols; ++c) offer(c);
+        sc.count[static_cast<std::size_t>(r)] = n;
+        sc.threshold[static_cast<std::size_t>(r)] = thr;
+      }
+    }
+
+    // ---- output: softmax over the selected scores, V rows of the selected keys only
+    auto dst = matrix(out, b, h).middleRows(q0, rows);
+    for (index_t r = 0; r < rows; ++r) {
+      TopkCandidate<Acc>* sel = sc.cand.data() + r * cap;
+      index_t n = sc.count[static_cast<std::size_t>(r)];
+      if (n > kb) {
+        topk_compact(sel, n, kb, sc.tmp.data());
+        n = kb;
+      }
+      std::sort(sel, sel + n, better);  // best first, ties by lower key
+      sc.o.setZero();
+      Acc l = 0;
+      const Acc m = n > 0 ? sel[0].score : Acc(0);
+      const V* vbase = v.data() + b * v.stride(0) + hk * v.stride(1);
+      for (index_t j = 0; j < n; ++j)  // the selected rows are scattered over V: fetch them all
+        for (index_t c = 0; c < shape.dv; c += 64 / static_cast<index_t>(sizeof(V)))
+          __builtin_prefetch(vbase + sel[j].key * v.stride(2) + c * v.stride(3));
+      for (index_t j = 0; j < n; ++j) {
+        const Acc p = std::exp(sel[j].score - m);  // exp(s_j - max)
+        l += p;
+        const V* vrow = vbase + sel[j].key * v.stride(2);
+        for (index_t c = 0; c < shape.dv; ++c)
+          sc.o(c) += p * static_cast<Acc>(vrow[c * v.stride(3)]);
+      }
+      const Acc inv = n > 0 ? Acc(1) / l : Acc(0);  // a row with nothing selected gives zeros
+      dst.row(r) = (sc.o * inv).template cast<O>();
+      if (want_lse)
+        opt.lse(b, h, q0 + r) =
+            n > 0 ? static_cast<float>(m + std::log(l)) : -std::numeric_limits<float>::infinity();
+      if (want_idx)
+        for (index_t j = 0; j < opt.indices.extent(3); ++j)
+          opt.indices(b, h, q0 + r, j) = j < n ? static_cast<std::int64_t>(sel[j].key) : -1;
+    }
+  };
+
+  auto merge_stats = [&](const TopkScratch<Acc>& sc) {
+    if (!opt.stats) return;
+    opt.stats->full_tiles += sc.stats.full_tiles;
+    opt.stats->partial_tiles += sc.stats.partial_tiles;
+    opt.stats->skipped_tiles += sc.stats.skipped_tiles;
+    opt.stats->scores += sc.stats.scores;
+  };
+  if (opt.stats) *opt.stats = AttentionStats{};
+  parallel_tasks(tasks, threads, make_scratch, run_task, merge_stats);
+}
+
+}  // namespace detail
+
+/// Top-k attention: each query row attends, with softmax weights, to its
+/// k_best highest-scoring keys only; k_best = 1 is hard attention (the value
+/// of the best key). Scores are formed as in masked_attention (scale · q·k,
+/// then `score_mod`, then `mask`); the selection is exact, ties broken by the
+/// lower key index; a key is selectable iff the mask keeps it and its score
+/// is neither -inf nor NaN. A row with fewer selectable keys than k_best
+/// takes all of them; one with none outputs zeros (lse -inf). options.lse is
+/// the log-sum-exp over the selected scores; options.indices (optional,
+/// [B, Hq, Lq, k_best], int64) receives the selected keys, best first, -1
+/// past the last. Cost: one Q·Kᵀ pass over the tiles the mask keeps, plus
+/// Lq·k_best·Dv for the output; extra memory O(Br·k_best) per thread.
+template <class Q, class K, class V, class O, class Mask = NoMask, class Mod = NoScoreMod,
+          class = std::enable_if_t<is_mask_v<Mask>>>
+void topk_attention(const TensorView<Q, 4>& q, const TensorView<K, 4>& k, const TensorView<V, 4>& v,
+                    const TensorView<O, 4>& out, index_t k_best, const Mask& mask = {},
+                    const Mod& score_mod = {}, const TopkOptions& options = {}) {
+  static_assert(detail::is_storage_type_v<std::remove_cv_t<Q>> &&
+                    detail::is_storage_type_v<std::remove_cv_t<K>> &&
+                    detail::is_storage_type_v<std::remove_cv_t<V>> && detail::is_storage_type_v<O>,
+                "attn: element types must be float, double, Eigen::half or Eigen::bfloat16");
+  static_assert(!std::is_const<O>::value, "attn: the output view must be writable");
+  static_assert(is_score_mod_v<Mod>,
+                "attn: the score_mod argument must be a score modifier (attn/score_mod.hpp)");
+  const AttentionShape shape = detail::check_attention(q, k, v, out, options);
+  if (k_best < 1) detail::fail("k_best is ", k_best, ", must be >= 1");
+  if (!options.indices.is_null()) {
+    const auto& ix = options.indices;
+    if (ix.extent(0) != shape.batch || ix.extent(1) != shape.q_heads || ix.extent(2) != shape.lq ||
+        ix.extent(3) != k_best)
+      detail::fail("indices has shape ", detail::shape_str(ix), ", expected [", shape.batch, ", ",
+                   shape.q_heads, ", ", shape.lq, ", ", k_best, "] (batch, q heads, Lq, k_best)");
+    detail::check_view(ix, "indices");
+    detail::check_not_self_overlapping(ix, "indices");
+    detail::check_no_overlap(ix, "indices", q, "q");
+    detail::check_no_overlap(ix, "indices", k, "k");
+    detail::check_no_overlap(ix, "indices", v, "v");
+    detail::check_no_overlap(ix, "indices", out, "out");
+    if (!options.lse.is_null()) detail::check_no_overlap(ix, "indices", options.lse, "lse");
+  }
+  const AttentionShape global = detail::global_shape(shape, options.positions);
+  const Mask bound_mask = mask.bind(global);
+  const Mod bound_mod = score_mod.bind(global);
+  detail::check_policy_views(bound_mask, out, options.lse);
+  detail::check_policy_views(bound_mod, out, options.lse);
+  if (!options.indices.is_null()) {
+    auto check_idx = [&](const auto& view, const char* name) {
+      detail::check_no_overlap(options.indices, "indices", view, name);
+    };
+    detail::for_each_view(bound_mask, check_idx);
+    detail::for_each_view(bound_mod, check_idx);
+  }
+  using Acc = detail::accum_t<Q, K, V, O>;
+  detail::topk_forward<Acc, std::remove_cv_t<Q>, std::remove_cv_t<K>, std::remove_cv_t<V>, O>(
+      q, k, v, out, shape, k_best, bound_mask, bound_mod, options);
+}
+
+/// Same, with options and no mask or score modifier.
+template <class Q, class K, class V, class O>
+void topk_attention(const TensorView<Q, 4>& q, const TensorView<K, 4>& k, const TensorView<V, 4>& v,
+                    const TensorView<O, 4>& out, index_t k_best, const TopkOptions& options) {
+  topk_attention(q, k, v, out, k_best, no_mask(), no_score_mod(), options);
+}
+
+}  // namespace attn
