@@ -78,6 +78,11 @@ struct AttentionOptions {
   AttentionStats* stats = nullptr;
   /// Global positions of the queries and keys (default: the call is the whole sequence).
   Positions positions;
+  /// Optional attention sinks: one logit per query head, [Hq], that joins
+  /// each row's softmax denominator and nothing else (gpt-oss):
+  /// out = Σ exp(s_j - m)·v_j / (exp(sink - m) + Σ exp(s_j - m)), and lse
+  /// includes it. In score units (after scale and modifiers); -inf is no sink.
+  TensorView<const float, 1> sinks;
 };
 
 /// The sizes of one attention problem, as read from q, k, v.
