@@ -10,7 +10,7 @@
 
 #include "attn/tensor_view.hpp"
 
-#include <Eigen/Core>
+#include "attn/core/eigen.hpp"
 
 #include <algorithm>
 #include <cmath>
