@@ -415,6 +415,44 @@ TEST(ServingErrors, ThrowAndWriteNothing) {
             }).find("sequence 9 is not a sequence of this PagedKVCache"),
             std::string::npos);
 
+  // caller-owned pools and block tables (vLLM layout)
+  {
+    const index_t nb = 4, bs = 4;
+    const auto kp = random_tensor<float>(nb, 2, bs, 8, 8),
+               vp = random_tensor<float>(nb, 2, bs, 8, 9);
+    const std::vector<int> table = {2, 0, 9, 1};  // [2 sequences, 2 entries]
+    const attn::TensorView<const int, 2> bt(table.data(), {2, 2});
+    EXPECT_NE(error_of([&] {
+                attn::paged_attention(q.cview(), kp.cview(), vp.cview(), bt, {5, 6}, out.view);
+              }).find("block_tables(1, 0) is 9, outside the pool's blocks [0, 4)"),
+              std::string::npos);
+    EXPECT_NE(error_of([&] {
+                attn::paged_attention(q.cview(), kp.cview(), vp.cview(), bt, {9, 1}, out.view);
+              }).find("lengths[0] is 9, outside [0, 8] (2 table entries of 4 tokens)"),
+              std::string::npos);
+    // A valid table equals the PagedKVCache holding the same tokens.
+    const std::vector<int> good = {2, 0, 3, 1};
+    const attn::TensorView<const int, 2> gt(good.data(), {2, 2});
+    Tensor<float> raw(2, 4, 1, 8), ref(2, 4, 1, 8);
+    attn::paged_attention(q.cview(), kp.cview(), vp.cview(), gt, {6, 5}, raw.view, attn::causal());
+    attn::PagedKVCache<float> same(8, bs, 2, 8);
+    for (index_t i = 0; i < 2; ++i) {
+      const index_t sid = same.add_sequence(), len = i == 0 ? 6 : 5;
+      for (index_t t = 0; t < len; ++t) {
+        const index_t blk = good[static_cast<std::size_t>(2 * i + t / bs)];
+        Tensor<float> kt(1, 2, 1, 8), vt(1, 2, 1, 8);
+        for (index_t h = 0; h < 2; ++h)
+          for (index_t c = 0; c < 8; ++c) {
+            kt(0, h, 0, c) = kp(blk, h, t % bs, c);
+            vt(0, h, 0, c) = vp(blk, h, t % bs, c);
+          }
+        same.append(sid, kt.cview(), vt.cview());
+      }
+    }
+    attn::paged_attention(q.cview(), same, {0, 1}, ref.view, attn::causal());
+    EXPECT_TRUE(bitwise_equal(raw, ref));
+  }
+
   // varlen
   const auto vq = random_tensor<float>(1, 2, 10, 8, 1), vk = random_tensor<float>(1, 2, 12, 8, 2);
   Tensor<float> vo(1, 2, 10, 8);

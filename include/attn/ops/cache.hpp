@@ -195,4 +195,72 @@ void paged_attention(const TensorView<Q, 4>& q, const PagedKVCache<T>& cache,
   detail::cache_entry(q, kv, out, lengths, seq_ids, mask, score_mod, options);
 }
 
+/// vLLM-style paged attention over caller-owned storage: pools k [blocks, Hkv,
+/// block_size, D] and v [blocks, Hkv, block_size, Dv], contiguous; block_tables
+/// [n, max_blocks] (row i lists the blocks of sequence i in token order) and
+/// lengths (n tokens counts). q [n, Hq, Lq, D] are the last Lq tokens of each
+/// sequence, as for the cache types. Every block a sequence uses is checked to
+/// lie in the pool before anything is written.
+template <class Q, class T, class O, class I, class Mask = NoMask, class Mod = NoScoreMod>
+void paged_attention(const TensorView<Q, 4>& q, const TensorView<const T, 4>& k_pool,
+                     const TensorView<const T, 4>& v_pool,
+                     const TensorView<const I, 2>& block_tables,
+                     const std::vector<index_t>& lengths, const TensorView<O, 4>& out,
+                     const Mask& mask = {}, const Mod& score_mod = {},
+                     const AttentionOptions& options = {}) {
+  static_assert(std::is_integral<I>::value, "attn: block tables hold integers");
+  static_assert(detail::is_storage_type_v<T>,
+                "attn: pool element types must be float, double, Eigen::half or Eigen::bfloat16");
+  using detail::fail;
+  detail::check_view(k_pool, "k_pool");
+  detail::check_view(v_pool, "v_pool");
+  detail::check_view(block_tables, "block_tables");
+  const index_t nb = k_pool.extent(0), heads = k_pool.extent(1), bs = k_pool.extent(2);
+  const index_t d = k_pool.extent(3), dv = v_pool.extent(3);
+  if (v_pool.extent(0) != nb || v_pool.extent(1) != heads || v_pool.extent(2) != bs)
+    fail("v_pool has shape ", detail::shape_str(v_pool), ", expected [", nb, ", ", heads, ", ", bs,
+         ", Dv] like k_pool ", detail::shape_str(k_pool));
+  if (k_pool.stride(3) != 1 || k_pool.stride(2) != d || k_pool.stride(1) != bs * d ||
+      k_pool.stride(0) != heads * bs * d || v_pool.stride(3) != 1 || v_pool.stride(2) != dv ||
+      v_pool.stride(1) != bs * dv || v_pool.stride(0) != heads * bs * dv)
+    fail("k_pool and v_pool must be contiguous [blocks, Hkv, block_size, D] buffers");
+  const index_t n = q.extent(0);
+  if (block_tables.extent(0) != n)
+    fail("block_tables has ", block_tables.extent(0), " rows, but q has batch ", n);
+  if (static_cast<index_t>(lengths.size()) != n)
+    fail("lengths has ", lengths.size(), " entries, but q has batch ", n);
+  const index_t width = block_tables.extent(1);
+  std::vector<std::vector<index_t>> tables(static_cast<std::size_t>(n));
+  for (index_t i = 0; i < n; ++i) {
+    const index_t len = lengths[static_cast<std::size_t>(i)];
+    if (len < 0 || len > width * bs)
+      fail("lengths[", i, "] is ", len, ", outside [0, ", width * bs, "] (", width,
+           " table entries of ", bs, " tokens)");
+    for (index_t j = 0; j < (len + bs - 1) / bs; ++j) {
+      const auto blk = static_cast<index_t>(block_tables(i, j));
+      if (blk < 0 || blk >= nb)
+        fail("block_tables(", i, ", ", j, ") is ", blk, ", outside the pool's blocks [0, ", nb,
+             ")");
+      tables[static_cast<std::size_t>(i)].push_back(blk);
+    }
+  }
+  std::vector<index_t> ids(static_cast<std::size_t>(n));
+  std::iota(ids.begin(), ids.end(), index_t{0});
+  std::vector<const index_t*> ptrs(static_cast<std::size_t>(n));
+  for (std::size_t i = 0; i < ptrs.size(); ++i) ptrs[i] = tables[i].data();
+  detail::BlockKV<T> kv;
+  kv.k = k_pool.data();
+  kv.v = v_pool.data();
+  kv.heads = heads;
+  kv.bs = bs;
+  kv.d = d;
+  kv.dv = dv;
+  kv.tables = ptrs.data();
+  kv.lengths = lengths.data();
+  detail::check_no_overlap(out, "out", k_pool, "k_pool");
+  detail::check_no_overlap(out, "out", v_pool, "v_pool");
+  detail::check_no_overlap(out, "out", block_tables, "block_tables");
+  detail::cache_entry(q, kv, out, lengths, ids, mask, score_mod, options);
+}
+
 }  // namespace attn
