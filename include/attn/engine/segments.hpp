@@ -254,8 +254,9 @@ void segment_forward(const TensorView<const Q, 4>& q, const KV& kv, const Tensor
     if (units[static_cast<std::size_t>(ui)].splits > 1) split_units.push_back(ui);
   struct None {};
   const index_t n_merge = static_cast<index_t>(split_units.size());
+  // O(rows · splits · Dv) work: one thread, no second parallel region per call.
   parallel_tasks(
-      n_merge, resolve_threads(opt.num_threads, n_merge), [] { return std::make_unique<None>(); },
+      n_merge, 1, [] { return std::make_unique<None>(); },
       [&](None&, index_t t) {
         const Unit& u = units[static_cast<std::size_t>(split_units[static_cast<std::size_t>(t)])];
         for (index_t r = 0; r < u.heads * u.n; ++r) {
