@@ -66,6 +66,9 @@ void flash_forward(const TensorView<const Q, 4>& q, const KV& kv, const TensorVi
       static_cast<Acc>(opt.scale.value_or(1.0 / std::sqrt(static_cast<double>(shape.d))));
   const index_t br = std::min(opt.block_q > 0 ? opt.block_q : TileTraits::block_q, shape.lq);
   const index_t bc = std::min(opt.block_k > 0 ? opt.block_k : TileTraits::block_k, shape.lk);
+  const AttentionShape global = global_shape(shape, opt.positions);
+  const DropoutGen drop =
+      DropoutGen::bind(opt.dropout, shape.batch, shape.q_heads, global.lq, global.lk);
   // Few query rows per GQA group (decoding), or sinks: the segment schedule,
   // which reads each K/V tile once per group and splits long key ranges.
   if (shape.lq * (shape.q_heads / shape.kv_heads) <= SplitTraits::stack_rows ||
@@ -80,6 +83,7 @@ void flash_forward(const TensorView<const Q, 4>& q, const KV& kv, const TensorVi
       sg.k_pos = opt.positions.k_offset;
       sg.mask = &mask;
       sg.mod = &mod;
+      sg.dropout = &drop;
     }
     segment_forward<Acc, Q>(q, kv, out, segs, shape.q_heads, shape.kv_heads, shape.d, shape.dv, br,
                             bc, opt);
@@ -90,7 +94,8 @@ void flash_forward(const TensorView<const Q, 4>& q, const KV& kv, const TensorVi
   const int threads = resolve_threads(opt.num_threads, tasks);
   const bool want_lse = !opt.lse.is_null();
   const bool pack_k = kv.template packs_keys<Acc>(), pack_v = kv.template packs_values<Acc>();
-  const Walk<Acc, KV, Mask, Mod> walk{kv, mask, mod, bc, shape.d, shape.dv, opt.positions.k_offset};
+  const Walk<Acc, KV, Mask, Mod> walk{
+      kv, mask, mod, bc, shape.d, shape.dv, opt.positions.k_offset, &drop};
 
   auto make_scratch = [&] {
     return std::make_unique<ForwardScratch<Acc>>(br, bc, shape.d, shape.dv, pack_k, pack_v);

@@ -65,6 +65,7 @@ struct Segment {
   index_t mask_batch = 0;  // batch index the mask and modifier see
   const Mask* mask = nullptr;
   const Mod* mod = nullptr;
+  const DropoutGen* dropout = nullptr;  // bound to the global shape; null: none
 };
 
 /// A segment's keys as a source of their own: key j is key k_begin + j of
@@ -132,7 +133,8 @@ void segment_forward(const TensorView<const Q, 4>& q, const KV& kv, const Tensor
     const Seg& sg = segs[static_cast<std::size_t>(si)];
     if (sg.rows == 0) continue;
     const SegmentKV<KV> skv{kv, sg.kv_batch, sg.k_begin, sg.k_len};
-    const Walk<Acc, SegmentKV<KV>, Mask, Mod> walk{skv, *sg.mask, *sg.mod, bc, d, dv, sg.k_pos};
+    const Walk<Acc, SegmentKV<KV>, Mask, Mod> walk{skv, *sg.mask, *sg.mod,  bc,
+                                                   d,   dv,       sg.k_pos, sg.dropout};
     auto add = [&](index_t h0, index_t heads, index_t q0, index_t n) {
       KeyRange r{sg.k_len, 0};
       for (index_t g = 0; g < heads; ++g) {
@@ -224,7 +226,8 @@ void segment_forward(const TensorView<const Q, 4>& q, const KV& kv, const Tensor
           scale;
     sc.part.reset(rows);
     const SegmentKV<KV> skv{kv, sg.kv_batch, sg.k_begin, sg.k_len};
-    const Walk<Acc, SegmentKV<KV>, Mask, Mod> walk{skv, *sg.mask, *sg.mod, bc, d, dv, sg.k_pos};
+    const Walk<Acc, SegmentKV<KV>, Mask, Mod> walk{skv, *sg.mask, *sg.mod,  bc,
+                                                   d,   dv,       sg.k_pos, sg.dropout};
     const index_t k0 = u.splits == 1 ? u.k_begin : u.k_begin + task.split * u.split_len;
     const index_t k1 = u.splits == 1 ? u.k_end : std::min(u.k_end, k0 + u.split_len);
     walk.run_heads(sc.walk, sc.part, sg.mask_batch, u.h0, u.heads, u.h0 / group, sg.q_pos + u.q0,

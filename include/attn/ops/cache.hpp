@@ -81,6 +81,8 @@ void cache_entry(const TensorView<Q, 4>& q, const BlockKV<T>& kv, const TensorVi
   if (opt.num_threads < 0) fail("num_threads is ", opt.num_threads, ", must be >= 0");
   if (opt.block_q < 0) fail("block_q is ", opt.block_q, ", must be >= 0 (0 = automatic)");
   if (opt.block_k < 0) fail("block_k is ", opt.block_k, ", must be >= 0 (0 = automatic)");
+  if (opt.dropout.p != 0)
+    fail("this entry point has no dropout (inference); options.dropout.p is ", opt.dropout.p);
   check_sinks(opt.sinks, s.q_heads);
   if (!opt.sinks.is_null()) check_no_overlap(out, "out", opt.sinks, "sinks");
   if (!opt.lse.is_null()) {

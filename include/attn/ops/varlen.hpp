@@ -69,6 +69,8 @@ void varlen_attention(const TensorView<Q, 4>& q, const TensorView<K, 4>& k,
   if (options.positions.q_offset != none.q_offset || options.positions.k_offset != none.k_offset ||
       options.positions.q_length != none.q_length || options.positions.k_length != none.k_length)
     fail("varlen_attention takes positions from cu_seqlens; options.positions must be default");
+  if (options.dropout.p != 0)
+    fail("this entry point has no dropout (inference); options.dropout.p is ", options.dropout.p);
   detail::check_cu_seqlens(cu_seqlens_q, shape.lq, "cu_seqlens_q");
   detail::check_cu_seqlens(cu_seqlens_k, shape.lk, "cu_seqlens_k");
   if (cu_seqlens_q.size() != cu_seqlens_k.size())
