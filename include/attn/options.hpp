@@ -74,6 +74,11 @@ struct AttentionOptions {
   Dropout dropout;
   /// Global positions of the queries and keys (default: the call is the whole sequence).
   Positions positions;
+  /// Optional attention sinks: one logit per query head, [Hq], that joins
+  /// each row's softmax denominator and nothing else (gpt-oss):
+  /// out = Σ exp(s_j - m)·v_j / (exp(sink - m) + Σ exp(s_j - m)), and lse
+  /// includes it. In score units (after scale and modifiers); -inf is no sink.
+  TensorView<const float, 1> sinks;
 };
 
 /// The sizes of one attention problem, as read from q, k, v.

@@ -179,6 +179,17 @@ inline void check_positions(const Positions& p, const AttentionShape& s) {
                     p.k_length != 0 ? p.k_length : p.k_offset + s.lk, "global Lq + Lk");
 }
 
+/// Sinks: not given, or one logit per query head, none NaN or +inf.
+inline void check_sinks(const TensorView<const float, 1>& sinks, index_t q_heads) {
+  if (sinks.is_null()) return;
+  if (sinks.data() == nullptr) fail("sinks has null data but ", sinks.extent(0), " entries");
+  if (sinks.extent(0) != q_heads)
+    fail("sinks has ", sinks.extent(0), " entries, expected one per query head (", q_heads, ")");
+  for (index_t h = 0; h < q_heads; ++h)
+    if (std::isnan(sinks(h)) || sinks(h) == std::numeric_limits<float>::infinity())
+      fail("sink of head ", h, " is ", sinks(h), ", must be finite or -inf");
+}
+
 /// The shape of the whole sequence a call is part of (its global lengths).
 inline AttentionShape global_shape(const AttentionShape& s, const Positions& p) {
   AttentionShape g = s;
@@ -230,6 +241,8 @@ AttentionShape check_attention(const TensorView<Q, 4>& q, const TensorView<K, 4>
   if (opt.block_q < 0) fail("block_q is ", opt.block_q, ", must be >= 0 (0 = automatic)");
   if (opt.block_k < 0) fail("block_k is ", opt.block_k, ", must be >= 0 (0 = automatic)");
   check_positions(opt.positions, s);
+  check_sinks(opt.sinks, s.q_heads);
+  if (!opt.sinks.is_null()) check_no_overlap(out, "out", opt.sinks, "sinks");
   if (!opt.lse.is_null()) {
     const auto& l = opt.lse;
     if (l.extent(0) != s.batch || l.extent(1) != s.q_heads || l.extent(2) != s.lq)

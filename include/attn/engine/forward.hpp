@@ -18,6 +18,7 @@
 #include "attn/detail/parallel.hpp"
 #include "attn/engine/partial.hpp"
 #include "attn/engine/schedule.hpp"
+#include "attn/engine/segments.hpp"
 #include "attn/engine/walk.hpp"
 #include "attn/kv/strided.hpp"
 #include "attn/mask.hpp"
@@ -32,6 +33,7 @@
 #include <limits>
 #include <memory>
 #include <type_traits>
+#include <vector>
 
 namespace attn {
 namespace detail {
@@ -64,14 +66,34 @@ void flash_forward(const TensorView<const Q, 4>& q, const KV& kv, const TensorVi
       static_cast<Acc>(opt.scale.value_or(1.0 / std::sqrt(static_cast<double>(shape.d))));
   const index_t br = std::min(opt.block_q > 0 ? opt.block_q : TileTraits::block_q, shape.lq);
   const index_t bc = std::min(opt.block_k > 0 ? opt.block_k : TileTraits::block_k, shape.lk);
+  const AttentionShape global = global_shape(shape, opt.positions);
+  const DropoutGen drop =
+      DropoutGen::bind(opt.dropout, shape.batch, shape.q_heads, global.lq, global.lk);
+  // Few query rows per GQA group (decoding), or sinks: the segment schedule,
+  // which reads each K/V tile once per group and splits long key ranges.
+  if (shape.lq * (shape.q_heads / shape.kv_heads) <= SplitTraits::stack_rows ||
+      !opt.sinks.is_null()) {
+    std::vector<Segment<Mask, Mod>> segs(static_cast<std::size_t>(shape.batch));
+    for (index_t b = 0; b < shape.batch; ++b) {
+      Segment<Mask, Mod>& sg = segs[static_cast<std::size_t>(b)];
+      sg.q_batch = sg.kv_batch = sg.mask_batch = b;
+      sg.rows = shape.lq;
+      sg.k_len = shape.lk;
+      sg.q_pos = opt.positions.q_offset;
+      sg.k_pos = opt.positions.k_offset;
+      sg.mask = &mask;
+      sg.mod = &mod;
+      sg.dropout = &drop;
+    }
+    segment_forward<Acc, Q>(q, kv, out, segs, shape.q_heads, shape.kv_heads, shape.d, shape.dv, br,
+                            bc, opt);
+    return;
+  }
   const Schedule schedule(shape, br);
   const index_t tasks = schedule.tasks();
   const int threads = resolve_threads(opt.num_threads, tasks);
   const bool want_lse = !opt.lse.is_null();
   const bool pack_k = kv.template packs_keys<Acc>(), pack_v = kv.template packs_values<Acc>();
-  const AttentionShape global = global_shape(shape, opt.positions);
-  const DropoutGen drop =
-      DropoutGen::bind(opt.dropout, shape.batch, shape.q_heads, global.lq, global.lk);
   const Walk<Acc, KV, Mask, Mod> walk{
       kv, mask, mod, bc, shape.d, shape.dv, opt.positions.k_offset, &drop};
 

@@ -76,9 +76,9 @@ struct Partial {
 ///   lse = logaddexp(lse_a, lse_b);  out = out_a·exp(lse_a - lse) + out_b·exp(lse_b - lse)
 /// A side with lse = -inf saw no key and contributes nothing; both -inf gives
 /// zeros and -inf. Computed in Acc.
-template <class Acc, class TA, class TB>
-void merge_row(TA* out_a, index_t stride_a, float& lse_a, const TB* out_b, index_t stride_b,
-               float lse_b, index_t n) {
+template <class Acc, class TA, class TB, class L>
+void merge_row(TA* out_a, index_t stride_a, L& lse_a, const TB* out_b, index_t stride_b, L lse_b,
+               index_t n) {
   const Acc la = lse_a, lb = lse_b;
   constexpr Acc neg_inf = -std::numeric_limits<Acc>::infinity();
   if (lb == neg_inf) return;  // b saw nothing (also when both saw nothing)
@@ -97,7 +97,7 @@ void merge_row(TA* out_a, index_t stride_a, float& lse_a, const TB* out_b, index
     const Acc a = wa == Acc(0) ? Acc(0) : static_cast<Acc>(out_a[i * stride_a]) * wa;
     out_a[i * stride_a] = static_cast<TA>(a + static_cast<Acc>(out_b[i * stride_b]) * wb);
   }
-  lse_a = static_cast<float>(lse);
+  lse_a = static_cast<L>(lse);
 }
 
 }  // namespace detail

@@ -113,13 +113,27 @@ struct Walk {
   /// (b, h) at global positions q_pos, q_pos + 1, ...
   void run(WalkScratch<Acc>& sc, Partial<Acc>& part, index_t b, index_t h, index_t hk,
            index_t q_pos, const Acc* qs, index_t k_begin, index_t k_end) const {
+    run_heads(sc, part, b, h, 1, hk, q_pos, qs, k_begin, k_end);
+  }
+
+  /// The same for `heads` query heads h0, h0 + 1, ... of one GQA group stacked
+  /// as the rows of one tile: head h0 + g owns rows [g·n, (g + 1)·n), n =
+  /// part.rows / heads, at global positions q_pos, ..., q_pos + n - 1. Each
+  /// key/value tile is read once for all of them (decoding reads K and V once
+  /// per group, not once per query head).
+  void run_heads(WalkScratch<Acc>& sc, Partial<Acc>& part, index_t b, index_t h0, index_t heads,
+                 index_t hk, index_t q_pos, const Acc* qs, index_t k_begin, index_t k_end) const {
     const index_t rows = part.rows;
-    const index_t q_end = q_pos + rows;
+    const index_t n = rows / heads;  // query rows per head
+    const index_t q_end = q_pos + n;
     for (index_t k0 = k_begin; k0 < k_end; k0 += bc) {
       if constexpr (has_next_key<Mask>::value) {
         // Jump whole tiles (the grid stays k_begin + n·Bc) to the one holding the next visible key.
-        const index_t next =
-            std::clamp(mask.next_key(b, h, q_pos, q_end, k_pos + k0) - k_pos, k0, k_end);
+        index_t next = k_end;
+        for (index_t g = 0; g < heads; ++g)
+          next = std::min(
+              next,
+              std::clamp(mask.next_key(b, h0 + g, q_pos, q_end, k_pos + k0) - k_pos, k0, k_end));
         const index_t jump = (next - k0) / bc;
         sc.stats.skipped_tiles += jump;
         k0 += jump * bc;
@@ -127,13 +141,19 @@ struct Walk {
       }
       const index_t cols = std::min(bc, k_end - k0);
       const index_t gk0 = k_pos + k0;
-      const TileKind kind =
-          Mask::always_full ? TileKind::full : mask.classify(b, h, q_pos, q_end, gk0, gk0 + cols);
-      if (kind == TileKind::empty) {
+      // The tile is empty when it is empty for every head, full when full for every head.
+      bool any = Mask::always_full, all_full = true;
+      if constexpr (!Mask::always_full)
+        for (index_t g = 0; g < heads; ++g) {
+          const TileKind kind = mask.classify(b, h0 + g, q_pos, q_end, gk0, gk0 + cols);
+          any = any || kind != TileKind::empty;
+          all_full = all_full && kind == TileKind::full;
+        }
+      if (!any) {
         ++sc.stats.skipped_tiles;
         continue;
       }
-      ++(kind == TileKind::full ? sc.stats.full_tiles : sc.stats.partial_tiles);
+      ++(all_full ? sc.stats.full_tiles : sc.stats.partial_tiles);
       sc.stats.scores += rows * cols;
 
       // S = Qs · Kᵀ                                                          (rows, cols)
@@ -144,13 +164,26 @@ struct Walk {
       Eigen::Map<RowMatrix<Acc>>(s, rows, cols).setZero();
       sc.qk.add_abt(rows, cols, d, qs, d, kt, ldk, s, lds, Acc(1));
 
-      mod.apply_tile(b, h, q_pos, gk0, s, lds, rows, cols);
-      if (kind == TileKind::partial) mask_partial_tile(mask, b, h, q_pos, gk0, s, lds, rows, cols);
+      for (index_t g = 0; g < heads; ++g) {
+        Acc* sg = s + g * n * lds;  // head h0 + g's rows
+        mod.apply_tile(b, h0 + g, q_pos, gk0, sg, lds, n, cols);
+        if (!all_full) {
+          const TileKind kind = heads == 1
+                                    ? TileKind::partial
+                                    : mask.classify(b, h0 + g, q_pos, q_end, gk0, gk0 + cols);
+          if (kind == TileKind::empty)
+            Eigen::Map<RowMatrix<Acc>, 0, Eigen::OuterStride<>>(sg, n, cols,
+                                                                Eigen::OuterStride<>(lds))
+                .setConstant(-std::numeric_limits<Acc>::infinity());
+          else if (kind == TileKind::partial)
+            mask_partial_tile(mask, b, h0 + g, q_pos, gk0, sg, lds, n, cols);
+        }
+      }
 
       part.update(s, lds, cols);        // S -> P
       if (dropout && dropout->enabled)  // P -> P ∘ M / (1 - p) for O only
         for (index_t r = 0; r < rows; ++r)
-          dropout->apply_row(b, h, q_pos + r, gk0, s + r * lds, cols);
+          dropout->apply_row(b, h0 + r / n, q_pos + r % n, gk0, s + r * lds, cols);
 
       // O += P · V                                                           (rows, Dv)
       index_t ldv = 0;
