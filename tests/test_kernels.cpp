@@ -198,6 +198,97 @@ TEST(KernelsPack, HalfConvertsExactly) {
   }
 }
 
+// --------------------------------------------------------------------- bf16 --
+
+#if ATTN_KERNELS_X86
+std::vector<Eigen::bfloat16> random_bf16(std::size_t n, std::uint32_t seed) {
+  const auto f = random_vec<float>(n, seed);
+  std::vector<Eigen::bfloat16> r(n);
+  for (std::size_t i = 0; i < n; ++i) r[i] = Eigen::bfloat16(f[i]);
+  return r;
+}
+
+/// vdpbf16ps scores: K panels with head-dim pairs, odd d, every row and key tail.
+TEST(KernelsBf16, ScoreMatchesDoubleLoop) {
+  if (!attn::isa_supported(Isa::avx512_bf16)) GTEST_SKIP() << "no AVX512-BF16 on this CPU";
+  namespace kb = attn::kernels::avx512_bf16;
+  for (index_t rows : {1, 13, 14, 15, 47})
+    for (index_t cols : {1, 31, 32, 33, 101})
+      for (index_t d : {1, 7, 64, 111}) {
+        SCOPED_TRACE("rows=" + std::to_string(rows) + " cols=" + std::to_string(cols) +
+                     " d=" + std::to_string(d));
+        const index_t dpad = d + (d & 1), panels = (cols + 31) / 32, lds = panels * 32 + 5;
+        const auto q = random_bf16(static_cast<std::size_t>(rows * d), 1);
+        const auto k = random_bf16(static_cast<std::size_t>(cols * d), 2);  // bshd-like: [cols, d]
+        std::vector<std::uint16_t> qb(static_cast<std::size_t>(rows * dpad)),
+            kp(static_cast<std::size_t>(attn::kernels::packed_kb_size(cols, d)));
+        attn::kernels::pack_qb(q.data(), d, 1, rows, d, qb.data(), dpad);
+        attn::kernels::pack_kb(k.data(), d, 1, cols, d, kp.data());
+        std::vector<float> s(static_cast<std::size_t>(rows * lds), -7.f);
+        const float scale = 0.37f;
+        kb::score(rows, cols, d, qb.data(), dpad, kp.data(), s.data(), lds, scale);
+        for (index_t i = 0; i < rows; ++i) {
+          for (index_t j = 0; j < cols; ++j) {
+            double ref = 0, mag = 0;
+            for (index_t p = 0; p < d; ++p) {
+              const double x = double(q[i * d + p]) * double(k[j * d + p]);
+              ref += x;
+              mag += std::abs(x);
+            }
+            ASSERT_NEAR(s[i * lds + j], scale * ref,
+                        4.0 * d * attn_test::eps<float>() * scale * std::max(mag, 1.0))
+                << i << ", " << j;
+          }
+          for (index_t j = panels * 32; j < lds; ++j) ASSERT_EQ(s[i * lds + j], -7.f);
+        }
+      }
+}
+
+/// vdpbf16ps P·V: P rounded to bf16 (round to nearest even), V with key pairs, odd cols.
+TEST(KernelsBf16, PvMatchesDoubleLoop) {
+  if (!attn::isa_supported(Isa::avx512_bf16)) GTEST_SKIP() << "no AVX512-BF16 on this CPU";
+  namespace kb = attn::kernels::avx512_bf16;
+  for (index_t rows : {1, 13, 14, 15, 31})
+    for (index_t cols : {1, 2, 15, 16, 17, 33, 64, 257})
+      for (index_t dv : {1, 16, 17, 64, 80}) {
+        SCOPED_TRACE("rows=" + std::to_string(rows) + " cols=" + std::to_string(cols) +
+                     " dv=" + std::to_string(dv));
+        const index_t dvp = attn::kernels::padded_dv(dv), ldp = cols + 3, ldpb = cols + 5,
+                      ldo = dvp + 16;
+        const auto p = random_vec<float>(static_cast<std::size_t>(rows * ldp), 3);
+        const auto v = random_bf16(static_cast<std::size_t>(cols * dv), 4);
+        std::vector<std::uint16_t> pb(static_cast<std::size_t>(rows * ldpb), 0xFFFF),
+            vb(static_cast<std::size_t>((cols + 1) / 2 * 2 * dvp));
+        kb::round_to_bf16(rows, cols, p.data(), ldp, pb.data(), ldpb);
+        for (index_t i = 0; i < rows; ++i) {
+          for (index_t c = 0; c < cols; ++c)
+            ASSERT_EQ(pb[i * ldpb + c], attn::kernels::bf16_bits(Eigen::bfloat16(p[i * ldp + c])));
+          if (cols & 1) {
+            ASSERT_EQ(pb[i * ldpb + cols], 0) << "odd key count not padded with 0";
+          }
+          for (index_t c = cols + (cols & 1); c < ldpb; ++c) ASSERT_EQ(pb[i * ldpb + c], 0xFFFF);
+        }
+        attn::kernels::pack_vb(v.data(), dv, 1, cols, dv, dvp, vb.data());
+        auto o = random_vec<float>(static_cast<std::size_t>(rows * ldo), 5);
+        const auto o0 = o;
+        kb::accumulate_pv(rows, dvp, cols, pb.data(), ldpb, vb.data(), o.data(), ldo);
+        for (index_t i = 0; i < rows; ++i) {
+          for (index_t c = 0; c < dv; ++c) {
+            double ref = o0[i * ldo + c], mag = std::abs(ref);
+            for (index_t k = 0; k < cols; ++k) {
+              const double x = double(Eigen::bfloat16(p[i * ldp + k])) * double(v[k * dv + c]);
+              ref += x;
+              mag += std::abs(x);
+            }
+            ASSERT_NEAR(o[i * ldo + c], ref,
+                        2.0 * (cols + 1) * attn_test::eps<float>() * std::max(mag, 1.0));
+          }
+          for (index_t c = dv; c < ldo; ++c) ASSERT_EQ(o[i * ldo + c], o0[i * ldo + c]);
+        }
+      }
+}
+#endif
+
 // ----------------------------------------------------------------- dispatch --
 
 TEST(Dispatch, PortableAlwaysRunsAndBestIsLast) {

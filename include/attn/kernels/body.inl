@@ -31,6 +31,18 @@ constexpr int tile_rows() {
   return (S::regs - 4) / 2;
 }
 
+/// Rows split into as few blocks of at most MR rows as possible, of sizes that
+/// differ by at most one (128 rows with MR = 14: 8 blocks of 13 and 2 of 12,
+/// not 9 of 14 and a slow one of 2).
+struct RowBlocks {
+  index_t count, base, extra;  // the first `extra` blocks have base + 1 rows
+  RowBlocks(index_t rows, index_t mr)
+      : count((rows + mr - 1) / mr),
+        base(count ? rows / count : 0),
+        extra(count ? rows % count : 0) {}
+  index_t size(index_t i) const { return base + (i < extra ? 1 : 0); }
+};
+
 // ------------------------------------------------------------- S = Q · Kᵀ --
 
 /// S[0:M, 0:NR] = Q[0:M, 0:d] · panelᵀ.
@@ -76,11 +88,13 @@ void score_impl(index_t rows, index_t cols, index_t d, const typename S::T* q, i
   using Fn = void (*)(index_t, index_t, const typename S::T*, index_t, const typename S::T*,
                       typename S::T*, index_t);
   static constexpr Fn by_rows[] = {&score_panels<S, I + 1>...};  // [M - 1]
-  constexpr int MR = static_cast<int>(sizeof...(I)), NR = k_panel<S>();
+  constexpr int NR = k_panel<S>();
   const index_t panels = (cols + NR - 1) / NR;
-  for (index_t i0 = 0; i0 < rows; i0 += MR) {
-    const index_t m = std::min<index_t>(MR, rows - i0);
+  const RowBlocks blocks(rows, static_cast<index_t>(sizeof...(I)));
+  for (index_t i = 0, i0 = 0; i < blocks.count; ++i) {
+    const index_t m = blocks.size(i);
     by_rows[m - 1](panels, d, q + i0 * ldq, ldq, kp, s + i0 * lds, lds);
+    i0 += m;
   }
 }
 
@@ -217,10 +231,11 @@ void pv_impl(index_t rows, index_t dvp, index_t cols, const typename S::T* p, in
   using Fn = void (*)(index_t, index_t, const typename S::T*, index_t, const typename S::T*,
                       index_t, typename S::T*, index_t);
   static constexpr Fn by_rows[] = {&pv_columns<S, I + 1>...};  // [M - 1]
-  constexpr int MR = static_cast<int>(sizeof...(I));
-  for (index_t i0 = 0; i0 < rows; i0 += MR) {
-    const index_t m = std::min<index_t>(MR, rows - i0);
+  const RowBlocks blocks(rows, static_cast<index_t>(sizeof...(I)));
+  for (index_t i = 0, i0 = 0; i < blocks.count; ++i) {
+    const index_t m = blocks.size(i);
     by_rows[m - 1](dvp, cols, p + i0 * ldp, ldp, v, ldv, o + i0 * ldo, ldo);
+    i0 += m;
   }
 }
 

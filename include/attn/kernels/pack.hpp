@@ -73,5 +73,57 @@ void pack_v(const KernelSet<Acc>& ks, const T* v, index_t row_stride, index_t co
   }
 }
 
+// ------------------------------------------------- bf16 pairs (vdpbf16ps) --
+
+/// The bits of a bfloat16.
+inline std::uint16_t bf16_bits(Eigen::bfloat16 x) {
+  return Eigen::numext::bit_cast<std::uint16_t>(x);
+}
+
+/// Elements of `cols` keys as bf16 K panels (bf16_avx512.hpp): 32-key panels, d rounded up to even.
+inline index_t packed_kb_size(index_t cols, index_t d) {
+  return (cols + 31) / 32 * 32 * (d + (d & 1));
+}
+
+/// Keys k[0, cols) into bf16 panels of 32 keys with head-dim elements paired:
+/// dst[((j·dp + t)·32 + c)·2 + e] = K[j·32 + c][2t + e]; zero past cols and d.
+inline void pack_kb(const Eigen::bfloat16* k, index_t row_stride, index_t col_stride, index_t cols,
+                    index_t d, std::uint16_t* dst) {
+  const index_t dp = (d + 1) / 2, panels = (cols + 31) / 32;
+  for (index_t j = 0; j < panels; ++j) {
+    std::uint16_t* panel = dst + j * 64 * dp;
+    for (index_t c = 0; c < 32; ++c) {
+      const index_t key = j * 32 + c;
+      for (index_t p = 0; p < 2 * dp; ++p)
+        panel[((p / 2) * 32 + c) * 2 + (p & 1)] =
+            key < cols && p < d ? bf16_bits(k[key * row_stride + p * col_stride]) : 0;
+    }
+  }
+}
+
+/// Values v[0, cols) with adjacent keys paired: dst[(t·dvp + c)·2 + e] = V[2t + e][c];
+/// zero past cols and dv.
+inline void pack_vb(const Eigen::bfloat16* v, index_t row_stride, index_t col_stride, index_t cols,
+                    index_t dv, index_t dvp, std::uint16_t* dst) {
+  const index_t pairs = (cols + 1) / 2;
+  for (index_t t = 0; t < pairs; ++t)
+    for (index_t e = 0; e < 2; ++e) {
+      const index_t key = 2 * t + e;
+      for (index_t c = 0; c < dvp; ++c)
+        dst[(t * dvp + c) * 2 + e] =
+            key < cols && c < dv ? bf16_bits(v[key * row_stride + c * col_stride]) : 0;
+    }
+}
+
+/// Query rows as bf16 bits, rows × dpad (ldq), zero in the padding column of an odd d.
+inline void pack_qb(const Eigen::bfloat16* q, index_t row_stride, index_t col_stride, index_t rows,
+                    index_t d, std::uint16_t* dst, index_t ldq) {
+  for (index_t r = 0; r < rows; ++r) {
+    for (index_t p = 0; p < d; ++p)
+      dst[r * ldq + p] = bf16_bits(q[r * row_stride + p * col_stride]);
+    if (d & 1) dst[r * ldq + d] = 0;
+  }
+}
+
 }  // namespace kernels
 }  // namespace attn

@@ -75,6 +75,22 @@
 #pragma GCC pop_options
 #endif
 
+// -------------------------------------------------------- AVX-512 + BF16 --
+#if defined(__clang__)
+#pragma clang attribute push(                                                               \
+    __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma,f16c"))), \
+    apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma,f16c")
+#endif
+#include "attn/kernels/bf16_avx512.hpp"
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
 #endif  // ATTN_KERNELS_X86
 
 namespace attn {
