@@ -1,0 +1,216 @@
+// attn/engine/walk.hpp — one query tile over a range of keys.
+//
+// The walk is the inner loop of every softmax-attention variant. For a tile of
+// `rows` scaled query rows of (batch b, query head h) it visits the key tiles of
+// [k_begin, k_end) that the mask does not rule out and folds each into a
+// Partial:
+//
+//   classify the tile (empty: skip; full: no per-element test; partial)
+//   S = Qs · K[k0:k0+Bc]ᵀ                                     (rows, Bc)
+//   S = score_mod(S); masked entries = -inf (partial tiles only)
+//   online softmax (m, l, O rescaled where m moved); O += P · V[k0:k0+Bc]  (rows, Dv)
+//
+// The three products are attn's micro-kernels (kernels/) of the instruction
+// set dispatch chose for the call. Keys and values come packed in the
+// kernels' layouts (kv/packed.hpp); masks and modifiers see global positions:
+// query row r of the tile is q_pos + r, key j of the source is k_pos + j
+// (AttentionOptions::positions).
+#pragma once
+
+#include "attn/engine/partial.hpp"
+#include "attn/kernels/dispatch.hpp"
+#include "attn/kv/packed.hpp"
+#include "attn/mask.hpp"
+#include "attn/options.hpp"
+#include "attn/tensor_view.hpp"
+
+#include "attn/core/eigen.hpp"
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace attn {
+namespace detail {
+
+/// Optional mask hook: `next_key(b, h, q0, q1, k)` returns the first key
+/// position >= k that any row of [q0, q1) may see (anything >= Lk if none).
+/// A mask whose key range is wide but mostly empty (block-sparse layouts with
+/// global key blocks) provides it, so the walk jumps over runs of empty
+/// tiles instead of classifying each one.
+template <class M, class = void>
+struct has_next_key : std::false_type {};
+template <class M>
+struct has_next_key<M, std::void_t<decltype(std::declval<const M&>().next_key(
+                           index_t{}, index_t{}, index_t{}, index_t{}, index_t{}))>>
+    : std::true_type {};
+
+/// Sets the scores of a partial tile that the mask hides to -inf: by interval
+/// when the mask knows each row's keys, element by element otherwise. q0 and k0
+/// are global positions.
+template <class Mask, class Acc>
+void mask_partial_tile(const Mask& mask, index_t b, index_t h, index_t q0, index_t k0, Acc* s,
+                       index_t lds, index_t rows, index_t cols) {
+  constexpr Acc neg_inf = -std::numeric_limits<Acc>::infinity();
+  for (index_t r = 0; r < rows; ++r) {
+    Acc* row = s + r * lds;
+    if constexpr (has_row_keys_v<Mask>) {
+      const KeyRange keys = mask.row_keys(b, h, q0 + r);
+      const index_t lo = std::clamp<index_t>(keys.begin - k0, 0, cols);
+      const index_t hi = std::clamp<index_t>(keys.end - k0, lo, cols);
+      std::fill(row, row + lo, neg_inf);
+      std::fill(row + hi, row + cols, neg_inf);
+    } else {
+      for (index_t c = 0; c < cols; ++c)
+        if (!mask.keep(b, h, q0 + r, k0 + c)) row[c] = neg_inf;
+    }
+  }
+}
+
+/// Per-worker scratch of the walk, allocated once per call.
+template <class Acc>
+struct WalkScratch {
+  index_t lds;            // row stride of S
+  std::vector<Acc> s;     // (Br, lds) scores, then probabilities
+  std::vector<Acc> k, v;  // one packed key / value tile, when the call does not pack once
+  std::vector<Acc> row;   // (D) one converted key row while packing
+  std::vector<std::uint16_t> qb, pb, kb, vb;  // bf16 pairs: Q, P, one K / V tile
+  AttentionStats stats;                       // this worker's share of the call's counters
+
+  template <class K, class V>
+  WalkScratch(index_t br, index_t bc, const PackedKV<Acc, K, V>& kv)
+      // S rows 32 floats longer than the tile (whole panels from a tile start rounded down),
+      // so no two rows are a multiple of 4 KiB apart: 1 KiB rows of a 256-key tile made the
+      // products 20% slower by cache aliasing.
+      : lds((bc + 2 * PackedKV<Acc, K, V>::tile_align - 1) / 32 * 32),
+        s(static_cast<std::size_t>(br * lds)), row(static_cast<std::size_t>(kv.d)) {
+    const index_t keys = bc + PackedKV<Acc, K, V>::tile_align;
+    if (!kv.whole) {
+      if (kv.bf16) {
+        kb.resize(static_cast<std::size_t>(kv.tile_k_size(keys)));
+        vb.resize(static_cast<std::size_t>(kv.tile_v_size(keys)));
+      } else {
+        k.resize(static_cast<std::size_t>(kv.tile_k_size(keys)));
+        if (!kv.v_in_place) v.resize(static_cast<std::size_t>(kv.tile_v_size(keys)));
+      }
+    }
+    if (kv.bf16) {
+      qb.resize(static_cast<std::size_t>(br * kv.dpad));
+      pb.resize(static_cast<std::size_t>(br * lds));
+    }
+  }
+
+  void add_to(AttentionStats* total) const {
+    if (!total) return;
+    total->full_tiles += stats.full_tiles;
+    total->partial_tiles += stats.partial_tiles;
+    total->skipped_tiles += stats.skipped_tiles;
+    total->scores += stats.scores;
+  }
+};
+
+/// The bound pieces of one call that every walk of it shares.
+template <class Acc, class KV, class Mask, class Mod>
+struct Walk {
+  const KV& kv;      // packed keys and values (kv/packed.hpp)
+  const Mask& mask;  // bound to the global shape
+  const Mod& mod;
+  index_t bc;     // keys per tile
+  index_t d, dv;  // head dims
+  index_t k_pos;  // global position of the source's key 0
+  Acc scale;      // bf16 products: applied to the fp32 sums (fp paths scale Q beforehand)
+
+  /// The source's keys [begin, end) that any query of global rows [q0, q1) may see;
+  /// begin rounded down to a multiple of KV::tile_align (tiles start on panel boundaries).
+  KeyRange key_range(index_t b, index_t h, index_t q0, index_t q1) const {
+    const KeyRange g = mask.key_range(b, h, q0, q1);
+    const index_t begin = std::clamp<index_t>(g.begin - k_pos, 0, kv.length());
+    return {begin / KV::tile_align * KV::tile_align,
+            std::clamp<index_t>(g.end - k_pos, 0, kv.length())};
+  }
+
+  /// Folds keys [k_begin, k_end) of the source (a grid of Bc-key tiles from
+  /// k_begin, a multiple of KV::tile_align) into `part`, whose rows are the
+  /// query rows of (b, h) at global positions q_pos, q_pos + 1, ...: `qs`
+  /// (ld D) scaled, or for bf16 products sc.qb as stored.
+  void run(WalkScratch<Acc>& sc, Partial<Acc>& part, index_t b, index_t h, index_t hk,
+           index_t q_pos, const Acc* qs, index_t k_begin, index_t k_end) const {
+    const kernels::KernelSet<Acc>& ks = kv.ks;
+    const index_t rows = part.rows, lds = sc.lds, dvp = kv.dvp, ldo = part.o.cols();
+    const index_t q_end = q_pos + rows;
+    for (index_t k0 = k_begin; k0 < k_end; k0 += bc) {
+      if constexpr (has_next_key<Mask>::value) {
+        // Jump whole tiles (the grid stays k_begin + n·Bc) to the one holding the next visible key.
+        const index_t next =
+            std::clamp(mask.next_key(b, h, q_pos, q_end, k_pos + k0) - k_pos, k0, k_end);
+        const index_t jump = (next - k0) / bc;
+        sc.stats.skipped_tiles += jump;
+        k0 += jump * bc;
+        if (k0 >= k_end) break;
+      }
+      const index_t cols = std::min(bc, k_end - k0);
+      const index_t gk0 = k_pos + k0;
+      const TileKind kind =
+          Mask::always_full ? TileKind::full : mask.classify(b, h, q_pos, q_end, gk0, gk0 + cols);
+      if (kind == TileKind::empty) {
+        ++sc.stats.skipped_tiles;
+        continue;
+      }
+      ++(kind == TileKind::full ? sc.stats.full_tiles : sc.stats.partial_tiles);
+      sc.stats.scores += rows * cols;
+
+      // This tile's keys and values: from the call's pack, or packed now.
+      PackedTile<Acc> t;
+      if (kv.whole) {
+        t = kv.tile_at(b, hk, k0);
+      } else {
+        kv.pack(b, hk, k0, cols, sc.row.data(), KV::at(sc.k, 0), KV::at(sc.v, 0), KV::at(sc.kb, 0),
+                KV::at(sc.vb, 0));
+        t = {KV::at(sc.k, 0), KV::at(sc.v, 0), KV::at(sc.kb, 0), KV::at(sc.vb, 0), dvp};
+      }
+      if constexpr (std::is_same<typename KV::value_type, Acc>::value) {
+        if (kv.v_in_place) {
+          const auto& vv = kv.src.v;
+          t.v = vv.data() + b * vv.stride(0) + hk * vv.stride(1) + k0 * vv.stride(2);
+          t.ldv = vv.stride(2);
+        }
+      }
+
+      // S = Qs · Kᵀ                                                          (rows, cols)
+      Acc* s = sc.s.data();
+      if (kv.bf16) {
+#if ATTN_KERNELS_X86
+        if constexpr (std::is_same<Acc, float>::value)
+          kernels::avx512_bf16::score(rows, cols, d, sc.qb.data(), kv.dpad, t.kb, s, lds, scale);
+#endif
+      } else {
+        ks.score(rows, cols, d, qs, d, t.k, s, lds);
+      }
+
+      mod.apply_tile(b, h, q_pos, gk0, s, lds, rows, cols);
+      if (kind == TileKind::partial) mask_partial_tile(mask, b, h, q_pos, gk0, s, lds, rows, cols);
+
+      // m' = max(m, rowmax(S)); P = exp(S - m'); l = l·exp(m - m') + rowsum(P); O = O·exp(m - m')
+      ks.softmax(rows, cols, s, lds, part.m.data(), part.l.data(), part.o.data(), ldo, dvp);
+
+      // O += P · V                                                           (rows, Dv)
+      if (kv.bf16) {
+#if ATTN_KERNELS_X86
+        if constexpr (std::is_same<Acc, float>::value) {  // P rounded to bf16 pairs of keys
+          kernels::avx512_bf16::round_to_bf16(rows, cols, s, lds, sc.pb.data(), lds);
+          kernels::avx512_bf16::accumulate_pv(rows, dvp, cols, sc.pb.data(), lds, t.vb,
+                                              part.o.data(), ldo);
+        }
+#endif
+      } else {
+        ks.pv(rows, dvp, cols, s, lds, t.v, t.ldv, part.o.data(), ldo);
+      }
+    }
+  }
+};
+
+}  // namespace detail
+}  // namespace attn
