@@ -56,12 +56,12 @@ def in_venv_or_reexec(venv):
         return
     except ImportError:
         py = os.path.join(venv, "bin", "python")
-        if not os.path.exists(py) or os.path.realpath(sys.executable) == os.path.realpath(py):
+        if not os.path.exists(py) or os.path.abspath(sys.prefix) == os.path.abspath(venv):
             sys.exit(f"compare_peers: torch/onnxruntime missing; run with --setup (venv {venv})")
         os.execv(py, [py] + sys.argv)
 
 
-def best_time(fn, reps, min_time=0.5):
+def best_time(fn, reps, min_time=0.2):
     fn()  # warm-up
     best = float("inf")
     start = time.perf_counter()
@@ -123,7 +123,7 @@ def time_attn(bench, threads):
     filt = "BM_flash(_bf16)?/(dense|causal)/N:(2048|4096)/D:(64|128)$|peak/"
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     res = subprocess.run([bench, f"--benchmark_filter={filt}", "--benchmark_format=json",
-                          "--benchmark_min_time=0.5"], env=env, capture_output=True, text=True, check=True)
+                          "--benchmark_min_time=0.1"], env=env, capture_output=True, text=True, check=True)
     data = json.loads(res.stdout)
     out, peaks = {}, {}
     for b in data["benchmarks"]:
@@ -134,7 +134,7 @@ def time_attn(bench, threads):
         parts = name.split("/")  # BM_flash/dense/N:4096/D:64/real_time
         kind = "bf16" if parts[0] == "BM_flash_bf16" else "fp32"
         n, d = int(parts[2][2:]), int(parts[3][2:])
-        out[(kind, parts[1] == "causal", n, d)] = b["GFLOPs"] / 1e9 if b["GFLOPs"] > 1e6 else b["GFLOPs"]
+        out[(kind, parts[1] == "causal", n, d)] = b["GFLOPs"]  # GFLOP/s (a rate counter)
     return out, peaks
 
 

@@ -295,7 +295,9 @@ TEST(Dispatch, PortableAlwaysRunsAndBestIsLast) {
   const auto isas = attn::supported_isas();
   ASSERT_FALSE(isas.empty());
   EXPECT_EQ(isas.front(), Isa::portable);
-  EXPECT_EQ(attn::best_isa(), isas.back());
+  // The widest, or avx512 where bf16 products do not pay (Intel).
+  EXPECT_TRUE(attn::best_isa() == isas.back() ||
+              (isas.back() == Isa::avx512_bf16 && attn::best_isa() == Isa::avx512));
 }
 
 TEST(Dispatch, SetIsaForcesAndResets) {

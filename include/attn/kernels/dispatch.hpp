@@ -2,7 +2,7 @@
 //
 // The CPU is asked once per process (CPUID, and XGETBV for the operating
 // system's register state) which of attn's kernel sets it can run; the
-// fastest one is used unless
+// fastest one (best_isa()) is used unless
 //   - the environment variable ATTN_ISA=avx512_bf16|avx512|avx2|portable
 //     names another (read once, at the first call that needs kernels), or
 //   - attn::set_isa(isa) was called (it wins over ATTN_ISA; reset_isa() undoes it).
@@ -61,6 +61,23 @@ inline unsigned available_isas() {
   return isas;
 }
 
+/// Whether vdpbf16ps outruns fp32 FMAs here. On AMD (Zen 4 and 5) it doubles
+/// the FLOP rate; on the Intel Xeons measured (Sapphire/Emerald Rapids) it
+/// issues at half the rate of fp32 FMAs (bf16 dot peak 0.5× the fp32 peak in
+/// the same run), so bf16 storage is faster through fp32 products there.
+inline bool bf16_products_pay() {
+#if ATTN_KERNELS_X86
+  static const bool amd = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid(0, &a, &b, &c, &d)) return false;
+    return b == 0x68747541u && d == 0x69746E65u && c == 0x444D4163u;  // "AuthenticAMD"
+  }();
+  return amd;
+#else
+  return false;
+#endif
+}
+
 /// "avx2, portable": the sets this CPU runs, fastest first.
 inline std::string available_isa_list() {
   std::string s;
@@ -117,8 +134,14 @@ inline std::vector<Isa> supported_isas() {
   return v;
 }
 
-/// The fastest instruction set this CPU runs.
-inline Isa best_isa() { return supported_isas().back(); }
+/// The instruction set used by default: the widest this CPU runs, except that
+/// avx512_bf16 is chosen only where bf16 products are faster than fp32 ones
+/// (AMD; on Intel Xeons avx512 is the default and ATTN_ISA=avx512_bf16 or
+/// set_isa() still select the bf16 products).
+inline Isa best_isa() {
+  const Isa widest = supported_isas().back();
+  return widest == Isa::avx512_bf16 && !detail::bf16_products_pay() ? Isa::avx512 : widest;
+}
 
 /// Forces `isa` for every later call in this process (all threads). Throws
 /// attn::Error, and changes nothing, when the CPU cannot run it.
