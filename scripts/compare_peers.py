@@ -120,7 +120,7 @@ def time_ort(threads, reps):
 
 
 def time_attn(bench, threads):
-    filt = "BM_flash(_bf16)?/(dense|causal)/N:(2048|4096)/D:(64|128)$|peak/"
+    filt = "BM_flash(_bf16)?/(dense|causal)/N:(2048|4096)/D:(64|128)/real_time|peak/"
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     res = subprocess.run([bench, f"--benchmark_filter={filt}", "--benchmark_format=json",
                           "--benchmark_min_time=0.1"], env=env, capture_output=True, text=True, check=True)
