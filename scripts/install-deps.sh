@@ -3,7 +3,7 @@
 # Usage: bash scripts/install-deps.sh [--if-missing]
 set -euo pipefail
 packages=(g++ clang libomp-dev libclang-rt-14-dev clang-format cmake make libeigen3-dev libgtest-dev googletest libbenchmark-dev
-          python3 python3-matplotlib)
+          python3 python3-matplotlib libopenmpi-dev openmpi-bin)
 if [[ "${1:-}" == "--if-missing" ]] && dpkg -s "${packages[@]}" >/dev/null 2>&1; then
   exit 0
 fi

@@ -29,12 +29,22 @@ done
 for exe in "$build"/bench/bench_*; do
   name=$(basename "$exe")
   echo "== $name"
-  "$exe" "${sweep[@]}" --benchmark_repetitions=$reps --benchmark_out="$build/results/$name.json" \
-         --benchmark_out_format=json
+  launch=()
+  if [[ $name == bench_ring ]]; then  # MPI: two ranks of one thread, unbound (a shared machine)
+    launch=(env OMP_NUM_THREADS=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+            mpirun -np 2 --oversubscribe --bind-to none)
+  fi
+  "${launch[@]}" "$exe" "${sweep[@]}" --benchmark_repetitions=$reps \
+         --benchmark_out="$build/results/$name.json" --benchmark_out_format=json
 done
 echo "== plots and summary table"
 /usr/bin/python3 scripts/plot_bench.py "$build"/results/*.json --out-dir "$build/results" \
   --table "$build/results/summary.md"
 echo "== examples/quickstart"
 "$build"/examples/quickstart
+if [[ -x "$build"/examples/ring_attention ]]; then
+  echo "== examples/ring_attention (4 MPI ranks)"
+  OMP_NUM_THREADS=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 \
+    mpirun -np 4 --oversubscribe "$build"/examples/ring_attention
+fi
 echo "results: $build/results/"

@@ -83,13 +83,16 @@ void flash_forward(const TensorView<const Q, 4>& q, const StridedKV<K, V>& src,
   const index_t tasks = schedule.tasks();
   const int threads = resolve_threads(opt.num_threads, tasks);
   const bool want_lse = !opt.lse.is_null();
+  const AttentionShape global = global_shape(shape, opt.positions);
+  const DropoutGen drop =
+      DropoutGen::bind(opt.dropout, shape.batch, shape.q_heads, global.lq, global.lk);
 
   // Pack once for the call when more than one query tile or query head reads each key.
   Packed kv(src, ks, use_bf16, shape.d, shape.dv, bc,
             schedule.q_tiles() * (shape.q_heads / shape.kv_heads) > 1);
   kv.pack_all(shape.batch, opt.num_threads);
   const Walk<Acc, Packed, Mask, Mod> walk{
-      kv, mask, mod, bc, shape.d, shape.dv, opt.positions.k_offset, scale};
+      kv, mask, mod, bc, shape.d, shape.dv, opt.positions.k_offset, scale, &drop};
 
   auto make_scratch = [&] { return std::make_unique<ForwardScratch<Acc>>(br, bc, kv); };
 

@@ -15,6 +15,10 @@
 // kernels' layouts (kv/packed.hpp); masks and modifiers see global positions:
 // query row r of the tile is q_pos + r, key j of the source is k_pos + j
 // (AttentionOptions::positions).
+//
+// With dropout, the P that multiplies V is P ∘ M / (1 - p) (M the Philox keep
+// decisions at global positions); l and lse keep the undropped P, as
+// FlashAttention does.
 #pragma once
 
 #include "attn/engine/partial.hpp"
@@ -22,6 +26,7 @@
 #include "attn/kv/packed.hpp"
 #include "attn/mask.hpp"
 #include "attn/options.hpp"
+#include "attn/policy/dropout.hpp"
 #include "attn/tensor_view.hpp"
 
 #include "attn/core/eigen.hpp"
@@ -122,6 +127,7 @@ struct Walk {
   index_t d, dv;  // head dims
   index_t k_pos;  // global position of the source's key 0
   Acc scale;      // bf16 products: applied to the fp32 sums (fp paths scale Q beforehand)
+  const DropoutGen* dropout = nullptr;  // bound to the global shape; null or disabled: none
 
   /// The source's keys [begin, end) that any query of global rows [q0, q1) may see;
   /// begin rounded down to a multiple of KV::tile_align (tiles start on panel boundaries).
@@ -195,6 +201,9 @@ struct Walk {
 
       // m' = max(m, rowmax(S)); P = exp(S - m'); l = l·exp(m - m') + rowsum(P); O = O·exp(m - m')
       ks.softmax(rows, cols, s, lds, part.m.data(), part.l.data(), part.o.data(), ldo, dvp);
+      if (dropout && dropout->enabled)  // P -> P ∘ M / (1 - p) for O only
+        for (index_t r = 0; r < rows; ++r)
+          dropout->apply_row(b, h, q_pos + r, gk0, s + r * lds, cols);
 
       // O += P · V                                                           (rows, Dv)
       if (kv.bf16) {
