@@ -6,17 +6,22 @@
 //           threads, one reused S buffer per thread (a careful hand-written Eigen version)
 //   gemm    per head: the same two products without the softmax: the roofline
 //           of what Eigen's GEMM reaches on these shapes on this machine
+//   flash_bf16  the flash rows with Eigen::bfloat16 q, k, v and out (peak_frac
+//           against the bf16 dot-product peak where the CPU has AVX512-BF16)
+//   flash/isa:<isa>  dense and causal rows at the target shapes with the
+//           kernels of each instruction set this CPU runs (attn::set_isa)
 //
 //   bench_attention           D = 64 and 128 at N = 512 ... 4096 (a short run)
 //   bench_attention --sweep   D = 64 at N = 256 ... 65536 as well; rows past the
 //                             limits of bench_support.hpp (N² buffers over 4 GiB,
 //                             calls over 2 TFLOP) are skipped with a note
 //
-// Counters: GFLOPs (GFLOP/s) with flops = 4·B·H·Lq·Lk·D (dense) or 4·B·H·D·N(N+1)/2
-// (causal: only the pairs that are kept), for every row, so rows compare
-// directly; roofline_frac against the row roofline/gemm (a 2048³ sgemm);
-// x_baseline on flash rows = naive time / flash time at the same shape.
-// Peak memory: BM_peak_rss runs each path once in a child process.
+// Counters: peak_frac against the peak rows (fp32 FMA and bf16 dot peaks of
+// each ISA, measured in the same run); GFLOPs (GFLOP/s) with flops = 4·B·H·Lq·Lk·D (dense) or
+// 4·B·H·D·N(N+1)/2 (causal: only the pairs that are kept), for every row, so rows compare directly;
+// roofline_frac against the row roofline/gemm (a 2048³ sgemm); x_baseline on flash rows = naive
+// time / flash time at the same shape. Peak memory: BM_peak_rss runs each path once in a child
+// process.
 #include "bench_support.hpp"
 
 #include <cmath>
@@ -37,6 +42,22 @@ struct Problem {
       : n(n_), d(d_), q(random_buffer(static_cast<std::size_t>(kBatch * kHeads * n * d), 1)),
         k(random_buffer(q.size(), 2)), v(random_buffer(q.size(), 3)), o(q.size()) {}
   attn::Tensor4<float> view(std::vector<float>& b) {
+    return attn::bhsd(b.data(), kBatch, kHeads, n, d);
+  }
+};
+
+/// The same problem stored in bfloat16.
+struct ProblemBf16 {
+  index_t n, d;
+  std::vector<Eigen::bfloat16> q, k, v, o;
+  static std::vector<Eigen::bfloat16> to_bf16(const std::vector<float>& f) {
+    std::vector<Eigen::bfloat16> r(f.size());
+    for (std::size_t i = 0; i < f.size(); ++i) r[i] = Eigen::bfloat16(f[i]);
+    return r;
+  }
+  explicit ProblemBf16(const Problem& p)
+      : n(p.n), d(p.d), q(to_bf16(p.q)), k(to_bf16(p.k)), v(to_bf16(p.v)), o(p.o.size()) {}
+  attn::Tensor4<Eigen::bfloat16> view(std::vector<Eigen::bfloat16>& b) {
     return attn::bhsd(b.data(), kBatch, kHeads, n, d);
   }
 };
@@ -76,6 +97,41 @@ void BM_flash(benchmark::State& state, bool causal) {
   });
   set_gflops(state, flops, t);
   set_ratio(state, key(causal, n, d), t);
+}
+
+/// bf16 storage: GFLOPs and peak_frac against the bf16 dot peak.
+void BM_flash_bf16(benchmark::State& state, bool causal) {
+  const index_t n = state.range(0), d = state.range(1);
+  const double flops = attention_flops(n, d, causal);
+  if (skip_over_limits(state, causal ? "flash bf16 causal" : "flash bf16 dense", 0, flops)) return;
+  const Problem p32(n, d);
+  ProblemBf16 p(p32);
+  auto q = p.view(p.q), k = p.view(p.k), v = p.view(p.v), o = p.view(p.o);
+  const double t = timed_loop(state, [&] {
+    if (causal)
+      attn::masked_attention(q, k, v, o, attn::causal());
+    else
+      attn::scaled_dot_product_attention(q, k, v, o);
+    benchmark::DoNotOptimize(p.o.data());
+    benchmark::ClobberMemory();
+  });
+  set_gflops(state, flops, t, 0, Peak::bf16);
+}
+
+/// The flash row with the kernels of one instruction set forced.
+void BM_flash_isa(benchmark::State& state, attn::Isa isa, bool causal) {
+  attn::set_isa(isa);
+  const index_t n = state.range(0), d = state.range(1);
+  const double flops = attention_flops(n, d, causal);
+  Problem p(n, d);
+  const double t = timed_loop(state, [&] {
+    run_flash(p, causal);
+    benchmark::DoNotOptimize(p.o.data());
+    benchmark::ClobberMemory();
+  });
+  set_gflops(state, flops, t);
+  state.counters["peak_frac"] = flops / t * 1e-9 / fp32_peak_gflops(isa);
+  attn::reset_isa();
 }
 
 // --------------------------------------------------------------------- naive --
@@ -168,6 +224,22 @@ void register_timings(bool sweep) {
       "BM_flash/dense", [](benchmark::State& s) { BM_flash(s, false); }, sweep);
   register_shapes(
       "BM_flash/causal", [](benchmark::State& s) { BM_flash(s, true); }, sweep);
+  register_shapes(
+      "BM_flash_bf16/dense", [](benchmark::State& s) { BM_flash_bf16(s, false); }, sweep);
+  register_shapes(
+      "BM_flash_bf16/causal", [](benchmark::State& s) { BM_flash_bf16(s, true); }, sweep);
+  // Every ISA at the shapes of the performance targets (dense D = 64 N = 4096,
+  // D = 128 N = 2048 and 4096; causal N = 4096).
+  for (attn::Isa isa : attn::supported_isas())
+    for (bool causal : {false, true}) {
+      auto* b = benchmark::RegisterBenchmark(
+          (std::string("BM_flash/") + (causal ? "causal" : "dense") + "/isa:" + attn::isa_name(isa))
+              .c_str(),
+          [isa, causal](benchmark::State& s) { BM_flash_isa(s, isa, causal); });
+      b->ArgNames({"N", "D"});
+      if (!causal) b->Args({4096, 64})->Args({2048, 128});
+      b->Args({4096, 128})->UseRealTime()->Unit(benchmark::kMillisecond);
+    }
 }
 
 // ------------------------------------------------------------- peak memory --

@@ -1,6 +1,15 @@
 // bench/bench_support.hpp — helpers shared by the attn benchmarks.
 //
-// Besides buffers and peak memory, three things every binary reports the same way:
+// Besides buffers and peak memory, four things every binary reports the same way:
+//
+//   peak       the machine's ceiling, measured in the same run: fp32_peak_gflops(isa)
+//              is a register-only loop of 16 independent FMA chains per thread
+//              (vfmadd of the ISA's widest vector) on the benchmark's threads, and
+//              bf16_peak_gflops() the same loop of vdpbf16ps (AVX512-BF16 only).
+//              register_peak_rows() adds them as rows `peak/fp32/<isa>` and
+//              `peak/bf16/avx512_bf16`; set_gflops() gives every GFLOP/s row
+//              peak_frac = row GFLOP/s / the fp32 peak of attn::active_isa()
+//              (or of the bf16 peak, for rows that say Peak::bf16).
 //
 //   roofline   roofline_gflops() measures once per process what a 2048³ Eigen sgemm
 //              reaches with the benchmark's thread count; register_roofline_row()
@@ -25,6 +34,7 @@
 #pragma once
 
 #include <attn/attn.hpp>
+#include <attn/kernels/dispatch.hpp>
 
 #include <benchmark/benchmark.h>
 
@@ -44,6 +54,13 @@
 
 #ifdef _OPENMP
 #include <omp.h>
+#endif
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define ATTN_BENCH_X86 1
+#else
+#define ATTN_BENCH_X86 0
 #endif
 
 namespace attn_bench {
@@ -108,6 +125,158 @@ double timed_loop(benchmark::State& state, F&& body) {
   return state.iterations() > 0 ? elapsed.count() / static_cast<double>(state.iterations()) : 0.0;
 }
 
+// -------------------------------------------------------------------- peak --
+
+/// Which ceiling a row is compared with.
+enum class Peak { fp32, bf16 };
+
+namespace detail {
+
+/// Keeps 16 accumulators in registers and the loop from being folded away.
+#define ATTN_BENCH_KEEP(a)                                                                       \
+  __asm__ volatile(""                                                                            \
+                   : "+x"(a[0]), "+x"(a[1]), "+x"(a[2]), "+x"(a[3]), "+x"(a[4]), "+x"(a[5]),     \
+                     "+x"(a[6]), "+x"(a[7]));                                                    \
+  __asm__ volatile(""                                                                            \
+                   : "+x"(a[8]), "+x"(a[9]), "+x"(a[10]), "+x"(a[11]), "+x"(a[12]), "+x"(a[13]), \
+                     "+x"(a[14]), "+x"(a[15]))
+
+#if ATTN_BENCH_X86
+/// FLOP of `iters` rounds of 16 independent FMAs on one thread, per ISA.
+__attribute__((target("avx512f"))) inline double fma_loop_avx512(long iters) {
+  __m512 a[16];
+  for (int i = 0; i < 16; ++i) a[i] = _mm512_set1_ps(1.0f + 1e-3f * static_cast<float>(i));
+  const __m512 b = _mm512_set1_ps(0.999999f), c = _mm512_set1_ps(1e-7f);
+  for (long it = 0; it < iters; ++it) {
+    for (int i = 0; i < 16; ++i) a[i] = _mm512_fmadd_ps(a[i], b, c);
+    ATTN_BENCH_KEEP(a);
+  }
+  return 16.0 * 16 * 2 * static_cast<double>(iters);
+}
+__attribute__((target("avx2,fma"))) inline double fma_loop_avx2(long iters) {
+  __m256 a[16];
+  for (int i = 0; i < 16; ++i) a[i] = _mm256_set1_ps(1.0f + 1e-3f * static_cast<float>(i));
+  const __m256 b = _mm256_set1_ps(0.999999f), c = _mm256_set1_ps(1e-7f);
+  for (long it = 0; it < iters; ++it) {
+    for (int i = 0; i < 16; ++i) a[i] = _mm256_fmadd_ps(a[i], b, c);
+    ATTN_BENCH_KEEP(a);
+  }
+  return 16.0 * 8 * 2 * static_cast<double>(iters);
+}
+/// vdpbf16ps: 16 lanes × 2 products × 2 FLOP per instruction.
+__attribute__((target("avx512f,avx512bf16"))) inline double dpbf16_loop(long iters) {
+  __m512 a[16];
+  for (int i = 0; i < 16; ++i) a[i] = _mm512_set1_ps(static_cast<float>(i));
+  const __m512bh b = (__m512bh)_mm512_set1_epi16(0x3f80), c = (__m512bh)_mm512_set1_epi16(0x3380);
+  for (long it = 0; it < iters; ++it) {
+    for (int i = 0; i < 16; ++i) a[i] = _mm512_dpbf16_ps(a[i], b, c);
+    ATTN_BENCH_KEEP(a);
+  }
+  return 16.0 * 16 * 2 * 2 * static_cast<double>(iters);
+}
+#endif
+
+/// The portable kernels' ceiling: 16 accumulators of the baseline's 4-float vector.
+inline double fma_loop_portable(long iters) {
+  typedef float v4 __attribute__((vector_size(16)));
+  v4 a[16];
+  for (int i = 0; i < 16; ++i) a[i] = v4{} + (1.0f + 1e-3f * static_cast<float>(i));
+  const v4 b = v4{} + 0.999999f, c = v4{} + 1e-7f;
+  for (long it = 0; it < iters; ++it) {
+    for (int i = 0; i < 16; ++i) a[i] = a[i] * b + c;
+    ATTN_BENCH_KEEP(a);
+  }
+  return 16.0 * 4 * 2 * static_cast<double>(iters);
+}
+#undef ATTN_BENCH_KEEP
+
+/// GFLOP/s of `loop` run on `threads` threads at once (0: all): best of 5
+/// rounds of about 0.1 s (other processes only ever slow a round down).
+template <class Loop>
+double measure_peak(Loop loop, int threads) {
+  const int n = threads > 0 ? threads : max_threads();
+  const long iters = 2'000'000;
+  double best = 0;
+  for (int rep = 0; rep < 5; ++rep) {
+    double flops = 0;
+    const auto start = std::chrono::steady_clock::now();
+#ifdef _OPENMP
+#pragma omp parallel num_threads(n) reduction(+ : flops)
+#endif
+    flops += loop(iters);
+    const std::chrono::duration<double> t = std::chrono::steady_clock::now() - start;
+    best = std::max(best, flops / t.count() * 1e-9);
+  }
+  return best;
+}
+
+inline double measure_fp32_peak(attn::Isa isa, int threads) {
+#if ATTN_BENCH_X86
+  if (isa == attn::Isa::avx512 || isa == attn::Isa::avx512_bf16)
+    return measure_peak(fma_loop_avx512, threads);
+  if (isa == attn::Isa::avx2) return measure_peak(fma_loop_avx2, threads);
+#endif
+  (void)isa;
+  return measure_peak(fma_loop_portable, threads);
+}
+
+}  // namespace detail
+
+/// fp32 FMA peak (GFLOP/s) of `isa`'s vectors on `threads` threads (0: all),
+/// measured on the first call for each (isa, threads), then cached.
+inline double fp32_peak_gflops(attn::Isa isa, int threads = 0) {
+  static std::map<std::pair<int, int>, double> cache;
+  const auto key = std::make_pair(static_cast<int>(isa), threads);
+  auto it = cache.find(key);
+  if (it == cache.end()) it = cache.emplace(key, detail::measure_fp32_peak(isa, threads)).first;
+  return it->second;
+}
+
+/// bf16 dot-product peak (vdpbf16ps, GFLOP/s), 0 when this CPU lacks AVX512-BF16.
+inline double bf16_peak_gflops(int threads = 0) {
+  static std::map<int, double> cache;
+  auto it = cache.find(threads);
+  if (it == cache.end()) {
+    double g = 0;
+#if ATTN_BENCH_X86
+    if (attn::isa_supported(attn::Isa::avx512_bf16))
+      g = detail::measure_peak(detail::dpbf16_loop, threads);
+#endif
+    it = cache.emplace(threads, g).first;
+  }
+  return it->second;
+}
+
+/// Sets peak_frac = gflops / the ceiling of `peak` for the active ISA.
+inline void set_peak_frac(benchmark::State& state, double gflops, Peak peak = Peak::fp32,
+                          int threads = 0) {
+  const double ceiling = peak == Peak::bf16 && bf16_peak_gflops(threads) > 0
+                             ? bf16_peak_gflops(threads)
+                             : fp32_peak_gflops(attn::active_isa(), threads);
+  state.counters["peak_frac"] = gflops / ceiling;
+}
+
+/// Registers `peak/fp32/<isa>` for every ISA this CPU runs and
+/// `peak/bf16/avx512_bf16` where it has BF16: each row's GFLOPs is the probe's.
+inline void register_peak_rows(int threads = 0) {
+  for (attn::Isa isa : attn::supported_isas()) {
+    if (isa == attn::Isa::avx512_bf16) continue;  // the same fp32 FMAs as avx512
+    benchmark::RegisterBenchmark((std::string("peak/fp32/") + attn::isa_name(isa)).c_str(),
+                                 [isa, threads](benchmark::State& state) {
+                                   double g = 0;
+                                   for (auto _ : state) g = fp32_peak_gflops(isa, threads);
+                                   state.counters["GFLOPs"] = g;
+                                 })
+        ->Iterations(1);
+  }
+  if (attn::isa_supported(attn::Isa::avx512_bf16))
+    benchmark::RegisterBenchmark("peak/bf16/avx512_bf16", [threads](benchmark::State& state) {
+      double g = 0;
+      for (auto _ : state) g = bf16_peak_gflops(threads);
+      state.counters["GFLOPs"] = g;
+    })->Iterations(1);
+}
+
 // ---------------------------------------------------------------- roofline --
 
 namespace detail {
@@ -151,22 +320,28 @@ inline double roofline_gflops(int threads = 0) {
 /// one's own; set_gflops() sets both.
 inline void set_roofline_frac(benchmark::State& state, double gflops, int threads = 0) {
   state.counters["roofline_frac"] = gflops / roofline_gflops(threads);
+  set_peak_frac(state, gflops, Peak::fp32, threads);
 }
 
 /// Sets the rate counter `GFLOPs` (GFLOP/s of `flops_per_iter` FLOP per
 /// iteration, counting only computed work) and roofline_frac, for a row whose
 /// loop took `seconds_per_iter` (timed_loop's result).
 inline void set_gflops(benchmark::State& state, double flops_per_iter, double seconds_per_iter,
-                       int threads = 0) {
+                       int threads = 0, Peak peak = Peak::fp32) {
   state.counters["GFLOPs"] = flops_rate(flops_per_iter * 1e-9);
-  if (seconds_per_iter > 0)
+  if (seconds_per_iter > 0) {
     set_roofline_frac(state, flops_per_iter * 1e-9 / seconds_per_iter, threads);
+    if (peak != Peak::fp32)
+      set_peak_frac(state, flops_per_iter * 1e-9 / seconds_per_iter, peak, threads);
+  }
 }
 
-/// Registers the row `roofline/gemm`: the probe's 2048³ sgemm timed as a
-/// benchmark, with GFLOPs, roofline_frac (about 1) and probe_GFLOPs (the
-/// denominator of every roofline_frac in this run). Register it first.
+/// Registers the peak rows (register_peak_rows), then the row `roofline/gemm`:
+/// the probe's 2048³ sgemm timed as a benchmark, with GFLOPs, roofline_frac
+/// (about 1) and probe_GFLOPs (the denominator of every roofline_frac in this
+/// run). Register it first.
 inline void register_roofline_row(int threads = 0) {
+  register_peak_rows(threads);
   benchmark::RegisterBenchmark(
       "roofline/gemm",
       [threads](benchmark::State& state) {

@@ -3,6 +3,7 @@
 
 #include "attn/attention_weights.hpp"
 #include "attn/cross.hpp"
+#include "attn/kernels/dispatch.hpp"
 #include "attn/kv/cache.hpp"
 #include "attn/kv/paged.hpp"
 #include "attn/linear.hpp"

@@ -2,15 +2,19 @@
 //
 // Every softmax-attention variant of attn (dense, masked, causal, sliding
 // window, block-sparse) is this function with another mask policy and score
-// modifier. Each task of the schedule (batch b, query head h, query tile of
-// Br rows) scales its query rows once, walks the key tiles its mask allows
-// (engine/walk.hpp) into a Partial (engine/partial.hpp), and finalizes:
+// modifier. The call picks its kernels once (kernels/dispatch.hpp), packs K
+// and V in their layouts (kv/packed.hpp: once for the call when query tiles
+// or GQA heads share them), then each task of the schedule (batch b, query
+// head h, query tile of Br rows) scales its query rows once, walks the key
+// tiles its mask allows (engine/walk.hpp) into a Partial
+// (engine/partial.hpp), and finalizes:
 //
 //   out = O / l;  lse = m + log(l)  (zeros and -inf for rows that see no key)
 //
 // Scratch is O(Br·Bc + Br·(D+Dv) + Bc·(D+Dv)) per worker, allocated once per
-// call; nothing grows with Lq·Lk. A task's arithmetic depends only on the
-// task, so results are bitwise identical for any thread count.
+// call, plus at most one packed copy of K and V (O(N·D)); nothing grows with
+// Lq·Lk. A task's arithmetic depends only on the task and the instruction
+// set, so results are bitwise identical for any thread count.
 #pragma once
 
 #include "attn/core/types.hpp"
@@ -20,6 +24,8 @@
 #include "attn/engine/schedule.hpp"
 #include "attn/engine/segments.hpp"
 #include "attn/engine/walk.hpp"
+#include "attn/kernels/dispatch.hpp"
+#include "attn/kv/packed.hpp"
 #include "attn/kv/strided.hpp"
 #include "attn/mask.hpp"
 #include "attn/options.hpp"
@@ -39,7 +45,8 @@ namespace attn {
 namespace detail {
 
 /// Tile constants (see PERF.md: 128 × 256 was the best simple choice at
-/// D = 64 and 128 on the target machine).
+/// D = 64 and 128 on the target machine; 128 rows split into register-tile
+/// blocks of 13 and 12 rows on AVX-512, see kernels/body.inl RowBlocks).
 struct TileTraits {
   static constexpr index_t block_q = 128;
   static constexpr index_t block_k = 256;
@@ -49,19 +56,27 @@ struct TileTraits {
 /// Per-worker scratch of the forward.
 template <class Acc>
 struct ForwardScratch {
-  RowMatrix<Acc> q;  // (Br, D) scaled query tile
+  RowMatrix<Acc> q;  // (Br, D) scaled query tile (fp products)
   Partial<Acc> part;
   WalkScratch<Acc> walk;
-  ForwardScratch(index_t br, index_t bc, index_t d, index_t dv, bool pack_k, bool pack_v)
-      : q(br, d), part(br, dv), walk(br, bc, d, dv, pack_k, pack_v) {}
+  template <class PKV>
+  ForwardScratch(index_t br, index_t bc, const PKV& kv)
+      : q(kv.bf16 ? 0 : br, kv.d), part(br, kv.dv, kv.dvp), walk(br, bc, kv) {}
 };
 
 /// The engine. Arguments are already checked; mask and mod are bound to the
 /// global shape (AttentionOptions::positions).
-template <class Acc, class Q, class KV, class O, class Mask, class Mod>
-void flash_forward(const TensorView<const Q, 4>& q, const KV& kv, const TensorView<O, 4>& out,
-                   const AttentionShape& shape, const Mask& mask, const Mod& mod,
-                   const AttentionOptions& opt) {
+template <class Acc, class Q, class K, class V, class O, class Mask, class Mod>
+void flash_forward(const TensorView<const Q, 4>& q, const StridedKV<K, V>& src,
+                   const TensorView<O, 4>& out, const AttentionShape& shape, const Mask& mask,
+                   const Mod& mod, const AttentionOptions& opt) {
+  const Isa isa = active_isa();
+  const kernels::KernelSet<Acc>& ks = kernels::kernel_set<Acc>(isa);
+  using Packed = PackedKV<Acc, StridedKV<K, V>>;
+  // bf16 q, k and v on an AVX512-BF16 CPU: products on bf16 pairs (vdpbf16ps).
+  constexpr bool bf16_storage = Packed::bf16_storage && std::is_same<Q, Eigen::bfloat16>::value;
+  const bool use_bf16 = ATTN_KERNELS_X86 && bf16_storage && isa == Isa::avx512_bf16;
+
   const Acc scale =
       static_cast<Acc>(opt.scale.value_or(1.0 / std::sqrt(static_cast<double>(shape.d))));
   const index_t br = std::min(opt.block_q > 0 ? opt.block_q : TileTraits::block_q, shape.lq);
@@ -85,7 +100,7 @@ void flash_forward(const TensorView<const Q, 4>& q, const KV& kv, const TensorVi
       sg.mod = &mod;
       sg.dropout = &drop;
     }
-    segment_forward<Acc, Q>(q, kv, out, segs, shape.q_heads, shape.kv_heads, shape.d, shape.dv, br,
+    segment_forward<Acc, Q>(q, src, out, segs, shape.q_heads, shape.kv_heads, shape.d, shape.dv, br,
                             bc, opt);
     return;
   }
@@ -93,24 +108,32 @@ void flash_forward(const TensorView<const Q, 4>& q, const KV& kv, const TensorVi
   const index_t tasks = schedule.tasks();
   const int threads = resolve_threads(opt.num_threads, tasks);
   const bool want_lse = !opt.lse.is_null();
-  const bool pack_k = kv.template packs_keys<Acc>(), pack_v = kv.template packs_values<Acc>();
-  const Walk<Acc, KV, Mask, Mod> walk{
-      kv, mask, mod, bc, shape.d, shape.dv, opt.positions.k_offset, &drop};
 
-  auto make_scratch = [&] {
-    return std::make_unique<ForwardScratch<Acc>>(br, bc, shape.d, shape.dv, pack_k, pack_v);
-  };
+  // Pack once for the call when more than one query tile or query head reads each key.
+  Packed kv(src, ks, use_bf16, shape.d, shape.dv, bc,
+            schedule.q_tiles() * (shape.q_heads / shape.kv_heads) > 1, shape.kv_heads);
+  kv.pack_all(shape.batch, opt.num_threads);
+  const Walk<Acc, Packed, Mask, Mod> walk{
+      kv, mask, mod, bc, shape.d, shape.dv, opt.positions.k_offset, scale, &drop};
+
+  auto make_scratch = [&] { return std::make_unique<ForwardScratch<Acc>>(br, bc, kv); };
 
   auto run_task = [&](ForwardScratch<Acc>& sc, index_t t) {
     const Task task = schedule(t);
     const index_t b = task.b, h = task.h, rows = task.rows;
     const index_t q_pos = opt.positions.q_offset + task.q0;  // global position of the first row
 
-    auto qs = sc.q.topRows(rows);
-    qs = matrix(q, b, h).middleRows(task.q0, rows).template cast<Acc>() * scale;  // (rows, D)
+    if (use_bf16) {
+      if constexpr (bf16_storage)  // as stored; the kernel scales the fp32 sums
+        kernels::pack_qb(q.data() + b * q.stride(0) + h * q.stride(1) + task.q0 * q.stride(2),
+                         q.stride(2), q.stride(3), rows, shape.d, sc.walk.qb.data(), kv.dpad);
+    } else {
+      sc.q.topRows(rows) =
+          matrix(q, b, h).middleRows(task.q0, rows).template cast<Acc>() * scale;  // (rows, D)
+    }
     sc.part.reset(rows);
     const KeyRange kr = walk.key_range(b, h, q_pos, q_pos + rows);
-    walk.run(sc.walk, sc.part, b, h, shape.kv_head(h), q_pos, qs.data(), kr.begin, kr.end);
+    walk.run(sc.walk, sc.part, b, h, shape.kv_head(h), q_pos, sc.q.data(), kr.begin, kr.end);
 
     // out = O / l; rows that saw no key (l = 0) give zeros and lse = -inf;
     // a NaN score makes l NaN, and the row and its lse stay NaN.

@@ -26,12 +26,15 @@ template <class Acc>
 struct Partial {
   static constexpr Acc neg_inf = -std::numeric_limits<Acc>::infinity();
 
-  RowMatrix<Acc> o;                        // (Br, Dv) unnormalised output
+  RowMatrix<Acc> o;  // (Br, dvp) unnormalised output; columns past Dv stay zero
   Eigen::Array<Acc, Eigen::Dynamic, 1> m;  // (Br) running row max
   Eigen::Array<Acc, Eigen::Dynamic, 1> l;  // (Br) running Σ exp(s - m)
   index_t rows = 0;
+  index_t dv = 0;
 
-  Partial(index_t br, index_t dv) : o(br, dv), m(br), l(br) {}
+  /// `dvp` >= dv columns of O: the kernels' padded width (kernels::padded_dv).
+  Partial(index_t br, index_t dv_, index_t dvp) : o(br, dvp), m(br), l(br), dv(dv_) {}
+  Partial(index_t br, index_t dv_) : Partial(br, dv_, dv_) {}
 
   /// Starts `r` rows that have seen no key.
   void reset(index_t r) {
@@ -67,7 +70,7 @@ struct Partial {
   template <class Row>
   void write_row(index_t r, Row&& dst) const {
     const Acc inv = l(r) == Acc(0) ? Acc(0) : Acc(1) / l(r);
-    dst = (o.row(r) * inv).template cast<typename std::decay_t<Row>::Scalar>();
+    dst = (o.row(r).head(dv) * inv).template cast<typename std::decay_t<Row>::Scalar>();
   }
 };
 

@@ -118,6 +118,8 @@ void segment_forward(const TensorView<const Q, 4>& q, const KV& kv, const Tensor
                      const std::vector<Segment<Mask, Mod>>& segs, index_t q_heads, index_t kv_heads,
                      index_t d, index_t dv, index_t br, index_t bc, const AttentionOptions& opt) {
   using Seg = Segment<Mask, Mod>;
+  using Packed = PackedKV<Acc, SegmentKV<KV>>;  // tiles packed where they are used
+  const kernels::KernelSet<Acc>& ks = kernels::kernel_set<Acc>(active_isa());
   const Acc scale = static_cast<Acc>(opt.scale.value_or(1.0 / std::sqrt(static_cast<double>(d))));
   const index_t group = q_heads / kv_heads;
   const bool want_lse = !opt.lse.is_null();
@@ -133,8 +135,9 @@ void segment_forward(const TensorView<const Q, 4>& q, const KV& kv, const Tensor
     const Seg& sg = segs[static_cast<std::size_t>(si)];
     if (sg.rows == 0) continue;
     const SegmentKV<KV> skv{kv, sg.kv_batch, sg.k_begin, sg.k_len};
-    const Walk<Acc, SegmentKV<KV>, Mask, Mod> walk{skv, *sg.mask, *sg.mod,  bc,
-                                                   d,   dv,       sg.k_pos, sg.dropout};
+    const Packed pkv(skv, ks, false, d, dv, bc, false, kv_heads);
+    const Walk<Acc, Packed, Mask, Mod> walk{pkv, *sg.mask, *sg.mod, bc,        d,
+                                            dv,  sg.k_pos, scale,   sg.dropout};
     auto add = [&](index_t h0, index_t heads, index_t q0, index_t n) {
       KeyRange r{sg.k_len, 0};
       for (index_t g = 0; g < heads; ++g) {
@@ -193,18 +196,18 @@ void segment_forward(const TensorView<const Q, 4>& q, const KV& kv, const Tensor
   std::vector<Acc> part_out(static_cast<std::size_t>(slots * max_rows * dv));
   std::vector<Acc> part_lse(static_cast<std::size_t>(slots * max_rows));
 
-  const bool pack_k = kv.template packs_keys<Acc>(), pack_v = kv.template packs_values<Acc>();
+  // Scratch sizes come from the packing layout, which is the same for every segment.
+  const SegmentKV<KV> any_segment{kv, 0, 0, 0};
+  const Packed layout(any_segment, ks, false, d, dv, bc, false, kv_heads);
   struct Scratch {
     RowMatrix<Acc> q;
     Partial<Acc> part;
     WalkScratch<Acc> walk;
     Eigen::Matrix<Acc, 1, Eigen::Dynamic> row;
-    Scratch(index_t rows, index_t bc_, index_t d_, index_t dv_, bool pk, bool pv)
-        : q(rows, d_), part(rows, dv_), walk(rows, bc_, d_, dv_, pk, pv), row(dv_) {}
+    Scratch(index_t rows, index_t bc_, const Packed& pk)
+        : q(rows, pk.d), part(rows, pk.dv, pk.dvp), walk(rows, bc_, pk), row(pk.dv) {}
   };
-  auto make_scratch = [&] {
-    return std::make_unique<Scratch>(max_rows, bc, d, dv, pack_k, pack_v);
-  };
+  auto make_scratch = [&] { return std::make_unique<Scratch>(max_rows, bc, layout); };
 
   // Writes a finished row (normalised, in Acc) of unit u: sink, then out and lse.
   auto finish_row = [&](const Unit& u, index_t r, Acc* row, Acc lse) {
@@ -226,8 +229,9 @@ void segment_forward(const TensorView<const Q, 4>& q, const KV& kv, const Tensor
           scale;
     sc.part.reset(rows);
     const SegmentKV<KV> skv{kv, sg.kv_batch, sg.k_begin, sg.k_len};
-    const Walk<Acc, SegmentKV<KV>, Mask, Mod> walk{skv, *sg.mask, *sg.mod,  bc,
-                                                   d,   dv,       sg.k_pos, sg.dropout};
+    const Packed pkv(skv, ks, false, d, dv, bc, false, kv_heads);
+    const Walk<Acc, Packed, Mask, Mod> walk{pkv, *sg.mask, *sg.mod, bc,        d,
+                                            dv,  sg.k_pos, scale,   sg.dropout};
     const index_t k0 = u.splits == 1 ? u.k_begin : u.k_begin + task.split * u.split_len;
     const index_t k1 = u.splits == 1 ? u.k_end : std::min(u.k_end, k0 + u.split_len);
     walk.run_heads(sc.walk, sc.part, sg.mask_batch, u.h0, u.heads, u.h0 / group, sg.q_pos + u.q0,

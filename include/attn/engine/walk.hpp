@@ -8,19 +8,22 @@
 //   classify the tile (empty: skip; full: no per-element test; partial)
 //   S = Qs · K[k0:k0+Bc]ᵀ                                     (rows, Bc)
 //   S = score_mod(S); masked entries = -inf (partial tiles only)
-//   online softmax (Partial::update); O += P · V[k0:k0+Bc]     (rows, Dv)
+//   online softmax (m, l, O rescaled where m moved); O += P · V[k0:k0+Bc]  (rows, Dv)
+//
+// The three products are attn's micro-kernels (kernels/) of the instruction
+// set dispatch chose for the call. Keys and values come packed in the
+// kernels' layouts (kv/packed.hpp); masks and modifiers see global positions:
+// query row r of the tile is q_pos + r, key j of the source is k_pos + j
+// (AttentionOptions::positions).
 //
 // With dropout, the P that multiplies V is P ∘ M / (1 - p) (M the Philox keep
 // decisions at global positions); l and lse keep the undropped P, as
 // FlashAttention does.
-//
-// Keys and values come from a source (kv/strided.hpp); masks and modifiers see
-// global positions: query row r of the tile is q_pos + r, key j of the source
-// is k_pos + j (AttentionOptions::positions).
 #pragma once
 
-#include "attn/detail/gemm.hpp"
 #include "attn/engine/partial.hpp"
+#include "attn/kernels/dispatch.hpp"
+#include "attn/kv/packed.hpp"
 #include "attn/mask.hpp"
 #include "attn/options.hpp"
 #include "attn/policy/dropout.hpp"
@@ -29,9 +32,11 @@
 #include "attn/core/eigen.hpp"
 
 #include <algorithm>
+#include <cstdint>
 #include <limits>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 namespace attn {
 namespace detail {
@@ -73,13 +78,39 @@ void mask_partial_tile(const Mask& mask, index_t b, index_t h, index_t q0, index
 /// Per-worker scratch of the walk, allocated once per call.
 template <class Acc>
 struct WalkScratch {
-  RowMatrix<Acc> s;     // (Br, Bc) scores, then probabilities
-  RowMatrix<Acc> k, v;  // (Bc, D), (Bc, Dv) key/value tiles, when a source cannot be read in place
-  TileGemm<Acc> qk, pv;
-  AttentionStats stats;  // this worker's share of the call's counters
+  index_t lds;            // row stride of S
+  std::vector<Acc> s;     // (Br, lds) scores, then probabilities
+  std::vector<Acc> k, v;  // one packed key / value tile, when the call does not pack once
+  std::vector<Acc> row;   // (D) one converted key row while packing
+  std::vector<std::uint16_t> qb, pb, kb, vb;  // bf16 pairs: Q, P, one K / V tile
+  AttentionStats stats;                       // this worker's share of the call's counters
 
-  WalkScratch(index_t br, index_t bc, index_t d, index_t dv, bool pack_k, bool pack_v)
-      : s(br, bc), k(pack_k ? bc : 0, d), v(pack_v ? bc : 0, dv), qk(br, bc, d), pv(br, dv, bc) {}
+  RowMatrix<Acc> gather;  // one tile from a source that is not a strided view (kv/packed.hpp)
+
+  template <class Src>
+  WalkScratch(index_t br, index_t bc, const PackedKV<Acc, Src>& kv)
+      // S rows 32 floats longer than the tile (whole panels from a tile start rounded down),
+      // so no two rows are a multiple of 4 KiB apart: 1 KiB rows of a 256-key tile made the
+      // products 20% slower by cache aliasing.
+      : lds((bc + 2 * PackedKV<Acc, Src>::tile_align - 1) / 32 * 32),
+        s(static_cast<std::size_t>(br * lds)), row(static_cast<std::size_t>(kv.d)),
+        gather(kv.whole ? RowMatrix<Acc>()
+                        : kv.gather_buffer(bc + PackedKV<Acc, Src>::tile_align)) {
+    const index_t keys = bc + PackedKV<Acc, Src>::tile_align;
+    if (!kv.whole) {
+      if (kv.bf16) {
+        kb.resize(static_cast<std::size_t>(kv.tile_k_size(keys)));
+        vb.resize(static_cast<std::size_t>(kv.tile_v_size(keys)));
+      } else {
+        k.resize(static_cast<std::size_t>(kv.tile_k_size(keys)));
+        if (!kv.v_in_place) v.resize(static_cast<std::size_t>(kv.tile_v_size(keys)));
+      }
+    }
+    if (kv.bf16) {
+      qb.resize(static_cast<std::size_t>(br * kv.dpad));
+      pb.resize(static_cast<std::size_t>(br * lds));
+    }
+  }
 
   void add_to(AttentionStats* total) const {
     if (!total) return;
@@ -93,24 +124,28 @@ struct WalkScratch {
 /// The bound pieces of one call that every walk of it shares.
 template <class Acc, class KV, class Mask, class Mod>
 struct Walk {
-  const KV& kv;
+  const KV& kv;      // packed keys and values (kv/packed.hpp)
   const Mask& mask;  // bound to the global shape
   const Mod& mod;
-  index_t bc;                           // keys per tile
-  index_t d, dv;                        // head dims
-  index_t k_pos;                        // global position of the source's key 0
+  index_t bc;     // keys per tile
+  index_t d, dv;  // head dims
+  index_t k_pos;  // global position of the source's key 0
+  Acc scale;      // bf16 products: applied to the fp32 sums (fp paths scale Q beforehand)
   const DropoutGen* dropout = nullptr;  // bound to the global shape; null or disabled: none
 
-  /// The source's keys [begin, end) that any query of global rows [q0, q1) may see.
+  /// The source's keys [begin, end) that any query of global rows [q0, q1) may see;
+  /// begin rounded down to a multiple of KV::tile_align (tiles start on panel boundaries).
   KeyRange key_range(index_t b, index_t h, index_t q0, index_t q1) const {
     const KeyRange g = mask.key_range(b, h, q0, q1);
-    return {std::clamp<index_t>(g.begin - k_pos, 0, kv.length()),
+    const index_t begin = std::clamp<index_t>(g.begin - k_pos, 0, kv.length());
+    return {begin / KV::tile_align * KV::tile_align,
             std::clamp<index_t>(g.end - k_pos, 0, kv.length())};
   }
 
   /// Folds keys [k_begin, k_end) of the source (a grid of Bc-key tiles from
-  /// k_begin) into `part`, whose rows are the scaled query rows `qs` (ld D) of
-  /// (b, h) at global positions q_pos, q_pos + 1, ...
+  /// k_begin, a multiple of KV::tile_align when the call packs once) into
+  /// `part`, whose rows are the query rows of (b, h) at global positions q_pos,
+  /// q_pos + 1, ...: `qs` (ld D) scaled, or for bf16 products sc.qb as stored.
   void run(WalkScratch<Acc>& sc, Partial<Acc>& part, index_t b, index_t h, index_t hk,
            index_t q_pos, const Acc* qs, index_t k_begin, index_t k_end) const {
     run_heads(sc, part, b, h, 1, hk, q_pos, qs, k_begin, k_end);
@@ -123,7 +158,8 @@ struct Walk {
   /// per group, not once per query head).
   void run_heads(WalkScratch<Acc>& sc, Partial<Acc>& part, index_t b, index_t h0, index_t heads,
                  index_t hk, index_t q_pos, const Acc* qs, index_t k_begin, index_t k_end) const {
-    const index_t rows = part.rows;
+    const kernels::KernelSet<Acc>& ks = kv.ks;
+    const index_t rows = part.rows, lds = sc.lds, dvp = kv.dvp, ldo = part.o.cols();
     const index_t n = rows / heads;  // query rows per head
     const index_t q_end = q_pos + n;
     for (index_t k0 = k_begin; k0 < k_end; k0 += bc) {
@@ -156,13 +192,33 @@ struct Walk {
       ++(all_full ? sc.stats.full_tiles : sc.stats.partial_tiles);
       sc.stats.scores += rows * cols;
 
+      // This tile's keys and values: from the call's pack, or packed now.
+      PackedTile<Acc> t;
+      if (kv.whole) {
+        t = kv.tile_at(b, hk, k0);
+      } else {
+        kv.pack(b, hk, k0, cols, sc.row.data(), KV::at(sc.k, 0), KV::at(sc.v, 0), KV::at(sc.kb, 0),
+                KV::at(sc.vb, 0), sc.gather);
+        t = {KV::at(sc.k, 0), KV::at(sc.v, 0), KV::at(sc.kb, 0), KV::at(sc.vb, 0), dvp};
+      }
+      if constexpr (std::is_same<typename KV::value_type, Acc>::value) {
+        if (kv.v_in_place) {
+          const auto& vv = kv.src.v;
+          t.v = vv.data() + b * vv.stride(0) + hk * vv.stride(1) + k0 * vv.stride(2);
+          t.ldv = vv.stride(2);
+        }
+      }
+
       // S = Qs · Kᵀ                                                          (rows, cols)
-      index_t ldk = 0;
-      const Acc* kt = kv.template keys<Acc>(b, hk, k0, cols, sc.k, ldk);
       Acc* s = sc.s.data();
-      const index_t lds = cols;
-      Eigen::Map<RowMatrix<Acc>>(s, rows, cols).setZero();
-      sc.qk.add_abt(rows, cols, d, qs, d, kt, ldk, s, lds, Acc(1));
+      if (kv.bf16) {
+#if ATTN_KERNELS_X86
+        if constexpr (std::is_same<Acc, float>::value)
+          kernels::avx512_bf16::score(rows, cols, d, sc.qb.data(), kv.dpad, t.kb, s, lds, scale);
+#endif
+      } else {
+        ks.score(rows, cols, d, qs, d, t.k, s, lds);
+      }
 
       for (index_t g = 0; g < heads; ++g) {
         Acc* sg = s + g * n * lds;  // head h0 + g's rows
@@ -172,23 +228,31 @@ struct Walk {
                                     ? TileKind::partial
                                     : mask.classify(b, h0 + g, q_pos, q_end, gk0, gk0 + cols);
           if (kind == TileKind::empty)
-            Eigen::Map<RowMatrix<Acc>, 0, Eigen::OuterStride<>>(sg, n, cols,
-                                                                Eigen::OuterStride<>(lds))
-                .setConstant(-std::numeric_limits<Acc>::infinity());
+            for (index_t r = 0; r < n; ++r)
+              std::fill(sg + r * lds, sg + r * lds + cols, -std::numeric_limits<Acc>::infinity());
           else if (kind == TileKind::partial)
             mask_partial_tile(mask, b, h0 + g, q_pos, gk0, sg, lds, n, cols);
         }
       }
 
-      part.update(s, lds, cols);        // S -> P
+      // m' = max(m, rowmax(S)); P = exp(S - m'); l = l·exp(m - m') + rowsum(P); O = O·exp(m - m')
+      ks.softmax(rows, cols, s, lds, part.m.data(), part.l.data(), part.o.data(), ldo, dvp);
       if (dropout && dropout->enabled)  // P -> P ∘ M / (1 - p) for O only
         for (index_t r = 0; r < rows; ++r)
           dropout->apply_row(b, h0 + r / n, q_pos + r % n, gk0, s + r * lds, cols);
 
       // O += P · V                                                           (rows, Dv)
-      index_t ldv = 0;
-      const Acc* vt = kv.template values<Acc>(b, hk, k0, cols, sc.v, ldv);
-      sc.pv.add_ab(rows, dv, cols, s, lds, vt, ldv, part.o.data(), dv, Acc(1));
+      if (kv.bf16) {
+#if ATTN_KERNELS_X86
+        if constexpr (std::is_same<Acc, float>::value) {  // P rounded to bf16 pairs of keys
+          kernels::avx512_bf16::round_to_bf16(rows, cols, s, lds, sc.pb.data(), lds);
+          kernels::avx512_bf16::accumulate_pv(rows, dvp, cols, sc.pb.data(), lds, t.vb,
+                                              part.o.data(), ldo);
+        }
+#endif
+      } else {
+        ks.pv(rows, dvp, cols, s, lds, t.v, t.ldv, part.o.data(), ldo);
+      }
     }
   }
 };

@@ -1,0 +1,252 @@
+// attn/kernels/body.inl — the micro-kernels, written once over a vector type S
+// (simd.hpp). No include guard: targets.hpp includes this file once per
+// instruction set, inside a region compiled for that target, with
+// ATTN_KERNEL_NS naming the namespace of that copy.
+//
+// Layouts (T = S::T, NR = k_panel<S>() keys per panel, L = S::lanes):
+//   Q    rows × d, row-major (ldq), already multiplied by the scale
+//   Kp   ceil(cols / NR) panels; panel j holds K[j·NR + c][p] at [p·NR + c],
+//        keys past cols are zero
+//   S    rows × (panels·NR), row-major (lds); the score kernel writes whole panels
+//   V    cols × dvp, row-major (ldv), dvp a multiple of L (zero-padded columns)
+//   O    rows × dvp, row-major (ldo)
+#ifndef ATTN_KERNEL_NS
+#error "attn/kernels/body.inl is included by attn/kernels/targets.hpp only"
+#endif
+
+namespace attn {
+namespace kernels {
+namespace ATTN_KERNEL_NS {
+
+/// Keys per packed K panel: two vectors of S (the width of the register tile).
+template <class S>
+constexpr int k_panel() {
+  return 2 * S::lanes;
+}
+
+/// Rows of the register tile: two accumulator vectors per row, and two loads
+/// plus one broadcast (and one spare) beside them.
+template <class S>
+constexpr int tile_rows() {
+  return (S::regs - 4) / 2;
+}
+
+/// Rows split into as few blocks of at most MR rows as possible, of sizes that
+/// differ by at most one (128 rows with MR = 14: 8 blocks of 13 and 2 of 12,
+/// not 9 of 14 and a slow one of 2).
+struct RowBlocks {
+  index_t count, base, extra;  // the first `extra` blocks have base + 1 rows
+  RowBlocks(index_t rows, index_t mr)
+      : count((rows + mr - 1) / mr),
+        base(count ? rows / count : 0),
+        extra(count ? rows % count : 0) {}
+  index_t size(index_t i) const { return base + (i < extra ? 1 : 0); }
+};
+
+// ------------------------------------------------------------- S = Q · Kᵀ --
+
+/// S[0:M, 0:NR] = Q[0:M, 0:d] · panelᵀ.
+/// AVX-512: 14 × 32 tile: 28 accumulators + 2 K loads + 1 Q broadcast of 32 zmm.
+/// AVX2:     6 × 16 tile: 12 accumulators + 2 K loads + 1 Q broadcast of 16 ymm.
+template <class S, int M>
+inline void score_block(index_t d, const typename S::T* q, index_t ldq, const typename S::T* kp,
+                        typename S::T* s, index_t lds) {
+  using V = typename S::V;
+  constexpr int L = S::lanes;
+  V acc[M][2];
+  ATTN_KERNEL_UNROLL
+  for (int i = 0; i < M; ++i) acc[i][0] = acc[i][1] = S::zero();
+  for (index_t p = 0; p < d; ++p) {
+    const V b0 = S::load(kp + p * 2 * L), b1 = S::load(kp + p * 2 * L + L);
+    ATTN_KERNEL_UNROLL
+    for (int i = 0; i < M; ++i) {
+      const V a = S::broadcast(q + i * ldq + p);
+      acc[i][0] = S::fma(a, b0, acc[i][0]);
+      acc[i][1] = S::fma(a, b1, acc[i][1]);
+    }
+  }
+  ATTN_KERNEL_UNROLL
+  for (int i = 0; i < M; ++i) {
+    S::store(s + i * lds, acc[i][0]);
+    S::store(s + i * lds + L, acc[i][1]);
+  }
+}
+
+/// All panels of one block of M rows.
+template <class S, int M>
+void score_panels(index_t panels, index_t d, const typename S::T* q, index_t ldq,
+                  const typename S::T* kp, typename S::T* s, index_t lds) {
+  constexpr int NR = k_panel<S>();
+  for (index_t j = 0; j < panels; ++j)
+    score_block<S, M>(d, q, ldq, kp + j * NR * d, s + j * NR, lds);
+}
+
+template <class S, int... I>
+void score_impl(index_t rows, index_t cols, index_t d, const typename S::T* q, index_t ldq,
+                const typename S::T* kp, typename S::T* s, index_t lds,
+                std::integer_sequence<int, I...>) {
+  using Fn = void (*)(index_t, index_t, const typename S::T*, index_t, const typename S::T*,
+                      typename S::T*, index_t);
+  static constexpr Fn by_rows[] = {&score_panels<S, I + 1>...};  // [M - 1]
+  constexpr int NR = k_panel<S>();
+  const index_t panels = (cols + NR - 1) / NR;
+  const RowBlocks blocks(rows, static_cast<index_t>(sizeof...(I)));
+  for (index_t i = 0, i0 = 0; i < blocks.count; ++i) {
+    const index_t m = blocks.size(i);
+    by_rows[m - 1](panels, d, q + i0 * ldq, ldq, kp, s + i0 * lds, lds);
+    i0 += m;
+  }
+}
+
+/// S (rows × ceil(cols/NR)·NR, lds) = Q (rows × d, ldq) · Kᵀ from packed panels.
+template <class S>
+void score(index_t rows, index_t cols, index_t d, const typename S::T* q, index_t ldq,
+           const typename S::T* kp, typename S::T* s, index_t lds) {
+  score_impl<S>(rows, cols, d, q, ldq, kp, s, lds,
+                std::make_integer_sequence<int, tile_rows<S>()>{});
+}
+
+// ------------------------------------------------- online softmax sweep --
+
+/// exp(x) for x <= 0, exactly 0 below -87.3 (so exp(-inf) = 0), NaN for NaN:
+/// detail::exp_nonpositive (softmax.hpp) on a whole vector.
+template <class S>
+inline typename S::V exp_nonpositive(typename S::V x) {
+  if constexpr (S::native_exp) {
+    return S::exp(x);
+  } else {
+    using V = typename S::V;
+    const V shifted = S::fma(x, S::set1(1.44269504088896341f), S::set1(12582912.0f));
+    const V n = S::sub(shifted, S::set1(12582912.0f));
+    V r = S::fma(n, S::set1(-0.693359375f), x);  // x - n·ln2, ln2 in two parts
+    r = S::fma(n, S::set1(2.12194440e-4f), r);
+    V p = S::set1(1.9875691500e-4f);
+    p = S::fma(p, r, S::set1(1.3981999507e-3f));
+    p = S::fma(p, r, S::set1(8.3334519073e-3f));
+    p = S::fma(p, r, S::set1(4.1665795894e-2f));
+    p = S::fma(p, r, S::set1(1.6666665459e-1f));
+    p = S::fma(p, r, S::set1(5.0000001201e-1f));
+    p = S::add(S::fma(S::mul(p, r), r, r), S::set1(1.0f));  // p·r² + r + 1
+    return S::zero_below(S::mul(p, S::pow2n(shifted)), x, -87.3f);
+  }
+}
+
+/// One key tile of the online softmax, row by row while the row is in L1:
+///   m' = max(m, rowmax(S));  P = exp(S - m');  l = l·exp(m - m') + rowsum(P)
+///   O = O·exp(m - m'), only for rows whose max moved.
+/// A row with nothing seen yet (m' = -inf) keeps P = 0 and l = 0.
+template <class S>
+void online_softmax(index_t rows, index_t cols, typename S::T* s, index_t lds, typename S::T* m,
+                    typename S::T* l, typename S::T* o, index_t ldo, index_t dvp) {
+  using T = typename S::T;
+  using V = typename S::V;
+  constexpr int L = S::lanes;
+  constexpr T neg_inf = -std::numeric_limits<T>::infinity();
+  for (index_t r = 0; r < rows; ++r) {
+    T* row = s + r * lds;
+    index_t c = 0;
+    V vmax = S::set1(neg_inf);
+    for (; c + L <= cols; c += L) vmax = S::max(vmax, S::load(row + c));
+    T row_max = S::reduce_max(vmax);
+    for (; c < cols; ++c) row_max = std::max(row_max, row[c]);
+
+    const T m_old = m[r];
+    const T m_new = std::max(m_old, row_max);
+    const T m_use = m_new == neg_inf ? T(0) : m_new;
+    if (m_old != m_new) {
+      const T alpha = std::exp(m_old - m_use);  // 0 when m_old = -inf
+      l[r] *= alpha;
+      T* orow = o + r * ldo;
+      const V va = S::set1(alpha);
+      for (index_t j = 0; j < dvp; j += L) S::store(orow + j, S::mul(S::load(orow + j), va));
+    }
+
+    const V vm = S::set1(m_use);
+    V vsum = S::zero();
+    c = 0;
+    for (; c + L <= cols; c += L) {
+      const V p = exp_nonpositive<S>(S::sub(S::load(row + c), vm));
+      S::store(row + c, p);
+      vsum = S::add(vsum, p);
+    }
+    T sum = S::reduce_add(vsum);
+    if (c < cols) {  // the tail as one vector through a stack buffer
+      alignas(64) T tail[L];
+      for (int i = 0; i < L; ++i) tail[i] = c + i < cols ? row[c + i] - m_use : neg_inf;
+      S::store(tail, exp_nonpositive<S>(S::load(tail)));
+      for (int i = 0; c + i < cols; ++i) {
+        row[c + i] = tail[i];
+        sum += tail[i];
+      }
+    }
+    l[r] += sum;
+    m[r] = m_new;
+  }
+}
+
+// ------------------------------------------------------------ O += P · V --
+
+/// O[0:M, 0:NV·L] += P[0:M, 0:cols] · V[0:cols, 0:NV·L].
+/// AVX-512: 14 × 32 tile: 28 accumulators + 2 V loads + 1 P broadcast of 32 zmm.
+/// AVX2:     6 × 16 tile: 12 accumulators + 2 V loads + 1 P broadcast of 16 ymm.
+template <class S, int M, int NV>
+inline void pv_block(index_t cols, const typename S::T* p, index_t ldp, const typename S::T* v,
+                     index_t ldv, typename S::T* o, index_t ldo) {
+  using V = typename S::V;
+  constexpr int L = S::lanes;
+  V acc[M][NV];
+  ATTN_KERNEL_UNROLL
+  for (int i = 0; i < M; ++i) ATTN_KERNEL_UNROLL
+  for (int j = 0; j < NV; ++j) acc[i][j] = S::load(o + i * ldo + j * L);
+  for (index_t k = 0; k < cols; ++k) {
+    V b[NV];
+    ATTN_KERNEL_UNROLL
+    for (int j = 0; j < NV; ++j) b[j] = S::load(v + k * ldv + j * L);
+    ATTN_KERNEL_UNROLL
+    for (int i = 0; i < M; ++i) {
+      const V a = S::broadcast(p + i * ldp + k);
+      ATTN_KERNEL_UNROLL
+      for (int j = 0; j < NV; ++j) acc[i][j] = S::fma(a, b[j], acc[i][j]);
+    }
+  }
+  ATTN_KERNEL_UNROLL
+  for (int i = 0; i < M; ++i) ATTN_KERNEL_UNROLL
+  for (int j = 0; j < NV; ++j) S::store(o + i * ldo + j * L, acc[i][j]);
+}
+
+/// All column blocks of one block of M rows: two vectors at a time, then one.
+template <class S, int M>
+void pv_columns(index_t dvp, index_t cols, const typename S::T* p, index_t ldp,
+                const typename S::T* v, index_t ldv, typename S::T* o, index_t ldo) {
+  constexpr int L = S::lanes;
+  index_t j = 0;
+  for (; j + 2 * L <= dvp; j += 2 * L) pv_block<S, M, 2>(cols, p, ldp, v + j, ldv, o + j, ldo);
+  if (j < dvp) pv_block<S, M, 1>(cols, p, ldp, v + j, ldv, o + j, ldo);
+}
+
+template <class S, int... I>
+void pv_impl(index_t rows, index_t dvp, index_t cols, const typename S::T* p, index_t ldp,
+             const typename S::T* v, index_t ldv, typename S::T* o, index_t ldo,
+             std::integer_sequence<int, I...>) {
+  using Fn = void (*)(index_t, index_t, const typename S::T*, index_t, const typename S::T*,
+                      index_t, typename S::T*, index_t);
+  static constexpr Fn by_rows[] = {&pv_columns<S, I + 1>...};  // [M - 1]
+  const RowBlocks blocks(rows, static_cast<index_t>(sizeof...(I)));
+  for (index_t i = 0, i0 = 0; i < blocks.count; ++i) {
+    const index_t m = blocks.size(i);
+    by_rows[m - 1](dvp, cols, p + i0 * ldp, ldp, v, ldv, o + i0 * ldo, ldo);
+    i0 += m;
+  }
+}
+
+/// O (rows × dvp, ldo) += P (rows × cols, ldp) · V (cols × dvp, ldv); dvp a multiple of L.
+template <class S>
+void accumulate_pv(index_t rows, index_t dvp, index_t cols, const typename S::T* p, index_t ldp,
+                   const typename S::T* v, index_t ldv, typename S::T* o, index_t ldo) {
+  pv_impl<S>(rows, dvp, cols, p, ldp, v, ldv, o, ldo,
+             std::make_integer_sequence<int, tile_rows<S>()>{});
+}
+
+}  // namespace ATTN_KERNEL_NS
+}  // namespace kernels
+}  // namespace attn

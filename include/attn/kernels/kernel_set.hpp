@@ -1,0 +1,57 @@
+// attn/kernels/kernel_set.hpp — the instruction sets attn has kernels for, and
+// the table of kernels of one instruction set.
+#pragma once
+
+#include "attn/tensor_view.hpp"
+
+#include <cstdint>
+
+namespace attn {
+
+/// Instruction sets with their own kernels, slowest first.
+///   portable     plain loops the compiler vectorises for its baseline target
+///   avx2         AVX2 + FMA + F16C (16 ymm registers, 8 floats)
+///   avx512       AVX-512 F/BW/DQ/VL (32 zmm registers, 16 floats)
+///   avx512_bf16  avx512 plus AVX512-BF16 (vdpbf16ps for bf16 storage)
+enum class Isa : int { portable = 0, avx2 = 1, avx512 = 2, avx512_bf16 = 3 };
+
+/// The name ATTN_ISA takes for `isa`.
+inline const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::portable:
+      return "portable";
+    case Isa::avx2:
+      return "avx2";
+    case Isa::avx512:
+      return "avx512";
+    case Isa::avx512_bf16:
+      return "avx512_bf16";
+  }
+  return "unknown";
+}
+
+namespace kernels {
+
+/// The micro-kernels of one instruction set for accumulation type T (layouts
+/// in body.inl). Plain function pointers: one table per (ISA, T), chosen once
+/// per call by dispatch.hpp.
+template <class T>
+struct KernelSet {
+  Isa isa;
+  int k_panel;  ///< keys per packed K panel (NR)
+  int lanes;    ///< elements per vector; dvp (padded Dv) must be a multiple
+  /// S (rows × panels·NR, lds) = Q (rows × d, ldq) · Kᵀ, K as ceil(cols/NR) panels.
+  void (*score)(index_t rows, index_t cols, index_t d, const T* q, index_t ldq, const T* kp, T* s,
+                index_t lds);
+  /// Online-softmax update of rows of S in place (S becomes P), of m, l and of O's rows.
+  void (*softmax)(index_t rows, index_t cols, T* s, index_t lds, T* m, T* l, T* o, index_t ldo,
+                  index_t dvp);
+  /// O (rows × dvp, ldo) += P (rows × cols, ldp) · V (cols × dvp, ldv).
+  void (*pv)(index_t rows, index_t dvp, index_t cols, const T* p, index_t ldp, const T* v,
+             index_t ldv, T* o, index_t ldo);
+  /// n IEEE halfs (as bits) to floats (F16C where the ISA has it).
+  void (*half_to_float)(const std::uint16_t* src, float* dst, index_t n);
+};
+
+}  // namespace kernels
+}  // namespace attn

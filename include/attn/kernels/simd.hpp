@@ -1,0 +1,123 @@
+// attn/kernels/simd.hpp — one small vector type per instruction set.
+//
+// The micro-kernels (body.inl) are written once over a vector type S:
+//
+//   S::T         element type            S::lanes  elements per vector
+//   S::regs      architectural vector registers (sizes the register tile)
+//   S::V         the vector;  zero, set1, load, store, broadcast, fma (a·b + c),
+//                add, sub, mul, max, reduce_add, reduce_max
+//   exp support  pow2n(shifted) and zero_below(e, x, lo) for the float exp
+//                polynomial, or S::exp when the type has its own
+//
+// Each x86 type is defined inside a region compiled for its target (see
+// targets.hpp), so its intrinsics are usable in a translation unit built
+// without -march. The portable type is plain arrays and loops that any
+// compiler vectorises for whatever its baseline target is.
+#pragma once
+
+#include "attn/detail/softmax.hpp"
+#include "attn/tensor_view.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+// Loops over a register tile must be unrolled completely, or the compiler
+// keeps the accumulators in memory.
+#if defined(__clang__)
+#define ATTN_KERNEL_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define ATTN_KERNEL_UNROLL _Pragma("GCC unroll 32")
+#else
+#define ATTN_KERNEL_UNROLL
+#endif
+
+namespace attn {
+namespace kernels {
+
+/// Portable vector of N elements of T: arrays and loops, no intrinsics.
+/// 16 "registers" of 4 elements: the SSE2 / NEON shape every 64-bit CPU has.
+template <class E, int N = 16 / static_cast<int>(sizeof(E))>
+struct Portable {
+  using T = E;
+  struct V {
+    T x[N];
+  };
+  static constexpr int lanes = N;
+  static constexpr int regs = 16;
+  static constexpr bool native_exp = true;  // exp lane by lane (detail::exp_nonpositive, std::exp)
+
+  static V zero() { return set1(T(0)); }
+  static V set1(T a) {
+    V r;
+    for (int i = 0; i < N; ++i) r.x[i] = a;
+    return r;
+  }
+  static V load(const T* p) {
+    V r;
+    std::memcpy(r.x, p, sizeof r.x);
+    return r;
+  }
+  static void store(T* p, const V& a) { std::memcpy(p, a.x, sizeof a.x); }
+  static V broadcast(const T* p) { return set1(*p); }
+  static V fma(const V& a, const V& b, const V& c) {
+    V r;
+    for (int i = 0; i < N; ++i) r.x[i] = a.x[i] * b.x[i] + c.x[i];
+    return r;
+  }
+  static V add(const V& a, const V& b) {
+    V r;
+    for (int i = 0; i < N; ++i) r.x[i] = a.x[i] + b.x[i];
+    return r;
+  }
+  static V sub(const V& a, const V& b) {
+    V r;
+    for (int i = 0; i < N; ++i) r.x[i] = a.x[i] - b.x[i];
+    return r;
+  }
+  static V mul(const V& a, const V& b) {
+    V r;
+    for (int i = 0; i < N; ++i) r.x[i] = a.x[i] * b.x[i];
+    return r;
+  }
+  static V max(const V& a, const V& b) {
+    V r;
+    for (int i = 0; i < N; ++i) r.x[i] = a.x[i] > b.x[i] ? a.x[i] : b.x[i];
+    return r;
+  }
+  static T reduce_add(const V& a) {
+    T s = a.x[0];
+    for (int i = 1; i < N; ++i) s += a.x[i];
+    return s;
+  }
+  static T reduce_max(const V& a) {
+    T s = a.x[0];
+    for (int i = 1; i < N; ++i) s = a.x[i] > s ? a.x[i] : s;
+    return s;
+  }
+  /// exp(x) for x <= 0 lane by lane; exactly 0 at -inf.
+  static V exp(const V& a) {
+    V r;
+    for (int i = 0; i < N; ++i) {
+      if constexpr (std::is_same<T, float>::value)
+        r.x[i] = detail::exp_nonpositive(a.x[i]);
+      else
+        r.x[i] = std::exp(a.x[i]);
+    }
+    return r;
+  }
+  /// n halfs (IEEE binary16 bits) to floats.
+  static void half_to_float(const std::uint16_t* src, float* dst, index_t n) {
+    for (index_t i = 0; i < n; ++i) {
+      Eigen::half_impl::__half_raw raw;
+      raw.x = src[i];
+      dst[i] = Eigen::half_impl::half_to_float(raw);
+    }
+  }
+};
+
+}  // namespace kernels
+}  // namespace attn

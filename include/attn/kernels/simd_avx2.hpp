@@ -1,0 +1,60 @@
+// attn/kernels/simd_avx2.hpp — the AVX2 + FMA vector of 8 floats (16 ymm).
+// Included only by targets.hpp, inside the region compiled for "avx2,fma,f16c".
+#pragma once
+
+#include <immintrin.h>
+
+namespace attn {
+namespace kernels {
+
+struct Avx2F32 {
+  using T = float;
+  using V = __m256;
+  static constexpr int lanes = 8;
+  static constexpr int regs = 16;
+  static constexpr bool native_exp = false;
+
+  static V zero() { return _mm256_setzero_ps(); }
+  static V set1(float a) { return _mm256_set1_ps(a); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V a) { _mm256_storeu_ps(p, a); }
+  static V broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static float reduce_add(V a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static float reduce_max(V a) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  /// 2^n from shifted = x·log2(e) + 1.5·2^23 (n in the low mantissa bits).
+  static V pow2n(V shifted) {
+    const __m256i n =
+        _mm256_sub_epi32(_mm256_castps_si256(shifted), _mm256_set1_epi32(0x4B400000 - 127));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(n, 23));
+  }
+  /// e where x >= lo or x is NaN, 0 elsewhere.
+  static V zero_below(V e, V x, float lo) {
+    return _mm256_and_ps(e, _mm256_cmp_ps(x, _mm256_set1_ps(lo), _CMP_NLT_UQ));
+  }
+  /// n halfs (IEEE binary16 bits) to floats.
+  static void half_to_float(const std::uint16_t* src, float* dst, index_t n) {
+    index_t i = 0;
+    for (; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(dst + i,
+                       _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+    for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i]);
+  }
+};
+
+}  // namespace kernels
+}  // namespace attn

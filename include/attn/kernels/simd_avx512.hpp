@@ -1,0 +1,63 @@
+// attn/kernels/simd_avx512.hpp — the AVX-512 vector of 16 floats (32 zmm).
+// Included only by targets.hpp, inside the region compiled for AVX-512 F/BW/DQ/VL.
+#pragma once
+
+#include <immintrin.h>
+
+namespace attn {
+namespace kernels {
+
+struct Avx512F32 {
+  using T = float;
+  using V = __m512;
+  static constexpr int lanes = 16;
+  static constexpr int regs = 32;
+  static constexpr bool native_exp = false;
+
+  static V zero() { return _mm512_setzero_ps(); }
+  static V set1(float a) { return _mm512_set1_ps(a); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, V a) { _mm512_storeu_ps(p, a); }
+  static V broadcast(const float* p) { return _mm512_set1_ps(*p); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static float reduce_add(V a) {
+    // Fixed pairwise order (halves, then quarters ...), the same on every call.
+    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static float reduce_max(V a) {
+    __m256 h = _mm256_max_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  /// 2^n from shifted = x·log2(e) + 1.5·2^23 (n in the low mantissa bits).
+  static V pow2n(V shifted) {
+    const __m512i n =
+        _mm512_sub_epi32(_mm512_castps_si512(shifted), _mm512_set1_epi32(0x4B400000 - 127));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(n, 23));
+  }
+  /// e where x >= lo or x is NaN, 0 elsewhere.
+  static V zero_below(V e, V x, float lo) {
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(lo), _CMP_NLT_UQ), e);
+  }
+  /// n halfs (IEEE binary16 bits) to floats.
+  static void half_to_float(const std::uint16_t* src, float* dst, index_t n) {
+    index_t i = 0;
+    for (; i + 16 <= n; i += 16)
+      _mm512_storeu_ps(
+          dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+    for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i]);
+  }
+};
+
+}  // namespace kernels
+}  // namespace attn

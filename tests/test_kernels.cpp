@@ -1,0 +1,332 @@
+// test_kernels — attn's micro-kernels (kernels/) against loops in double, on
+// every instruction set this CPU runs, with every row and column tail of the
+// register tiles and every packing layout; and the instruction-set choice.
+#include "support.hpp"
+
+#include <attn/kernels/dispatch.hpp>
+#include <attn/kernels/pack.hpp>
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace {
+
+using attn::index_t;
+using attn::Isa;
+using attn::kernels::KernelSet;
+
+template <class T>
+std::vector<T> random_vec(std::size_t n, std::uint32_t seed, double stddev = 1.0) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<double> dist(0.0, stddev);
+  std::vector<T> v(n);
+  for (auto& x : v) x = static_cast<T>(dist(gen));
+  return v;
+}
+
+/// Every (ISA, accumulation type) pair to test: float on each supported ISA, double portable.
+template <class T>
+std::vector<Isa> isas_for() {
+  if constexpr (std::is_same<T, float>::value) return attn::supported_isas();
+  return {Isa::portable};
+}
+
+/// Sizes around the register tile of `ks`: 1, tile - 1, tile, tile + 1, a few tiles + odd.
+template <class T>
+std::vector<index_t> around(index_t tile) {
+  std::vector<index_t> v{1, tile - 1, tile, tile + 1, 3 * tile + 5};
+  v.erase(std::remove(v.begin(), v.end(), index_t{0}), v.end());
+  return v;
+}
+
+template <class T>
+class Kernels : public ::testing::Test {};
+using AccTypes = ::testing::Types<float, double>;
+TYPED_TEST_SUITE(Kernels, AccTypes);
+
+/// S = Q·Kᵀ for every row and column tail and odd depths, K packed from a strided source.
+TYPED_TEST(Kernels, ScoreMatchesDoubleLoop) {
+  using T = TypeParam;
+  for (Isa isa : isas_for<T>()) {
+    const KernelSet<T>& ks = attn::kernels::kernel_set<T>(isa);
+    const index_t mr = ks.lanes == 16 ? 14 : 6;
+    for (index_t rows : around<T>(mr))
+      for (index_t cols : around<T>(ks.k_panel))
+        for (index_t d : {1, 7, 64, 111}) {
+          SCOPED_TRACE(std::string(attn::isa_name(isa)) + " rows=" + std::to_string(rows) +
+                       " cols=" + std::to_string(cols) + " d=" + std::to_string(d));
+          const auto q = random_vec<T>(static_cast<std::size_t>(rows * d), 1);
+          // K stored transposed ([d, cols]) to exercise a strided packing source.
+          const auto k = random_vec<T>(static_cast<std::size_t>(cols * d), 2);
+          std::vector<T> row(static_cast<std::size_t>(d)),
+              kp(static_cast<std::size_t>(attn::kernels::packed_k_size(cols, d, ks.k_panel)));
+          attn::kernels::pack_k(ks, k.data(), 1, cols, cols, d, row.data(), kp.data());
+          const index_t panels = (cols + ks.k_panel - 1) / ks.k_panel;
+          const index_t lds = panels * ks.k_panel + 3;
+          std::vector<T> s(static_cast<std::size_t>(rows * lds), T(-7));
+          ks.score(rows, cols, d, q.data(), d, kp.data(), s.data(), lds);
+          double worst = 0;
+          for (index_t i = 0; i < rows; ++i) {
+            for (index_t j = 0; j < cols; ++j) {
+              double ref = 0, mag = 0;
+              for (index_t p = 0; p < d; ++p) {
+                const double x = double(q[i * d + p]) * double(k[p * cols + j]);
+                ref += x;
+                mag += std::abs(x);
+              }
+              worst = std::max(worst, std::abs(s[i * lds + j] - ref) / std::max(mag, 1.0));
+            }
+            for (index_t j = panels * ks.k_panel; j < lds; ++j)
+              ASSERT_EQ(s[i * lds + j], T(-7)) << "wrote past its panels";
+            for (index_t j = cols; j < panels * ks.k_panel; ++j)
+              ASSERT_EQ(s[i * lds + j], T(0)) << "padded key not zero";
+          }
+          EXPECT_LE(worst, 2.0 * d * attn_test::eps<T>());
+        }
+  }
+}
+
+/// O += P·V for every row tail and every padded width.
+TYPED_TEST(Kernels, PvMatchesDoubleLoop) {
+  using T = TypeParam;
+  for (Isa isa : isas_for<T>()) {
+    const KernelSet<T>& ks = attn::kernels::kernel_set<T>(isa);
+    const index_t mr = ks.lanes == 16 ? 14 : 6;
+    for (index_t rows : around<T>(mr))
+      for (index_t cols : {1, 13, 64, 257})
+        for (index_t dv : {1, 15, 16, 17, 33, 64, 80, 111}) {
+          SCOPED_TRACE(std::string(attn::isa_name(isa)) + " rows=" + std::to_string(rows) +
+                       " cols=" + std::to_string(cols) + " dv=" + std::to_string(dv));
+          const index_t dvp = attn::kernels::padded_dv(dv);
+          ASSERT_EQ(dvp % ks.lanes, 0);
+          const index_t ldp = cols + 2, ldo = dvp + 16;
+          const auto p = random_vec<T>(static_cast<std::size_t>(rows * ldp), 3);
+          // V as bshd-like rows with a row stride of 2·dv, packed to dvp columns.
+          const auto v = random_vec<T>(static_cast<std::size_t>(cols * 2 * dv), 4);
+          std::vector<T> vp(static_cast<std::size_t>(cols * dvp), T(-1));
+          attn::kernels::pack_v(ks, v.data(), 2 * dv, 1, cols, dv, dvp, vp.data());
+          auto o = random_vec<T>(static_cast<std::size_t>(rows * ldo), 5);
+          const auto o0 = o;
+          ks.pv(rows, dvp, cols, p.data(), ldp, vp.data(), dvp, o.data(), ldo);
+          double worst = 0;
+          for (index_t i = 0; i < rows; ++i) {
+            for (index_t c = 0; c < dv; ++c) {
+              double ref = o0[i * ldo + c], mag = std::abs(ref);
+              for (index_t k = 0; k < cols; ++k) {
+                const double x = double(p[i * ldp + k]) * double(v[k * 2 * dv + c]);
+                ref += x;
+                mag += std::abs(x);
+              }
+              worst = std::max(worst, std::abs(o[i * ldo + c] - ref) / std::max(mag, 1.0));
+            }
+            for (index_t c = dv; c < dvp; ++c) ASSERT_EQ(o[i * ldo + c], o0[i * ldo + c]);
+            for (index_t c = dvp; c < ldo; ++c)
+              ASSERT_EQ(o[i * ldo + c], o0[i * ldo + c]) << "wrote past dvp";
+          }
+          EXPECT_LE(worst, 2.0 * (cols + 1) * attn_test::eps<T>());
+        }
+  }
+}
+
+/// The online-softmax sweep: P, m, l and the rescaled O against double, with
+/// rows that are fresh (m = -inf), rows whose max moves and rows whose max stays,
+/// -inf scores (masked keys) and fully masked rows, every column tail.
+TYPED_TEST(Kernels, SoftmaxMatchesDoubleLoop) {
+  using T = TypeParam;
+  constexpr T inf = std::numeric_limits<T>::infinity();
+  for (Isa isa : isas_for<T>()) {
+    const KernelSet<T>& ks = attn::kernels::kernel_set<T>(isa);
+    for (index_t cols : around<T>(ks.lanes)) {
+      SCOPED_TRACE(std::string(attn::isa_name(isa)) + " cols=" + std::to_string(cols));
+      const index_t rows = 6, lds = cols + 5, dvp = 32, ldo = dvp;
+      auto s = random_vec<T>(static_cast<std::size_t>(rows * lds), 6, 3.0);
+      for (index_t j = 0; j < cols; j += 3) s[1 * lds + j] = -inf;  // masked keys
+      for (index_t j = 0; j < cols; ++j) s[2 * lds + j] = -inf;     // a row that sees nothing here
+      for (index_t j = 0; j < cols; ++j) s[5 * lds + j] = -inf;
+      std::vector<T> m{-inf, 0.5, 2.0, 100.0, -inf, 1.0}, l{0, 2.0, 1.5, 3.0, 0, 1.0};
+      auto o = random_vec<T>(static_cast<std::size_t>(rows * ldo), 7);
+      const auto s0 = s, m0 = m, l0 = l, o0 = o;
+      ks.softmax(rows, cols, s.data(), lds, m.data(), l.data(), o.data(), ldo, dvp);
+      const double tol = 8 * attn_test::eps<T>();
+      for (index_t r = 0; r < rows; ++r) {
+        double mx = -inf;
+        for (index_t j = 0; j < cols; ++j) mx = std::max(mx, double(s0[r * lds + j]));
+        const double m_new = std::max(double(m0[r]), mx);
+        ASSERT_EQ(double(m[r]), m_new) << "row " << r;
+        const double m_use = m_new == -inf ? 0.0 : m_new;
+        const double alpha = std::exp(double(m0[r]) - m_use);
+        double sum = 0;
+        for (index_t j = 0; j < cols; ++j) {
+          const double p = std::exp(double(s0[r * lds + j]) - m_use);
+          sum += p;
+          if (std::isinf(s0[r * lds + j]))
+            ASSERT_EQ(s[r * lds + j], T(0)) << "exp(-inf) must be exactly 0";
+          else
+            ASSERT_NEAR(s[r * lds + j], p, tol * std::max(p, 1e-30) + 1e-37);
+        }
+        EXPECT_NEAR(l[r], double(l0[r]) * alpha + sum, tol * (double(l0[r]) * alpha + sum));
+        for (index_t c = 0; c < dvp; ++c)
+          EXPECT_NEAR(o[r * ldo + c], double(o0[r * ldo + c]) * alpha,
+                      tol * std::abs(double(o0[r * ldo + c])))
+              << "row " << r;
+        if (m0[r] == m[r]) {
+          for (index_t c = 0; c < dvp; ++c)
+            ASSERT_EQ(o[r * ldo + c], o0[r * ldo + c]) << "O rescaled though its max stayed";
+        }
+      }
+    }
+  }
+}
+
+/// Half keys convert through the ISA's converter (F16C on x86) exactly.
+TEST(KernelsPack, HalfConvertsExactly) {
+  std::vector<Eigen::half> h(37);
+  for (std::size_t i = 0; i < h.size(); ++i)
+    h[i] = Eigen::half(static_cast<float>(i) * 0.37f - 5.f);
+  h[3] = Eigen::half(std::numeric_limits<float>::infinity());
+  for (Isa isa : attn::supported_isas()) {
+    const KernelSet<float>& ks = attn::kernels::kernel_set<float>(isa);
+    std::vector<float> out(h.size());
+    attn::kernels::load_row(ks, h.data(), 1, static_cast<index_t>(h.size()), out.data());
+    for (std::size_t i = 0; i < h.size(); ++i)
+      ASSERT_EQ(out[i], static_cast<float>(h[i])) << attn::isa_name(isa) << " element " << i;
+  }
+}
+
+// --------------------------------------------------------------------- bf16 --
+
+#if ATTN_KERNELS_X86
+std::vector<Eigen::bfloat16> random_bf16(std::size_t n, std::uint32_t seed) {
+  const auto f = random_vec<float>(n, seed);
+  std::vector<Eigen::bfloat16> r(n);
+  for (std::size_t i = 0; i < n; ++i) r[i] = Eigen::bfloat16(f[i]);
+  return r;
+}
+
+/// vdpbf16ps scores: K panels with head-dim pairs, odd d, every row and key tail.
+TEST(KernelsBf16, ScoreMatchesDoubleLoop) {
+  if (!attn::isa_supported(Isa::avx512_bf16)) GTEST_SKIP() << "no AVX512-BF16 on this CPU";
+  namespace kb = attn::kernels::avx512_bf16;
+  for (index_t rows : {1, 13, 14, 15, 47})
+    for (index_t cols : {1, 31, 32, 33, 101})
+      for (index_t d : {1, 7, 64, 111}) {
+        SCOPED_TRACE("rows=" + std::to_string(rows) + " cols=" + std::to_string(cols) +
+                     " d=" + std::to_string(d));
+        const index_t dpad = d + (d & 1), panels = (cols + 31) / 32, lds = panels * 32 + 5;
+        const auto q = random_bf16(static_cast<std::size_t>(rows * d), 1);
+        const auto k = random_bf16(static_cast<std::size_t>(cols * d), 2);  // bshd-like: [cols, d]
+        std::vector<std::uint16_t> qb(static_cast<std::size_t>(rows * dpad)),
+            kp(static_cast<std::size_t>(attn::kernels::packed_kb_size(cols, d)));
+        attn::kernels::pack_qb(q.data(), d, 1, rows, d, qb.data(), dpad);
+        attn::kernels::pack_kb(k.data(), d, 1, cols, d, kp.data());
+        std::vector<float> s(static_cast<std::size_t>(rows * lds), -7.f);
+        const float scale = 0.37f;
+        kb::score(rows, cols, d, qb.data(), dpad, kp.data(), s.data(), lds, scale);
+        for (index_t i = 0; i < rows; ++i) {
+          for (index_t j = 0; j < cols; ++j) {
+            double ref = 0, mag = 0;
+            for (index_t p = 0; p < d; ++p) {
+              const double x = double(q[i * d + p]) * double(k[j * d + p]);
+              ref += x;
+              mag += std::abs(x);
+            }
+            ASSERT_NEAR(s[i * lds + j], scale * ref,
+                        4.0 * d * attn_test::eps<float>() * scale * std::max(mag, 1.0))
+                << i << ", " << j;
+          }
+          for (index_t j = panels * 32; j < lds; ++j) ASSERT_EQ(s[i * lds + j], -7.f);
+        }
+      }
+}
+
+/// vdpbf16ps P·V: P rounded to bf16 (round to nearest even), V with key pairs, odd cols.
+TEST(KernelsBf16, PvMatchesDoubleLoop) {
+  if (!attn::isa_supported(Isa::avx512_bf16)) GTEST_SKIP() << "no AVX512-BF16 on this CPU";
+  namespace kb = attn::kernels::avx512_bf16;
+  for (index_t rows : {1, 13, 14, 15, 31})
+    for (index_t cols : {1, 2, 15, 16, 17, 33, 64, 257})
+      for (index_t dv : {1, 16, 17, 64, 80}) {
+        SCOPED_TRACE("rows=" + std::to_string(rows) + " cols=" + std::to_string(cols) +
+                     " dv=" + std::to_string(dv));
+        const index_t dvp = attn::kernels::padded_dv(dv), ldp = cols + 3, ldpb = cols + 5,
+                      ldo = dvp + 16;
+        const auto p = random_vec<float>(static_cast<std::size_t>(rows * ldp), 3);
+        const auto v = random_bf16(static_cast<std::size_t>(cols * dv), 4);
+        std::vector<std::uint16_t> pb(static_cast<std::size_t>(rows * ldpb), 0xFFFF),
+            vb(static_cast<std::size_t>((cols + 1) / 2 * 2 * dvp));
+        kb::round_to_bf16(rows, cols, p.data(), ldp, pb.data(), ldpb);
+        for (index_t i = 0; i < rows; ++i) {
+          for (index_t c = 0; c < cols; ++c)
+            ASSERT_EQ(pb[i * ldpb + c], attn::kernels::bf16_bits(Eigen::bfloat16(p[i * ldp + c])));
+          if (cols & 1) {
+            ASSERT_EQ(pb[i * ldpb + cols], 0) << "odd key count not padded with 0";
+          }
+          for (index_t c = cols + (cols & 1); c < ldpb; ++c) ASSERT_EQ(pb[i * ldpb + c], 0xFFFF);
+        }
+        attn::kernels::pack_vb(v.data(), dv, 1, cols, dv, dvp, vb.data());
+        auto o = random_vec<float>(static_cast<std::size_t>(rows * ldo), 5);
+        const auto o0 = o;
+        kb::accumulate_pv(rows, dvp, cols, pb.data(), ldpb, vb.data(), o.data(), ldo);
+        for (index_t i = 0; i < rows; ++i) {
+          for (index_t c = 0; c < dv; ++c) {
+            double ref = o0[i * ldo + c], mag = std::abs(ref);
+            for (index_t k = 0; k < cols; ++k) {
+              const double x = double(Eigen::bfloat16(p[i * ldp + k])) * double(v[k * dv + c]);
+              ref += x;
+              mag += std::abs(x);
+            }
+            ASSERT_NEAR(o[i * ldo + c], ref,
+                        2.0 * (cols + 1) * attn_test::eps<float>() * std::max(mag, 1.0));
+          }
+          for (index_t c = dv; c < ldo; ++c) ASSERT_EQ(o[i * ldo + c], o0[i * ldo + c]);
+        }
+      }
+}
+#endif
+
+// ----------------------------------------------------------------- dispatch --
+
+TEST(Dispatch, PortableAlwaysRunsAndBestIsLast) {
+  const auto isas = attn::supported_isas();
+  ASSERT_FALSE(isas.empty());
+  EXPECT_EQ(isas.front(), Isa::portable);
+  // The widest, or avx512 where bf16 products do not pay (Intel).
+  EXPECT_TRUE(attn::best_isa() == isas.back() ||
+              (isas.back() == Isa::avx512_bf16 && attn::best_isa() == Isa::avx512));
+}
+
+TEST(Dispatch, SetIsaForcesAndResets) {
+  for (Isa isa : attn::supported_isas()) {
+    attn::set_isa(isa);
+    EXPECT_EQ(attn::active_isa(), isa);
+    EXPECT_EQ(attn::kernels::kernel_set<float>(isa).isa,
+              isa == Isa::avx512_bf16 ? Isa::avx512 : isa);
+  }
+  attn::reset_isa();
+  EXPECT_NO_THROW(attn::active_isa());
+}
+
+TEST(Dispatch, RefusesWhatTheCpuCannotRun) {
+  const Isa before = attn::active_isa();
+  const Isa all[] = {Isa::portable, Isa::avx2, Isa::avx512, Isa::avx512_bf16, static_cast<Isa>(7)};
+  for (Isa isa : all) {
+    if (attn::isa_supported(isa)) continue;
+    try {
+      attn::set_isa(isa);
+      FAIL() << "set_isa accepted " << attn::isa_name(isa);
+    } catch (const attn::Error& e) {
+      EXPECT_NE(std::string(e.what()).find(std::string("'") + attn::isa_name(isa) + "'"),
+                std::string::npos)
+          << e.what();
+      EXPECT_NE(std::string(e.what()).find("portable"), std::string::npos) << e.what();
+    }
+    EXPECT_EQ(attn::active_isa(), before) << "a refused set_isa changed the choice";
+  }
+}
+
+}  // namespace
