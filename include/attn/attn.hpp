@@ -3,6 +3,7 @@
 
 #include "attn/attention_weights.hpp"
 #include "attn/cross.hpp"
+#include "attn/layers/projection.hpp"
 #include "attn/linear.hpp"
 #include "attn/mask.hpp"
 #include "attn/masked.hpp"
