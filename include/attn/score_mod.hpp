@@ -55,7 +55,7 @@ inline NoScoreMod no_score_mod() { return {}; }
 
 // ---------------------------------------------------------- additive bias --
 
-/// score += bias[b, h, q, k] (bias broadcast over size-1 batch/head dims).
+/// score += bias[b, h, q, k] (bias broadcast over size-1 batch, head and query dims).
 template <class T>
 struct AdditiveBias : ScoreModPolicy {
   static constexpr bool is_identity = false;
@@ -86,7 +86,7 @@ struct AdditiveBias : ScoreModPolicy {
   }
 };
 
-/// Additive bias view [B or 1, H or 1, Lq, Lk].
+/// Additive bias view [B or 1, H or 1, Lq or 1, Lk] (size-1 dims broadcast).
 template <class T>
 AdditiveBias<std::remove_cv_t<T>> additive_bias(TensorView<T, 4> view) {
   AdditiveBias<std::remove_cv_t<T>> m;
