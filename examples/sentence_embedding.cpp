@@ -29,8 +29,8 @@ int main(int argc, char** argv) {
   for (int i = 2; i < argc; ++i) sentences.emplace_back(argv[i]);
   if (sentences.empty())
     sentences = {"The cat sits on the mat.", "A cat is sitting on a rug.",
-                 "Stock markets fell sharply on Monday.", "Shares dropped at the start of the week.",
-                 "I like green tea."};
+                 "Stock markets fell sharply on Monday.",
+                 "Shares dropped at the start of the week.", "I like green tea."};
   try {
     const attn_tools::WordPiece tokenizer(dir + "/vocab.txt");
     attn_tools::BertEncoder encoder(dir + "/model.safetensors", /*heads=*/12);
@@ -45,8 +45,9 @@ int main(int argc, char** argv) {
       std::printf("   %s\n", sentences[i].c_str());
     }
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "sentence_embedding: %s\n(model files: run scripts/install-deps.sh, or "
-                         "pass the folder with model.safetensors and vocab.txt)\n",
+    std::fprintf(stderr,
+                 "sentence_embedding: %s\n(model files: run scripts/install-deps.sh, or "
+                 "pass the folder with model.safetensors and vocab.txt)\n",
                  e.what());
     return 1;
   }

@@ -43,7 +43,9 @@ class Bytes {
     --n_;
     return *p_++;
   }
-  index_t range(index_t lo, index_t hi) { return lo + static_cast<index_t>(byte()) % (hi - lo + 1); }
+  index_t range(index_t lo, index_t hi) {
+    return lo + static_cast<index_t>(byte()) % (hi - lo + 1);
+  }
   bool flag() { return byte() & 1; }
 
  private:
@@ -70,7 +72,8 @@ struct StoredWeight {
     const bool oi = layout == WeightLayout::out_in;
     const index_t r = oi ? out : in, c = oi ? in : out;  // stored shape
     auto at = [&](index_t i, index_t j) {                // stored (i, j) -> value
-      return oi ? w[static_cast<std::size_t>(j * out + i)] : w[static_cast<std::size_t>(i * out + j)];
+      return oi ? w[static_cast<std::size_t>(j * out + i)]
+                : w[static_cast<std::size_t>(i * out + j)];
     };
     const int form = static_cast<int>(b.range(0, 4));
     const index_t gap = b.range(1, 3);
@@ -88,21 +91,24 @@ struct StoredWeight {
       buf.assign(static_cast<std::size_t>(r * c), 0.f);
       for (index_t i = 0; i < r; ++i)
         for (index_t j = 0; j < c; ++j)
-          buf[static_cast<std::size_t>((r - 1 - i) * c + (c - 1 - j))] = static_cast<float>(at(i, j));
+          buf[static_cast<std::size_t>((r - 1 - i) * c + (c - 1 - j))] =
+              static_cast<float>(at(i, j));
       view = attn::TensorView<const float, 2>(buf.data() + (r * c - 1), {r, c}, {-c, -1});
       return;
     }
     if (form == 2) {  // column order (the transpose stored row-major)
       buf.assign(static_cast<std::size_t>(r * c), 0.f);
       for (index_t i = 0; i < r; ++i)
-        for (index_t j = 0; j < c; ++j) buf[static_cast<std::size_t>(j * r + i)] = static_cast<float>(at(i, j));
+        for (index_t j = 0; j < c; ++j)
+          buf[static_cast<std::size_t>(j * r + i)] = static_cast<float>(at(i, j));
       view = attn::TensorView<const float, 2>(buf.data(), {r, c}, {1, r});
       return;
     }
     const index_t es = form == 1 ? gap : 1, row = c * es + (form == 1 ? gap : 0);
     buf.assign(static_cast<std::size_t>(r * row), -99.f);
     for (index_t i = 0; i < r; ++i)
-      for (index_t j = 0; j < c; ++j) buf[static_cast<std::size_t>(i * row + j * es)] = static_cast<float>(at(i, j));
+      for (index_t j = 0; j < c; ++j)
+        buf[static_cast<std::size_t>(i * row + j * es)] = static_cast<float>(at(i, j));
     view = attn::TensorView<const float, 2>(buf.data(), {r, c}, {row, es});
   }
 };
@@ -205,8 +211,8 @@ struct Out {
 };
 
 template <class F>
-void expect_rejected(F&& call, const std::vector<float>& watch_before, const std::vector<float>& watch,
-                     const char* what) {
+void expect_rejected(F&& call, const std::vector<float>& watch_before,
+                     const std::vector<float>& watch, const char* what) {
   try {
     call();
   } catch (const attn::Error&) {
@@ -278,8 +284,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
                                             {p.B, p.Lk, c.d_kv_in});
 
   // The weights in decoded forms, for the free function.
-  StoredWeight sq(p.wq, c.d_model, nq, in), sk(p.wk, c.d_kv_in, nk, in), sv(p.wv, c.d_kv_in, nv, in),
-      so(p.wo, no, c.d_model, in);
+  StoredWeight sq(p.wq, c.d_model, nq, in), sk(p.wk, c.d_kv_in, nk, in),
+      sv(p.wv, c.d_kv_in, nv, in), so(p.wo, no, c.d_model, in);
   attn::MultiHeadWeights<float> fw;
   std::vector<float> fused_w, fused_b;
   if (p.fused) {
@@ -304,8 +310,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     }
     // wo must share the layout: store it transposed
     fw.wo = attn::in_out_view(so.view, so.layout);  // logical [in, out] ...
-    fw.wo = attn::TensorView<const float, 2>(fw.wo.data(), {fw.wo.extent(1), fw.wo.extent(0)},
-                                             {fw.wo.stride(1), fw.wo.stride(0)});  // ... as [out, in]
+    fw.wo =
+        attn::TensorView<const float, 2>(fw.wo.data(), {fw.wo.extent(1), fw.wo.extent(0)},
+                                         {fw.wo.stride(1), fw.wo.stride(0)});  // ... as [out, in]
   } else {
     // each weight in its own layout, passed as the logical [in, out] view
     fw.wq = attn::in_out_view(sq.view, sq.layout);
@@ -343,11 +350,13 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     opt.num_threads = nthreads;
     auto go = [&](const auto& mask) {
       if (p.cross) {
-        if (which == 0) cross->forward(xv, mv, out, mask, opt);
+        if (which == 0)
+          cross->forward(xv, mv, out, mask, opt);
         else
           attn::cross_attention<float>(xv, mv, out, c, fw, mask, attn::no_score_mod(), opt);
       } else {
-        if (which == 0) self->forward(xv, out, mask, opt);
+        if (which == 0)
+          self->forward(xv, out, mask, opt);
         else
           attn::multi_head_attention<float>(xv, out, c, fw, mask, attn::no_score_mod(), opt);
       }
@@ -396,8 +405,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
           x_before, xcopy, "out over x");
     } else if (corrupt == 3) {  // Wo of the wrong shape
       attn::MultiHeadWeights<float> bad = fw;
-      bad.wo = attn::TensorView<const float, 2>(bad.wo.data(), {bad.wo.extent(0) + 1, bad.wo.extent(1)},
-                                                bad.wo.strides());
+      bad.wo = attn::TensorView<const float, 2>(
+          bad.wo.data(), {bad.wo.extent(0) + 1, bad.wo.extent(1)}, bad.wo.strides());
       expect_rejected(
           [&] {
             if (p.cross)
@@ -430,8 +439,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   const Mat ref = reference(p);
   const double eps = std::ldexp(1.0, -23);
   const double tol =
-      64.0 * eps * (std::sqrt(double(c.d_model)) + std::sqrt(double(c.d_kv_in)) + std::sqrt(double(no)) +
-                    std::sqrt(double(c.head_dim)) * 4.0 + std::sqrt(double(p.Lk)) + 4.0);
+      64.0 * eps *
+      (std::sqrt(double(c.d_model)) + std::sqrt(double(c.d_kv_in)) + std::sqrt(double(no)) +
+       std::sqrt(double(c.head_dim)) * 4.0 + std::sqrt(double(p.Lk)) + 4.0);
   for (index_t bb = 0; bb < p.B; ++bb)
     for (index_t i = 0; i < p.Lq; ++i)
       for (index_t d = 0; d < c.d_model; ++d) {
@@ -451,7 +461,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
                       attn::TensorView<float, 3>(y.data(), {p.B, p.Lq, nq}), threads);
   const Mat yq = matmul(p.x, p.B * p.Lq, c.d_model, p.wq, nq, p.bq);
   for (std::size_t i = 0; i < y.size(); ++i)
-    if (!(std::abs(double(y[i]) - yq[i]) <= 8.0 * eps * double(c.d_model + 1) * std::max(1.0, std::abs(yq[i]))))
+    if (!(std::abs(double(y[i]) - yq[i]) <=
+          8.0 * eps * double(c.d_model + 1) * std::max(1.0, std::abs(yq[i]))))
       fail("linear differs from the reference product");
   return 0;
 }

@@ -41,9 +41,9 @@ std::vector<MatD> batches(const Sequence<T>& s) {
 template <class T>
 struct Forms {
   using Row = attn::RowMatrix<T>;
-  Row wq, wk, wv, wo;           // [in, out]
-  Row tq, tk, tv, to;           // PyTorch [out, in]
-  Row qkv;                      // fused PyTorch [(nq + nk + nv), d_model]
+  Row wq, wk, wv, wo;  // [in, out]
+  Row tq, tk, tv, to;  // PyTorch [out, in]
+  Row qkv;             // fused PyTorch [(nq + nk + nv), d_model]
   Eigen::Matrix<T, -1, 1> bq, bk, bv, bo, bqkv;
   explicit Forms(const LayerWeights<T>& w)
       : wq(w.wq.template cast<T>()), wk(w.wk.template cast<T>()), wv(w.wv.template cast<T>()),
@@ -149,8 +149,10 @@ TYPED_TEST(LayersPyTorch, EveryWeightFormAndThreadCountGivesTheSameBits) {
         call(out);
         got.emplace_back(name, out);
       };
-      run("in_out layer", [&](Sequence<T>& o) { base.forward(x.cview(), o.view(), attn::causal(), opt); });
-      run("out_in layer", [&](Sequence<T>& o) { pt.forward(x.cview(), o.view(), attn::causal(), opt); });
+      run("in_out layer",
+          [&](Sequence<T>& o) { base.forward(x.cview(), o.view(), attn::causal(), opt); });
+      run("out_in layer",
+          [&](Sequence<T>& o) { pt.forward(x.cview(), o.view(), attn::causal(), opt); });
       run("fused out_in layer",
           [&](Sequence<T>& o) { fused.forward(x.cview(), o.view(), attn::causal(), opt); });
       run("out_in free", [&](Sequence<T>& o) {
@@ -279,7 +281,8 @@ TYPED_TEST(LayersPyTorch, PaddingMaskBroadcastsOverQueries) {
   const attn::TensorView<const bool, 4> hf_view(hf.get(), {B, 1, 1, L});
   const Sequence<T> x = random_sequence<T>(B, L, 24, 2);
   Sequence<T> a(B, L, 24), b(B, L, 24), k(B, L, 24);
-  l.forward(x.cview(), a.view(), attn::bool_mask(attn::TensorView<const bool, 4>(expanded.get(), {B, 1, L, L})));
+  l.forward(x.cview(), a.view(),
+            attn::bool_mask(attn::TensorView<const bool, 4>(expanded.get(), {B, 1, L, L})));
   l.forward(x.cview(), b.view(), attn::bool_mask(hf_view));
   EXPECT_EQ(a.buf, b.buf);
   l.forward(x.cview(), k.view(), attn::key_padding(lengths));  // other key ranges: within rounding
@@ -320,16 +323,16 @@ TEST(LayersOverlap, OutputsOverlappingAnyInputAreRefused) {
     o.lse = attn::TensorView<float, 3>(p, {B, 2, L});
     return o;
   };
-  EXPECT_TRUE(throws_with(
-      [&] { l.forward(x.cview(), out.view(), attn::NoMask{}, lse_on(x.buf.data())); },
-      "options.lse overlaps x"));
-  EXPECT_TRUE(throws_with(
-      [&] { l.forward(x.cview(), out.view(), attn::NoMask{}, lse_on(out.buf.data())); },
-      "overlaps out"));
+  EXPECT_TRUE(
+      throws_with([&] { l.forward(x.cview(), out.view(), attn::NoMask{}, lse_on(x.buf.data())); },
+                  "options.lse overlaps x"));
+  EXPECT_TRUE(
+      throws_with([&] { l.forward(x.cview(), out.view(), attn::NoMask{}, lse_on(out.buf.data())); },
+                  "overlaps out"));
   EXPECT_EQ(x.buf, x_before);
   // The free function: out on a weight, lse on a bias.
-  attn::RowMatrix<float> wq = w.wq.cast<float>(), wk = w.wk.cast<float>(),
-                         wv = w.wv.cast<float>(), wo = w.wo.cast<float>();
+  attn::RowMatrix<float> wq = w.wq.cast<float>(), wk = w.wk.cast<float>(), wv = w.wv.cast<float>(),
+                         wo = w.wo.cast<float>();
   Eigen::VectorXf bo = w.bo.cast<float>();
   attn::MultiHeadWeights<float> mw;
   mw.wq = attn::TensorView<const float, 2>(wq.data(), {16, 16});
@@ -340,8 +343,8 @@ TEST(LayersOverlap, OutputsOverlappingAnyInputAreRefused) {
   const attn::RowMatrix<float> wq_before = wq;
   EXPECT_TRUE(throws_with(
       [&] {
-        attn::multi_head_attention<float>(x.cview(), attn::TensorView<float, 3>(wq.data(), {2, 8, 16}),
-                                          c, mw);
+        attn::multi_head_attention<float>(x.cview(),
+                                          attn::TensorView<float, 3>(wq.data(), {2, 8, 16}), c, mw);
       },
       "out overlaps Wq"));
   std::vector<float> big(16 + 2 * 2 * 8);
@@ -358,8 +361,8 @@ TEST(LayersOverlap, OutputsOverlappingAnyInputAreRefused) {
   EXPECT_EQ(bo, Eigen::Map<Eigen::VectorXf>(big.data(), 16));
   // Fused and separate weights at once is ambiguous.
   mw.wqkv = mw.wq;
-  EXPECT_TRUE(throws_with(
-      [&] { attn::multi_head_attention<float>(x.cview(), out.view(), c, mw); }, "give one form"));
+  EXPECT_TRUE(throws_with([&] { attn::multi_head_attention<float>(x.cview(), out.view(), c, mw); },
+                          "give one form"));
 }
 
 }  // namespace

@@ -76,8 +76,8 @@ TYPED_TEST(Projection, MatchesFp64OnEveryInstructionSet) {
           attn::detail::PackedWeight<T> packed;
           packed.pack(w);
           std::vector<T> y(static_cast<std::size_t>(rows * cols));
-          attn::detail::project_packed(x, packed, b, attn::TensorView<T, 3>(y.data(), {1, rows, cols}),
-                                       2, isa);
+          attn::detail::project_packed(x, packed, b,
+                                       attn::TensorView<T, 3>(y.data(), {1, rows, cols}), 2, isa);
           const auto ref = reference(x, w, b);
           const double tol = 4.0 * attn_test::eps<T>() * double(depth + 1);
           double err = 0;
@@ -112,7 +112,8 @@ struct WeightForms {
     // rows with gaps (row stride out + 3, column stride 2)
     std::vector<T> g(static_cast<std::size_t>(in * (2 * out + 3)), T(-7));
     for (index_t p = 0; p < in; ++p)
-      for (index_t c = 0; c < out; ++c) g[static_cast<std::size_t>(p * (2 * out + 3) + 2 * c)] = at(p, c);
+      for (index_t c = 0; c < out; ++c)
+        g[static_cast<std::size_t>(p * (2 * out + 3) + 2 * c)] = at(p, c);
     add(g, attn::TensorView<const T, 2>(nullptr, {in, out}, {2 * out + 3, 2}), WeightLayout::in_out,
         "in_out with gaps");
     // negative strides: the buffer holds W reversed in both dims

@@ -41,12 +41,12 @@ TEST(SentenceEmbedding, MatchesPyTorchOnAllMiniLmL6V2) {
   std::ifstream rf(reference_path());
   ASSERT_TRUE(rf) << "missing " << reference_path();
   const nlohmann::json ref = nlohmann::json::parse(rf);
-  const auto sentences = ref.at("sentences").get<std::vector<std::string>>();
-  const auto want_ids = ref.at("token_ids").get<std::vector<std::vector<std::int64_t>>>();
-  const auto want = ref.at("embeddings").get<std::vector<std::vector<double>>>();
+  const auto sentences = ref.at("sentences").get<std::vector<std::string> >();
+  const auto want_ids = ref.at("token_ids").get<std::vector<std::vector<std::int64_t> > >();
+  const auto want = ref.at("embeddings").get<std::vector<std::vector<double> > >();
 
   const attn_tools::WordPiece tokenizer(dir + "/vocab.txt");
-  std::vector<std::vector<std::int64_t>> ids;
+  std::vector<std::vector<std::int64_t> > ids;
   for (const auto& s : sentences) ids.push_back(tokenizer.encode(s));
   EXPECT_EQ(ids, want_ids) << "the WordPiece tokenizer differs from Hugging Face's";
 

@@ -203,7 +203,9 @@ class BertEncoder {
     attn::MultiHeadConfig cfg;
     cfg.d_model = d_;
     cfg.q_heads = heads;
-    for (int l = 0; st.contains(pre + "encoder.layer." + std::to_string(l) + ".attention.self.query.weight"); ++l) {
+    for (int l = 0;
+         st.contains(pre + "encoder.layer." + std::to_string(l) + ".attention.self.query.weight");
+         ++l) {
       const std::string p = "encoder.layer." + std::to_string(l) + ".";
       Layer layer(cfg);
       // The attention block in a few lines: PyTorch nn.Linear weights are [out, in].
@@ -278,7 +280,8 @@ class BertEncoder {
     for (attn::index_t b = 0; b < B; ++b) {
       std::vector<double> acc(static_cast<std::size_t>(d), 0.0);
       for (attn::index_t t = 0; t < lengths[b]; ++t)
-        for (attn::index_t c = 0; c < d; ++c) acc[c] += x[static_cast<std::size_t>((b * L + t) * d + c)];
+        for (attn::index_t c = 0; c < d; ++c)
+          acc[c] += x[static_cast<std::size_t>((b * L + t) * d + c)];
       double norm = 0;
       for (double& v : acc) {
         v /= double(lengths[b]);

@@ -107,8 +107,9 @@ void cross_attention(detail::identity_t<TensorView<const T, 3>> x,
                 "attn: attention layers compute in float or double");
   const MultiHeadConfig c = detail::resolve_cross_config(config);
   if (!weights.wqkv.is_null() || !weights.bqkv.is_null())
-    detail::fail("cross attention takes separate wq, wk, wv (its queries and memory differ), not a "
-                 "fused wqkv");
+    detail::fail(
+        "cross attention takes separate wq, wk, wv (its queries and memory differ), not a "
+        "fused wqkv");
   const detail::InOutWeights<T> w = detail::check_weights(c, weights);
   detail::check_sequence(memory, "memory", c.d_kv_in, "d_kv_in");
   detail::check_cross(c, w, x, out, memory, memory.extent(0), memory.extent(1), mask, score_mod,
@@ -171,8 +172,8 @@ class CrossAttention : public AttentionProjections<T> {
     check_memory(kv);
     detail::check_cross(this->cfg_, this->in_out_weights(), x, out, TensorView<const T, 3>(),
                         kv.batch(), kv.length(), mask, score_mod, options, &this->ws_);
-    for (const auto& [view, name] : {std::pair{kv.keys(), "memory keys"},
-                                     std::pair{kv.values(), "memory values"}}) {
+    for (const auto& [view, name] :
+         {std::pair{kv.keys(), "memory keys"}, std::pair{kv.values(), "memory values"}}) {
       detail::check_no_overlap(out, "out", view, name);
       if (!options.lse.is_null()) detail::check_no_overlap(options.lse, "options.lse", view, name);
     }
@@ -224,8 +225,8 @@ class CrossAttention : public AttentionProjections<T> {
     probe.lse = TensorView<float, 3>();
     detail::check_layer_outputs<T>(weights, probe, x, TensorView<const T, 3>(),
                                    this->in_out_weights(), mask, score_mod, &this->ws_);
-    for (const auto& [view, name] : {std::pair{kv.keys(), "memory keys"},
-                                     std::pair{kv.values(), "memory values"}})
+    for (const auto& [view, name] :
+         {std::pair{kv.keys(), "memory keys"}, std::pair{kv.values(), "memory values"}})
       detail::check_no_overlap(weights, "weights", view, name);
     const T* q = detail::project_q(c, this->packed(), x, this->ws_, options.num_threads);
     attn::attention_weights(bshd<const T>(q, B, L, c.q_heads, c.head_dim), kv.keys(), weights, mask,

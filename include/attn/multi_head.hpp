@@ -19,8 +19,8 @@
 
 #include "attn/attention_weights.hpp"
 #include "attn/detail/checks.hpp"
-#include "attn/layers/projection.hpp"
 #include "attn/detail/parallel.hpp"
+#include "attn/layers/projection.hpp"
 #include "attn/mask.hpp"
 #include "attn/masked.hpp"
 #include "attn/options.hpp"
@@ -360,8 +360,8 @@ void attend_and_project_out(const MultiHeadConfig& c, const PackedProjections<T>
 
 /// Applies the config's RoPE to q and k (bshd views of the projected rows).
 template <class T>
-void apply_layer_rope(const MultiHeadConfig& c, const Tensor4<T>& q, const Tensor4<T>& k,
-                      index_t L, MultiHeadWorkspace<T>& ws, int num_threads) {
+void apply_layer_rope(const MultiHeadConfig& c, const Tensor4<T>& q, const Tensor4<T>& k, index_t L,
+                      MultiHeadWorkspace<T>& ws, int num_threads) {
   if (!c.rope) return;
   const index_t rd = check_rope(*c.rope, c.head_dim);
   ws.rope.ensure(*c.rope, rd, c.rope->offset, L);
@@ -736,8 +736,8 @@ class MultiHeadAttention : public AttentionProjections<T> {
     const TensorView<float, 3> none;
     AttentionOptions probe = options;  // weights is the output here
     probe.lse = none;
-    detail::check_layer_outputs<T>(weights, probe, x, TensorView<const T, 3>(), this->in_out_weights(), mask,
-                                score_mod, &this->ws_);
+    detail::check_layer_outputs<T>(weights, probe, x, TensorView<const T, 3>(),
+                                   this->in_out_weights(), mask, score_mod, &this->ws_);
     (void)mask.bind(s);
     (void)score_mod.bind(s);
     const detail::PackedProjections<T>& p = this->packed();

@@ -294,15 +294,19 @@ void project_packed(const TensorView<const T, 3>& x, const PackedWeight<T>& w,
                      2.0e6;  // under ~50 µs a parallel region costs more than it saves
   const int threads = small ? 1 : resolve_threads(num_threads, row_tasks * w.panels());
   // Column groups only when there are too few row blocks for the threads.
-  const index_t col_groups =
-      std::min<index_t>(w.panels(), std::max<index_t>(1, (2 * threads + row_tasks - 1) / row_tasks));
+  const index_t col_groups = std::min<index_t>(
+      w.panels(), std::max<index_t>(1, (2 * threads + row_tasks - 1) / row_tasks));
   const index_t panels_per_group = (w.panels() + col_groups - 1) / col_groups;
   const index_t tasks = row_tasks * col_groups;
   const T* bias_data = bias.is_null() ? nullptr : bias.data();
   const index_t sb = bias.is_null() ? 0 : bias.stride(0);
   const index_t sa = x.stride(2), sy = y.stride(2);
-  auto row_ptr = [&](index_t r) { return x.data() + (r / L) * x.stride(0) + (r % L) * x.stride(1); };
-  auto out_ptr = [&](index_t r) { return y.data() + (r / L) * y.stride(0) + (r % L) * y.stride(1); };
+  auto row_ptr = [&](index_t r) {
+    return x.data() + (r / L) * x.stride(0) + (r % L) * x.stride(1);
+  };
+  auto out_ptr = [&](index_t r) {
+    return y.data() + (r / L) * y.stride(0) + (r % L) * y.stride(1);
+  };
   struct Scratch {
     alignas(64) T tile[mr_max * nr];
   };
@@ -310,8 +314,7 @@ void project_packed(const TensorView<const T, 3>& x, const PackedWeight<T>& w,
       tasks, threads, [] { return std::make_unique<Scratch>(); },
       [&](Scratch& s, index_t t) {
         const index_t rb = t / col_groups, cg = t % col_groups;
-        const index_t r_begin = rb * rows_per_task,
-                      r_end = std::min(rows, r_begin + rows_per_task);
+        const index_t r_begin = rb * rows_per_task, r_end = std::min(rows, r_begin + rows_per_task);
         const index_t j_begin = cg * panels_per_group,
                       j_end = std::min(w.panels(), j_begin + panels_per_group);
         for (index_t j = j_begin; j < j_end; ++j) {
