@@ -366,3 +366,77 @@ TEST(LayersOverlap, OutputsOverlappingAnyInputAreRefused) {
 }
 
 }  // namespace
+
+namespace {
+
+// Packed variable-length sequences equal the padded batch on the real rows
+// (the padded batch under key padding, or causal & key padding), and the
+// packed lse equals the padded one; RoPE restarts per sequence.
+TYPED_TEST(LayersPyTorch, VarlenEqualsThePaddedBatchOnRealRows) {
+  using T = TypeParam;
+  attn::MultiHeadConfig c = config(24, 4, 2);
+  c.rope = attn::Rope{};
+  const LayerWeights<T> w(c, true, 12);
+  attn::MultiHeadAttention<T> l(c);
+  w.load(l);
+  const std::vector<index_t> lengths{5, 0, 13, 1, 9};
+  const index_t B = static_cast<index_t>(lengths.size()), L = 13;
+  std::vector<index_t> cu{0};
+  for (index_t n : lengths) cu.push_back(cu.back() + n);
+  const index_t total = cu.back();
+  const Sequence<T> padded = random_sequence<T>(B, L, 24, 4);
+  std::vector<T> packed(static_cast<std::size_t>(total * 24)), out(packed.size());
+  for (index_t b = 0; b < B; ++b)
+    for (index_t t = 0; t < lengths[static_cast<std::size_t>(b)]; ++t)
+      for (index_t j = 0; j < 24; ++j)
+        packed[static_cast<std::size_t>((cu[static_cast<std::size_t>(b)] + t) * 24 + j)] =
+            padded.buf[static_cast<std::size_t>((b * L + t) * 24 + j)];
+  for (bool causal : {false, true}) {
+    Sequence<T> ref(B, L, 24);
+    std::vector<float> lse_pad(static_cast<std::size_t>(B * 4 * L)),
+        lse_packed(static_cast<std::size_t>(4 * total));
+    attn::AttentionOptions op, ov;
+    op.lse = attn::TensorView<float, 3>(lse_pad.data(), {B, 4, L});
+    ov.lse = attn::TensorView<float, 3>(lse_packed.data(), {1, 4, total});
+    if (causal) {
+      l.forward(padded.cview(), ref.view(), attn::causal() & attn::key_padding(lengths), op);
+      l.forward_varlen(attn::TensorView<const T, 2>(packed.data(), {total, 24}), cu,
+                       attn::TensorView<T, 2>(out.data(), {total, 24}), attn::causal(), ov);
+    } else {
+      l.forward(padded.cview(), ref.view(), attn::key_padding(lengths), op);
+      l.forward_varlen(attn::TensorView<const T, 2>(packed.data(), {total, 24}), cu,
+                       attn::TensorView<T, 2>(out.data(), {total, 24}), attn::no_mask(), ov);
+    }
+    const double tol = layer_tolerance<T>(c, L);
+    for (index_t b = 0; b < B; ++b)
+      for (index_t t = 0; t < lengths[static_cast<std::size_t>(b)]; ++t) {
+        const index_t r = cu[static_cast<std::size_t>(b)] + t;
+        for (index_t j = 0; j < 24; ++j)
+          ASSERT_NEAR(double(out[static_cast<std::size_t>(r * 24 + j)]),
+                      double(ref.buf[static_cast<std::size_t>((b * L + t) * 24 + j)]), tol)
+              << "causal=" << causal << " b=" << b << " t=" << t;
+        for (index_t h = 0; h < 4; ++h)
+          ASSERT_NEAR(lse_packed[static_cast<std::size_t>(h * total + r)],
+                      lse_pad[static_cast<std::size_t>((b * 4 + h) * L + t)], 1e-5);
+      }
+  }
+  // Bad cu_seqlens are refused before anything is written.
+  const std::vector<T> before = out;
+  EXPECT_TRUE(throws_with(
+      [&] {
+        l.forward_varlen(attn::TensorView<const T, 2>(packed.data(), {total, 24}),
+                         std::vector<index_t>{0, 5, 3, total},
+                         attn::TensorView<T, 2>(out.data(), {total, 24}));
+      },
+      "cu_seqlens decreases at 2: 5 then 3"));
+  EXPECT_TRUE(throws_with(
+      [&] {
+        l.forward_varlen(attn::TensorView<const T, 2>(packed.data(), {total, 24}),
+                         std::vector<index_t>{0, total - 1},
+                         attn::TensorView<T, 2>(out.data(), {total, 24}));
+      },
+      "cu_seqlens ends at"));
+  EXPECT_EQ(out, before);
+}
+
+}  // namespace

@@ -390,7 +390,7 @@ template <class T, class Mask, class Mod>
 void check_self_attention(const MultiHeadConfig& c, const InOutWeights<T>& w,
                           const TensorView<const T, 3>& x, const TensorView<T, 3>& out,
                           const Mask& mask, const Mod& mod, const AttentionOptions& opt,
-                          const MultiHeadWorkspace<T>* ws) {
+                          const MultiHeadWorkspace<T>* ws, bool bind_policies = true) {
   static_assert(std::is_same<T, float>::value || std::is_same<T, double>::value,
                 "attn: attention layers compute in float or double");
   static_assert(is_mask_v<Mask>, "attn: the mask argument must be a mask policy (attn/mask.hpp)");
@@ -402,9 +402,62 @@ void check_self_attention(const MultiHeadConfig& c, const InOutWeights<T>& w,
   check_sequence(x, "x", c.d_model, "d_model");
   check_output(out, x, c.d_model);
   check_layer_outputs<T>(out, opt, x, TensorView<const T, 3>(), w, mask, mod, ws);
+  if (!bind_policies) return;
   const AttentionShape s = layer_shape(c, x.extent(0), x.extent(1), x.extent(1));
   (void)mask.bind(s);
   (void)mod.bind(s);
+}
+
+// ------------------------------------------------------ varlen (packed) --
+
+/// Checks cu_seqlens against `total` packed rows: cu[0] = 0, non-decreasing,
+/// cu.back() = total.
+inline void check_cu_seqlens(const std::vector<index_t>& cu, index_t total) {
+  if (cu.size() < 2)
+    fail("cu_seqlens has ", cu.size(), " entries, needs at least 2 (0 and the total)");
+  if (cu.front() != 0) fail("cu_seqlens[0] is ", cu.front(), ", must be 0");
+  for (std::size_t s = 1; s < cu.size(); ++s)
+    if (cu[s] < cu[s - 1]) fail("cu_seqlens decreases at ", s, ": ", cu[s - 1], " then ", cu[s]);
+  if (cu.back() != total) fail("cu_seqlens ends at ", cu.back(), ", but x has ", total, " rows");
+}
+
+/// A [rows, width] view as [1, rows, width].
+template <class T>
+TensorView<T, 3> as_batch1(const TensorView<T, 2>& v) {
+  return TensorView<T, 3>(v.data(), {1, v.extent(0), v.extent(1)},
+                          {v.extent(0) * v.stride(0), v.stride(0), v.stride(1)});
+}
+
+/// Self-attention over packed sequences on checked arguments: the
+/// projections over all rows at once, attention per sequence (its own
+/// [len, len] problem), the output projection over all rows.
+template <class T, class Mask, class Mod>
+void self_attention_varlen(const MultiHeadConfig& c, const PackedProjections<T>& p,
+                           const TensorView<const T, 3>& x, const std::vector<index_t>& cu,
+                           const TensorView<T, 3>& out, const Mask& mask, const Mod& mod,
+                           const AttentionOptions& opt, MultiHeadWorkspace<T>& ws) {
+  const index_t total = x.extent(1);
+  const index_t nq = c.q_heads * c.head_dim, nk = c.kv_heads * c.head_dim,
+                nv = c.kv_heads * c.v_head_dim, no = c.q_heads * c.v_head_dim;
+  T* q = project_q(c, p, x, ws, opt.num_threads);  // [total, Hq·D]
+  project_kv(c, p, x, ws.k, ws.v, opt.num_threads);
+  T* heads = grow(ws.heads, total * no);
+  for (std::size_t s = 0; s + 1 < cu.size(); ++s) {
+    const index_t r0 = cu[s], len = cu[s + 1] - cu[s];
+    if (len == 0) continue;
+    const Tensor4<T> qs = bshd(q + r0 * nq, index_t{1}, len, c.q_heads, c.head_dim);
+    const Tensor4<T> ks = bshd(ws.k.data() + r0 * nk, index_t{1}, len, c.kv_heads, c.head_dim);
+    const Tensor4<T> vs = bshd(ws.v.data() + r0 * nv, index_t{1}, len, c.kv_heads, c.v_head_dim);
+    apply_layer_rope(c, qs, ks, len, ws, opt.num_threads);  // positions restart per sequence
+    AttentionOptions o = opt;
+    if (!opt.lse.is_null())  // columns [r0, r0 + len) of lse [1, Hq, total]
+      o.lse = TensorView<float, 3>(opt.lse.data() + r0 * opt.lse.stride(2), {1, c.q_heads, len},
+                                   opt.lse.strides());
+    masked_attention(Tensor4<const T>(qs), Tensor4<const T>(ks), Tensor4<const T>(vs),
+                     bshd(heads + r0 * no, index_t{1}, len, c.q_heads, c.v_head_dim), mask, mod, o);
+  }
+  project_packed(TensorView<const T, 3>(rows_view(heads, index_t{1}, total, no)), p.o, p.bo, out,
+                 opt.num_threads);
 }
 
 template <class T>
@@ -711,6 +764,50 @@ class MultiHeadAttention : public AttentionProjections<T> {
   void forward(TensorView<const T, 3> x, TensorView<T, 3> out, const Mask& mask,
                const AttentionOptions& options) {
     forward(x, out, mask, no_score_mod(), options);
+  }
+
+  /// Self-attention over variable-length sequences packed back to back
+  /// (FlashAttention's varlen form): x and out [total, d_model], sequence s
+  /// is rows [cu_seqlens[s], cu_seqlens[s+1]) (cu_seqlens[0] = 0, last =
+  /// total, empty sequences allowed). No padding rows are projected or
+  /// attended. Each sequence is its own [len, len] problem: the mask and
+  /// score_mod are bound with batch 1 and Lq = Lk = len (causal, windows,
+  /// ALiBi, soft-cap, custom; a view-based mask must broadcast over its
+  /// sizes), RoPE positions restart at rope().offset. options.lse, if set,
+  /// is [1, Hq, total].
+  template <class Mask = NoMask, class Mod = NoScoreMod>
+  void forward_varlen(TensorView<const T, 2> x, const std::vector<index_t>& cu_seqlens,
+                      TensorView<T, 2> out, const Mask& mask = {}, const Mod& score_mod = {},
+                      const AttentionOptions& options = {}) {
+    const MultiHeadConfig c = detail::resolve_config(this->cfg_);
+    detail::check_view(x, "x");
+    const TensorView<const T, 3> x3 = detail::as_batch1(x);
+    const TensorView<T, 3> o3 = detail::as_batch1(out);
+    detail::check_self_attention(c, this->in_out_weights(), x3, o3, mask, score_mod, options,
+                                 &this->ws_, /*bind_policies=*/false);  // bound per sequence below
+    const index_t total = x.extent(0);
+    detail::check_cu_seqlens(cu_seqlens, total);
+    if (!options.lse.is_null() &&
+        (options.lse.extent(0) != 1 || options.lse.extent(1) != c.q_heads ||
+         options.lse.extent(2) != total))
+      detail::fail("options.lse has shape ", detail::shape_str(options.lse), ", expected [1, ",
+                   c.q_heads, ", ", total, "] (packed rows)");
+    for (std::size_t s = 0; s + 1 < cu_seqlens.size(); ++s) {  // every sequence's mask binds
+      const index_t len = cu_seqlens[s + 1] - cu_seqlens[s];
+      if (len == 0) continue;
+      const AttentionShape sh = detail::layer_shape(c, 1, len, len);
+      (void)mask.bind(sh);
+      (void)score_mod.bind(sh);
+    }
+    detail::self_attention_varlen(c, this->packed(), x3, cu_seqlens, o3, mask, score_mod, options,
+                                  this->ws_);
+  }
+
+  /// Same, without a score modifier.
+  template <class Mask, class = std::enable_if_t<is_mask_v<Mask>>>
+  void forward_varlen(TensorView<const T, 2> x, const std::vector<index_t>& cu_seqlens,
+                      TensorView<T, 2> out, const Mask& mask, const AttentionOptions& options) {
+    forward_varlen(x, cu_seqlens, out, mask, no_score_mod(), options);
   }
 
   /// Fills weights [B, Hq, L, L] with each head's softmax probabilities for
