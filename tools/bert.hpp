@@ -238,57 +238,67 @@ class BertEncoder {
   std::int64_t width() const { return d_; }
   std::size_t num_layers() const { return layers_.size(); }
 
-  /// Mean-pooled, L2-normalised embeddings [sentences][d] of token id lists
-  /// (one batch, shorter sentences padded and masked by key_padding).
+  /// Mean-pooled, L2-normalised embeddings [sentences][d] of token id lists.
+  /// The sentences are packed back to back (no padding rows): attention runs
+  /// per sentence through forward_varlen, the feed-forward blocks over all
+  /// packed rows at once.
   std::vector<std::vector<float>> embed(const std::vector<std::vector<std::int64_t>>& ids,
                                         int num_threads = 0) {
-    const auto B = static_cast<attn::index_t>(ids.size());
-    attn::index_t L = 0;
-    std::vector<attn::index_t> lengths;
+    std::vector<attn::index_t> cu{0};
     for (const auto& s : ids) {
-      lengths.push_back(static_cast<attn::index_t>(s.size()));
-      L = std::max(L, lengths.back());
+      const auto n = static_cast<attn::index_t>(s.size());
+      if (n > pos_.dim(0))
+        throw std::runtime_error("bert: a sentence is longer than the positions");
+      cu.push_back(cu.back() + n);
     }
-    if (L > pos_.dim(0)) throw std::runtime_error("bert: a sentence is longer than the positions");
-    const attn::index_t d = d_, rows = B * L;
+    const attn::index_t d = d_, rows = cu.back();
     std::vector<float> x(static_cast<std::size_t>(rows * d), 0.f), a(x.size()),
         h(static_cast<std::size_t>(rows * layers_[0].ffn1_w.dim(0)));
-    for (attn::index_t b = 0; b < B; ++b)
-      for (attn::index_t t = 0; t < L; ++t) {
-        const std::int64_t id = t < lengths[b] ? ids[b][t] : 0;
-        float* xr = &x[static_cast<std::size_t>((b * L + t) * d)];
+    for (std::size_t s = 0; s < ids.size(); ++s)
+      for (std::size_t t = 0; t < ids[s].size(); ++t) {
+        const std::int64_t id = ids[s][t];
+        if (id < 0 || id >= word_.dim(0)) throw std::runtime_error("bert: token id out of range");
+        float* xr = &x[static_cast<std::size_t>((cu[s] + static_cast<attn::index_t>(t)) * d)];
         for (attn::index_t c = 0; c < d; ++c)
-          xr[c] = word_.data[id * d + c] + pos_.data[t * d + c] + type_.data[c];
+          xr[c] = word_.data[static_cast<std::size_t>(id * d + c)] +
+                  pos_.data[static_cast<std::size_t>(static_cast<attn::index_t>(t) * d + c)] +
+                  type_.data[static_cast<std::size_t>(c)];
       }
     layer_norm(x.data(), rows, emb_ln_w_, emb_ln_b_);
     attn::AttentionOptions opt;
     opt.num_threads = num_threads;
-    const auto view = [&](std::vector<float>& v, attn::index_t width) {
-      return attn::TensorView<float, 3>(v.data(), {B, L, width});
+    const auto view2 = [&](std::vector<float>& v) {
+      return attn::TensorView<float, 2>(v.data(), {rows, d});
+    };
+    const auto view3 = [&](std::vector<float>& v, attn::index_t width) {
+      return attn::TensorView<float, 3>(v.data(), {1, rows, width});
     };
     for (Layer& layer : layers_) {
-      // a = MHA(x) over the real keys of each sentence
-      layer.attn.forward(view(x, d), view(a, d), attn::key_padding(lengths), opt);
+      layer.attn.forward_varlen(view2(x), cu, view2(a), attn::no_mask(), opt);  // a = MHA(x)
       add_norm(x, a, rows, layer.ln1_w, layer.ln1_b);
       const attn::index_t ff = layer.ffn1_w.dim(0);
-      linear(view(x, d), layer.ffn1_w, layer.ffn1_b, view(h, ff), num_threads);  // [rows, ff]
-      for (float& v : h) v = 0.5f * v * (1.f + std::erf(v * 0.70710678118654752f));
-      linear(view(h, ff), layer.ffn2_w, layer.ffn2_b, view(a, d), num_threads);
+      linear(view3(x, d), layer.ffn1_w, layer.ffn1_b, view3(h, ff), num_threads);    // [rows, ff]
+      for (float& v : h) v = 0.5f * v * (1.f + std::erf(v * 0.70710678118654752f));  // GELU (erf)
+      linear(view3(h, ff), layer.ffn2_w, layer.ffn2_b, view3(a, d), num_threads);
       add_norm(x, a, rows, layer.ln2_w, layer.ln2_b);
     }
-    std::vector<std::vector<float>> out(static_cast<std::size_t>(B), std::vector<float>(d, 0.f));
-    for (attn::index_t b = 0; b < B; ++b) {
+    std::vector<std::vector<float>> out(ids.size(),
+                                        std::vector<float>(static_cast<std::size_t>(d)));
+    for (std::size_t s = 0; s < ids.size(); ++s) {
       std::vector<double> acc(static_cast<std::size_t>(d), 0.0);
-      for (attn::index_t t = 0; t < lengths[b]; ++t)
+      for (attn::index_t r = cu[s]; r < cu[s + 1]; ++r)
         for (attn::index_t c = 0; c < d; ++c)
-          acc[c] += x[static_cast<std::size_t>((b * L + t) * d + c)];
+          acc[static_cast<std::size_t>(c)] += x[static_cast<std::size_t>(r * d + c)];
+      const double n = std::max<double>(1.0, double(cu[s + 1] - cu[s]));
       double norm = 0;
       for (double& v : acc) {
-        v /= double(lengths[b]);
+        v /= n;
         norm += v * v;
       }
       norm = std::max(std::sqrt(norm), 1e-12);
-      for (attn::index_t c = 0; c < d; ++c) out[b][c] = static_cast<float>(acc[c] / norm);
+      for (attn::index_t c = 0; c < d; ++c)
+        out[s][static_cast<std::size_t>(c)] =
+            static_cast<float>(acc[static_cast<std::size_t>(c)] / norm);
     }
     return out;
   }
