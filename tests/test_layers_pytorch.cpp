@@ -52,8 +52,10 @@ struct Forms {
     tk = wk.transpose();
     tv = wv.transpose();
     to = wo.transpose();
-    qkv.resize(tq.rows() + tk.rows() + tv.rows(), tq.cols());
-    qkv << tq, tk, tv;
+    if (tk.cols() == tq.cols()) {  // fused only when q, k, v read the same input (self-attention)
+      qkv.resize(tq.rows() + tk.rows() + tv.rows(), tq.cols());
+      qkv << tq, tk, tv;
+    }
     bq = w.bq.template cast<T>();
     bk = w.bk.template cast<T>();
     bv = w.bv.template cast<T>();
