@@ -13,7 +13,7 @@
 #pragma once
 
 #include "attn/detail/checks.hpp"
-#include "attn/detail/flash_engine.hpp"
+#include "attn/engine/forward.hpp"
 #include "attn/detail/gemm.hpp"
 #include "attn/detail/parallel.hpp"
 #include "attn/mask.hpp"

@@ -8,6 +8,7 @@
 #include "attn/mask.hpp"
 #include "attn/masked.hpp"
 #include "attn/multi_head.hpp"
+#include "attn/ops/merge.hpp"
 #include "attn/options.hpp"
 #include "attn/reference.hpp"
 #include "attn/rope.hpp"

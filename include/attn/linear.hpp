@@ -23,15 +23,14 @@
 #pragma once
 
 #include "attn/detail/checks.hpp"
-#include "attn/detail/flash_engine.hpp"
+#include "attn/engine/forward.hpp"
 #include "attn/detail/parallel.hpp"
 #include "attn/detail/small_gemm.hpp"
 #include "attn/detail/softmax.hpp"
 #include "attn/options.hpp"
 #include "attn/tensor_view.hpp"
 
-#include <Eigen/Core>
-#include <Eigen/QR>
+#include "attn/core/eigen.hpp"
 
 #include <algorithm>
 #include <cmath>

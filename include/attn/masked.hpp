@@ -1,7 +1,7 @@
 // attn/masked.hpp — attention under any mask policy and score modifier.
 #pragma once
 
-#include "attn/detail/flash_engine.hpp"
+#include "attn/engine/forward.hpp"
 #include "attn/mask.hpp"
 #include "attn/options.hpp"
 #include "attn/score_mod.hpp"

@@ -28,7 +28,7 @@
 #include "attn/score_mod.hpp"
 #include "attn/tensor_view.hpp"
 
-#include <Eigen/Core>
+#include "attn/core/eigen.hpp"
 
 #include <algorithm>
 #include <memory>

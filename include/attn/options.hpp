@@ -44,6 +44,20 @@ struct AttentionStats {
   }
 };
 
+/// Where a call's queries and keys sit in a longer sequence (a KV cache, a
+/// ring shard, a varlen segment). Query row i of the call is global query
+/// q_offset + i of a sequence of q_length queries; key j is global key
+/// k_offset + j of k_length keys. A length of 0 means offset + the call's own
+/// length. Masks and score modifiers are bound to the global lengths and see
+/// global indices, so a sharded or cached computation equals the one-shot one
+/// (bool_mask and additive_bias views are indexed globally too).
+struct Positions {
+  index_t q_offset = 0;
+  index_t k_offset = 0;
+  index_t q_length = 0;
+  index_t k_length = 0;
+};
+
 /// Options common to the attention entry points. Every field has a default
 /// that is right for most callers.
 struct AttentionOptions {
@@ -62,6 +76,8 @@ struct AttentionOptions {
   /// Optional output: what was computed (tiles, scores). Not thread-safe to
   /// share between concurrent calls.
   AttentionStats* stats = nullptr;
+  /// Global positions of the queries and keys (default: the call is the whole sequence).
+  Positions positions;
 };
 
 /// The sizes of one attention problem, as read from q, k, v.

@@ -1,7 +1,7 @@
 // attn/scaled_dot_product.hpp — dense scaled dot-product attention.
 #pragma once
 
-#include "attn/detail/flash_engine.hpp"
+#include "attn/engine/forward.hpp"
 #include "attn/mask.hpp"
 #include "attn/options.hpp"
 #include "attn/score_mod.hpp"

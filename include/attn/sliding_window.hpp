@@ -13,7 +13,7 @@
 // with W = left + right + 1, not O(Lq·Lk).
 #pragma once
 
-#include "attn/detail/flash_engine.hpp"
+#include "attn/engine/forward.hpp"
 #include "attn/mask.hpp"
 #include "attn/options.hpp"
 #include "attn/score_mod.hpp"

@@ -11,7 +11,7 @@
 // the work is O(nnz · block_q · block_k · (D + Dv)).
 #pragma once
 
-#include "attn/detail/flash_engine.hpp"
+#include "attn/engine/forward.hpp"
 #include "attn/mask.hpp"
 #include "attn/options.hpp"
 #include "attn/score_mod.hpp"

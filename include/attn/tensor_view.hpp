@@ -6,7 +6,7 @@
 // broadcasts a dimension.
 #pragma once
 
-#include <Eigen/Core>
+#include "attn/core/eigen.hpp"
 
 #include <array>
 #include <cstddef>

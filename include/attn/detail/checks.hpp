@@ -10,6 +10,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <sstream>
 #include <string>
 
@@ -87,6 +88,35 @@ void check_not_self_overlapping(const TensorView<T, R>& v, const char* name) {
   }
 }
 
+/// Positions: offsets >= 0, and a given global length holds the call's rows.
+inline void check_positions(const Positions& p, const AttentionShape& s) {
+  if (p.q_offset < 0) fail("positions.q_offset is ", p.q_offset, ", must be >= 0");
+  if (p.k_offset < 0) fail("positions.k_offset is ", p.k_offset, ", must be >= 0");
+  if (p.q_length < 0)
+    fail("positions.q_length is ", p.q_length, ", must be >= 0 (0 = q_offset + Lq)");
+  if (p.k_length < 0)
+    fail("positions.k_length is ", p.k_length, ", must be >= 0 (0 = k_offset + Lk)");
+  if (p.q_length != 0 && (p.q_offset > p.q_length || s.lq > p.q_length - p.q_offset))
+    fail("positions: queries [", p.q_offset, ", q_offset + Lq = ", p.q_offset, " + ", s.lq,
+         ") do not fit q_length ", p.q_length);
+  if (p.k_length != 0 && (p.k_offset > p.k_length || s.lk > p.k_length - p.k_offset))
+    fail("positions: keys [", p.k_offset, ", k_offset + Lk = ", p.k_offset, " + ", s.lk,
+         ") do not fit k_length ", p.k_length);
+  const index_t max = std::numeric_limits<index_t>::max();
+  if (p.q_length == 0 && p.q_offset > max - s.lq)
+    fail("positions.q_offset ", p.q_offset, " + Lq ", s.lq, " overflows");
+  if (p.k_length == 0 && p.k_offset > max - s.lk)
+    fail("positions.k_offset ", p.k_offset, " + Lk ", s.lk, " overflows");
+}
+
+/// The shape of the whole sequence a call is part of (its global lengths).
+inline AttentionShape global_shape(const AttentionShape& s, const Positions& p) {
+  AttentionShape g = s;
+  g.lq = p.q_length != 0 ? p.q_length : p.q_offset + s.lq;
+  g.lk = p.k_length != 0 ? p.k_length : p.k_offset + s.lk;
+  return g;
+}
+
 /// Checks q [B,Hq,Lq,D], k [B,Hkv,Lk,D], v [B,Hkv,Lk,Dv], out [B,Hq,Lq,Dv]
 /// and the options; returns the problem's sizes.
 template <class Q, class K, class V, class O>
@@ -125,6 +155,7 @@ AttentionShape check_attention(const TensorView<Q, 4>& q, const TensorView<K, 4>
   if (opt.num_threads < 0) fail("num_threads is ", opt.num_threads, ", must be >= 0");
   if (opt.block_q < 0) fail("block_q is ", opt.block_q, ", must be >= 0 (0 = automatic)");
   if (opt.block_k < 0) fail("block_k is ", opt.block_k, ", must be >= 0 (0 = automatic)");
+  check_positions(opt.positions, s);
   if (!opt.lse.is_null()) {
     const auto& l = opt.lse;
     if (l.extent(0) != s.batch || l.extent(1) != s.q_heads || l.extent(2) != s.lq)

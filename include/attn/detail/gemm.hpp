@@ -12,7 +12,7 @@
 
 #include "attn/tensor_view.hpp"
 
-#include <Eigen/Core>
+#include "attn/core/eigen.hpp"
 
 static_assert(EIGEN_VERSION_AT_LEAST(3, 4, 0), "attn needs Eigen 3.4 or newer");
 
