@@ -23,6 +23,7 @@
 // (the portable loop does not fuse multiply and add).
 #pragma once
 
+#include "attn/core/eigen.hpp"  // first: reads the intrinsic headers with g++'s warnings silenced
 #include "attn/detail/checks.hpp"
 #include "attn/detail/parallel.hpp"
 #include "attn/detail/small_gemm.hpp"
