@@ -1,44 +1,55 @@
 #!/usr/bin/env bash
-# Builds fuzz/fuzz_attention.cpp and fuzz/fuzz_layers.cpp with libFuzzer, ASan
-# and UBSan, and runs each for a bounded time on a copy of its seed corpus
-# (fuzz_layers: at most 60 s, FUZZ_LAYERS_SECONDS to change). Exits non-zero on a
+# Builds every fuzz/fuzz_*.cpp with libFuzzer, ASan and UBSan, and runs each
+# for a bounded time on a copy of its seed corpus (fuzz/corpus/ for
+# fuzz_attention, fuzz/corpus_<name>/ for fuzz_<name>). Exits non-zero on a
 # mismatch, a crash or a sanitizer report (the reproducer is left in
-# $OUT_DIR as crash-*).
+# $OUT_DIR as crash-*). Prints one summary line per target at the end.
 #
-#   scripts/ci-fuzz.sh [seconds]      (default 60; FUZZ_JOBS workers, default 1)
+#   scripts/ci-fuzz.sh [seconds] [target...]   (default 60 s each, every target;
+#                                               FUZZ_JOBS workers, default 1)
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 seconds=${1:-60}
+shift || true
 out_dir=${OUT_DIR:-$root/build-fuzz}
 cxx=${FUZZ_CXX:-clang++}
 eigen=${EIGEN_INCLUDE:-/usr/include/eigen3}
-layers_seconds=${FUZZ_LAYERS_SECONDS:-$((seconds < 60 ? seconds : 60))}
-mkdir -p "$out_dir/corpus" "$out_dir/corpus_layers"
+mkdir -p "$out_dir"
+
+targets=("$@")
+if [[ ${#targets[@]} -eq 0 ]]; then
+  for src in "$root"/fuzz/fuzz_*.cpp; do targets+=("$(basename "$src" .cpp)"); done
+fi
 
 # OpenMP only when the compiler finds it (clang's libomp), so the threaded
-# path is fuzzed too; the target still checks 1 vs 2 threads without it.
+# path is fuzzed too; the targets still check 1 vs 2 threads without it.
 omp=()
 if echo 'int main(){}' | "$cxx" -x c++ -fopenmp - -o /dev/null 2>/dev/null; then omp=(-fopenmp); fi
 
-"$cxx" -std=c++17 -g -O1 -fno-omit-frame-pointer \
-  -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
-  -Wall -Wextra -Wpedantic "${omp[@]}" \
-  -I"$root/include" -I"$eigen" \
-  "$root/fuzz/fuzz_attention.cpp" -o "$out_dir/fuzz_attention"
-"$cxx" -std=c++17 -g -O1 -fno-omit-frame-pointer \
-  -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
-  -Wall -Wextra -Wpedantic "${omp[@]}" \
-  -I"$root/include" -I"$eigen" \
-  "$root/fuzz/fuzz_layers.cpp" -o "$out_dir/fuzz_layers"
-
-# New inputs go to a scratch copy; the seeds in the repository stay as they are.
-cp "$root"/fuzz/corpus/* "$out_dir/corpus/"
-cp "$root"/fuzz/corpus_layers/* "$out_dir/corpus_layers/"
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1}
-cd "$out_dir"
-./fuzz_attention -max_total_time="$seconds" -max_len=512 -timeout=20 -rss_limit_mb=2048 \
-  -print_final_stats=1 ${FUZZ_JOBS:+-jobs=$FUZZ_JOBS -workers=$FUZZ_JOBS} corpus
-./fuzz_layers -max_total_time="$layers_seconds" -max_len=256 -timeout=20 -rss_limit_mb=2048 \
-  -print_final_stats=1 ${FUZZ_JOBS:+-jobs=$FUZZ_JOBS -workers=$FUZZ_JOBS} corpus_layers
+summary=()
+for name in "${targets[@]}"; do
+  "$cxx" -std=c++17 -g -O1 -fno-omit-frame-pointer \
+    -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
+    -Wall -Wextra -Wpedantic "${omp[@]}" \
+    -I"$root/include" -I"$eigen" \
+    "$root/fuzz/$name.cpp" -o "$out_dir/$name"
+
+  # New inputs go to a scratch copy; the seeds in the repository stay as they are.
+  seeds="$root/fuzz/corpus_${name#fuzz_}"
+  [[ $name == fuzz_attention ]] && seeds="$root/fuzz/corpus"
+  corpus="$out_dir/corpus_$name"
+  mkdir -p "$corpus"
+  if [[ -d $seeds ]]; then cp "$seeds"/* "$corpus/" 2>/dev/null || true; fi
+  log="$out_dir/$name.log"
+  (cd "$out_dir" && "./$name" -max_total_time="$seconds" -max_len=512 -timeout=20 \
+    -rss_limit_mb=2048 -print_final_stats=1 ${FUZZ_JOBS:+-jobs=$FUZZ_JOBS -workers=$FUZZ_JOBS} \
+    "$corpus") >"$log" 2>&1 || { tail -40 "$log"; exit 1; }
+  runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")
+  rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log")
+  cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1)
+  summary+=("$name: $runs runs in ${seconds} s ($rate exec/s), $cov edges, corpus $(ls "$corpus" | wc -l)")
+done
+printf '%s\n' "${summary[@]}"

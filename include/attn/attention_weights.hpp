@@ -13,9 +13,9 @@
 #pragma once
 
 #include "attn/detail/checks.hpp"
-#include "attn/engine/forward.hpp"
 #include "attn/detail/gemm.hpp"
 #include "attn/detail/parallel.hpp"
+#include "attn/engine/forward.hpp"
 #include "attn/mask.hpp"
 #include "attn/options.hpp"
 #include "attn/score_mod.hpp"
@@ -56,7 +56,8 @@ AttentionShape check_weights(const TensorView<Q, 4>& q, const TensorView<K, 4>& 
   check_not_self_overlapping(w, "weights");
   check_no_overlap(w, "weights", q, "q");
   check_no_overlap(w, "weights", k, "k");
-  if (opt.scale && !std::isfinite(*opt.scale)) fail("scale is ", *opt.scale, ", must be finite");
+  s.accum_max = accum_max_v<Q, K>;
+  if (opt.scale) check_finite_in(*opt.scale, s.accum_max, "scale");
   if (opt.num_threads < 0) fail("num_threads is ", opt.num_threads, ", must be >= 0");
   return s;
 }
@@ -75,7 +76,9 @@ struct WeightsScratch {
 /// Fills weights [B, Hq, Lq, Lk] with the softmax probabilities of attention
 /// of q [B, Hq, Lq, D] over k [B, Hkv, Lk, D] (Hkv divides Hq) under `mask`
 /// and `score_mod`, as masked_attention computes them internally. Each
-/// non-empty row sums to 1; a row that sees no key is all zeros. Uses
+/// non-empty row sums to 1; a row that sees no key is all zeros; a row with a
+/// NaN (or +inf) score among its kept keys is all NaN, as the forward's
+/// output row is. Uses
 /// options.scale and options.num_threads (tiles, lse and stats are ignored).
 /// O(Lq·Lk·D) time and O(Lq·Lk) output: a diagnostic, not a fast path.
 template <class Q, class K, class Mask = NoMask, class Mod = NoScoreMod>
@@ -96,6 +99,11 @@ void attention_weights(const TensorView<Q, 4>& q, const TensorView<K, 4>& k,
   const AttentionShape shape = detail::check_weights(q, k, weights, options);
   const Mask m = mask.bind(shape);
   const Mod mod = score_mod.bind(shape);
+  auto check_reads = [&](const auto& view, const char* name) {
+    detail::check_no_overlap(weights, "weights", view, name);
+  };
+  detail::for_each_view(m, check_reads);
+  detail::for_each_view(mod, check_reads);
   const TensorView<const QT, 4> qc = q;
   const TensorView<const KT, 4> kc = k;
 
@@ -136,25 +144,31 @@ void attention_weights(const TensorView<Q, 4>& q, const TensorView<K, 4>& k,
       mod.apply_tile(b, h, q0, kr.begin, s, lds, rows, cols);
     }
 
-    // P = softmax over the kept keys of each row; zeros outside.
+    // P = softmax over the kept keys of each row; zeros outside. As in the
+    // forward, a row that sees no key is all zeros, and a NaN (or +inf) kept
+    // score makes the whole row NaN (the forward's output row is NaN then).
     for (index_t r = 0; r < rows; ++r) {
       Acc* row = s + r * lds;
       if (!Mask::always_full)
         for (index_t c = 0; c < cols; ++c)
           if (!m.keep(b, h, q0 + r, kr.begin + c)) row[c] = neg_inf;
-      Acc mx = neg_inf;
-      for (index_t c = 0; c < cols; ++c) mx = std::max(mx, row[c]);
-      Acc sum = 0;
+      Acc mx = neg_inf;  // NaN once a score is NaN
+      for (index_t c = 0; c < cols; ++c)
+        if (row[c] > mx || std::isnan(row[c])) mx = row[c];
+      Acc sum = 0;  // >= 1 for a finite max; NaN for a NaN or +inf one
       if (mx != neg_inf)
         for (index_t c = 0; c < cols; ++c) sum += (row[c] = std::exp(row[c] - mx));  // exp(s - max)
-      const Acc inv = sum > 0 ? Acc(1) / sum : Acc(0);
+      const bool nan_row = std::isnan(sum);
+      const float fill = nan_row ? std::numeric_limits<float>::quiet_NaN() : 0.f;
+      const Acc inv = mx == neg_inf || nan_row ? Acc(0) : Acc(1) / sum;
       float* dst = weights.data() + b * weights.stride(0) + h * weights.stride(1) +
                    (q0 + r) * weights.stride(2);
       const index_t sw = weights.stride(3);
-      for (index_t j = 0; j < kr.begin; ++j) dst[j * sw] = 0.f;
+      for (index_t j = 0; j < kr.begin; ++j) dst[j * sw] = fill;
       for (index_t c = 0; c < cols; ++c)
-        dst[(kr.begin + c) * sw] = mx == neg_inf ? 0.f : static_cast<float>(row[c] * inv);
-      for (index_t j = kr.end; j < lk; ++j) dst[j * sw] = 0.f;
+        dst[(kr.begin + c) * sw] =
+            mx == neg_inf || nan_row ? fill : static_cast<float>(row[c] * inv);
+      for (index_t j = kr.end; j < lk; ++j) dst[j * sw] = fill;
     }
   };
   detail::parallel_tasks(tasks, detail::resolve_threads(options.num_threads, tasks), make_scratch,

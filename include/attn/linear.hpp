@@ -23,10 +23,10 @@
 #pragma once
 
 #include "attn/detail/checks.hpp"
-#include "attn/engine/forward.hpp"
 #include "attn/detail/parallel.hpp"
 #include "attn/detail/small_gemm.hpp"
 #include "attn/detail/softmax.hpp"
+#include "attn/engine/forward.hpp"
 #include "attn/options.hpp"
 #include "attn/tensor_view.hpp"
 
@@ -36,6 +36,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <memory>
 #include <random>
 #include <type_traits>
@@ -126,6 +127,11 @@ struct EluPlusOne : SimpleFeatureMap<EluPlusOne> {
       phi.array() = x.array().min(Acc(0)).exp() + x.array().max(Acc(0));
     }
   }
+  /// dφ/dx (for linear_attention_backward): 1 for x > 0, e^x otherwise.
+  template <class Acc>
+  Acc derivative(Acc x) const {
+    return x > Acc(0) ? Acc(1) : std::exp(x);
+  }
 };
 
 /// The elu + 1 feature map.
@@ -139,6 +145,11 @@ struct Relu : SimpleFeatureMap<Relu> {
   template <class Acc>
   void features(FeatureInput<Acc> x, FeatureOutput<Acc> phi) const {
     phi.array() = x.array().max(Acc(0));
+  }
+  /// dφ/dx (for linear_attention_backward): 1 for x > 0, 0 otherwise.
+  template <class Acc>
+  Acc derivative(Acc x) const {
+    return x > Acc(0) ? Acc(1) : Acc(0);
   }
 };
 
@@ -351,9 +362,11 @@ struct LinearState {
 template <class Acc>
 class LinearStateBuffer {
  public:
+  /// Throws attn::Error for a non-positive size or one whose element count
+  /// overflows, before allocating.
   LinearStateBuffer(index_t batch, index_t kv_heads, index_t features, index_t dv)
-      : s_(static_cast<std::size_t>(batch * kv_heads * features * dv), Acc(0)),
-        z_(static_cast<std::size_t>(batch * kv_heads * features), Acc(0)),
+      : s_(elements({batch, kv_heads, features, dv}), Acc(0)),
+        z_(elements({batch, kv_heads, features}), Acc(0)),
         state_{TensorView<Acc, 4>(s_.data(), {batch, kv_heads, features, dv}),
                TensorView<Acc, 3>(z_.data(), {batch, kv_heads, features})} {}
   LinearStateBuffer(const LinearStateBuffer&) = delete;
@@ -368,6 +381,19 @@ class LinearStateBuffer {
   }
 
  private:
+  static std::size_t elements(std::initializer_list<index_t> dims) {
+    static const char* const names[] = {"batch", "kv_heads", "features", "dv"};
+    index_t n = 1, i = 0;
+    for (index_t e : dims) {
+      if (e <= 0) detail::fail("LinearStateBuffer ", names[i], " is ", e, ", must be > 0");
+      n = detail::checked_mul(n, e, "LinearStateBuffer batch · kv_heads · features · dv");
+      ++i;
+    }
+    if (static_cast<std::uint64_t>(n) > std::vector<Acc>().max_size())
+      detail::fail("LinearStateBuffer of ", n, " elements is larger than a vector holds");
+    return static_cast<std::size_t>(n);
+  }
+
   std::vector<Acc> s_, z_;
   LinearState<Acc> state_;
 };
@@ -386,11 +412,23 @@ AttentionShape check_linear(const TensorView<Q, 4>& q, const TensorView<K, 4>& k
   const AttentionShape s = check_attention(q, k, v, out, AttentionOptions{});
   if (!(opt.eps > 0) || !std::isfinite(opt.eps))
     fail("eps is ", opt.eps, ", must be finite and > 0");
+  if (!(opt.eps <= accum_max_v<Q, K, V, O>))  // added to float denominators
+    fail("eps is ", opt.eps, ", must be finite in the accumulation type ",
+         accum_name(accum_max_v<Q, K, V, O>));
   if (opt.chunk < 0) fail("chunk is ", opt.chunk, ", must be >= 0 (0 = automatic)");
   if (opt.num_threads < 0) fail("num_threads is ", opt.num_threads, ", must be >= 0");
   features = map.num_features(s.d);
   if (features <= 0)
     fail("the feature map gives ", features, " features for head dim ", s.d, ", must be > 0");
+  {  // per-worker scratch: (g·n, F + n), (F, Dv), (g·n, Dv) with n <= chunk
+    const index_t g = s.q_heads / s.kv_heads;
+    const index_t n =
+        std::min(opt.chunk > 0 ? opt.chunk : LinearTraits::chunk, std::max(s.lq, s.lk));
+    const char* what = "linear attention scratch (query heads per kv head · chunk · (F + chunk))";
+    (void)checked_mul(checked_mul(g, n, what), checked_add(features, n, what), what);
+    (void)checked_mul(features, s.dv, "linear attention state F · Dv");
+    (void)checked_mul(checked_mul(g, n, what), s.dv, what);
+  }
   if (state) {
     const auto& st = state->s;
     const auto& z = state->z;

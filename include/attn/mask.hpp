@@ -15,7 +15,12 @@
 //   row_keys(b, h, q)              the keys [begin, end) that row q sees, exactly
 //
 // and partial tiles are then masked by filling outside that interval.
-// Masks combine with `&`.
+// Masks combine with `&`. For the backward pass, which walks key tiles in the
+// outer loop, a mask may define
+//
+//   query_range(b, h, k0, k1)      the queries [begin, end) that may see a key of [k0, k1)
+//
+// (causal, window, key padding do); without it every query tile is classified.
 #pragma once
 
 #include "attn/detail/checks.hpp"
@@ -24,6 +29,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -64,6 +70,17 @@ template <class P, class F>
 void for_each_view(const P& policy, F&& f) {
   if constexpr (has_views<P>::value) policy.for_each_view(f);
 }
+template <class P, class = void>
+struct has_grad_views : std::false_type {};
+template <class P>
+struct has_grad_views<
+    P, std::void_t<decltype(std::declval<const P&>().for_each_grad_view(ViewSink{}))>>
+    : std::true_type {};
+/// Calls f(view, name) for each gradient output of a score modifier (dbias).
+template <class P, class F>
+void for_each_grad_view(const P& policy, F&& f) {
+  if constexpr (has_grad_views<P>::value) policy.for_each_grad_view(f);
+}
 /// Neither the output nor lse may overlap a view the policy reads.
 template <class P, class O>
 void check_policy_views(const P& policy, const TensorView<O, 4>& out,
@@ -72,6 +89,23 @@ void check_policy_views(const P& policy, const TensorView<O, 4>& out,
     check_no_overlap(out, "out", view, name);
     if (!lse.is_null()) check_no_overlap(lse, "lse", view, name);
   });
+}
+/// options.stats is written: it must not lie in a view a policy reads.
+/// Views that bind() will refuse (null, wrong shape, overflowing) are left to it.
+template <class... P>
+void check_stats_policy_views(const AttentionStats* stats, const P&... policies) {
+  if (!stats) return;
+  auto one = [&](const auto& view, const char* name) {
+    ByteRange r;
+    try {
+      if (view.data() == nullptr || view.size() == 0) return;
+      r = byte_range(view, name);
+    } catch (const Error&) {
+      return;
+    }
+    check_disjoint(object_bytes(stats), "stats", r, name);
+  };
+  (for_each_view(policies, one), ...);
 }
 }  // namespace detail
 
@@ -106,14 +140,20 @@ struct Causal : MaskPolicy {
   bool bottom_right = true;
   index_t offset = 0;
   index_t lk = 0;
+  index_t lq = 0;
 
   Causal bind(const AttentionShape& s) const {
     Causal m = *this;
     m.offset = bottom_right ? s.diagonal_offset() : 0;
     m.lk = s.lk;
+    m.lq = s.lq;
     return m;
   }
   bool keep(index_t, index_t, index_t q, index_t k) const { return k <= q + offset; }
+  /// Query q sees key k0 or a later one iff q >= k0 - offset.
+  KeyRange query_range(index_t, index_t, index_t k0, index_t) const {
+    return {std::clamp<index_t>(k0 - offset, 0, lq), lq};
+  }
   KeyRange key_range(index_t, index_t, index_t, index_t q1) const {
     return {0, std::clamp<index_t>(q1 - 1 + offset + 1, 0, lk)};
   }
@@ -144,6 +184,7 @@ inline Causal causal_top_left() {
 struct KeyPadding : MaskPolicy {
   static constexpr bool always_full = false;
   std::vector<index_t> lengths;
+  index_t lq = 0;
 
   KeyPadding bind(const AttentionShape& s) const {
     if (static_cast<index_t>(lengths.size()) != s.batch)
@@ -152,9 +193,14 @@ struct KeyPadding : MaskPolicy {
       if (lengths[b] < 0 || lengths[b] > s.lk)
         detail::fail("key_padding length of batch ", b, " is ", lengths[b],
                      ", outside [0, Lk = ", s.lk, "]");
-    return *this;
+    KeyPadding m = *this;
+    m.lq = s.lq;
+    return m;
   }
   bool keep(index_t b, index_t, index_t, index_t k) const { return k < lengths[b]; }
+  KeyRange query_range(index_t b, index_t, index_t k0, index_t) const {
+    return {0, k0 < lengths[b] ? lq : 0};
+  }
   KeyRange key_range(index_t b, index_t, index_t, index_t) const { return {0, lengths[b]}; }
   KeyRange row_keys(index_t b, index_t, index_t) const { return {0, lengths[b]}; }
   TileKind classify(index_t b, index_t, index_t, index_t, index_t k0, index_t k1) const {
@@ -191,6 +237,7 @@ void check_broadcast_view(const TensorView<T, 4>& v, const AttentionShape& s, co
     detail::fail(name, " has shape [", v.extent(0), ", ", v.extent(1), ", ", v.extent(2), ", ",
                  v.extent(3), "], expected [", s.batch, " or 1, ", s.q_heads, " or 1, ", s.lq,
                  " or 1, ", s.lk, "]");
+  (void)byte_range(v, name);  // every element's address fits
 }
 /// Offset of (b, h, q, 0) in a broadcastable view (size-1 dims broadcast,
 /// the query dim too: a Hugging Face padding mask [B, 1, 1, Lk]).
@@ -269,6 +316,28 @@ CustomMask<F> custom_mask(F fn) {
   return m;
 }
 
+/// True when mask M defines query_range(b, h, k0, k1).
+template <class M, class = void>
+struct has_query_range : std::false_type {};
+template <class M>
+struct has_query_range<M, std::void_t<decltype(std::declval<const M&>().query_range(
+                              index_t{}, index_t{}, index_t{}, index_t{}))>> : std::true_type {};
+
+namespace detail {
+/// The queries of [0, lq) that may see a key of [k0, k1): the mask's own
+/// answer when it has one, all of them otherwise.
+template <class M>
+KeyRange query_range(const M& m, index_t b, index_t h, index_t k0, index_t k1, index_t lq) {
+  if constexpr (has_query_range<M>::value) {
+    const KeyRange r = m.query_range(b, h, k0, k1);
+    return {std::clamp<index_t>(r.begin, 0, lq), std::clamp<index_t>(r.end, 0, lq)};
+  } else {
+    (void)m, (void)b, (void)h, (void)k0, (void)k1;
+    return {0, lq};
+  }
+}
+}  // namespace detail
+
 // ------------------------------------------------------------ conjunction --
 
 /// A key is kept iff both masks keep it.
@@ -304,6 +373,15 @@ struct MaskAnd : MaskPolicy {
     const TileKind kb = b.classify(bb, h, q0, q1, k0, k1);
     if (kb == TileKind::empty) return kb;
     return (ka == TileKind::full && kb == TileKind::full) ? TileKind::full : TileKind::partial;
+  }
+  /// Defined when either mask defines it: the intersection of what they know.
+  template <class A2 = A, class B2 = B,
+            class = std::enable_if_t<has_query_range<A2>::value || has_query_range<B2>::value>>
+  KeyRange query_range(index_t bb, index_t h, index_t k0, index_t k1) const {
+    constexpr index_t all = std::numeric_limits<index_t>::max();
+    const KeyRange ra = detail::query_range(a, bb, h, k0, k1, all);
+    const KeyRange rb = detail::query_range(b, bb, h, k0, k1, all);
+    return {std::max(ra.begin, rb.begin), std::min(ra.end, rb.end)};
   }
 };
 

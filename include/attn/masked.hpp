@@ -21,6 +21,7 @@ template <class Q, class K, class V, class O, class Mask, class Mod = NoScoreMod
 void masked_attention(const TensorView<Q, 4>& q, const TensorView<K, 4>& k,
                       const TensorView<V, 4>& v, const TensorView<O, 4>& out, const Mask& mask,
                       const Mod& score_mod = {}, const AttentionOptions& options = {}) {
+  detail::check_stats_policy_views(options.stats, mask, score_mod);
   detail::attention_entry(q, k, v, out, mask, score_mod, options);
 }
 
@@ -29,6 +30,7 @@ template <class Q, class K, class V, class O, class Mask, class = std::enable_if
 void masked_attention(const TensorView<Q, 4>& q, const TensorView<K, 4>& k,
                       const TensorView<V, 4>& v, const TensorView<O, 4>& out, const Mask& mask,
                       const AttentionOptions& options) {
+  detail::check_stats_policy_views(options.stats, mask);
   detail::attention_entry(q, k, v, out, mask, no_score_mod(), options);
 }
 

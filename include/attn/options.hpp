@@ -2,34 +2,15 @@
 // and the one exception type.
 #pragma once
 
+#include "attn/core/error.hpp"
 #include "attn/tensor_view.hpp"
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <optional>
-#include <sstream>
-#include <stdexcept>
-#include <string>
 
 namespace attn {
-
-/// Thrown for every invalid argument, before any output is written. The
-/// message names the argument and the numbers.
-class Error : public std::invalid_argument {
- public:
-  using std::invalid_argument::invalid_argument;
-};
-
-namespace detail {
-/// Builds "attn: <parts...>" and throws attn::Error.
-template <class... Parts>
-[[noreturn]] void fail(const Parts&... parts) {
-  std::ostringstream os;
-  os << "attn: ";
-  (os << ... << parts);
-  throw Error(os.str());
-}
-}  // namespace detail
 
 /// What one call computed, for FLOP accounting (filled when
 /// AttentionOptions::stats is set). Counts are summed over all tasks.
@@ -42,6 +23,19 @@ struct AttentionStats {
   double flops(index_t d, index_t dv) const {
     return 2.0 * static_cast<double>(scores) * static_cast<double>(d + dv);
   }
+};
+
+/// Dropout on the attention probabilities: each probability is kept with
+/// probability 1 - p and then scaled by 1 / (1 - p). The keep decision of
+/// (batch, query head, query, key) is a pure function of (seed, offset, batch,
+/// head, query, key) from the counter-based Philox-4x32-10 generator, so the
+/// backward regenerates it and nothing depends on threads or tiles. p = 0
+/// (the default) is no dropout.
+struct Dropout {
+  double p = 0;              ///< drop probability, in [0, 1)
+  std::uint64_t seed = 0;    ///< the generator's key
+  std::uint64_t offset = 0;  ///< a counter word, < 2^32: e.g. the step or layer number
+  bool enabled() const { return p > 0; }
 };
 
 /// Where a call's queries and keys sit in a longer sequence (a KV cache, a
@@ -76,6 +70,8 @@ struct AttentionOptions {
   /// Optional output: what was computed (tiles, scores). Not thread-safe to
   /// share between concurrent calls.
   AttentionStats* stats = nullptr;
+  /// Dropout on the probabilities (training); off by default.
+  Dropout dropout;
   /// Global positions of the queries and keys (default: the call is the whole sequence).
   Positions positions;
 };
@@ -89,6 +85,9 @@ struct AttentionShape {
   index_t lk = 0;        ///< key/value length
   index_t d = 0;         ///< head dim of q and k
   index_t dv = 0;        ///< head dim of v and the output
+  /// Largest finite value of the type the kernel accumulates in (FLT_MAX for
+  /// float, DBL_MAX for double): policies check their parameters against it.
+  double accum_max = std::numeric_limits<double>::max();
 
   /// Key/value head read by query head `h` (GQA/MQA).
   index_t kv_head(index_t h) const { return h / (q_heads / kv_heads); }

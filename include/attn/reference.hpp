@@ -8,6 +8,7 @@
 #include "attn/detail/checks.hpp"
 #include "attn/mask.hpp"
 #include "attn/options.hpp"
+#include "attn/policy/dropout.hpp"
 #include "attn/score_mod.hpp"
 #include "attn/tensor_view.hpp"
 
@@ -53,21 +54,32 @@ void probabilities(const TensorView<Q, 4>& q, const TensorView<K, 4>& k, const A
 }
 
 /// Reference of masked_attention (and of scaled_dot_product_attention with
-/// no_mask()): out = softmax(mask(score_mod(scale · q·kᵀ))) · v.
+/// no_mask()): out = softmax(mask(score_mod(scale · q·kᵀ))) · v. With
+/// options.dropout, out = (P ∘ M / (1 - p)) · v with M = dropout_mask(...);
+/// lse is that of the undropped P.
 template <class Q, class K, class V, class O, class Mask = NoMask, class Mod = NoScoreMod>
 void attention(const TensorView<Q, 4>& q, const TensorView<K, 4>& k, const TensorView<V, 4>& v,
                const TensorView<O, 4>& out, const Mask& mask = {}, const Mod& score_mod = {},
                const AttentionOptions& opt = {}) {
+  detail::check_stats_policy_views(opt.stats, mask, score_mod);
   const AttentionShape s = detail::check_attention(q, k, v, out, opt);
   const Mask m = mask.bind(s);
   const Mod mod = score_mod.bind(s);
   detail::check_policy_views(m, out, opt.lse);
   detail::check_policy_views(mod, out, opt.lse);
   const double scale = opt.scale.value_or(1.0 / std::sqrt(static_cast<double>(s.d)));
+  const detail::DropoutGen drop =
+      detail::DropoutGen::bind(opt.dropout, s.batch, s.q_heads, s.lq, s.lk);
   std::vector<double> p, lse;
   for (index_t b = 0; b < s.batch; ++b)
     for (index_t h = 0; h < s.q_heads; ++h) {
       probabilities(q, k, s, m, mod, scale, b, h, p, lse);
+      if (drop.enabled)
+        for (index_t i = 0; i < s.lq; ++i)
+          for (index_t j = 0; j < s.lk; ++j) {
+            double& pij = p[static_cast<std::size_t>(i * s.lk + j)];
+            pij = drop.keep(b, h, i, j) ? pij * drop.inv_keep : 0.0;
+          }
       const index_t hk = s.kv_head(h);
       for (index_t i = 0; i < s.lq; ++i) {
         for (index_t c = 0; c < s.dv; ++c) {

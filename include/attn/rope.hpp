@@ -61,6 +61,13 @@ inline index_t check_rope(const Rope& r, index_t d) {
   return rd;
 }
 
+/// Positions [offset, offset + len) must fit index_t (the last is offset + len - 1).
+inline void check_rope_positions(const Rope& r, index_t len) {
+  index_t last = 0;
+  if (!add_fits(r.offset, len - 1, last))
+    fail("rope offset ", r.offset, " plus ", len, " rows overflows a 64-bit position");
+}
+
 /// cos and sin of p·θ_i for a window of positions p in [first, first + len)
 /// and pairs i < R/2, row-major [len, R/2]. Angles are formed and evaluated
 /// in double, then stored in T. A layer keeps one table and rebuilds it only
@@ -71,7 +78,8 @@ class RopeTable {
   /// Makes the table cover positions [first, first + len) of `rope` with
   /// rotary dim `rd`; keeps the current table when it already does.
   void ensure(const Rope& rope, index_t rd, index_t first, index_t len) {
-    if (rope.theta == theta_ && rd == 2 * half_ && first >= first_ && first + len <= first_ + len_)
+    if (rope.theta == theta_ && rd == 2 * half_ && first >= first_ &&
+        first - first_ <= len_ - len)  // first + len <= first_ + len_, without overflow
       return;
     theta_ = rope.theta;
     half_ = rd / 2;
@@ -173,6 +181,7 @@ void apply_rope(const TensorView<T, 4>& x, const Rope& rope, int num_threads = 0
   detail::check_view(x, "x");
   detail::check_not_self_overlapping(x, "x");
   const index_t rd = detail::check_rope(rope, x.extent(3));
+  detail::check_rope_positions(rope, x.extent(2));
   detail::RopeTable<T> table;
   table.ensure(rope, rd, rope.offset, x.extent(2));
   detail::apply_rope_table(x, table, rope.pairing, rope.offset, num_threads);

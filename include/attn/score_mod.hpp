@@ -8,6 +8,17 @@
 //
 // and the reference calls the element form `(*this)(b, h, q, k, score)`.
 // Modifiers compose with attn::compose(m1, m2, ...), applied left to right.
+//
+// Each modifier also carries its derivative, for the backward pass. With x
+// the raw score (scale · q·k before the modifier) and y = mod(x):
+//
+//   grad(b, h, q, k, x, g)                          g = dL/dy in, returns dL/dx
+//   grad_tile(b, h, q0, k0, x, g, ld, rows, cols)   the same on a tile, g in place
+//
+// `unit_grad` says dy/dx = 1 everywhere (bias, ALiBi): the backward then
+// keeps no copy of x and passes x = nullptr. A modifier with a gradient
+// output (additive_bias(bias, dbias)) adds dL/dy into it from grad and
+// grad_tile; the backward zeroes it first.
 #pragma once
 
 #include "attn/mask.hpp"
@@ -35,6 +46,14 @@ void apply_elementwise(const Mod& mod, index_t b, index_t h, index_t q0, index_t
   for (index_t r = 0; r < rows; ++r)
     for (index_t c = 0; c < cols; ++c) s[r * ld + c] = mod(b, h, q0 + r, k0 + c, s[r * ld + c]);
 }
+/// Default gradient tile form: g[r, c] = mod.grad(..., x[r, c], g[r, c]).
+template <class Mod, class Acc>
+void grad_elementwise(const Mod& mod, index_t b, index_t h, index_t q0, index_t k0, const Acc* x,
+                      Acc* g, index_t ld, index_t rows, index_t cols) {
+  for (index_t r = 0; r < rows; ++r)
+    for (index_t c = 0; c < cols; ++c)
+      g[r * ld + c] = mod.grad(b, h, q0 + r, k0 + c, x ? x[r * ld + c] : Acc(0), g[r * ld + c]);
+}
 }  // namespace detail
 
 // ---------------------------------------------------------------- identity --
@@ -42,6 +61,7 @@ void apply_elementwise(const Mod& mod, index_t b, index_t h, index_t q0, index_t
 /// Leaves scores unchanged (costs nothing).
 struct NoScoreMod : ScoreModPolicy {
   static constexpr bool is_identity = true;
+  static constexpr bool unit_grad = true;
   NoScoreMod bind(const AttentionShape&) const { return *this; }
   template <class Acc>
   Acc operator()(index_t, index_t, index_t, index_t, Acc s) const {
@@ -49,25 +69,72 @@ struct NoScoreMod : ScoreModPolicy {
   }
   template <class Acc>
   void apply_tile(index_t, index_t, index_t, index_t, Acc*, index_t, index_t, index_t) const {}
+  template <class Acc>
+  Acc grad(index_t, index_t, index_t, index_t, Acc, Acc g) const {
+    return g;
+  }
+  template <class Acc>
+  void grad_tile(index_t, index_t, index_t, index_t, const Acc*, Acc*, index_t, index_t,
+                 index_t) const {}
 };
 
 inline NoScoreMod no_score_mod() { return {}; }
 
 // ---------------------------------------------------------- additive bias --
 
-/// score += bias[b, h, q, k] (bias broadcast over size-1 batch, head and query dims).
-template <class T>
+/// score += bias[b, h, q, k] (bias broadcast over size-1 batch, head and
+/// query dims). With a gradient view `dbias` (same shape as the bias, float
+/// or double), the backward writes dL/dbias there, summed over the broadcast
+/// batch and head dimensions (a bias broadcast over queries takes no dbias).
+template <class T, class G = float>
 struct AdditiveBias : ScoreModPolicy {
+  static_assert(std::is_same<G, float>::value || std::is_same<G, double>::value,
+                "attn: the gradient of an additive bias is stored as float or double");
   static constexpr bool is_identity = false;
+  static constexpr bool unit_grad = true;
   TensorView<const T, 4> view;
+  TensorView<G, 4> grad_view;  ///< dbias; null: not wanted
 
   AdditiveBias bind(const AttentionShape& s) const {
     detail::check_broadcast_view(view, s, "additive_bias");
+    if (!grad_view.is_null()) {
+      if (view.extent(2) == 1 && s.lq != 1)
+        detail::fail("dbias is not supported for an additive_bias broadcast over queries (Lq ",
+                     s.lq, "); expand the bias to [.., ", s.lq, ", ", s.lk, "]");
+      detail::check_broadcast_view(grad_view, s, "dbias");
+      if (grad_view.extent(0) != view.extent(0) || grad_view.extent(1) != view.extent(1))
+        detail::fail("dbias has shape ", detail::shape_str(grad_view), ", but the bias has shape ",
+                     detail::shape_str(view));
+      detail::check_not_self_overlapping(grad_view, "dbias");
+    }
     return *this;
   }
   template <class F>
   void for_each_view(F&& f) const {
     f(view, "additive_bias");
+  }
+  /// Calls f(view, name) for each gradient output (the backward checks and zeroes them).
+  template <class F>
+  void for_each_grad_view(F&& f) const {
+    if (!grad_view.is_null()) f(grad_view, "dbias");
+  }
+  template <class Acc>
+  Acc grad(index_t b, index_t h, index_t q, index_t k, Acc, Acc g) const {
+    if (!grad_view.is_null())
+      grad_view.data()[detail::broadcast_row(grad_view, b, h, q) + k * grad_view.stride(3)] +=
+          static_cast<G>(g);
+    return g;
+  }
+  template <class Acc>
+  void grad_tile(index_t b, index_t h, index_t q0, index_t k0, const Acc*, Acc* g, index_t ld,
+                 index_t rows, index_t cols) const {
+    if (grad_view.is_null()) return;
+    const index_t sk = grad_view.stride(3);
+    for (index_t r = 0; r < rows; ++r) {
+      G* row = grad_view.data() + detail::broadcast_row(grad_view, b, h, q0 + r) + k0 * sk;
+      const Acc* in = g + r * ld;
+      for (index_t c = 0; c < cols; ++c) row[c * sk] += static_cast<G>(in[c]);
+    }
   }
   template <class Acc>
   Acc operator()(index_t b, index_t h, index_t q, index_t k, Acc s) const {
@@ -94,19 +161,36 @@ AdditiveBias<std::remove_cv_t<T>> additive_bias(TensorView<T, 4> view) {
   return m;
 }
 
+/// Additive bias with its gradient output: attention_backward writes
+/// dL/dbias into `dbias` (same shape as `view`; size-1 dims summed over).
+template <class T, class G>
+AdditiveBias<std::remove_cv_t<T>, G> additive_bias(TensorView<T, 4> view, TensorView<G, 4> dbias) {
+  AdditiveBias<std::remove_cv_t<T>, G> m;
+  m.view = view;
+  m.grad_view = dbias;
+  return m;
+}
+
 // ------------------------------------------------------------------ ALiBi --
 
 /// score += -slope[h] · |i + (Lk - Lq) - j| (bottom-right aligned distance).
 struct Alibi : ScoreModPolicy {
   static constexpr bool is_identity = false;
+  static constexpr bool unit_grad = true;
   std::vector<double> slopes;
   index_t offset = 0;
 
   Alibi bind(const AttentionShape& s) const {
     if (static_cast<index_t>(slopes.size()) != s.q_heads)
       detail::fail("alibi has ", slopes.size(), " slopes, but q has ", s.q_heads, " heads");
+    // |slope| · distance must stay finite in the accumulation type; the
+    // largest distance |i + (Lk - Lq) - j| is max(Lq - 1 + Lk - Lq, Lk - 1) < Lk + Lq.
+    const double reach = static_cast<double>(s.lq) + static_cast<double>(s.lk);
     for (std::size_t h = 0; h < slopes.size(); ++h)
-      if (!std::isfinite(slopes[h])) detail::fail("alibi slope of head ", h, " is ", slopes[h]);
+      if (!(std::abs(slopes[h]) * reach <= s.accum_max))
+        detail::fail("alibi slope of head ", h, " is ", slopes[h],
+                     ", must be finite in the accumulation type ", detail::accum_name(s.accum_max),
+                     " times the largest distance, Lq + Lk = ", reach);
     Alibi m = *this;
     m.offset = s.diagonal_offset();
     return m;
@@ -125,6 +209,13 @@ struct Alibi : ScoreModPolicy {
       for (index_t c = 0; c < cols; ++c) out[c] -= slope * static_cast<Acc>(std::abs(pos - c));
     }
   }
+  template <class Acc>
+  Acc grad(index_t, index_t, index_t, index_t, Acc, Acc g) const {
+    return g;
+  }
+  template <class Acc>
+  void grad_tile(index_t, index_t, index_t, index_t, const Acc*, Acc*, index_t, index_t,
+                 index_t) const {}
 };
 
 /// ALiBi with one slope per query head.
@@ -138,14 +229,16 @@ Alibi alibi(const std::vector<S>& slopes) {
 /// The standard ALiBi slopes for n heads: 2^(-8·i/n) for i = 1..n (n a power
 /// of two; otherwise the published interleaving of the two nearest powers).
 inline std::vector<double> alibi_slopes(index_t n) {
+  if (n <= 0) detail::fail("alibi_slopes: the head count is ", n, ", must be > 0");
   auto pow2 = [](index_t m) {
     std::vector<double> r;
+    r.reserve(static_cast<std::size_t>(m));
     for (index_t i = 1; i <= m; ++i)
       r.push_back(std::exp2(-8.0 * static_cast<double>(i) / static_cast<double>(m)));
     return r;
   };
   index_t p = 1;
-  while (p * 2 <= n) p *= 2;
+  while (p <= n / 2) p *= 2;  // the largest power of two <= n (p * 2 could overflow)
   std::vector<double> r = pow2(p);
   if (p < n) {
     const std::vector<double> extra = pow2(2 * p);
@@ -159,11 +252,17 @@ inline std::vector<double> alibi_slopes(index_t n) {
 /// score = cap · tanh(score / cap), applied to the scaled score.
 struct Softcap : ScoreModPolicy {
   static constexpr bool is_identity = false;
+  static constexpr bool unit_grad = false;
   double cap = 0;
 
-  Softcap bind(const AttentionShape&) const {
+  Softcap bind(const AttentionShape& s) const {
     if (!(cap > 0) || !std::isfinite(cap))
       detail::fail("softcap cap is ", cap, ", must be finite and > 0");
+    // cap and 1 / cap are both used, in the accumulation type
+    if (!(cap <= s.accum_max) || !(1.0 / cap <= s.accum_max))
+      detail::fail("softcap cap is ", cap,
+                   ", it and 1 / cap must be finite in the accumulation type ",
+                   detail::accum_name(s.accum_max));
     return *this;
   }
   template <class Acc>
@@ -180,6 +279,22 @@ struct Softcap : ScoreModPolicy {
       row = c * (row * inv).tanh();
     }
   }
+  /// d/dx cap·tanh(x/cap) = 1 - tanh²(x/cap).
+  template <class Acc>
+  Acc grad(index_t, index_t, index_t, index_t, Acc x, Acc g) const {
+    const Acc t = std::tanh(x / static_cast<Acc>(cap));
+    return g * (Acc(1) - t * t);
+  }
+  template <class Acc>
+  void grad_tile(index_t, index_t, index_t, index_t, const Acc* x, Acc* g, index_t ld, index_t rows,
+                 index_t cols) const {
+    const Acc inv = Acc(1) / static_cast<Acc>(cap);
+    for (index_t r = 0; r < rows; ++r) {
+      Eigen::Map<const Eigen::Array<Acc, Eigen::Dynamic, 1>> xr(x + r * ld, cols);
+      Eigen::Map<Eigen::Array<Acc, Eigen::Dynamic, 1>> gr(g + r * ld, cols);
+      gr *= Acc(1) - (xr * inv).tanh().square();
+    }
+  }
 };
 
 inline Softcap softcap(double cap) {
@@ -194,6 +309,7 @@ inline Softcap softcap(double cap) {
 template <class A, class B>
 struct ComposedMod : ScoreModPolicy {
   static constexpr bool is_identity = A::is_identity && B::is_identity;
+  static constexpr bool unit_grad = A::unit_grad && B::unit_grad;
   A a;
   B b;
   ComposedMod bind(const AttentionShape& s) const { return {{}, a.bind(s), b.bind(s)}; }
@@ -201,6 +317,27 @@ struct ComposedMod : ScoreModPolicy {
   void for_each_view(F&& f) const {
     detail::for_each_view(a, f);
     detail::for_each_view(b, f);
+  }
+  template <class F>
+  void for_each_grad_view(F&& f) const {
+    detail::for_each_grad_view(a, f);
+    detail::for_each_grad_view(b, f);
+  }
+  /// Chain rule: y = B(A(x)), dL/dx = A'(x) · B'(A(x)) · g, recomputing A(x).
+  template <class Acc>
+  Acc grad(index_t bb, index_t h, index_t q, index_t k, Acc x, Acc g) const {
+    const Acc ax = A::unit_grad && B::unit_grad ? x : a(bb, h, q, k, x);
+    return a.grad(bb, h, q, k, x, b.grad(bb, h, q, k, ax, g));
+  }
+  template <class Acc>
+  void grad_tile(index_t bb, index_t h, index_t q0, index_t k0, const Acc* x, Acc* g, index_t ld,
+                 index_t rows, index_t cols) const {
+    if constexpr (A::unit_grad && B::unit_grad) {  // no x needed: each part on the whole tile
+      b.grad_tile(bb, h, q0, k0, x, g, ld, rows, cols);
+      a.grad_tile(bb, h, q0, k0, x, g, ld, rows, cols);
+    } else {
+      detail::grad_elementwise(*this, bb, h, q0, k0, x, g, ld, rows, cols);
+    }
   }
   template <class Acc>
   Acc operator()(index_t bb, index_t h, index_t q, index_t k, Acc s) const {
@@ -226,12 +363,20 @@ auto compose(const A& a, const B& b, const Rest&... rest) {
   return compose(ComposedMod<A, B>{{}, a, b}, rest...);
 }
 
-/// A user function f(b, h, q, k, score) -> score, FlexAttention's score_mod.
-/// It must be generic in the score type (float or double).
-template <class F>
+/// Marks a custom modifier given without a derivative.
+struct NoDerivative {};
+
+/// A user function f(b, h, q, k, score) -> score, FlexAttention's score_mod,
+/// and optionally its derivative df(b, h, q, k, score) -> d f / d score (at
+/// the raw score). Both must be generic in the score type (float or double).
+/// The forward needs only f; the backward refuses one without df.
+template <class F, class DF = NoDerivative>
 struct CustomScoreMod : ScoreModPolicy {
   static constexpr bool is_identity = false;
+  static constexpr bool unit_grad = false;
+  static constexpr bool has_derivative = !std::is_same<DF, NoDerivative>::value;
   F fn;
+  DF dfn;
   CustomScoreMod bind(const AttentionShape&) const { return *this; }
   template <class Acc>
   Acc operator()(index_t b, index_t h, index_t q, index_t k, Acc s) const {
@@ -242,11 +387,31 @@ struct CustomScoreMod : ScoreModPolicy {
                   index_t cols) const {
     detail::apply_elementwise(*this, b, h, q0, k0, s, ld, rows, cols);
   }
+  template <class Acc>
+  Acc grad(index_t b, index_t h, index_t q, index_t k, Acc x, Acc g) const {
+    static_assert(has_derivative,
+                  "attn: the backward pass needs the derivative of a custom score modifier; "
+                  "pass it as custom_score_mod(f, df)");
+    if constexpr (has_derivative) return g * static_cast<Acc>(dfn(b, h, q, k, x));
+    return g;
+  }
+  template <class Acc>
+  void grad_tile(index_t b, index_t h, index_t q0, index_t k0, const Acc* x, Acc* g, index_t ld,
+                 index_t rows, index_t cols) const {
+    detail::grad_elementwise(*this, b, h, q0, k0, x, g, ld, rows, cols);
+  }
 };
 
 template <class F>
 CustomScoreMod<F> custom_score_mod(F fn) {
-  return CustomScoreMod<F>{{}, std::move(fn)};
+  return CustomScoreMod<F>{{}, std::move(fn), {}};
+}
+
+/// A custom modifier with its derivative df(b, h, q, k, x) = d fn / dx, so
+/// attention_backward can differentiate through it.
+template <class F, class DF>
+CustomScoreMod<F, DF> custom_score_mod(F fn, DF df) {
+  return CustomScoreMod<F, DF>{{}, std::move(fn), std::move(df)};
 }
 
 }  // namespace attn

@@ -35,6 +35,7 @@ struct Window : MaskPolicy {
   index_t right = -1;  ///< keys after the diagonal; < 0: unbounded
   index_t offset = 0;  ///< Lk - Lq once bound
   index_t lk = 0;      ///< Lk once bound
+  index_t lq = 0;      ///< Lq once bound
 
   /// Binds to the problem. A bound of Lq + Lk or more reaches past every key,
   /// so it is stored as unbounded (this also keeps the index arithmetic
@@ -46,6 +47,7 @@ struct Window : MaskPolicy {
     if (m.right >= reach) m.right = -1;
     m.offset = s.diagonal_offset();
     m.lk = s.lk;
+    m.lq = s.lq;
     return m;
   }
 
@@ -55,6 +57,14 @@ struct Window : MaskPolicy {
   index_t hi(index_t q) const { return right < 0 ? lk - 1 : q + offset + right; }
 
   bool keep(index_t, index_t, index_t q, index_t k) const { return lo(q) <= k && k <= hi(q); }
+
+  /// Queries that see a key of [k0, k1): key k lies in row q's band iff
+  /// k - offset - right <= q <= k - offset + left (for the backward's key-tile walk).
+  KeyRange query_range(index_t, index_t, index_t k0, index_t k1) const {
+    const index_t first = right < 0 ? 0 : k0 - offset - right;
+    const index_t last = left < 0 ? lq - 1 : k1 - 1 - offset + left;
+    return {std::clamp<index_t>(first, 0, lq), std::clamp<index_t>(last + 1, 0, lq)};
+  }
 
   /// The keys row q sees, exactly: [lo(q), hi(q) + 1] cut to [0, Lk), so the
   /// engine masks a partial tile by filling outside one interval per row.
@@ -107,6 +117,7 @@ void sliding_window_attention(const TensorView<Q, 4>& q, const TensorView<K, 4>&
                               const Window& window, const Mask& mask = {},
                               const Mod& score_mod = {}, const AttentionOptions& options = {}) {
   static_assert(is_mask_v<Mask>, "attn: the mask argument must be a mask policy (attn/mask.hpp)");
+  detail::check_stats_policy_views(options.stats, mask, score_mod);
   detail::attention_entry(q, k, v, out, window & mask, score_mod, options);
 }
 

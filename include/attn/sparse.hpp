@@ -67,7 +67,7 @@ class BlockSampler {
       return;
     }
     const std::size_t first = row.size();
-    if (4 * count < candidates) {
+    if (count < candidates / 4) {  // (4 · count could overflow)
       while (static_cast<index_t>(row.size() - first) < count) {
         const index_t j = below(n);
         if (is_excluded(j) ||
@@ -115,14 +115,16 @@ class BlockSparseLayout {
       : block_q_(block_q), block_k_(block_k), q_blocks_(q_blocks), k_blocks_(k_blocks),
         heads_(heads), offsets_(std::move(row_offsets)), cols_(std::move(cols)) {
     check_grid(block_q_, block_k_, q_blocks_, k_blocks_, heads_);
-    const index_t rows = heads_ * q_blocks_;
+    const index_t rows = heads_ * q_blocks_;  // fits: check_grid
     if (static_cast<index_t>(offsets_.size()) != rows + 1)
       detail::fail("block-sparse layout has ", offsets_.size(),
                    " row offsets, expected heads · q_blocks + 1 = ", rows + 1);
-    if (offsets_.front() != 0 || offsets_.back() != static_cast<index_t>(cols_.size()))
-      detail::fail("block-sparse layout row offsets run from ", offsets_.front(), " to ",
-                   offsets_.back(), ", expected 0 to the number of key blocks listed, ",
-                   cols_.size());
+    if (offsets_.empty() || offsets_.front() != 0 ||
+        offsets_.back() != static_cast<index_t>(cols_.size()))
+      detail::fail("block-sparse layout row offsets run from ",
+                   offsets_.empty() ? index_t{0} : offsets_.front(), " to ",
+                   offsets_.empty() ? index_t{0} : offsets_.back(),
+                   ", expected 0 to the number of key blocks listed, ", cols_.size());
     for (index_t r = 0; r < rows;
          ++r)  // non-decreasing from 0 to cols.size(): every row lies in cols
       if (offsets_[static_cast<std::size_t>(r + 1)] < offsets_[static_cast<std::size_t>(r)])
@@ -152,11 +154,14 @@ class BlockSparseLayout {
                                            index_t k_blocks, const std::vector<bool>& mask,
                                            index_t heads = 1) {
     check_grid(block_q, block_k, q_blocks, k_blocks, heads);
-    if (static_cast<index_t>(mask.size()) != heads * q_blocks * k_blocks)
+    const index_t entries =
+        detail::checked_mul(heads * q_blocks, k_blocks, "block mask heads · q_blocks · k_blocks");
+    if (mask.size() != static_cast<std::size_t>(entries))
       detail::fail("block mask has ", mask.size(),
                    " entries, expected heads · q_blocks · k_blocks = ", heads, " · ", q_blocks,
-                   " · ", k_blocks, " = ", heads * q_blocks * k_blocks);
+                   " · ", k_blocks, " = ", entries);
     std::vector<index_t> offsets{0}, cols;
+    offsets.reserve(static_cast<std::size_t>(heads * q_blocks + 1));
     for (index_t r = 0; r < heads * q_blocks; ++r) {
       for (index_t j = 0; j < k_blocks; ++j)
         if (mask[static_cast<std::size_t>(r * k_blocks + j)]) cols.push_back(j);
@@ -172,8 +177,9 @@ class BlockSparseLayout {
   template <class Fill>
   static BlockSparseLayout from_rows(index_t seq_len, index_t block, index_t heads, Fill fill) {
     const index_t n = blocks_for(seq_len, block, "seq_len");
-    if (heads <= 0) detail::fail("block-sparse layout has ", heads, " heads, must be > 0");
+    check_grid(block, block, n, n, heads);
     std::vector<index_t> offsets{0}, cols, row;
+    offsets.reserve(static_cast<std::size_t>(heads * n + 1));  // fails now, not after a long loop
     for (index_t h = 0; h < heads; ++h)
       for (index_t i = 0; i < n; ++i) {
         row.clear();
@@ -286,13 +292,17 @@ class BlockSparseLayout {
   void validate(index_t lq, index_t lk, index_t q_heads = 1) const {
     if (block_q_ <= 0 || block_k_ <= 0)
       detail::fail("block-sparse layout is empty (block sizes ", block_q_, " and ", block_k_, ")");
-    const index_t qb = (lq + block_q_ - 1) / block_q_, kb = (lk + block_k_ - 1) / block_k_;
+    const index_t qb = lq / block_q_ + (lq % block_q_ != 0);  // ceil, no overflow
+    const index_t kb = lk / block_k_ + (lk % block_k_ != 0);
     if (qb != q_blocks_)
       detail::fail("block-sparse layout has ", q_blocks_, " query blocks of ", block_q_,
                    " rows, but Lq = ", lq, " needs ", qb);
     if (kb != k_blocks_)
       detail::fail("block-sparse layout has ", k_blocks_, " key blocks of ", block_k_,
                    " keys, but Lk = ", lk, " needs ", kb);
+    // the engine forms (last key block + 1) · block_k
+    (void)detail::checked_mul(k_blocks_, block_k_, "block-sparse layout k_blocks · block_k");
+    (void)detail::checked_mul(q_blocks_, block_q_, "block-sparse layout q_blocks · block_q");
     if (heads_ != 1 && heads_ != q_heads)
       detail::fail("block-sparse layout has ", heads_, " heads, but q has ", q_heads,
                    " heads (the layout needs 1 or ", q_heads, ")");
@@ -308,13 +318,24 @@ class BlockSparseLayout {
       detail::fail("block-sparse layout has ", q_blocks, " query blocks and ", k_blocks,
                    " key blocks, both must be > 0");
     if (heads <= 0) detail::fail("block-sparse layout has ", heads, " heads, must be > 0");
+    // heads · q_blocks + 1 row offsets are stored
+    std::int64_t rows = 0;
+    if (!detail::mul_fits(heads, q_blocks, rows) || rows >= max_rows)
+      detail::fail("block-sparse layout has ", heads, " heads · ", q_blocks,
+                   " query blocks, more rows than a layout holds (", max_rows, ")");
   }
 
+ public:
+  /// Most rows (heads · query blocks) of a layout, 2^32 (32 GiB of row
+  /// offsets); larger counts are refused before anything is allocated.
+  static constexpr index_t max_rows = index_t{1} << 32;
+
+ private:
   /// ceil(seq_len / block), after checking both.
   static index_t blocks_for(index_t seq_len, index_t block, const char* what) {
     if (block <= 0) detail::fail("block size is ", block, ", must be > 0");
     if (seq_len <= 0) detail::fail(what, " is ", seq_len, ", must be > 0");
-    return (seq_len + block - 1) / block;
+    return seq_len / block + (seq_len % block != 0);  // ceil, without seq_len + block overflowing
   }
 
   std::string grid_str() const {
@@ -358,8 +379,9 @@ inline BlockSparseLayout bigbird(index_t seq_len, const BigBirdConfig& cfg = {})
     detail::fail("bigbird random_blocks is ", cfg.random_blocks, ", must be >= 0");
   if (cfg.block <= 0) detail::fail("bigbird block is ", cfg.block, ", must be > 0");
   if (seq_len <= 0) detail::fail("seq_len is ", seq_len, ", must be > 0");
-  const index_t n = (seq_len + cfg.block - 1) / cfg.block;
-  const index_t first = std::min(n, (cfg.global_blocks + 1) / 2);   // global blocks [0, first)
+  const index_t n = seq_len / cfg.block + (seq_len % cfg.block != 0);  // ceil, no overflow
+  const index_t first =
+      std::min(n, cfg.global_blocks / 2 + cfg.global_blocks % 2);   // global blocks [0, first)
   const index_t last = std::max(first, n - cfg.global_blocks / 2);  // and [last, n)
   const index_t half = std::min(n, (cfg.window_blocks - 1) / 2);
   detail::BlockSampler sampler(cfg.seed);
@@ -399,9 +421,10 @@ struct LongformerConfig {
 inline BlockSparseLayout longformer(index_t seq_len, const std::vector<index_t>& global_tokens,
                                     const LongformerConfig& cfg = {}) {
   if (cfg.block <= 0) detail::fail("longformer block is ", cfg.block, ", must be > 0");
-  if (cfg.window < 0 || cfg.window % (2 * cfg.block) != 0)
+  const index_t two_blocks = detail::checked_mul(2, cfg.block, "longformer 2 · block");
+  if (cfg.window < 0 || cfg.window % two_blocks != 0)
     detail::fail("longformer window is ", cfg.window,
-                 ", must be a non-negative multiple of 2 · block = ", 2 * cfg.block);
+                 ", must be a non-negative multiple of 2 · block = ", two_blocks);
   if (seq_len <= 0) detail::fail("seq_len is ", seq_len, ", must be > 0");
   std::vector<index_t> global;
   for (index_t t : global_tokens) {
@@ -409,7 +432,7 @@ inline BlockSparseLayout longformer(index_t seq_len, const std::vector<index_t>&
       detail::fail("longformer global token ", t, " is outside [0, seq_len = ", seq_len, ")");
     global.push_back(t / cfg.block);
   }
-  const index_t half = cfg.window / (2 * cfg.block);
+  const index_t half = cfg.window / two_blocks;
   return BlockSparseLayout::local(seq_len, cfg.block, half, half) |
          BlockSparseLayout::global(seq_len, cfg.block, global);
 }
@@ -434,10 +457,14 @@ struct BlockSparseMask : MaskPolicy {
   BlockSparseMask bind(const AttentionShape& s) const {
     if (layout == nullptr) detail::fail("block-sparse mask has no layout");
     layout->validate(s.lq, s.lk, s.q_heads);
-    BlockSparseMask m;
-    m.layout = layout;
-    m.inner = inner.bind(s);
-    return m;
+    return {{}, layout, inner.bind(s)};  // aggregate: Inner need not be default-constructible
+  }
+
+  /// The views the inner mask reads (a bool mask nested here is checked
+  /// against the outputs like a top-level one).
+  template <class F>
+  void for_each_view(F&& f) const {
+    detail::for_each_view(inner, f);
   }
 
   bool keep(index_t b, index_t h, index_t q, index_t k) const {
@@ -524,9 +551,8 @@ void sparse_attention(const TensorView<Q, 4>& q, const TensorView<K, 4>& k,
   AttentionOptions opt = options;
   opt.block_q = layout.block_q();
   opt.block_k = layout.block_k();
-  BlockSparseMask<Mask> m;
-  m.layout = &layout;
-  m.inner = mask;
+  const BlockSparseMask<Mask> m{{}, &layout, mask};  // (a capturing lambda has no default)
+  detail::check_stats_policy_views(opt.stats, m, score_mod);
   detail::attention_entry(q, k, v, out, m, score_mod, opt);
 }
 

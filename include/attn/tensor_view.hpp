@@ -7,6 +7,7 @@
 #pragma once
 
 #include "attn/core/eigen.hpp"
+#include "attn/core/error.hpp"
 
 #include <array>
 #include <cstddef>
@@ -35,12 +36,15 @@ class TensorView {
   TensorView(T* data, const extents_type& shape, const extents_type& strides)
       : data_(data), shape_(shape), strides_(strides) {}
 
-  /// Contiguous row-major view (last dimension has stride 1).
+  /// Contiguous row-major view (last dimension has stride 1). Throws
+  /// attn::Error when a stride (a product of extents) overflows.
   TensorView(T* data, const extents_type& shape) : data_(data), shape_(shape) {
     index_t s = 1;
     for (int i = Rank - 1; i >= 0; --i) {
       strides_[i] = s;
-      s *= shape[i];
+      if (i > 0 && !detail::mul_fits(s, shape[i], s))
+        detail::fail("a contiguous view of shape ", shape_string(), " has a stride that overflows",
+                     " a 64-bit integer (the product of extents ", i, "..", Rank - 1, ")");
     }
   }
 
@@ -56,14 +60,27 @@ class TensorView {
   index_t extent(int i) const { return shape_[i]; }
   index_t stride(int i) const { return strides_[i]; }
 
-  /// Number of elements (product of extents).
+  /// Number of elements (product of extents; 0 when an extent is 0 or
+  /// negative). Throws attn::Error when the product overflows.
   index_t size() const {
     index_t n = 1;
-    for (index_t e : shape_) n *= e;
+    for (index_t e : shape_)
+      if (e <= 0) return 0;
+    for (index_t e : shape_)
+      if (!detail::mul_fits(n, e, n))
+        detail::fail("a view of shape ", shape_string(),
+                     " has more elements than a 64-bit integer holds");
     return n;
   }
-  /// True for a default-constructed view ("not given").
-  bool is_null() const { return data_ == nullptr && size() == 0; }
+  /// True for a view with null data and no element ("not given", e.g.
+  /// default-constructed). Null data with positive extents is not null: the
+  /// checks refuse it as a given view with null data.
+  bool is_null() const {
+    if (data_ != nullptr) return false;
+    for (index_t e : shape_)
+      if (e <= 0) return true;
+    return false;
+  }
 
   /// Offset in elements of the element at `idx`.
   template <class... I>
@@ -81,6 +98,14 @@ class TensorView {
   }
 
  private:
+  std::string shape_string() const {
+    std::ostringstream os;
+    os << '[';
+    for (int i = 0; i < Rank; ++i) os << (i ? ", " : "") << shape_[i];
+    os << ']';
+    return os.str();
+  }
+
   T* data_ = nullptr;
   extents_type shape_{};
   extents_type strides_{};
@@ -93,13 +118,14 @@ using Tensor4 = TensorView<T, 4>;
 /// A contiguous [B, H, L, D] buffer, viewed as [B, H, L, D].
 template <class T>
 TensorView<T, 4> bhsd(T* data, index_t B, index_t H, index_t L, index_t D) {
-  return TensorView<T, 4>(data, {B, H, L, D}, {H * L * D, L * D, D, 1});
+  return TensorView<T, 4>(data, {B, H, L, D});
 }
 
 /// A contiguous [B, L, H, D] buffer, viewed as [B, H, L, D] without a copy.
 template <class T>
 TensorView<T, 4> bshd(T* data, index_t B, index_t L, index_t H, index_t D) {
-  return TensorView<T, 4>(data, {B, H, L, D}, {L * H * D, D, H * D, 1});
+  const TensorView<T, 4> c(data, {B, L, H, D});  // checks the products
+  return TensorView<T, 4>(data, {B, H, L, D}, {c.stride(0), c.stride(2), c.stride(1), 1});
 }
 
 /// Row-major Eigen matrix of `T` (the layout the library computes in).

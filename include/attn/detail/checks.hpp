@@ -13,6 +13,7 @@
 #include <limits>
 #include <sstream>
 #include <string>
+#include <type_traits>
 
 namespace attn {
 namespace detail {
@@ -26,14 +27,13 @@ std::string shape_str(const TensorView<T, R>& v) {
   return os.str();
 }
 
-/// Extents positive, data non-null.
 template <class T, int R>
-void check_view(const TensorView<T, R>& v, const char* name) {
-  for (int i = 0; i < R; ++i)
-    if (v.extent(i) <= 0)
-      fail(name, " has shape ", shape_str(v), ": dimension ", i, " is ", v.extent(i),
-           ", every dimension must be > 0");
-  if (v.data() == nullptr) fail(name, " has null data but shape ", shape_str(v));
+std::string strides_str(const TensorView<T, R>& v) {
+  std::ostringstream os;
+  os << '[';
+  for (int i = 0; i < R; ++i) os << (i ? ", " : "") << v.stride(i);
+  os << ']';
+  return os.str();
 }
 
 /// Byte range [lo, hi) that a view touches.
@@ -41,51 +41,118 @@ struct ByteRange {
   std::uintptr_t lo = 0, hi = 0;
 };
 
+/// The exact byte range of a view with positive extents, or attn::Error when
+/// an element offset, its byte offset or its address does not fit (so the
+/// range never wraps around, and every offset inside the view fits index_t).
 template <class T, int R>
-ByteRange byte_range(const TensorView<T, R>& v) {
-  index_t lo = 0, hi = 0;  // element offsets of the lowest and highest element
+ByteRange byte_range(const TensorView<T, R>& v, const char* name) {
+  auto refuse = [&](const char* why) {
+    fail(name, " has shape ", shape_str(v), " and strides ", strides_str(v), ", whose ", why);
+  };
+  std::int64_t lo = 0, hi = 0;  // element offsets of the lowest and highest element
   for (int i = 0; i < R; ++i) {
-    const index_t span = (v.extent(i) - 1) * v.stride(i);
-    (span < 0 ? lo : hi) += span;
+    std::int64_t span = 0;  // (extent - 1) · stride
+    if (v.extent(i) <= 0) continue;
+    if (!mul_fits(v.extent(i) - 1, v.stride(i), span) ||
+        !add_fits(span < 0 ? lo : hi, span, span < 0 ? lo : hi))
+      refuse("element offsets overflow a 64-bit integer");
   }
+  constexpr auto size = static_cast<std::int64_t>(sizeof(T));
+  std::int64_t lo_bytes = 0, hi_bytes = 0;  // lo · size, (hi + 1) · size
+  if (!mul_fits(lo, size, lo_bytes) || !add_fits(hi, 1, hi_bytes) ||
+      !mul_fits(hi_bytes, size, hi_bytes))
+    refuse("byte offsets overflow a 64-bit integer");
   const auto base = reinterpret_cast<std::uintptr_t>(v.data());
-  const auto size = static_cast<std::intptr_t>(sizeof(T));
-  return {static_cast<std::uintptr_t>(static_cast<std::intptr_t>(base) + lo * size),
-          static_cast<std::uintptr_t>(static_cast<std::intptr_t>(base) + (hi + 1) * size)};
+  ByteRange r;
+  // lo_bytes <= 0 <= hi_bytes; neither end may wrap around the address space
+  const auto below = static_cast<std::uintptr_t>(-(lo_bytes + 1)) + 1;  // |lo_bytes|, no overflow
+  if (lo_bytes < 0 && below > base) refuse("lowest element lies below address 0");
+  r.lo = lo_bytes < 0 ? base - below : base;
+  if (__builtin_add_overflow(base, static_cast<std::uintptr_t>(hi_bytes), &r.hi))
+    refuse("highest element lies past the end of the address space");
+  return r;
 }
 
-template <class A, int RA, class B, int RB>
-void check_no_overlap(const TensorView<A, RA>& out, const char* out_name,
-                      const TensorView<B, RB>& in, const char* in_name) {
-  const ByteRange a = byte_range(out), b = byte_range(in);
+/// Extents positive, data non-null, and every element's address fits.
+template <class T, int R>
+void check_view(const TensorView<T, R>& v, const char* name) {
+  for (int i = 0; i < R; ++i)
+    if (v.extent(i) <= 0)
+      fail(name, " has shape ", shape_str(v), ": dimension ", i, " is ", v.extent(i),
+           ", every dimension must be > 0");
+  if (v.data() == nullptr) fail(name, " has null data but shape ", shape_str(v));
+  (void)byte_range(v, name);
+}
+
+/// Fails when the byte ranges [a.lo, a.hi) and [b.lo, b.hi) share a byte.
+inline void check_disjoint(const ByteRange& a, const char* out_name, const ByteRange& b,
+                           const char* in_name) {
   if (a.lo < b.hi && b.lo < a.hi)
     fail(out_name, " overlaps ", in_name, ": ", out_name, " spans bytes [", a.lo, ", ", a.hi, "), ",
          in_name, " spans [", b.lo, ", ", b.hi, ")");
 }
 
+template <class A, int RA, class B, int RB>
+void check_no_overlap(const TensorView<A, RA>& out, const char* out_name,
+                      const TensorView<B, RB>& in, const char* in_name) {
+  check_disjoint(byte_range(out, out_name), out_name, byte_range(in, in_name), in_name);
+}
+
+/// The bytes of one object (a stats struct the call writes).
+template <class T>
+ByteRange object_bytes(const T* p) {
+  const auto base = reinterpret_cast<std::uintptr_t>(p);
+  return {base, base + sizeof(T)};
+}
+
 /// A view that is written must not map two indices to one element.
 template <class T, int R>
 void check_not_self_overlapping(const TensorView<T, R>& v, const char* name) {
+  auto magnitude = [](index_t s) {  // |s| without overflow for the most negative stride
+    return s < 0 ? static_cast<std::uint64_t>(-(s + 1)) + 1 : static_cast<std::uint64_t>(s);
+  };
   std::array<int, R> order{};
   for (int i = 0; i < R; ++i) order[i] = i;
   std::sort(order.begin(), order.end(),
-            [&](int a, int b) { return std::abs(v.stride(a)) < std::abs(v.stride(b)); });
-  index_t reach = 0;  // largest offset reachable with the smaller-stride dims
+            [&](int a, int b) { return magnitude(v.stride(a)) < magnitude(v.stride(b)); });
+  std::uint64_t reach = 0;  // largest offset reachable with the smaller-stride dims
   for (int i : order) {
-    if (v.extent(i) == 1) continue;
-    if (std::abs(v.stride(i)) <= reach)
-      fail(
-          name, " has shape ", shape_str(v), " and strides ",
-          [&] {
-            std::ostringstream os;
-            os << '[';
-            for (int j = 0; j < R; ++j) os << (j ? ", " : "") << v.stride(j);
-            os << ']';
-            return os.str();
-          }(),
-          ", which map two elements to one address (dimension ", i, ")");
-    reach += (v.extent(i) - 1) * std::abs(v.stride(i));
+    if (v.extent(i) <= 1) continue;
+    const std::uint64_t m = magnitude(v.stride(i));
+    if (m <= reach)
+      fail(name, " has shape ", shape_str(v), " and strides ", strides_str(v),
+           ", which map two elements to one address (dimension ", i, ")");
+    std::uint64_t step = 0;  // (extent - 1) · |stride|; saturates (then nothing larger follows)
+    if (__builtin_mul_overflow(static_cast<std::uint64_t>(v.extent(i) - 1), m, &step) ||
+        __builtin_add_overflow(reach, step, &reach))
+      reach = ~std::uint64_t{0};
   }
+}
+
+/// Largest finite value of the accumulation type of these storage types:
+/// double if any is double, float otherwise.
+template <class... T>
+inline constexpr double accum_max_v = (std::is_same<std::remove_cv_t<T>, double>::value || ...)
+                                          ? std::numeric_limits<double>::max()
+                                          : static_cast<double>(std::numeric_limits<float>::max());
+
+/// "float" or "double": the accumulation type whose largest value is `max`.
+inline const char* accum_name(double max) {
+  return max == std::numeric_limits<double>::max() ? "double" : "float";
+}
+
+/// A user parameter that the kernel multiplies or divides by, in double,
+/// checked in the accumulation type: finite there (1e39 is infinite as a float).
+inline void check_finite_in(double x, double accum_max, const char* name) {
+  if (!(std::abs(x) <= accum_max))
+    fail(name, " is ", x, ", must be finite in the accumulation type ", accum_name(accum_max),
+         " (|", name, "| <= ", accum_max, ")");
+}
+
+/// options.stats is written: it must not lie in any view the call reads or writes.
+template <class T, int R>
+void check_stats(const AttentionStats* stats, const TensorView<T, R>& v, const char* name) {
+  if (stats) check_disjoint(object_bytes(stats), "stats", byte_range(v, name), name);
 }
 
 /// Positions: offsets >= 0, and a given global length holds the call's rows.
@@ -107,6 +174,9 @@ inline void check_positions(const Positions& p, const AttentionShape& s) {
     fail("positions.q_offset ", p.q_offset, " + Lq ", s.lq, " overflows");
   if (p.k_length == 0 && p.k_offset > max - s.lk)
     fail("positions.k_offset ", p.k_offset, " + Lk ", s.lk, " overflows");
+  // masks and modifiers bound to the global shape form positions up to Lq + Lk
+  (void)checked_add(p.q_length != 0 ? p.q_length : p.q_offset + s.lq,
+                    p.k_length != 0 ? p.k_length : p.k_offset + s.lk, "global Lq + Lk");
 }
 
 /// The shape of the whole sequence a call is part of (its global lengths).
@@ -146,12 +216,16 @@ AttentionShape check_attention(const TensorView<Q, 4>& q, const TensorView<K, 4>
       out.extent(3) != s.dv)
     fail("out has shape ", shape_str(out), ", expected [", s.batch, ", ", s.q_heads, ", ", s.lq,
          ", ", s.dv, "] (batch, q heads, Lq, Dv)");
+  // masks and modifiers form positions up to Lq + Lk (k and v may broadcast a
+  // huge Lk with a zero stride; out's element count already fits)
+  (void)checked_add(s.lq, s.lk, "Lq + Lk");
   check_not_self_overlapping(out, "out");
   check_no_overlap(out, "out", q, "q");
   check_no_overlap(out, "out", k, "k");
   check_no_overlap(out, "out", v, "v");
 
-  if (opt.scale && !std::isfinite(*opt.scale)) fail("scale is ", *opt.scale, ", must be finite");
+  s.accum_max = accum_max_v<Q, K, V, O>;
+  if (opt.scale) check_finite_in(*opt.scale, s.accum_max, "scale");
   if (opt.num_threads < 0) fail("num_threads is ", opt.num_threads, ", must be >= 0");
   if (opt.block_q < 0) fail("block_q is ", opt.block_q, ", must be >= 0 (0 = automatic)");
   if (opt.block_k < 0) fail("block_k is ", opt.block_k, ", must be >= 0 (0 = automatic)");
@@ -167,7 +241,12 @@ AttentionShape check_attention(const TensorView<Q, 4>& q, const TensorView<K, 4>
     check_no_overlap(l, "lse", k, "k");
     check_no_overlap(l, "lse", v, "v");
     check_no_overlap(l, "lse", out, "out");
+    check_stats(opt.stats, l, "lse");
   }
+  check_stats(opt.stats, q, "q");
+  check_stats(opt.stats, k, "k");
+  check_stats(opt.stats, v, "v");
+  check_stats(opt.stats, out, "out");
   return s;
 }
 

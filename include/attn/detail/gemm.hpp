@@ -53,6 +53,16 @@ class TileGemm {
                                                            ldc, alpha, blocking_);
   }
 
+  /// C += alpha · Aᵀ · B.  A: depth×rows row-major (lda); B: depth×cols row-major (ldb);
+  /// C: rows×cols row-major (ldc). (Aᵀ of a row-major matrix is a column-major one.)
+  void add_atb(index_t rows, index_t cols, index_t depth, const Acc* a, index_t lda, const Acc* b,
+               index_t ldb, Acc* c, index_t ldc, Acc alpha) {
+    Eigen::internal::general_matrix_matrix_product<index_t, Acc, Eigen::ColMajor, false, Acc,
+                                                   Eigen::RowMajor, false, Eigen::RowMajor,
+                                                   1>::run(rows, cols, depth, a, lda, b, ldb, c, 1,
+                                                           ldc, alpha, blocking_);
+  }
+
  private:
   Blocking blocking_;
 };

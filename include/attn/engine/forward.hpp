@@ -69,7 +69,11 @@ void flash_forward(const TensorView<const Q, 4>& q, const KV& kv, const TensorVi
   const int threads = resolve_threads(opt.num_threads, tasks);
   const bool want_lse = !opt.lse.is_null();
   const bool pack_k = kv.template packs_keys<Acc>(), pack_v = kv.template packs_values<Acc>();
-  const Walk<Acc, KV, Mask, Mod> walk{kv, mask, mod, bc, shape.d, shape.dv, opt.positions.k_offset};
+  const AttentionShape global = global_shape(shape, opt.positions);
+  const DropoutGen drop =
+      DropoutGen::bind(opt.dropout, shape.batch, shape.q_heads, global.lq, global.lk);
+  const Walk<Acc, KV, Mask, Mod> walk{
+      kv, mask, mod, bc, shape.d, shape.dv, opt.positions.k_offset, &drop};
 
   auto make_scratch = [&] {
     return std::make_unique<ForwardScratch<Acc>>(br, bc, shape.d, shape.dv, pack_k, pack_v);

@@ -10,6 +10,10 @@
 //   S = score_mod(S); masked entries = -inf (partial tiles only)
 //   online softmax (Partial::update); O += P · V[k0:k0+Bc]     (rows, Dv)
 //
+// With dropout, the P that multiplies V is P ∘ M / (1 - p) (M the Philox keep
+// decisions at global positions); l and lse keep the undropped P, as
+// FlashAttention does.
+//
 // Keys and values come from a source (kv/strided.hpp); masks and modifiers see
 // global positions: query row r of the tile is q_pos + r, key j of the source
 // is k_pos + j (AttentionOptions::positions).
@@ -19,6 +23,7 @@
 #include "attn/engine/partial.hpp"
 #include "attn/mask.hpp"
 #include "attn/options.hpp"
+#include "attn/policy/dropout.hpp"
 #include "attn/tensor_view.hpp"
 
 #include "attn/core/eigen.hpp"
@@ -91,9 +96,10 @@ struct Walk {
   const KV& kv;
   const Mask& mask;  // bound to the global shape
   const Mod& mod;
-  index_t bc;     // keys per tile
-  index_t d, dv;  // head dims
-  index_t k_pos;  // global position of the source's key 0
+  index_t bc;                           // keys per tile
+  index_t d, dv;                        // head dims
+  index_t k_pos;                        // global position of the source's key 0
+  const DropoutGen* dropout = nullptr;  // bound to the global shape; null or disabled: none
 
   /// The source's keys [begin, end) that any query of global rows [q0, q1) may see.
   KeyRange key_range(index_t b, index_t h, index_t q0, index_t q1) const {
@@ -141,7 +147,10 @@ struct Walk {
       mod.apply_tile(b, h, q_pos, gk0, s, lds, rows, cols);
       if (kind == TileKind::partial) mask_partial_tile(mask, b, h, q_pos, gk0, s, lds, rows, cols);
 
-      part.update(s, lds, cols);  // S -> P
+      part.update(s, lds, cols);        // S -> P
+      if (dropout && dropout->enabled)  // P -> P ∘ M / (1 - p) for O only
+        for (index_t r = 0; r < rows; ++r)
+          dropout->apply_row(b, h, q_pos + r, gk0, s + r * lds, cols);
 
       // O += P · V                                                           (rows, Dv)
       index_t ldv = 0;

@@ -1,0 +1,319 @@
+// attn/engine/backward.hpp — the backward pass of the flash engine
+// (FlashAttention 2), for every mask policy and score modifier.
+//
+// One task per (batch b, KV head hk): it owns dK, dV of that head and dQ of
+// the query heads of its group, so nothing is shared between tasks, no
+// atomics are needed, and every sum runs in a fixed order (bitwise identical
+// for any thread count). Within a task:
+//
+//   Δ_i = rowsum(dO_i ∘ O_i)                       once per query row of the group
+//   for each key tile [k0, k0+Bc):                 (keys outer: dK, dV stay in registers/L1)
+//     dK_t = 0, dV_t = 0                                         (Bc, D), (Bc, Dv)
+//     for each query head h of the group, each query tile the mask lets see the tile:
+//       X  = scale·Q · Kᵀ                                        (Br, Bc) raw scores
+//       S  = mask(score_mod(X));  P = exp(S - lse)               (lse from the forward)
+//       Pd = P ∘ M / (1 - p)                                     (dropout decisions M)
+//       dV_t += Pdᵀ · dO                                         (Bc, Dv)
+//       dP = (dO · Vᵀ) ∘ M / (1 - p)                             (Br, Bc)
+//       dS = P ∘ (dP - Δ);  dX = score_mod'(X) ∘ dS              (dbias takes dS there)
+//       dK_t += dXᵀ · (scale·Q)                                  (Bc, D)
+//       dQ   += scale · dX · K                                   (Br, D), over key tiles in order
+//     dK[k0:] = dK_t, dV[k0:] = dV_t
+//
+// Masks, modifiers and dropout see global positions (AttentionOptions::positions):
+// local query row i is q_offset + i, local key j is k_offset + j.
+//
+// Five tile products per visited tile (the forward has two). Scratch per
+// worker is O(Br·Bc + (Br + Bc)·(D + Dv)) plus, when dq is not stored in the
+// accumulation type with unit column stride, a (group·Lq, D) accumulator for
+// dQ. Nothing grows with Lq·Lk.
+#pragma once
+
+#include "attn/core/types.hpp"
+#include "attn/detail/checks.hpp"
+#include "attn/detail/gemm.hpp"
+#include "attn/detail/parallel.hpp"
+#include "attn/detail/softmax.hpp"
+#include "attn/engine/walk.hpp"
+#include "attn/kv/strided.hpp"
+#include "attn/mask.hpp"
+#include "attn/options.hpp"
+#include "attn/policy/dropout.hpp"
+#include "attn/score_mod.hpp"
+#include "attn/tensor_view.hpp"
+
+#include <Eigen/Core>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <type_traits>
+
+namespace attn {
+namespace detail {
+
+/// Tile constants of the backward: five products per tile and three
+/// (Br, Bc) buffers want a smaller tile than the forward's.
+struct BackwardTileTraits {
+  static constexpr index_t block_q = 64;
+  static constexpr index_t block_k = 128;
+  static_assert(block_q > 0 && block_k > 0, "tiles must be non-empty");
+};
+
+/// The tile products of the backward, behind one small type so that the
+/// kernels under them can change: C += alpha·A·Bᵀ, C += alpha·Aᵀ·B, C += alpha·A·B.
+template <class Acc>
+class BackwardGemm {
+ public:
+  BackwardGemm(index_t br, index_t bc, index_t d, index_t dv)
+      : qk_(br, bc, d), dov_(br, bc, dv), dv_(bc, dv, br), dk_(bc, d, br), dq_(br, d, bc) {}
+
+  /// S = A·Bᵀ products: A rows×depth, B cols×depth (both row-major).
+  void scores(index_t rows, index_t cols, index_t depth, const Acc* a, index_t lda, const Acc* b,
+              index_t ldb, Acc* c, index_t ldc, bool value_side) {
+    (value_side ? dov_ : qk_).add_abt(rows, cols, depth, a, lda, b, ldb, c, ldc, Acc(1));
+  }
+  /// C (rows×cols) += Aᵀ·B: A depth×rows, B depth×cols (both row-major).
+  void add_atb(index_t rows, index_t cols, index_t depth, const Acc* a, index_t lda, const Acc* b,
+               index_t ldb, Acc* c, index_t ldc, bool value_side) {
+    (value_side ? dv_ : dk_).add_atb(rows, cols, depth, a, lda, b, ldb, c, ldc, Acc(1));
+  }
+  /// C (rows×cols) += alpha·A·B: A rows×depth, B depth×cols (both row-major).
+  void add_ab(index_t rows, index_t cols, index_t depth, const Acc* a, index_t lda, const Acc* b,
+              index_t ldb, Acc* c, index_t ldc, Acc alpha) {
+    dq_.add_ab(rows, cols, depth, a, lda, b, ldb, c, ldc, alpha);
+  }
+
+ private:
+  TileGemm<Acc> qk_, dov_, dv_, dk_, dq_;
+};
+
+/// Per-worker scratch of the backward.
+template <class Acc>
+struct BackwardScratch {
+  using Mat = RowMatrix<Acc>;
+  using Vec = Eigen::Array<Acc, Eigen::Dynamic, 1>;
+  Mat qs;      // (Br, D)  scale · Q tile
+  Mat dob;     // (Br, Dv) dO tile, when it cannot be read in place
+  Mat p;       // (Br, Bc) P
+  Mat x;       // (Br, Bc) raw scores, for modifiers whose derivative needs them
+  Mat dp;      // (Br, Bc) Pd, then dP, then dS and dX
+  Mat k, v;    // (Bc, D), (Bc, Dv) packed key/value tiles, when a view cannot be used in place
+  Mat dk, dv;  // (Bc, D), (Bc, Dv) accumulators of one key tile
+  Mat dq;      // (group·Lq, D) dQ accumulator, when dq cannot accumulate in place
+  Vec delta;   // (group·Lq) rowsum(dO ∘ O)
+  Vec lse;     // (group·Lq)
+  BackwardGemm<Acc> gemm;
+  AttentionStats stats;
+
+  BackwardScratch(index_t br, index_t bc, index_t d, index_t dv, index_t group_rows, bool keep_x,
+                  bool pack_k, bool pack_v, bool dq_buffer)
+      : qs(br, d), dob(br, dv), p(br, bc), x(keep_x ? br : 0, keep_x ? bc : 0), dp(br, bc),
+        k(pack_k ? bc : 0, d), v(pack_v ? bc : 0, dv), dk(bc, d), dv(bc, dv),
+        dq(dq_buffer ? group_rows : 0, d), delta(group_rows), lse(group_rows), gemm(br, bc, d, dv) {
+  }
+};
+
+/// Which dimensions of the gradient views of a modifier (dbias) are
+/// broadcast over more than one (batch, KV head) task.
+struct GradBroadcast {
+  bool batch = false, heads = false;
+};
+template <class Mod>
+GradBroadcast grad_broadcast(const Mod& mod, const AttentionShape& s) {
+  GradBroadcast r;
+  for_each_grad_view(mod, [&](const auto& g, const char*) {
+    r.batch = r.batch || (g.extent(0) == 1 && s.batch > 1);
+    r.heads = r.heads || (g.extent(1) == 1 && s.kv_heads > 1);
+  });
+  return r;
+}
+
+/// The backward engine. Arguments are checked, policies bound, dbias zeroed.
+template <class Acc, class Q, class K, class V, class O, class L, class DO, class DQ, class DK,
+          class DV, class Mask, class Mod>
+void flash_backward(const TensorView<const Q, 4>& q, const TensorView<const K, 4>& k,
+                    const TensorView<const V, 4>& v, const TensorView<const O, 4>& out,
+                    const TensorView<const L, 3>& lse, const TensorView<const DO, 4>& dout,
+                    const TensorView<DQ, 4>& dq, const TensorView<DK, 4>& dk,
+                    const TensorView<DV, 4>& dv, const AttentionShape& shape, const Mask& mask,
+                    const Mod& mod, const AttentionOptions& opt) {
+  constexpr Acc neg_inf = -std::numeric_limits<Acc>::infinity();
+  constexpr bool keep_x = !Mod::unit_grad;
+
+  const Acc scale =
+      static_cast<Acc>(opt.scale.value_or(1.0 / std::sqrt(static_cast<double>(shape.d))));
+  const index_t br =
+      std::min(opt.block_q > 0 ? opt.block_q : BackwardTileTraits::block_q, shape.lq);
+  const index_t bc =
+      std::min(opt.block_k > 0 ? opt.block_k : BackwardTileTraits::block_k, shape.lk);
+  const index_t group = shape.q_heads / shape.kv_heads;
+  const index_t group_rows = group * shape.lq;
+  const index_t d = shape.d, dvd = shape.dv;
+  const bool pack_k = !std::is_same<K, Acc>::value || k.stride(3) != 1;
+  const bool pack_v = !std::is_same<V, Acc>::value || v.stride(3) != 1;
+  const bool dq_in_place = std::is_same<DQ, Acc>::value && dq.stride(3) == 1;
+  const AttentionShape global = global_shape(shape, opt.positions);
+  const index_t qoff = opt.positions.q_offset, koff = opt.positions.k_offset;
+  const DropoutGen drop =
+      DropoutGen::bind(opt.dropout, shape.batch, shape.q_heads, global.lq, global.lk);
+
+  // A broadcast dbias is summed over batches or KV heads inside one task, in order.
+  const GradBroadcast bcast = grad_broadcast(mod, shape);
+  const index_t nb = bcast.batch ? shape.batch : 1, nh = bcast.heads ? shape.kv_heads : 1;
+  const index_t tasks = (shape.batch / nb) * (shape.kv_heads / nh);
+  const int threads = resolve_threads(opt.num_threads, tasks);
+
+  auto make_scratch = [&] {
+    return std::make_unique<BackwardScratch<Acc>>(br, bc, d, dvd, group_rows, keep_x, pack_k,
+                                                  pack_v, !dq_in_place);
+  };
+
+  // One (batch, KV head): dK, dV of hk and dQ of its group.
+  auto run_unit = [&](BackwardScratch<Acc>& sc, index_t b, index_t hk) {
+    const index_t h0 = hk * group;
+    // Δ_i = rowsum(dO_i ∘ O_i) and lse_i of every row of the group; dQ = 0.
+    for (index_t g = 0; g < group; ++g) {
+      const index_t h = h0 + g;
+      for (index_t i = 0; i < shape.lq; ++i) {
+        Acc acc = 0;
+        for (index_t c = 0; c < dvd; ++c)
+          acc += static_cast<Acc>(dout(b, h, i, c)) * static_cast<Acc>(out(b, h, i, c));
+        sc.delta(g * shape.lq + i) = acc;
+        const double l = static_cast<double>(lse(b, h, i));
+        sc.lse(g * shape.lq + i) = static_cast<Acc>(l);
+      }
+      if (dq_in_place)
+        for (index_t i = 0; i < shape.lq; ++i) std::fill_n(&dq(b, h, i, 0), d, DQ(0));
+    }
+    if (!dq_in_place) sc.dq.setZero();
+
+    for (index_t k0 = 0; k0 < shape.lk; k0 += bc) {
+      const index_t cols = std::min(bc, shape.lk - k0);
+      index_t ldk = 0, ldv = 0;
+      const Acc* kt = load_tile<Acc>(k, b, hk, k0, cols, sc.k, ldk);
+      const Acc* vt = load_tile<Acc>(v, b, hk, k0, cols, sc.v, ldv);
+      auto dkt = sc.dk.topRows(cols);
+      auto dvt = sc.dv.topRows(cols);
+      dkt.setZero();
+      dvt.setZero();
+
+      for (index_t g = 0; g < group; ++g) {
+        const index_t h = h0 + g;
+        const KeyRange gq = query_range(mask, b, h, koff + k0, koff + k0 + cols, global.lq);
+        const KeyRange qr{std::clamp<index_t>(gq.begin - qoff, 0, shape.lq),
+                          std::clamp<index_t>(gq.end - qoff, 0, shape.lq)};
+        if (qr.empty()) continue;
+        Acc* dq_base = sc.dq.data() + g * shape.lq * d;
+        if constexpr (std::is_same<DQ, Acc>::value)
+          if (dq_in_place) dq_base = &dq(b, h, 0, 0);
+        const index_t lddq = dq_in_place ? dq.stride(2) : d;
+        for (index_t q0 = qr.begin / br * br; q0 < qr.end; q0 += br) {
+          const index_t rows = std::min(br, shape.lq - q0);
+          const index_t gq0 = qoff + q0, gk0 = koff + k0;  // global positions of the tile
+          const TileKind kind = Mask::always_full
+                                    ? TileKind::full
+                                    : mask.classify(b, h, gq0, gq0 + rows, gk0, gk0 + cols);
+          if (kind == TileKind::empty) {
+            ++sc.stats.skipped_tiles;
+            continue;
+          }
+          ++(kind == TileKind::full ? sc.stats.full_tiles : sc.stats.partial_tiles);
+          sc.stats.scores += rows * cols;
+          const index_t lds = bc;
+
+          // Qs = scale · Q, dO                                              (rows, D), (rows, Dv)
+          auto qs = sc.qs.topRows(rows);
+          qs = matrix(q, b, h).middleRows(q0, rows).template cast<Acc>() * scale;
+          index_t lddo = 0;
+          const Acc* dot = load_tile<Acc>(dout, b, h, q0, rows, sc.dob, lddo);
+
+          // X = Qs · Kᵀ; S = mask(score_mod(X)); P = exp(S - lse)         (rows, cols)
+          Acc* p = sc.p.data();
+          Eigen::Map<RowMatrix<Acc>, 0, Eigen::OuterStride<>> pm(p, rows, cols,
+                                                                 Eigen::OuterStride<>(lds));
+          pm.setZero();
+          sc.gemm.scores(rows, cols, d, qs.data(), d, kt, ldk, p, lds, false);
+          if constexpr (keep_x) sc.x.topLeftCorner(rows, cols) = pm;
+          mod.apply_tile(b, h, gq0, gk0, p, lds, rows, cols);
+          if (kind == TileKind::partial)
+            mask_partial_tile(mask, b, h, gq0, gk0, p, lds, rows, cols);
+          for (index_t r = 0; r < rows; ++r) {
+            const Acc l = sc.lse(g * shape.lq + q0 + r);
+            Acc* row = p + r * lds;
+            if (l == neg_inf)  // the row sees no key: no gradient
+              std::fill_n(row, cols, Acc(0));
+            else
+              exp_shift_sum(row, cols, l);
+          }
+
+          // dV += Pdᵀ · dO                                                   (cols, Dv)
+          Acc* dp = sc.dp.data();
+          const Acc* pd = p;
+          if (drop.enabled) {
+            for (index_t r = 0; r < rows; ++r) {
+              std::copy_n(p + r * lds, cols, dp + r * lds);
+              drop.apply_row(b, h, gq0 + r, gk0, dp + r * lds, cols);
+            }
+            pd = dp;
+          }
+          sc.gemm.add_atb(cols, dvd, rows, pd, lds, dot, lddo, dvt.data(), dvd, true);
+
+          // dP = (dO · Vᵀ) ∘ M / (1 - p)                                     (rows, cols)
+          Eigen::Map<RowMatrix<Acc>, 0, Eigen::OuterStride<>> dpm(dp, rows, cols,
+                                                                  Eigen::OuterStride<>(lds));
+          dpm.setZero();
+          sc.gemm.scores(rows, cols, dvd, dot, lddo, vt, ldv, dp, lds, true);
+          if (drop.enabled)
+            for (index_t r = 0; r < rows; ++r)
+              drop.apply_row(b, h, gq0 + r, gk0, dp + r * lds, cols);
+
+          // dS = P ∘ (dP - Δ); dX = score_mod'(X) ∘ dS
+          for (index_t r = 0; r < rows; ++r) {
+            const Acc delta = sc.delta(g * shape.lq + q0 + r);
+            const Acc* pr = p + r * lds;
+            Acc* dr = dp + r * lds;
+            for (index_t c = 0; c < cols; ++c) dr[c] = pr[c] * (dr[c] - delta);
+          }
+          if constexpr (!Mod::is_identity)
+            mod.grad_tile(b, h, gq0, gk0, keep_x ? sc.x.data() : static_cast<const Acc*>(nullptr),
+                          dp, lds, rows, cols);
+
+          // dK += dXᵀ · Qs                                                   (cols, D)
+          sc.gemm.add_atb(cols, d, rows, dp, lds, qs.data(), d, dkt.data(), d, false);
+          // dQ += scale · dX · K                                             (rows, D)
+          sc.gemm.add_ab(rows, d, cols, dp, lds, kt, ldk, dq_base + q0 * lddq, lddq, scale);
+        }
+      }
+      for (index_t r = 0; r < cols; ++r) {
+        for (index_t c = 0; c < d; ++c) dk(b, hk, k0 + r, c) = static_cast<DK>(dkt(r, c));
+        for (index_t c = 0; c < dvd; ++c) dv(b, hk, k0 + r, c) = static_cast<DV>(dvt(r, c));
+      }
+    }
+    if (!dq_in_place)
+      for (index_t g = 0; g < group; ++g)
+        for (index_t i = 0; i < shape.lq; ++i)
+          for (index_t c = 0; c < d; ++c)
+            dq(b, h0 + g, i, c) = static_cast<DQ>(sc.dq(g * shape.lq + i, c));
+  };
+
+  auto run_task = [&](BackwardScratch<Acc>& sc, index_t t) {
+    const index_t th = shape.kv_heads / nh;
+    const index_t b0 = t / th * nb, hk0 = t % th * nh;
+    for (index_t b = b0; b < b0 + nb; ++b)
+      for (index_t hk = hk0; hk < hk0 + nh; ++hk) run_unit(sc, b, hk);
+  };
+  auto merge_stats = [&](const BackwardScratch<Acc>& sc) {
+    if (!opt.stats) return;
+    opt.stats->full_tiles += sc.stats.full_tiles;
+    opt.stats->partial_tiles += sc.stats.partial_tiles;
+    opt.stats->skipped_tiles += sc.stats.skipped_tiles;
+    opt.stats->scores += sc.stats.scores;
+  };
+  if (opt.stats) *opt.stats = AttentionStats{};
+  parallel_tasks(tasks, threads, make_scratch, run_task, merge_stats);
+}
+
+}  // namespace detail
+}  // namespace attn
