@@ -11,7 +11,12 @@
 //
 // Rows are named path/N:<len>/d_model:<d>/H:<q heads>/Hkv:<kv heads>. Counters:
 // GFLOPs (GFLOP/s), roofline_frac against the row roofline/gemm, and x_baseline:
-// layer against naive_eigen, layer_attention_bshd against sdpa_bhsd (same shape).
+// layer against naive_eigen, layer_projections against eigen_projections,
+// layer_attention_bshd against sdpa_bhsd (same shape).
+//
+// The projections run attn's own kernels, picked at run time (AVX-512F, AVX2,
+// portable), so a build without -march runs them at the speed of a native
+// build: configure with -DATTN_NATIVE=OFF to compare (docs/multi_head.md).
 //
 // Pass Google Benchmark flags as usual, e.g.
 //   --benchmark_repetitions=3 --benchmark_report_aggregates_only=true
@@ -118,7 +123,29 @@ void layer(benchmark::State& state, Shape shape) {
   attn_bench::set_ratio(state, "layer/" + shape.name(), t);
 }
 
-/// The layer's four projections alone (the same calls forward makes).
+/// The four projections as Eigen products (what the layer ran before its own
+/// kernel; Eigen compiled for this binary's flags, threaded by Eigen): the
+/// baseline of layer_projections.
+void eigen_projections(benchmark::State& state, Shape shape) {
+  const Setup su(shape);
+  const index_t D = shape.head_dim();
+  Mat q(shape.len, shape.q_heads * D), k(shape.len, shape.kv_heads * D),
+      v(shape.len, shape.kv_heads * D), heads = random(shape.len, shape.q_heads * D, 6, 1.f),
+                                        out(shape.len, shape.d_model);
+  const double t = attn_bench::timed_loop(state, [&] {
+    q.noalias() = su.x * su.wq;
+    k.noalias() = su.x * su.wk;
+    v.noalias() = su.x * su.wv;
+    out.noalias() = heads * su.wo;
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  });
+  attn_bench::record_time(state, "projections/" + shape.name(), t);
+  attn_bench::set_gflops(state, shape.projection_flops(), t);
+}
+
+/// The layer's four projections alone (the same packed kernel forward runs,
+/// weights packed once as a layer does).
 void layer_projections(benchmark::State& state, Shape shape) {
   const Setup su(shape);
   attn::MultiHeadAttention<float> mha(su.config());
@@ -127,21 +154,23 @@ void layer_projections(benchmark::State& state, Shape shape) {
   mha.set_wv(su.wv);
   mha.set_wo(su.wo);
   const attn::MultiHeadWeights<float> w = mha.weights();
-  const index_t D = shape.head_dim();
-  Mat q(shape.len, shape.q_heads * D), k(shape.len, shape.kv_heads * D),
-      v(shape.len, shape.kv_heads * D), heads = random(shape.len, shape.q_heads * D, 6, 1.f),
-                                        out(shape.len, shape.d_model);
-  const attn::TensorView<float, 3> ov(out.data(), {1, shape.len, shape.d_model});
-  attn::detail::ProjectionGemms<float> gemms;
+  attn::detail::PackedProjections<float> p;
+  p.pack({w.wq, w.wk, w.wv, w.wo, w.bq, w.bk, w.bv, w.bo});
+  const index_t D = shape.head_dim(), L = shape.len;
+  Mat q(L, shape.q_heads * D), k(L, shape.kv_heads * D), v(L, shape.kv_heads * D),
+      heads = random(L, shape.q_heads * D, 6, 1.f), out(L, shape.d_model);
+  auto view = [&](Mat& m) { return attn::TensorView<float, 3>(m.data(), {1, L, m.cols()}); };
+  const attn::TensorView<const float, 3> hv(heads.data(), {1, L, heads.cols()});
   const double t = attn_bench::timed_loop(state, [&] {
-    attn::detail::project(su.xview(), w.wq, w.bq, q.data(), gemms, 0);
-    attn::detail::project(su.xview(), w.wk, w.bk, k.data(), gemms, 0);
-    attn::detail::project(su.xview(), w.wv, w.bv, v.data(), gemms, 0);
-    attn::detail::project_out(heads.data(), w.wo, w.bo, ov, gemms, 0);
+    attn::detail::project_packed(su.xview(), p.q, p.bq, view(q), 0);
+    attn::detail::project_packed(su.xview(), p.k, p.bk, view(k), 0);
+    attn::detail::project_packed(su.xview(), p.v, p.bv, view(v), 0);
+    attn::detail::project_packed(hv, p.o, p.bo, view(out), 0);
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
   });
   attn_bench::set_gflops(state, shape.projection_flops(), t);
+  attn_bench::set_ratio(state, "projections/" + shape.name(), t);
 }
 
 /// The layer's attention alone: bshd views of the projection buffers.
@@ -217,13 +246,14 @@ void naive_eigen(benchmark::State& state, Shape shape) {
   attn_bench::set_gflops(state, shape.projection_flops() + shape.attention_flops(), t);
 }
 
-/// The five rows of one shape, each baseline before the row that reads its time.
+/// The six rows of one shape, each baseline before the row that reads its time.
 void register_shape(const Shape& s) {
   const std::string n = s.name();
   for (auto* b :
        {benchmark::RegisterBenchmark(("naive_eigen/" + n).c_str(), naive_eigen, s),
         benchmark::RegisterBenchmark(("sdpa_bhsd/" + n).c_str(), sdpa_bhsd, s),
         benchmark::RegisterBenchmark(("layer/" + n).c_str(), layer, s),
+        benchmark::RegisterBenchmark(("eigen_projections/" + n).c_str(), eigen_projections, s),
         benchmark::RegisterBenchmark(("layer_projections/" + n).c_str(), layer_projections, s),
         benchmark::RegisterBenchmark(("layer_attention_bshd/" + n).c_str(), layer_attention, s)})
     b->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(0.2);

@@ -10,7 +10,7 @@ if ! command -v "$clang_format" >/dev/null; then
   exit 2
 fi
 dirs=()
-for d in include tests bench examples fuzz; do
+for d in include tests bench examples fuzz tools; do
   [[ -d $d ]] && dirs+=("$d")
 done
 mapfile -t files < <(find "${dirs[@]}" -type f \( -name '*.hpp' -o -name '*.h' -o -name '*.cpp' \

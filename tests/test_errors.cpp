@@ -357,7 +357,7 @@ TYPED_TEST(Errors, BoolMaskViews) {
   Setup<TypeParam> s;
   expect_rejected(s, s.q, s.k, s.v, s.out, "bool_mask has null data",
                   attn::bool_mask(Tensor4<const bool>()));
-  const std::string expected = ", expected [2 or 1, 4 or 1, 5, 7]";
+  const std::string expected = ", expected [2 or 1, 4 or 1, 5 or 1, 7]";
   expect_rejected(s, s.q, s.k, s.v, s.out, "bool_mask has shape [3, 4, 5, 7]" + expected,
                   attn::bool_mask(s.mask_view(3, 4, 5, 7)));
   expect_rejected(s, s.q, s.k, s.v, s.out, "bool_mask has shape [1, 2, 5, 7]" + expected,
@@ -384,13 +384,13 @@ TYPED_TEST(Errors, AdditiveBiasViews) {
   const attn::NoMask none;
   expect_rejected(s, s.q, s.k, s.v, s.out, "additive_bias has null data", none,
                   attn::additive_bias(Tensor4<const float>()));
-  const std::string expected = ", expected [2 or 1, 4 or 1, 5, 7]";
+  const std::string expected = ", expected [2 or 1, 4 or 1, 5 or 1, 7]";
   expect_rejected(s, s.q, s.k, s.v, s.out, "additive_bias has shape [4, 4, 5, 7]" + expected, none,
                   attn::additive_bias(s.bias_view(4, 4, 5, 7)));
   expect_rejected(s, s.q, s.k, s.v, s.out, "additive_bias has shape [2, 3, 5, 7]" + expected, none,
                   attn::additive_bias(s.bias_view(2, 3, 5, 7)));
-  expect_rejected(s, s.q, s.k, s.v, s.out, "additive_bias has shape [1, 1, 1, 7]" + expected, none,
-                  attn::additive_bias(s.bias_view(1, 1, 1, 7)));
+  expect_rejected(s, s.q, s.k, s.v, s.out, "additive_bias has shape [1, 1, 3, 7]" + expected, none,
+                  attn::additive_bias(s.bias_view(1, 1, 3, 7)));
   expect_rejected(s, s.q, s.k, s.v, s.out, "additive_bias has shape [1, 1, 5, 1]" + expected, none,
                   attn::additive_bias(s.bias_view(1, 1, 5, 1)));
 }

@@ -300,7 +300,7 @@ TEST(MultiHeadErrors, WeightShapesThatDoNotMatch) {
   EXPECT_TRUE(throws_with([&] { layer.set_wk(attn::RowMatrix<float>::Zero(64, 64)); },
                           "Wk has shape [64, 64], expected [64, 16]"));
   std::vector<float> buf(64 * 17);
-  EXPECT_TRUE(throws_with([&] { layer.set_wv(buf.data(), 64, 17); },
+  EXPECT_TRUE(throws_with([&] { layer.set_wv(buf.data(), 64, 17, attn::WeightLayout::in_out); },
                           "Wv has shape [64, 17], expected [64, 16]"));
   EXPECT_TRUE(throws_with([&] { layer.set_bo(buf.data(), 63); },
                           "bo has shape [63, 1], expected a vector of 64"));

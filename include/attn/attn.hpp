@@ -6,6 +6,7 @@
 #include "attn/kernels/dispatch.hpp"
 #include "attn/kv/cache.hpp"
 #include "attn/kv/paged.hpp"
+#include "attn/layers/projection.hpp"
 #include "attn/linear.hpp"
 #include "attn/linear/backward.hpp"
 #include "attn/mask.hpp"

@@ -49,9 +49,11 @@ namespace detail {
 /// Checks the query side of a cross-attention call against the memory's
 /// batch and length, and binds the policies once so they throw early.
 template <class T, class Mask, class Mod>
-void check_cross(const MultiHeadConfig& c, const TensorView<const T, 3>& x,
-                 const TensorView<T, 3>& out, index_t mem_batch, index_t mem_len, const Mask& mask,
-                 const Mod& mod) {
+void check_cross(const MultiHeadConfig& c, const InOutWeights<T>& w,
+                 const TensorView<const T, 3>& x, const TensorView<T, 3>& out,
+                 const TensorView<const T, 3>& memory, index_t mem_batch, index_t mem_len,
+                 const Mask& mask, const Mod& mod, const AttentionOptions& opt,
+                 const MultiHeadWorkspace<T>* ws) {
   static_assert(is_mask_v<Mask>, "attn: the mask argument must be a mask policy (attn/mask.hpp)");
   static_assert(is_score_mod_v<Mod>,
                 "attn: the score_mod argument must be a score modifier (attn/score_mod.hpp)");
@@ -59,6 +61,7 @@ void check_cross(const MultiHeadConfig& c, const TensorView<const T, 3>& x,
   if (x.extent(0) != mem_batch)
     fail("x has batch ", x.extent(0), ", but the memory has batch ", mem_batch);
   check_output(out, x, c.d_model);
+  check_layer_outputs<T>(out, opt, x, memory, w, mask, mod, ws);
   const AttentionShape s = layer_shape(c, x.extent(0), x.extent(1), mem_len);
   (void)mask.bind(s);
   (void)mod.bind(s);
@@ -66,15 +69,14 @@ void check_cross(const MultiHeadConfig& c, const TensorView<const T, 3>& x,
 
 /// Projects q of x and attends to the projected k, v (bshd views).
 template <class T, class Mask, class Mod>
-void cross_attention_forward(const MultiHeadConfig& c, const MultiHeadWeights<T>& w,
+void cross_attention_forward(const MultiHeadConfig& c, const PackedProjections<T>& p,
                              const TensorView<const T, 3>& x, const Tensor4<const T>& k,
                              const Tensor4<const T>& v, const TensorView<T, 3>& out,
                              const Mask& mask, const Mod& mod, const AttentionOptions& opt,
                              MultiHeadWorkspace<T>& ws) {
   const index_t B = x.extent(0), L = x.extent(1);
-  T* q = grow(ws.q, B * L * c.q_heads * c.head_dim);
-  project(x, w.wq, w.bq, q, ws.gemms, opt.num_threads);  // [B·Lq, Hq·D] = [B, Lq, Hq, D]
-  attend_and_project_out<T>(c, w, bshd<const T>(q, B, L, c.q_heads, c.head_dim), k, v, out, mask,
+  const T* q = project_q(c, p, x, ws, opt.num_threads);  // [B·Lq, Hq·D] = [B, Lq, Hq, D]
+  attend_and_project_out<T>(c, p, bshd<const T>(q, B, L, c.q_heads, c.head_dim), k, v, out, mask,
                             mod, opt, ws);
 }
 
@@ -104,16 +106,20 @@ void cross_attention(detail::identity_t<TensorView<const T, 3>> x,
   static_assert(std::is_same<T, float>::value || std::is_same<T, double>::value,
                 "attn: attention layers compute in float or double");
   const MultiHeadConfig c = detail::resolve_cross_config(config);
-  detail::check_weights(c, weights);
+  if (!weights.wqkv.is_null() || !weights.bqkv.is_null())
+    detail::fail(
+        "cross attention takes separate wq, wk, wv (its queries and memory differ), not a "
+        "fused wqkv");
+  const detail::InOutWeights<T> w = detail::check_weights(c, weights);
   detail::check_sequence(memory, "memory", c.d_kv_in, "d_kv_in");
-  detail::check_cross(c, x, out, memory.extent(0), memory.extent(1), mask, score_mod);
-  detail::check_no_overlap(out, "out", memory, "memory");
+  detail::check_cross(c, w, x, out, memory, memory.extent(0), memory.extent(1), mask, score_mod,
+                      options, workspace);
   MultiHeadWorkspace<T> local;
   MultiHeadWorkspace<T>& ws = workspace ? *workspace : local;
-  const detail::GemmThreads threads(options.num_threads);
-  detail::project_kv(c, weights, memory, ws.k, ws.v, ws.gemms, options.num_threads);
+  ws.packed.pack(w);
+  detail::project_kv(c, ws.packed, memory, ws.k, ws.v, options.num_threads);
   const index_t B = memory.extent(0), Lk = memory.extent(1);
-  detail::cross_attention_forward(c, weights, x,
+  detail::cross_attention_forward(c, ws.packed, x,
                                   bshd<const T>(ws.k.data(), B, Lk, c.kv_heads, c.head_dim),
                                   bshd<const T>(ws.v.data(), B, Lk, c.kv_heads, c.v_head_dim), out,
                                   mask, score_mod, options, ws);
@@ -139,8 +145,11 @@ class CrossAttention : public AttentionProjections<T> {
                       int num_threads = 0) const {
     const MultiHeadConfig& c = this->cfg_;
     detail::check_sequence(memory, "memory", c.d_kv_in, "d_kv_in");
-    const detail::GemmThreads threads(num_threads);
-    detail::project_kv(c, this->weights(), memory, kv.k_, kv.v_, gemms_, num_threads);
+    // kv's buffers are written: the memory must not lie in them (the weights are the layer's own)
+    for (const auto& [buf, name] : {std::pair{detail::buffer_view(kv.k_), "the projected keys"},
+                                    std::pair{detail::buffer_view(kv.v_), "the projected values"}})
+      if (!buf.is_null()) detail::check_no_overlap(buf, name, memory, "memory");
+    detail::project_kv(c, this->packed(), memory, kv.k_, kv.v_, num_threads);
     kv.batch_ = memory.extent(0);
     kv.length_ = memory.extent(1);
     kv.heads_ = c.kv_heads;
@@ -161,11 +170,14 @@ class CrossAttention : public AttentionProjections<T> {
                const Mask& mask = {}, const Mod& score_mod = {},
                const AttentionOptions& options = {}) {
     check_memory(kv);
-    detail::check_cross(this->cfg_, x, out, kv.batch(), kv.length(), mask, score_mod);
-    detail::check_no_overlap(out, "out", kv.keys(), "memory keys");
-    detail::check_no_overlap(out, "out", kv.values(), "memory values");
-    const detail::GemmThreads threads(options.num_threads);
-    detail::cross_attention_forward(this->cfg_, this->weights(), x, kv.keys(), kv.values(), out,
+    detail::check_cross(this->cfg_, this->in_out_weights(), x, out, TensorView<const T, 3>(),
+                        kv.batch(), kv.length(), mask, score_mod, options, &this->ws_);
+    for (const auto& [view, name] :
+         {std::pair{kv.keys(), "memory keys"}, std::pair{kv.values(), "memory values"}}) {
+      detail::check_no_overlap(out, "out", view, name);
+      if (!options.lse.is_null()) detail::check_no_overlap(options.lse, "options.lse", view, name);
+    }
+    detail::cross_attention_forward(this->cfg_, this->packed(), x, kv.keys(), kv.values(), out,
                                     mask, score_mod, options, this->ws_);
   }
   /// Same, projecting memory [B, Lk, d_kv_in] on this call.
@@ -174,8 +186,8 @@ class CrossAttention : public AttentionProjections<T> {
                const Mask& mask = {}, const Mod& score_mod = {},
                const AttentionOptions& options = {}) {
     detail::check_sequence(memory, "memory", this->cfg_.d_kv_in, "d_kv_in");
-    detail::check_cross(this->cfg_, x, out, memory.extent(0), memory.extent(1), mask, score_mod);
-    detail::check_no_overlap(out, "out", memory, "memory");
+    detail::check_cross(this->cfg_, this->in_out_weights(), x, out, memory, memory.extent(0),
+                        memory.extent(1), mask, score_mod, options, &this->ws_);
     project_memory(memory, memory_, options.num_threads);
     forward(x, memory_, out, mask, score_mod, options);
   }
@@ -207,10 +219,16 @@ class CrossAttention : public AttentionProjections<T> {
     (void)mask.bind(s);
     (void)score_mod.bind(s);
     const index_t B = x.extent(0), L = x.extent(1);
-    const detail::GemmThreads threads(options.num_threads);
-    T* q = detail::grow(this->ws_.q, B * L * c.q_heads * c.head_dim);
-    const MultiHeadWeights<T> w = this->weights();
-    detail::project(x, w.wq, w.bq, q, this->ws_.gemms, options.num_threads);
+    detail::check_view(weights, "weights");
+    detail::check_not_self_overlapping(weights, "weights");
+    AttentionOptions probe = options;  // weights is the output here
+    probe.lse = TensorView<float, 3>();
+    detail::check_layer_outputs<T>(weights, probe, x, TensorView<const T, 3>(),
+                                   this->in_out_weights(), mask, score_mod, &this->ws_);
+    for (const auto& [view, name] :
+         {std::pair{kv.keys(), "memory keys"}, std::pair{kv.values(), "memory values"}})
+      detail::check_no_overlap(weights, "weights", view, name);
+    const T* q = detail::project_q(c, this->packed(), x, this->ws_, options.num_threads);
     attn::attention_weights(bshd<const T>(q, B, L, c.q_heads, c.head_dim), kv.keys(), weights, mask,
                             score_mod, options);
   }
@@ -226,8 +244,7 @@ class CrossAttention : public AttentionProjections<T> {
                    this->cfg_.v_head_dim);
   }
 
-  ProjectedMemory<T> memory_;                 // the memory projected by forward(x, memory, ...)
-  mutable detail::ProjectionGemms<T> gemms_;  // packing buffers of project_memory
+  ProjectedMemory<T> memory_;  // the memory projected by forward(x, memory, ...)
 };
 
 }  // namespace attn

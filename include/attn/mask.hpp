@@ -232,17 +232,19 @@ template <class T>
 void check_broadcast_view(const TensorView<T, 4>& v, const AttentionShape& s, const char* name) {
   if (v.data() == nullptr) detail::fail(name, " has null data");
   if ((v.extent(0) != s.batch && v.extent(0) != 1) ||
-      (v.extent(1) != s.q_heads && v.extent(1) != 1) || v.extent(2) != s.lq || v.extent(3) != s.lk)
+      (v.extent(1) != s.q_heads && v.extent(1) != 1) || (v.extent(2) != s.lq && v.extent(2) != 1) ||
+      v.extent(3) != s.lk)
     detail::fail(name, " has shape [", v.extent(0), ", ", v.extent(1), ", ", v.extent(2), ", ",
-                 v.extent(3), "], expected [", s.batch, " or 1, ", s.q_heads, " or 1, ", s.lq, ", ",
-                 s.lk, "]");
+                 v.extent(3), "], expected [", s.batch, " or 1, ", s.q_heads, " or 1, ", s.lq,
+                 " or 1, ", s.lk, "]");
   (void)byte_range(v, name);  // every element's address fits
 }
-/// Offset of (b, h, q, 0) in a broadcastable view (size-1 dims broadcast).
+/// Offset of (b, h, q, 0) in a broadcastable view (size-1 dims broadcast,
+/// the query dim too: a Hugging Face padding mask [B, 1, 1, Lk]).
 template <class T>
 index_t broadcast_row(const TensorView<T, 4>& v, index_t b, index_t h, index_t q) {
   return (v.extent(0) == 1 ? 0 : b * v.stride(0)) + (v.extent(1) == 1 ? 0 : h * v.stride(1)) +
-         q * v.stride(2);
+         (v.extent(2) == 1 ? 0 : q * v.stride(2));
 }
 }  // namespace detail
 
@@ -278,8 +280,8 @@ struct BoolMask : MaskPolicy {
   }
 };
 
-/// Boolean mask view [B or 1, H or 1, Lq, Lk] (true = keep); size-1 leading
-/// dims broadcast.
+/// Boolean mask view [B or 1, H or 1, Lq or 1, Lk] (true = keep); size-1
+/// dims broadcast, so a Hugging Face padding mask [B, 1, 1, Lk] is used as is.
 inline BoolMask bool_mask(TensorView<const bool, 4> view) {
   BoolMask m;
   m.view = view;

@@ -19,8 +19,8 @@
 
 #include "attn/attention_weights.hpp"
 #include "attn/detail/checks.hpp"
-#include "attn/detail/gemm.hpp"
 #include "attn/detail/parallel.hpp"
+#include "attn/layers/projection.hpp"
 #include "attn/mask.hpp"
 #include "attn/masked.hpp"
 #include "attn/options.hpp"
@@ -31,15 +31,10 @@
 #include "attn/core/eigen.hpp"
 
 #include <algorithm>
-#include <deque>
 #include <memory>
 #include <optional>
 #include <type_traits>
 #include <vector>
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 namespace attn {
 
@@ -88,211 +83,66 @@ inline MultiHeadConfig resolve_config(MultiHeadConfig c) {
 // ----------------------------------------------------------------- weights --
 
 /// Views of the weights of an attention layer, for callers that keep their
-/// own. Shapes: wq [d_model, Hq·D], wk [d_kv_in, Hkv·D], wv [d_kv_in, Hkv·Dv],
-/// wo [Hq·Dv, d_model]; biases bq [Hq·D], bk [Hkv·D], bv [Hkv·Dv], bo [d_model],
-/// each optional (a default-constructed view means "no bias"). Any strides:
-/// row-major and transposed (column-major, e.g. a PyTorch [out, in] weight
-/// viewed with strides {1, in}) are used in place; other strides are copied.
+/// own. `layout` says how every weight below is stored:
+///   WeightLayout::in_out  wq [d_model, Hq·D], wk [d_kv_in, Hkv·D], wv [d_kv_in, Hkv·Dv],
+///                         wo [Hq·Dv, d_model]                         (y = x·W)
+///   WeightLayout::out_in  the transposes, as PyTorch's nn.Linear.weight stores
+///                         them: wq [Hq·D, d_model], ..., wo [d_model, Hq·Dv]
+/// Biases bq [Hq·D], bk [Hkv·D], bv [Hkv·Dv], bo [d_model] are optional (a
+/// default-constructed view means "no bias"). Instead of wq, wk, wv a fused
+/// wqkv (self-attention only) holds the three stacked along `out`:
+/// [(Hq·D + Hkv·D + Hkv·Dv), d_model] in out_in (PyTorch's fused in_proj /
+/// c_attn / qkv_proj), its transpose in in_out; bqkv likewise. Any strides,
+/// zero and negative included: every form is packed and takes the same
+/// deterministic product.
 template <class T>
 struct MultiHeadWeights {
   TensorView<const T, 2> wq, wk, wv, wo;
   TensorView<const T, 1> bq, bk, bv, bo;
+  TensorView<const T, 2> wqkv;  ///< fused q, k, v weight (leave wq, wk, wv empty)
+  TensorView<const T, 1> bqkv;  ///< fused q, k, v bias (leave bq, bk, bv empty)
+  WeightLayout layout = WeightLayout::in_out;
 };
 
 namespace detail {
 
-// ------------------------------------------------------- projection GEMMs --
-
-/// y = x·W for a row-major x [rows, depth] and W [depth, cols], rows split
-/// into fixed chunks of `chunk` rows handed to the threads; each thread runs
-/// a single-threaded GEMM with its own packing buffers. PERF.md: independent
-/// 1-thread GEMMs beat one GEMM that makes its threads wait on each other,
-/// and packing buffers allocated per product cost fresh pages every call.
-/// Buffers are made once per (cols, depth) and kept; the blocking depends
-/// only on that shape, so results do not depend on the thread count.
+/// The weights of a layer as logical [in, out] views, fused parts split.
 template <class T>
-class ProjectionGemms {
- public:
-  static constexpr index_t chunk = 256;
+struct InOutWeights {
+  TensorView<const T, 2> wq, wk, wv, wo;
+  TensorView<const T, 1> bq, bk, bv, bo;
+};
 
-  /// y[r, :] = x[r, :]·W for r < rows; ldx, ldw, ldy are (positive) row strides.
-  void run(index_t rows, index_t cols, index_t depth, const T* x, index_t ldx, const T* w,
-           index_t ldw, T* y, index_t ldy, int num_threads) {
-    const index_t tasks = (rows + chunk - 1) / chunk;
-    // Below ~4M multiply-adds (~0.1 ms) a parallel region costs more than it saves.
-    const bool small =
-        static_cast<double>(rows) * static_cast<double>(cols) * static_cast<double>(depth) < 4.0e6;
-    const int threads = small ? 1 : resolve_threads(num_threads, tasks);
-    Entry& e = entry(cols, depth, threads);
-    auto body = [&](TileGemm<T>& g, index_t t) {
-      const index_t r0 = t * chunk, n = std::min(chunk, rows - r0);
-      for (index_t r = r0; r < r0 + n; ++r) std::fill(y + r * ldy, y + r * ldy + cols, T(0));
-      g.add_ab(n, cols, depth, x + r0 * ldx, ldx, w, ldw, y + r0 * ldy, ldy, T(1));  // (n, cols)
-    };
-#ifdef _OPENMP
-    if (threads > 1) {
-#pragma omp parallel num_threads(threads)
-      {
-        TileGemm<T>& g = *e.gemms[static_cast<std::size_t>(omp_get_thread_num())];
-#pragma omp for schedule(dynamic, 1)
-        for (index_t t = 0; t < tasks; ++t) body(g, t);
-      }
-      return;
-    }
-#endif
-    for (index_t t = 0; t < tasks; ++t) body(*e.gemms[0], t);
+/// The weights packed for the projection kernel, and their biases.
+template <class T>
+struct PackedProjections {
+  PackedWeight<T> q, k, v, o;
+  TensorView<const T, 1> bq, bk, bv, bo;
+  void pack(const InOutWeights<T>& w) {
+    q.pack(w.wq);
+    k.pack(w.wk);
+    v.pack(w.wv);
+    o.pack(w.wo);
+    bq = w.bq;
+    bk = w.bk;
+    bv = w.bv;
+    bo = w.bo;
   }
-
- private:
-  struct Entry {
-    index_t cols = 0, depth = 0;
-    std::vector<std::unique_ptr<TileGemm<T>>> gemms;  // one per thread
-  };
-  Entry& entry(index_t cols, index_t depth, int threads) {
-    Entry* e = nullptr;
-    for (Entry& x : entries_)
-      if (x.cols == cols && x.depth == depth) e = &x;
-    if (!e) {
-      entries_.emplace_back();
-      e = &entries_.back();
-      e->cols = cols;
-      e->depth = depth;
-    }
-    while (static_cast<int>(e->gemms.size()) < threads)
-      e->gemms.push_back(std::make_unique<TileGemm<T>>(chunk, cols, depth));
-    return *e;
-  }
-  std::deque<Entry> entries_;  // a deque keeps references stable as it grows
 };
 
 }  // namespace detail
 
 /// Scratch of a layer: projected q, k, v and the heads' output, the RoPE
-/// table and the projection GEMMs' packing buffers. Everything only grows,
-/// so repeated calls at one size allocate nothing after the first.
+/// table and the packed weights of free-function calls. Everything only
+/// grows, so repeated calls at one size allocate nothing after the first.
 template <class T>
 struct MultiHeadWorkspace {
   std::vector<T> q, k, v, heads;
   detail::RopeTable<T> rope;
-  detail::ProjectionGemms<T> gemms;
+  detail::PackedProjections<T> packed;
 };
 
 namespace detail {
-
-template <class T>
-using ColMatrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::ColMajor>;
-
-/// Calls f with an Eigen expression of a 2-D weight view: a plain map for
-/// row-major or column-major strides (the GEMM reads it in place), a strided
-/// map otherwise.
-template <class T, class F>
-void with_matrix(const TensorView<const T, 2>& w, F&& f) {
-  const index_t r = w.extent(0), c = w.extent(1);
-  if (w.stride(1) == 1 || c == 1) {
-    f(Eigen::Map<const RowMatrix<T>, 0, Eigen::OuterStride<>>(
-        w.data(), r, c,
-        Eigen::OuterStride<>(c == 1 ? std::max<index_t>(w.stride(0), 1) : w.stride(0))));
-  } else if (w.stride(0) == 1 || r == 1) {
-    f(Eigen::Map<const ColMatrix<T>, 0, Eigen::OuterStride<>>(
-        w.data(), r, c,
-        Eigen::OuterStride<>(r == 1 ? std::max<index_t>(w.stride(1), 1) : w.stride(1))));
-  } else {
-    f(matrix(w));
-  }
-}
-
-/// Calls f(rows_map, first_row) over a [B, L, d] sequence view, as one
-/// [B·L, d] matrix when batches are packed back to back, else per batch.
-template <class T, class F>
-void for_row_blocks(const TensorView<T, 3>& x, F&& f) {
-  using Plain = std::remove_cv_t<T>;
-  using Mat = std::conditional_t<std::is_const<T>::value, const RowMatrix<Plain>, RowMatrix<Plain>>;
-  const index_t B = x.extent(0), L = x.extent(1), d = x.extent(2);
-  if (x.stride(2) == 1 && (B == 1 || x.stride(0) == L * x.stride(1))) {
-    f(Eigen::Map<Mat, 0, Eigen::OuterStride<>>(
-          x.data(), B * L, d, Eigen::OuterStride<>(L == 1 && B == 1 ? d : x.stride(1))),
-      index_t{0});
-    return;
-  }
-  for (index_t b = 0; b < B; ++b)
-    f(StridedMap<T>(x.data() + b * x.stride(0), L, d,
-                    Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>(x.stride(1), x.stride(2))),
-      b * L);
-}
-
-/// y[rows] += bias, y row-major with cols columns.
-template <class T, class Y>
-void add_bias(Y& y, const TensorView<const T, 1>& bias) {
-  if (!bias.is_null())
-    y.rowwise() += Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>, 0, Eigen::InnerStride<>>(
-        bias.data(), 1, y.cols(), Eigen::InnerStride<>(bias.stride(0)));
-}
-
-/// y = x·W + bias for x [B, L, d_in] (rows given by for_row_blocks) into the
-/// row-major [B·L, cols] buffer y. Row-major W and unit-stride rows take the
-/// thread-split GEMMs of `gemms`; other strides go through an Eigen product.
-template <class T>
-void project(const TensorView<const T, 3>& x, const TensorView<const T, 2>& w,
-             const TensorView<const T, 1>& bias, T* y, ProjectionGemms<T>& gemms, int num_threads) {
-  const index_t cols = w.extent(1), depth = w.extent(0);
-  for_row_blocks(x, [&](const auto& xm, index_t row0) {
-    Eigen::Map<RowMatrix<T>> ym(y + row0 * cols, xm.rows(), cols);
-    if (xm.innerStride() == 1 && xm.outerStride() > 0 && (w.stride(1) == 1 || cols == 1) &&
-        w.stride(0) > 0) {
-      gemms.run(xm.rows(), cols, depth, xm.data(), xm.outerStride(), w.data(), w.stride(0),
-                ym.data(), cols, num_threads);
-    } else {
-      with_matrix(w, [&](const auto& wm) { ym.noalias() = xm * wm; });  // (rows, d_in)·(d_in, cols)
-    }
-    add_bias(ym, bias);
-  });
-}
-
-/// out = heads·Wo + bo, heads row-major [B·L, Hq·Dv], out a [B, L, d_model] view.
-template <class T>
-void project_out(const T* heads, const TensorView<const T, 2>& wo, const TensorView<const T, 1>& bo,
-                 const TensorView<T, 3>& out, ProjectionGemms<T>& gemms, int num_threads) {
-  const index_t width = wo.extent(0), cols = wo.extent(1);
-  for_row_blocks(out, [&](auto om, index_t row0) {
-    Eigen::Map<const RowMatrix<T>> hm(heads + row0 * width, om.rows(), width);
-    if (om.innerStride() == 1 && om.outerStride() > 0 && (wo.stride(1) == 1 || cols == 1) &&
-        wo.stride(0) > 0) {
-      gemms.run(om.rows(), cols, width, hm.data(), width, wo.data(), wo.stride(0), om.data(),
-                om.outerStride(), num_threads);
-    } else {
-      with_matrix(
-          wo, [&](const auto& wm) { om.noalias() = hm * wm; });  // (rows, Hq·Dv)·(Hq·Dv, d_model)
-    }
-    add_bias(om, bo);
-  });
-}
-
-/// Sets OpenMP's thread count for the GEMMs of one call (when the caller
-/// asked for a number) and restores it afterwards.
-class GemmThreads {
- public:
-  explicit GemmThreads(int n) {
-#ifdef _OPENMP
-    if (n > 0) {
-      saved_ = omp_get_max_threads();
-      omp_set_num_threads(n);
-    }
-#else
-    (void)n;
-#endif
-  }
-  ~GemmThreads() {
-#ifdef _OPENMP
-    if (saved_ > 0) omp_set_num_threads(saved_);
-#endif
-  }
-  GemmThreads(const GemmThreads&) = delete;
-  GemmThreads& operator=(const GemmThreads&) = delete;
-
- private:
-  int saved_ = 0;
-};
-
 /// Grows a buffer to at least n elements (never shrinks, so steady-state
 /// calls do not allocate).
 template <class T>
@@ -301,14 +151,19 @@ T* grow(std::vector<T>& buf, index_t n) {
   return buf.data();
 }
 
-/// Checks one weight view against its expected shape.
+/// Checks one weight view, given in `layout`, against its [in, out] shape;
+/// returns it as a logical [in, out] view.
 template <class T>
-void check_weight(const TensorView<const T, 2>& w, const char* name, index_t rows, index_t cols,
-                  const char* meaning) {
+TensorView<const T, 2> check_weight(const TensorView<const T, 2>& w, const char* name, index_t in,
+                                    index_t out, const char* in_name, const char* out_name,
+                                    WeightLayout layout) {
   if (w.data() == nullptr) fail(name, " has null data");
-  if (w.extent(0) != rows || w.extent(1) != cols)
-    fail(name, " has shape [", w.extent(0), ", ", w.extent(1), "], expected [", rows, ", ", cols,
-         "] (", meaning, ")");
+  const bool oi = layout == WeightLayout::out_in;
+  const index_t r = oi ? out : in, c = oi ? in : out;
+  if (w.extent(0) != r || w.extent(1) != c)
+    fail(name, " has shape [", w.extent(0), ", ", w.extent(1), "], expected [", r, ", ", c, "] (",
+         oi ? out_name : in_name, ", ", oi ? in_name : out_name, ") for ", layout_name(layout));
+  return in_out_view(w, layout);
 }
 
 /// Checks one optional bias view against its expected length.
@@ -319,17 +174,58 @@ void check_bias(const TensorView<const T, 1>& b, const char* name, index_t n) {
   if (b.extent(0) != n) fail(name, " has length ", b.extent(0), ", expected ", n);
 }
 
-/// Checks all weights of a resolved config.
+/// Columns [c0, c0 + n) of an [in, out] view.
 template <class T>
-void check_weights(const MultiHeadConfig& c, const MultiHeadWeights<T>& w) {
-  check_weight(w.wq, "Wq", c.d_model, c.q_heads * c.head_dim, "d_model, q_heads*head_dim");
-  check_weight(w.wk, "Wk", c.d_kv_in, c.kv_heads * c.head_dim, "d_kv_in, kv_heads*head_dim");
-  check_weight(w.wv, "Wv", c.d_kv_in, c.kv_heads * c.v_head_dim, "d_kv_in, kv_heads*v_head_dim");
-  check_weight(w.wo, "Wo", c.q_heads * c.v_head_dim, c.d_model, "q_heads*v_head_dim, d_model");
-  check_bias(w.bq, "bq", c.q_heads * c.head_dim);
-  check_bias(w.bk, "bk", c.kv_heads * c.head_dim);
-  check_bias(w.bv, "bv", c.kv_heads * c.v_head_dim);
+TensorView<const T, 2> columns(const TensorView<const T, 2>& w, index_t c0, index_t n) {
+  return TensorView<const T, 2>(w.data() + c0 * w.stride(1), {w.extent(0), n}, w.strides());
+}
+/// Elements [i0, i0 + n) of a vector view (null stays null).
+template <class T>
+TensorView<const T, 1> slice(const TensorView<const T, 1>& b, index_t i0, index_t n) {
+  if (b.is_null()) return b;
+  return TensorView<const T, 1>(b.data() + i0 * b.stride(0), {n}, b.strides());
+}
+
+/// Checks all weights of a resolved config and returns them as [in, out]
+/// views, a fused wqkv split into its three parts.
+template <class T>
+InOutWeights<T> check_weights(const MultiHeadConfig& c, const MultiHeadWeights<T>& w) {
+  const index_t nq = c.q_heads * c.head_dim, nk = c.kv_heads * c.head_dim,
+                nv = c.kv_heads * c.v_head_dim, no = c.q_heads * c.v_head_dim;
+  InOutWeights<T> r;
+  const bool fused = !w.wqkv.is_null() || !w.bqkv.is_null();
+  if (fused) {
+    if (!w.wq.is_null() || !w.wk.is_null() || !w.wv.is_null() || !w.bq.is_null() ||
+        !w.bk.is_null() || !w.bv.is_null())
+      fail("wqkv/bqkv (fused) and wq/wk/wv/bq/bk/bv (separate) are both given; give one form");
+    if (c.d_kv_in != c.d_model)
+      fail("a fused wqkv needs d_kv_in == d_model, but d_kv_in is ", c.d_kv_in, " and d_model is ",
+           c.d_model);
+    const TensorView<const T, 2> qkv =
+        check_weight(w.wqkv, "Wqkv", c.d_model, nq + nk + nv, "d_model",
+                     "q_heads*head_dim + 2*kv_heads*head_dim (+ v_head_dim)", w.layout);
+    check_bias(w.bqkv, "bqkv", nq + nk + nv);
+    r.wq = columns(qkv, 0, nq);
+    r.wk = columns(qkv, nq, nk);
+    r.wv = columns(qkv, nq + nk, nv);
+    r.bq = slice(w.bqkv, 0, nq);
+    r.bk = slice(w.bqkv, nq, nk);
+    r.bv = slice(w.bqkv, nq + nk, nv);
+  } else {
+    r.wq = check_weight(w.wq, "Wq", c.d_model, nq, "d_model", "q_heads*head_dim", w.layout);
+    r.wk = check_weight(w.wk, "Wk", c.d_kv_in, nk, "d_kv_in", "kv_heads*head_dim", w.layout);
+    r.wv = check_weight(w.wv, "Wv", c.d_kv_in, nv, "d_kv_in", "kv_heads*v_head_dim", w.layout);
+    check_bias(w.bq, "bq", nq);
+    check_bias(w.bk, "bk", nk);
+    check_bias(w.bv, "bv", nv);
+    r.bq = w.bq;
+    r.bk = w.bk;
+    r.bv = w.bv;
+  }
+  r.wo = check_weight(w.wo, "Wo", no, c.d_model, "q_heads*v_head_dim", "d_model", w.layout);
   check_bias(w.bo, "bo", c.d_model);
+  r.bo = w.bo;
+  return r;
 }
 
 /// Checks a [B, L, width] sequence input.
@@ -342,8 +238,7 @@ void check_sequence(const TensorView<T, 3>& x, const char* name, index_t width,
          width_name, " is ", width);
 }
 
-/// Checks the output [B, L, d_model] against the query input, and that it
-/// overlaps no input.
+/// Checks the output [B, L, d_model] against the query input's shape.
 template <class T>
 void check_output(const TensorView<T, 3>& out, const TensorView<const T, 3>& x, index_t d_model) {
   check_view(out, "out");
@@ -351,7 +246,60 @@ void check_output(const TensorView<T, 3>& out, const TensorView<const T, 3>& x, 
     fail("out has shape ", shape_str(out), ", expected [", x.extent(0), ", ", x.extent(1), ", ",
          d_model, "] (batch, length, d_model)");
   check_not_self_overlapping(out, "out");
-  check_no_overlap(out, "out", x, "x");
+}
+
+/// A buffer of a workspace as a view (null when empty), for overlap checks.
+template <class T>
+TensorView<const T, 1> buffer_view(const std::vector<T>& v) {
+  if (v.empty()) return {};
+  return TensorView<const T, 1>(v.data(), {static_cast<index_t>(v.size())});
+}
+
+/// Checks what a layer call writes (out, options.lse, options.stats) against
+/// everything it reads: the inputs x and memory (memory may be null), every
+/// weight and bias, the views the mask and modifier read, and the workspace
+/// buffers the call writes in between. Each output against each input, and
+/// the outputs against each other.
+template <class T, class O, int RO, class Mask, class Mod>
+void check_layer_outputs(const TensorView<O, RO>& out, const AttentionOptions& opt,
+                         const TensorView<const T, 3>& x, const TensorView<const T, 3>& memory,
+                         const InOutWeights<T>& w, const Mask& mask, const Mod& mod,
+                         const MultiHeadWorkspace<T>* ws) {
+  const TensorView<float, 3>& lse = opt.lse;
+  const TensorView<const AttentionStats, 1> stats =
+      opt.stats ? TensorView<const AttentionStats, 1>(opt.stats, {1})
+                : TensorView<const AttentionStats, 1>();
+  auto against = [&](const auto& in, const char* name) {
+    if (in.is_null()) return;
+    check_no_overlap(out, "out", in, name);
+    if (!lse.is_null()) check_no_overlap(lse, "options.lse", in, name);
+    if (!stats.is_null()) check_no_overlap(stats, "options.stats", in, name);
+  };
+  against(x, "x");
+  against(memory, "memory");
+  against(w.wq, "Wq");
+  against(w.wk, "Wk");
+  against(w.wv, "Wv");
+  against(w.wo, "Wo");
+  against(w.bq, "bq");
+  against(w.bk, "bk");
+  against(w.bv, "bv");
+  against(w.bo, "bo");
+  for_each_view(mask, against);
+  for_each_view(mod, against);
+  if (ws) {
+    against(buffer_view(ws->q), "the workspace's q");
+    against(buffer_view(ws->k), "the workspace's k");
+    against(buffer_view(ws->v), "the workspace's v");
+    against(buffer_view(ws->heads), "the workspace's heads");
+  }
+  if (!lse.is_null()) {
+    check_view(lse, "options.lse");
+    check_not_self_overlapping(lse, "options.lse");
+    check_no_overlap(lse, "options.lse", out, "out");
+    if (!stats.is_null()) check_no_overlap(stats, "options.stats", lse, "options.lse");
+  }
+  if (!stats.is_null()) check_no_overlap(stats, "options.stats", out, "out");
 }
 
 /// The attention problem of a layer call (for binding masks early, so a bad
@@ -368,57 +316,81 @@ inline AttentionShape layer_shape(const MultiHeadConfig& c, index_t batch, index
   return s;
 }
 
+/// A row-major [rows, width] buffer as a [B, L, width] view.
+template <class T>
+TensorView<T, 3> rows_view(T* data, index_t B, index_t L, index_t width) {
+  return TensorView<T, 3>(data, {B, L, width});
+}
+
 /// Projects K and V of src [B, Lk, d_kv_in] into k [B·Lk, Hkv·D] and v [B·Lk, Hkv·Dv].
 template <class T>
-void project_kv(const MultiHeadConfig& c, const MultiHeadWeights<T>& w,
+void project_kv(const MultiHeadConfig& c, const PackedProjections<T>& p,
                 const TensorView<const T, 3>& src, std::vector<T>& k, std::vector<T>& v,
-                ProjectionGemms<T>& gemms, int num_threads) {
-  const index_t rows = src.extent(0) * src.extent(1);
-  project(src, w.wk, w.bk, grow(k, rows * c.kv_heads * c.head_dim), gemms, num_threads);
-  project(src, w.wv, w.bv, grow(v, rows * c.kv_heads * c.v_head_dim), gemms, num_threads);
+                int num_threads) {
+  const index_t B = src.extent(0), L = src.extent(1);
+  const index_t nk = c.kv_heads * c.head_dim, nv = c.kv_heads * c.v_head_dim;
+  project_packed(src, p.k, p.bk, rows_view(grow(k, B * L * nk), B, L, nk), num_threads);
+  project_packed(src, p.v, p.bv, rows_view(grow(v, B * L * nv), B, L, nv), num_threads);
+}
+
+/// Projects Q of x into ws.q [B·L, Hq·D]; returns the buffer.
+template <class T>
+T* project_q(const MultiHeadConfig& c, const PackedProjections<T>& p,
+             const TensorView<const T, 3>& x, MultiHeadWorkspace<T>& ws, int num_threads) {
+  const index_t B = x.extent(0), L = x.extent(1), nq = c.q_heads * c.head_dim;
+  T* q = grow(ws.q, B * L * nq);
+  project_packed(x, p.q, p.bq, rows_view(q, B, L, nq), num_threads);
+  return q;
 }
 
 /// Everything after the projections: attention on bshd views of the
 /// projected buffers, then the output projection into out.
 template <class T, class Mask, class Mod>
-void attend_and_project_out(const MultiHeadConfig& c, const MultiHeadWeights<T>& w,
+void attend_and_project_out(const MultiHeadConfig& c, const PackedProjections<T>& p,
                             const TensorView<const T, 4>& q, const TensorView<const T, 4>& k,
                             const TensorView<const T, 4>& v, const TensorView<T, 3>& out,
                             const Mask& mask, const Mod& mod, const AttentionOptions& opt,
                             MultiHeadWorkspace<T>& ws) {
-  const index_t B = q.extent(0), L = q.extent(2);
-  T* heads = grow(ws.heads, B * L * c.q_heads * c.v_head_dim);
+  const index_t B = q.extent(0), L = q.extent(2), width = c.q_heads * c.v_head_dim;
+  T* heads = grow(ws.heads, B * L * width);
   masked_attention(q, k, v, bshd(heads, B, L, c.q_heads, c.v_head_dim), mask, mod, opt);
-  project_out<T>(heads, w.wo, w.bo, out, ws.gemms, opt.num_threads);
+  project_packed(TensorView<const T, 3>(rows_view(heads, B, L, width)), p.o, p.bo, out,
+                 opt.num_threads);  // [B·L, Hq·Dv]·[Hq·Dv, d_model]
+}
+
+/// Applies the config's RoPE to q and k (bshd views of the projected rows).
+template <class T>
+void apply_layer_rope(const MultiHeadConfig& c, const Tensor4<T>& q, const Tensor4<T>& k, index_t L,
+                      MultiHeadWorkspace<T>& ws, int num_threads) {
+  if (!c.rope) return;
+  const index_t rd = check_rope(*c.rope, c.head_dim);
+  ws.rope.ensure(*c.rope, rd, c.rope->offset, L);
+  apply_rope_table(q, ws.rope, c.rope->pairing, c.rope->offset, num_threads);
+  apply_rope_table(k, ws.rope, c.rope->pairing, c.rope->offset, num_threads);
 }
 
 /// The self-attention layer on checked arguments.
 template <class T, class Mask, class Mod>
-void self_attention_forward(const MultiHeadConfig& c, const MultiHeadWeights<T>& w,
+void self_attention_forward(const MultiHeadConfig& c, const PackedProjections<T>& p,
                             const TensorView<const T, 3>& x, const TensorView<T, 3>& out,
                             const Mask& mask, const Mod& mod, const AttentionOptions& opt,
                             MultiHeadWorkspace<T>& ws) {
   const index_t B = x.extent(0), L = x.extent(1);
-  const GemmThreads threads(opt.num_threads);
-  T* q = grow(ws.q, B * L * c.q_heads * c.head_dim);
-  project(x, w.wq, w.bq, q, ws.gemms, opt.num_threads);  // [B·L, Hq·D] = [B, L, Hq, D]
-  project_kv(c, w, x, ws.k, ws.v, ws.gemms, opt.num_threads);
+  T* q = project_q(c, p, x, ws, opt.num_threads);  // [B·L, Hq·D] = [B, L, Hq, D]
+  project_kv(c, p, x, ws.k, ws.v, opt.num_threads);
   const Tensor4<T> qv = bshd(q, B, L, c.q_heads, c.head_dim);
   const Tensor4<T> kv = bshd(ws.k.data(), B, L, c.kv_heads, c.head_dim);
   const Tensor4<T> vv = bshd(ws.v.data(), B, L, c.kv_heads, c.v_head_dim);
-  if (c.rope) {
-    const index_t rd = check_rope(*c.rope, c.head_dim);
-    ws.rope.ensure(*c.rope, rd, c.rope->offset, L);
-    apply_rope_table(qv, ws.rope, c.rope->pairing, c.rope->offset, opt.num_threads);
-    apply_rope_table(kv, ws.rope, c.rope->pairing, c.rope->offset, opt.num_threads);
-  }
-  attend_and_project_out<T>(c, w, qv, kv, vv, out, mask, mod, opt, ws);
+  apply_layer_rope(c, qv, kv, L, ws, opt.num_threads);
+  attend_and_project_out<T>(c, p, qv, kv, vv, out, mask, mod, opt, ws);
 }
 
 /// Checks every argument of a self-attention call.
 template <class T, class Mask, class Mod>
-void check_self_attention(const MultiHeadConfig& c, const TensorView<const T, 3>& x,
-                          const TensorView<T, 3>& out, const Mask& mask, const Mod& mod) {
+void check_self_attention(const MultiHeadConfig& c, const InOutWeights<T>& w,
+                          const TensorView<const T, 3>& x, const TensorView<T, 3>& out,
+                          const Mask& mask, const Mod& mod, const AttentionOptions& opt,
+                          const MultiHeadWorkspace<T>* ws, bool bind_policies = true) {
   static_assert(std::is_same<T, float>::value || std::is_same<T, double>::value,
                 "attn: attention layers compute in float or double");
   static_assert(is_mask_v<Mask>, "attn: the mask argument must be a mask policy (attn/mask.hpp)");
@@ -429,9 +401,63 @@ void check_self_attention(const MultiHeadConfig& c, const TensorView<const T, 3>
          c.d_model, " (use attn::CrossAttention)");
   check_sequence(x, "x", c.d_model, "d_model");
   check_output(out, x, c.d_model);
+  check_layer_outputs<T>(out, opt, x, TensorView<const T, 3>(), w, mask, mod, ws);
+  if (!bind_policies) return;
   const AttentionShape s = layer_shape(c, x.extent(0), x.extent(1), x.extent(1));
   (void)mask.bind(s);
   (void)mod.bind(s);
+}
+
+// ------------------------------------------------------ varlen (packed) --
+
+/// Checks cu_seqlens against `total` packed rows: cu[0] = 0, non-decreasing,
+/// cu.back() = total.
+inline void check_cu_seqlens(const std::vector<index_t>& cu, index_t total) {
+  if (cu.size() < 2)
+    fail("cu_seqlens has ", cu.size(), " entries, needs at least 2 (0 and the total)");
+  if (cu.front() != 0) fail("cu_seqlens[0] is ", cu.front(), ", must be 0");
+  for (std::size_t s = 1; s < cu.size(); ++s)
+    if (cu[s] < cu[s - 1]) fail("cu_seqlens decreases at ", s, ": ", cu[s - 1], " then ", cu[s]);
+  if (cu.back() != total) fail("cu_seqlens ends at ", cu.back(), ", but x has ", total, " rows");
+}
+
+/// A [rows, width] view as [1, rows, width].
+template <class T>
+TensorView<T, 3> as_batch1(const TensorView<T, 2>& v) {
+  return TensorView<T, 3>(v.data(), {1, v.extent(0), v.extent(1)},
+                          {v.extent(0) * v.stride(0), v.stride(0), v.stride(1)});
+}
+
+/// Self-attention over packed sequences on checked arguments: the
+/// projections over all rows at once, attention per sequence (its own
+/// [len, len] problem), the output projection over all rows.
+template <class T, class Mask, class Mod>
+void self_attention_varlen(const MultiHeadConfig& c, const PackedProjections<T>& p,
+                           const TensorView<const T, 3>& x, const std::vector<index_t>& cu,
+                           const TensorView<T, 3>& out, const Mask& mask, const Mod& mod,
+                           const AttentionOptions& opt, MultiHeadWorkspace<T>& ws) {
+  const index_t total = x.extent(1);
+  const index_t nq = c.q_heads * c.head_dim, nk = c.kv_heads * c.head_dim,
+                nv = c.kv_heads * c.v_head_dim, no = c.q_heads * c.v_head_dim;
+  T* q = project_q(c, p, x, ws, opt.num_threads);  // [total, Hq·D]
+  project_kv(c, p, x, ws.k, ws.v, opt.num_threads);
+  T* heads = grow(ws.heads, total * no);
+  for (std::size_t s = 0; s + 1 < cu.size(); ++s) {
+    const index_t r0 = cu[s], len = cu[s + 1] - cu[s];
+    if (len == 0) continue;
+    const Tensor4<T> qs = bshd(q + r0 * nq, index_t{1}, len, c.q_heads, c.head_dim);
+    const Tensor4<T> ks = bshd(ws.k.data() + r0 * nk, index_t{1}, len, c.kv_heads, c.head_dim);
+    const Tensor4<T> vs = bshd(ws.v.data() + r0 * nv, index_t{1}, len, c.kv_heads, c.v_head_dim);
+    apply_layer_rope(c, qs, ks, len, ws, opt.num_threads);  // positions restart per sequence
+    AttentionOptions o = opt;
+    if (!opt.lse.is_null())  // columns [r0, r0 + len) of lse [1, Hq, total]
+      o.lse = TensorView<float, 3>(opt.lse.data() + r0 * opt.lse.stride(2), {1, c.q_heads, len},
+                                   opt.lse.strides());
+    masked_attention(Tensor4<const T>(qs), Tensor4<const T>(ks), Tensor4<const T>(vs),
+                     bshd(heads + r0 * no, index_t{1}, len, c.q_heads, c.v_head_dim), mask, mod, o);
+  }
+  project_packed(TensorView<const T, 3>(rows_view(heads, index_t{1}, total, no)), p.o, p.bo, out,
+                 opt.num_threads);
 }
 
 template <class T>
@@ -446,14 +472,17 @@ using identity_t = typename identity<T>::type;
 // ------------------------------------------------------- free function form --
 
 /// Multi-head self-attention with caller-owned weights: out = MHA(x) with
-/// x and out [B, L, d_model] (any strides; rows with unit inner stride are
-/// fastest). `config` gives the sizes (zeros derived, see MultiHeadConfig),
-/// `weights` the projections, `mask`/`score_mod` any policy the engine takes
+/// x and out [B, L, d_model] (any strides). `config` gives the sizes (zeros
+/// derived, see MultiHeadConfig), `weights` the projections in the layout
+/// they name (weights.layout: in_out, or out_in for PyTorch checkpoints; a
+/// fused wqkv allowed), `mask`/`score_mod` any policy the engine takes
 /// (applied per head to the [L, L] scores), `options` as for
 /// masked_attention (scale, threads, tiles, lse [B, Hq, L], stats).
 /// `workspace`, if given, is reused across calls (no allocation at a
-/// repeated size); otherwise scratch is allocated per call. Throws
-/// attn::Error before writing out if a size or weight shape is wrong.
+/// repeated size); otherwise scratch is allocated per call. The weights are
+/// packed on every call (a layer object packs once). Throws attn::Error
+/// before writing anything if a size or weight shape is wrong or an output
+/// overlaps an input.
 template <class T, class Mask = NoMask, class Mod = NoScoreMod>
 void multi_head_attention(detail::identity_t<TensorView<const T, 3>> x,
                           detail::identity_t<TensorView<T, 3>> out, const MultiHeadConfig& config,
@@ -461,17 +490,20 @@ void multi_head_attention(detail::identity_t<TensorView<const T, 3>> x,
                           const Mod& score_mod = {}, const AttentionOptions& options = {},
                           MultiHeadWorkspace<T>* workspace = nullptr) {
   const MultiHeadConfig c = detail::resolve_config(config);
-  detail::check_weights(c, weights);
-  detail::check_self_attention(c, x, out, mask, score_mod);
+  const detail::InOutWeights<T> w = detail::check_weights(c, weights);
+  detail::check_self_attention(c, w, x, out, mask, score_mod, options, workspace);
   MultiHeadWorkspace<T> local;
-  detail::self_attention_forward(c, weights, x, out, mask, score_mod, options,
-                                 workspace ? *workspace : local);
+  MultiHeadWorkspace<T>& ws = workspace ? *workspace : local;
+  ws.packed.pack(w);
+  detail::self_attention_forward(c, ws.packed, x, out, mask, score_mod, options, ws);
 }
 
 // ------------------------------------------------------------------- layer --
 
-/// The weights of an attention layer, owned, with setters that check shapes.
-/// Base of MultiHeadAttention and CrossAttention.
+/// The weights of an attention layer, owned (as [in, out] matrices), with
+/// setters that check shapes and say the layout they read. Base of
+/// MultiHeadAttention and CrossAttention. Copyable (a copy owns its own
+/// weights and scratch) and nothrow-movable, so layers live in std::vector.
 template <class T>
 class AttentionProjections {
   static_assert(std::is_same<T, float>::value || std::is_same<T, double>::value,
@@ -489,32 +521,83 @@ class AttentionProjections {
   /// The sizes, with derived values filled in.
   const MultiHeadConfig& config() const { return cfg_; }
 
-  /// Wq [d_model, Hq·D] from any Eigen matrix (y = x·Wq).
+  /// Wq from any Eigen matrix: [d_model, Hq·D] in in_out (y = x·Wq), its
+  /// transpose in out_in (PyTorch's q_proj.weight).
   template <class Derived>
-  void set_wq(const Eigen::MatrixBase<Derived>& w) {
-    set(wq_, w, "Wq", "d_model, q_heads*head_dim");
+  void set_wq(const Eigen::MatrixBase<Derived>& w, WeightLayout layout = WeightLayout::in_out) {
+    set(wq_, w, layout, "Wq", "d_model", "q_heads*head_dim");
   }
-  /// Wk [d_kv_in, Hkv·D].
+  /// Wk [d_kv_in, Hkv·D] in in_out, its transpose in out_in.
   template <class Derived>
-  void set_wk(const Eigen::MatrixBase<Derived>& w) {
-    set(wk_, w, "Wk", "d_kv_in, kv_heads*head_dim");
+  void set_wk(const Eigen::MatrixBase<Derived>& w, WeightLayout layout = WeightLayout::in_out) {
+    set(wk_, w, layout, "Wk", "d_kv_in", "kv_heads*head_dim");
   }
-  /// Wv [d_kv_in, Hkv·Dv].
+  /// Wv [d_kv_in, Hkv·Dv] in in_out, its transpose in out_in.
   template <class Derived>
-  void set_wv(const Eigen::MatrixBase<Derived>& w) {
-    set(wv_, w, "Wv", "d_kv_in, kv_heads*v_head_dim");
+  void set_wv(const Eigen::MatrixBase<Derived>& w, WeightLayout layout = WeightLayout::in_out) {
+    set(wv_, w, layout, "Wv", "d_kv_in", "kv_heads*v_head_dim");
   }
-  /// Wo [Hq·Dv, d_model].
+  /// Wo [Hq·Dv, d_model] in in_out, its transpose in out_in.
   template <class Derived>
-  void set_wo(const Eigen::MatrixBase<Derived>& w) {
-    set(wo_, w, "Wo", "q_heads*v_head_dim, d_model");
+  void set_wo(const Eigen::MatrixBase<Derived>& w, WeightLayout layout = WeightLayout::in_out) {
+    set(wo_, w, layout, "Wo", "q_heads*v_head_dim", "d_model");
   }
 
-  /// Wq from a row-major buffer of rows × cols (checked against the config).
-  void set_wq(const T* data, index_t rows, index_t cols) { set_wq(map(data, rows, cols)); }
-  void set_wk(const T* data, index_t rows, index_t cols) { set_wk(map(data, rows, cols)); }
-  void set_wv(const T* data, index_t rows, index_t cols) { set_wv(map(data, rows, cols)); }
-  void set_wo(const T* data, index_t rows, index_t cols) { set_wo(map(data, rows, cols)); }
+  /// A weight from a row-major buffer of rows × cols in `layout` (no
+  /// default: a PyTorch checkpoint's square weight read in the wrong layout
+  /// passes every shape check, so the caller says which it is).
+  void set_wq(const T* data, index_t rows, index_t cols, WeightLayout layout) {
+    set_wq(map(data, rows, cols), layout);
+  }
+  void set_wk(const T* data, index_t rows, index_t cols, WeightLayout layout) {
+    set_wk(map(data, rows, cols), layout);
+  }
+  void set_wv(const T* data, index_t rows, index_t cols, WeightLayout layout) {
+    set_wv(map(data, rows, cols), layout);
+  }
+  void set_wo(const T* data, index_t rows, index_t cols, WeightLayout layout) {
+    set_wo(map(data, rows, cols), layout);
+  }
+  /// A weight from a view with any strides, in `layout`.
+  void set_wq(const TensorView<const T, 2>& w, WeightLayout layout) { set_wq(matrix(w), layout); }
+  void set_wk(const TensorView<const T, 2>& w, WeightLayout layout) { set_wk(matrix(w), layout); }
+  void set_wv(const TensorView<const T, 2>& w, WeightLayout layout) { set_wv(matrix(w), layout); }
+  void set_wo(const TensorView<const T, 2>& w, WeightLayout layout) { set_wo(matrix(w), layout); }
+
+  /// The fused q, k, v weight: [Hq·D + Hkv·D + Hkv·Dv, d_model] in out_in
+  /// (PyTorch's in_proj_weight, GPT-2's c_attn transposed, ...), its
+  /// transpose in in_out. Self-attention only (d_kv_in == d_model).
+  template <class Derived>
+  void set_wqkv(const Eigen::MatrixBase<Derived>& w, WeightLayout layout) {
+    if (cfg_.d_kv_in != cfg_.d_model)
+      detail::fail("a fused wqkv needs d_kv_in == d_model, but d_kv_in is ", cfg_.d_kv_in,
+                   " and d_model is ", cfg_.d_model);
+    const index_t nq = wq_.cols(), nk = wk_.cols(), nv = wv_.cols();
+    RowMatrix<T> all(cfg_.d_model, nq + nk + nv);
+    set(all, w, layout, "Wqkv", "d_model", "q_heads*head_dim + 2*kv_heads*head_dim (+ v_head_dim)");
+    wq_ = all.leftCols(nq);
+    wk_ = all.middleCols(nq, nk);
+    wv_ = all.rightCols(nv);
+    packed_ = false;
+  }
+  void set_wqkv(const T* data, index_t rows, index_t cols, WeightLayout layout) {
+    set_wqkv(map(data, rows, cols), layout);
+  }
+  void set_wqkv(const TensorView<const T, 2>& w, WeightLayout layout) {
+    set_wqkv(matrix(w), layout);
+  }
+  /// The fused q, k, v bias [Hq·D + Hkv·D + Hkv·Dv].
+  template <class Derived>
+  void set_bqkv(const Eigen::MatrixBase<Derived>& b) {
+    const index_t nq = wq_.cols(), nk = wk_.cols(), nv = wv_.cols();
+    Vector all;
+    set_bias(all, b, "bqkv", nq + nk + nv);
+    bq_ = all.head(nq);
+    bk_ = all.segment(nq, nk);
+    bv_ = all.tail(nv);
+    packed_ = false;
+  }
+  void set_bqkv(const T* data, index_t n) { set_bqkv(vmap(data, n)); }
 
   /// Biases (row or column vectors); a layer has a bias only once it is set.
   template <class Derived>
@@ -543,14 +626,16 @@ class AttentionProjections {
     bk_.resize(0);
     bv_.resize(0);
     bo_.resize(0);
+    packed_ = false;
   }
 
+  /// The weights, [in, out].
   const RowMatrix<T>& wq() const { return wq_; }
   const RowMatrix<T>& wk() const { return wk_; }
   const RowMatrix<T>& wv() const { return wv_; }
   const RowMatrix<T>& wo() const { return wo_; }
 
-  /// Views of the weights, as multi_head_attention takes them.
+  /// Views of the weights ([in, out], layout in_out), as multi_head_attention takes them.
   MultiHeadWeights<T> weights() const {
     MultiHeadWeights<T> w;
     w.wq = view(wq_);
@@ -566,6 +651,21 @@ class AttentionProjections {
 
  protected:
   using Vector = Eigen::Matrix<T, Eigen::Dynamic, 1>;
+
+  /// The weights as [in, out] views (for the overlap checks).
+  detail::InOutWeights<T> in_out_weights() const {
+    const MultiHeadWeights<T> w = weights();
+    return {w.wq, w.wk, w.wv, w.wo, w.bq, w.bk, w.bv, w.bo};
+  }
+  /// The packed weights, packed again after a setter changed them.
+  const detail::PackedProjections<T>& packed() const {
+    if (!packed_) {
+      packs_.pack(in_out_weights());
+      packed_ = true;
+    }
+    return packs_;
+  }
+
   MultiHeadConfig cfg_;
   MultiHeadWorkspace<T> ws_;
 
@@ -575,25 +675,36 @@ class AttentionProjections {
     if (rows <= 0 || cols <= 0) detail::fail("weight buffer has shape [", rows, ", ", cols, "]");
     return Eigen::Map<const RowMatrix<T>>(data, rows, cols);
   }
+  static StridedMap<const T> matrix(const TensorView<const T, 2>& w) {
+    detail::check_view(w, "weight");
+    return attn::matrix(w);
+  }
   static Eigen::Map<const Vector> vmap(const T* data, index_t n) {
     if (data == nullptr) detail::fail("bias buffer is null");
     if (n <= 0) detail::fail("bias buffer has length ", n);
     return Eigen::Map<const Vector>(data, n);
   }
   template <class Derived>
-  static void set(RowMatrix<T>& dst, const Eigen::MatrixBase<Derived>& w, const char* name,
-                  const char* meaning) {
-    if (w.rows() != dst.rows() || w.cols() != dst.cols())
-      detail::fail(name, " has shape [", w.rows(), ", ", w.cols(), "], expected [", dst.rows(),
-                   ", ", dst.cols(), "] (", meaning, ")");
-    dst = w.template cast<T>();
+  void set(RowMatrix<T>& dst, const Eigen::MatrixBase<Derived>& w, WeightLayout layout,
+           const char* name, const char* in_name, const char* out_name) {
+    const bool oi = layout == WeightLayout::out_in;
+    const index_t r = oi ? dst.cols() : dst.rows(), c = oi ? dst.rows() : dst.cols();
+    if (w.rows() != r || w.cols() != c)
+      detail::fail(name, " has shape [", w.rows(), ", ", w.cols(), "], expected [", r, ", ", c,
+                   "] (", oi ? out_name : in_name, ", ", oi ? in_name : out_name, ") for ",
+                   layout_name(layout));
+    if (oi)
+      dst = w.transpose().template cast<T>();
+    else
+      dst = w.template cast<T>();
+    packed_ = false;
   }
   template <class Derived>
-  static void set_bias(Vector& dst, const Eigen::MatrixBase<Derived>& b, const char* name,
-                       index_t n) {
+  void set_bias(Vector& dst, const Eigen::MatrixBase<Derived>& b, const char* name, index_t n) {
     if (b.size() != n || (b.rows() != 1 && b.cols() != 1))
       detail::fail(name, " has shape [", b.rows(), ", ", b.cols(), "], expected a vector of ", n);
     dst = b.reshaped().template cast<T>();
+    packed_ = false;
   }
   static TensorView<const T, 2> view(const RowMatrix<T>& m) {
     return TensorView<const T, 2>(m.data(), {m.rows(), m.cols()});
@@ -605,6 +716,20 @@ class AttentionProjections {
 
   RowMatrix<T> wq_, wk_, wv_, wo_;
   Vector bq_, bk_, bv_, bo_;
+  mutable detail::PackedProjections<T> packs_;  // the weights packed for the kernel
+  mutable bool packed_ = false;                 // packs_ matches the weights
+
+ public:
+  AttentionProjections(const AttentionProjections& o)
+      : cfg_(o.cfg_), ws_(o.ws_), wq_(o.wq_), wk_(o.wk_), wv_(o.wv_), wo_(o.wo_), bq_(o.bq_),
+        bk_(o.bk_), bv_(o.bv_), bo_(o.bo_) {}  // packs_ points at o's biases: pack again
+  AttentionProjections& operator=(const AttentionProjections& o) {
+    if (this != &o) *this = AttentionProjections(o);
+    return *this;
+  }
+  AttentionProjections(AttentionProjections&&) noexcept = default;
+  AttentionProjections& operator=(AttentionProjections&&) noexcept = default;
+  ~AttentionProjections() = default;
 };
 
 /// Multi-head (MHA), grouped-query (GQA) and multi-query (MQA) self-attention
@@ -625,19 +750,64 @@ class MultiHeadAttention : public AttentionProjections<T> {
 
   /// out = MHA(x) under `mask` and `score_mod` (any policy the engine takes;
   /// the problem per head is Lq = Lk = L). options as for masked_attention
-  /// (scale, num_threads for the GEMMs too, lse [B, Hq, L], stats).
+  /// (scale, num_threads for the projections too, lse [B, Hq, L], stats).
   template <class Mask = NoMask, class Mod = NoScoreMod>
   void forward(TensorView<const T, 3> x, TensorView<T, 3> out, const Mask& mask = {},
                const Mod& score_mod = {}, const AttentionOptions& options = {}) {
     const MultiHeadConfig c = detail::resolve_config(this->cfg_);  // rope() may have changed
-    detail::check_self_attention(c, x, out, mask, score_mod);
-    detail::self_attention_forward(c, this->weights(), x, out, mask, score_mod, options, this->ws_);
+    detail::check_self_attention(c, this->in_out_weights(), x, out, mask, score_mod, options,
+                                 &this->ws_);
+    detail::self_attention_forward(c, this->packed(), x, out, mask, score_mod, options, this->ws_);
   }
   /// Same, without a score modifier.
   template <class Mask, class = std::enable_if_t<is_mask_v<Mask>>>
   void forward(TensorView<const T, 3> x, TensorView<T, 3> out, const Mask& mask,
                const AttentionOptions& options) {
     forward(x, out, mask, no_score_mod(), options);
+  }
+
+  /// Self-attention over variable-length sequences packed back to back
+  /// (FlashAttention's varlen form): x and out [total, d_model], sequence s
+  /// is rows [cu_seqlens[s], cu_seqlens[s+1]) (cu_seqlens[0] = 0, last =
+  /// total, empty sequences allowed). No padding rows are projected or
+  /// attended. Each sequence is its own [len, len] problem: the mask and
+  /// score_mod are bound with batch 1 and Lq = Lk = len (causal, windows,
+  /// ALiBi, soft-cap, custom; a view-based mask must broadcast over its
+  /// sizes), RoPE positions restart at rope().offset. options.lse, if set,
+  /// is [1, Hq, total].
+  template <class Mask = NoMask, class Mod = NoScoreMod>
+  void forward_varlen(TensorView<const T, 2> x, const std::vector<index_t>& cu_seqlens,
+                      TensorView<T, 2> out, const Mask& mask = {}, const Mod& score_mod = {},
+                      const AttentionOptions& options = {}) {
+    const MultiHeadConfig c = detail::resolve_config(this->cfg_);
+    detail::check_view(x, "x");
+    const TensorView<const T, 3> x3 = detail::as_batch1(x);
+    const TensorView<T, 3> o3 = detail::as_batch1(out);
+    detail::check_self_attention(c, this->in_out_weights(), x3, o3, mask, score_mod, options,
+                                 &this->ws_, /*bind_policies=*/false);  // bound per sequence below
+    const index_t total = x.extent(0);
+    detail::check_cu_seqlens(cu_seqlens, total);
+    if (!options.lse.is_null() &&
+        (options.lse.extent(0) != 1 || options.lse.extent(1) != c.q_heads ||
+         options.lse.extent(2) != total))
+      detail::fail("options.lse has shape ", detail::shape_str(options.lse), ", expected [1, ",
+                   c.q_heads, ", ", total, "] (packed rows)");
+    for (std::size_t s = 0; s + 1 < cu_seqlens.size(); ++s) {  // every sequence's mask binds
+      const index_t len = cu_seqlens[s + 1] - cu_seqlens[s];
+      if (len == 0) continue;
+      const AttentionShape sh = detail::layer_shape(c, 1, len, len);
+      (void)mask.bind(sh);
+      (void)score_mod.bind(sh);
+    }
+    detail::self_attention_varlen(c, this->packed(), x3, cu_seqlens, o3, mask, score_mod, options,
+                                  this->ws_);
+  }
+
+  /// Same, without a score modifier.
+  template <class Mask, class = std::enable_if_t<is_mask_v<Mask>>>
+  void forward_varlen(TensorView<const T, 2> x, const std::vector<index_t>& cu_seqlens,
+                      TensorView<T, 2> out, const Mask& mask, const AttentionOptions& options) {
+    forward_varlen(x, cu_seqlens, out, mask, no_score_mod(), options);
   }
 
   /// Fills weights [B, Hq, L, L] with each head's softmax probabilities for
@@ -658,24 +828,23 @@ class MultiHeadAttention : public AttentionProjections<T> {
         weights.extent(3) != L)
       detail::fail("weights has shape ", detail::shape_str(weights), ", expected [", B, ", ",
                    c.q_heads, ", ", L, ", ", L, "] (batch, q heads, Lq, Lk)");
+    detail::check_view(weights, "weights");
+    detail::check_not_self_overlapping(weights, "weights");
+    const TensorView<float, 3> none;
+    AttentionOptions probe = options;  // weights is the output here
+    probe.lse = none;
+    detail::check_layer_outputs<T>(weights, probe, x, TensorView<const T, 3>(),
+                                   this->in_out_weights(), mask, score_mod, &this->ws_);
     (void)mask.bind(s);
     (void)score_mod.bind(s);
-    const MultiHeadWeights<T> w = this->weights();
-    const detail::GemmThreads threads(options.num_threads);
-    T* q = detail::grow(this->ws_.q, B * L * c.q_heads * c.head_dim);
-    T* k = detail::grow(this->ws_.k, B * L * c.kv_heads * c.head_dim);
-    detail::project(x, w.wq, w.bq, q, this->ws_.gemms, options.num_threads);
-    detail::project(x, w.wk, w.bk, k, this->ws_.gemms, options.num_threads);
+    const detail::PackedProjections<T>& p = this->packed();
+    T* q = detail::project_q(c, p, x, this->ws_, options.num_threads);
+    const index_t nk = c.kv_heads * c.head_dim;
+    T* k = detail::grow(this->ws_.k, B * L * nk);
+    detail::project_packed(x, p.k, p.bk, detail::rows_view(k, B, L, nk), options.num_threads);
     const Tensor4<T> qv = bshd(q, B, L, c.q_heads, c.head_dim);
     const Tensor4<T> kv = bshd(k, B, L, c.kv_heads, c.head_dim);
-    if (c.rope) {
-      const index_t rd = detail::check_rope(*c.rope, c.head_dim);
-      this->ws_.rope.ensure(*c.rope, rd, c.rope->offset, L);
-      detail::apply_rope_table(qv, this->ws_.rope, c.rope->pairing, c.rope->offset,
-                               options.num_threads);
-      detail::apply_rope_table(kv, this->ws_.rope, c.rope->pairing, c.rope->offset,
-                               options.num_threads);
-    }
+    detail::apply_layer_rope(c, qv, kv, L, this->ws_, options.num_threads);
     attn::attention_weights(Tensor4<const T>(qv), Tensor4<const T>(kv), weights, mask, score_mod,
                             options);
   }

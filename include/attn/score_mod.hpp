@@ -82,9 +82,10 @@ inline NoScoreMod no_score_mod() { return {}; }
 
 // ---------------------------------------------------------- additive bias --
 
-/// score += bias[b, h, q, k] (bias broadcast over size-1 batch/head dims).
-/// With a gradient view `dbias` (same shape as the bias, float or double),
-/// the backward writes dL/dbias there, summed over the broadcast dimensions.
+/// score += bias[b, h, q, k] (bias broadcast over size-1 batch, head and
+/// query dims). With a gradient view `dbias` (same shape as the bias, float
+/// or double), the backward writes dL/dbias there, summed over the broadcast
+/// batch and head dimensions (a bias broadcast over queries takes no dbias).
 template <class T, class G = float>
 struct AdditiveBias : ScoreModPolicy {
   static_assert(std::is_same<G, float>::value || std::is_same<G, double>::value,
@@ -97,6 +98,9 @@ struct AdditiveBias : ScoreModPolicy {
   AdditiveBias bind(const AttentionShape& s) const {
     detail::check_broadcast_view(view, s, "additive_bias");
     if (!grad_view.is_null()) {
+      if (view.extent(2) == 1 && s.lq != 1)
+        detail::fail("dbias is not supported for an additive_bias broadcast over queries (Lq ",
+                     s.lq, "); expand the bias to [.., ", s.lq, ", ", s.lk, "]");
       detail::check_broadcast_view(grad_view, s, "dbias");
       if (grad_view.extent(0) != view.extent(0) || grad_view.extent(1) != view.extent(1))
         detail::fail("dbias has shape ", detail::shape_str(grad_view), ", but the bias has shape ",
@@ -149,7 +153,7 @@ struct AdditiveBias : ScoreModPolicy {
   }
 };
 
-/// Additive bias view [B or 1, H or 1, Lq, Lk].
+/// Additive bias view [B or 1, H or 1, Lq or 1, Lk] (size-1 dims broadcast).
 template <class T>
 AdditiveBias<std::remove_cv_t<T>> additive_bias(TensorView<T, 4> view) {
   AdditiveBias<std::remove_cv_t<T>> m;
