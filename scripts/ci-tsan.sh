@@ -11,6 +11,9 @@
 #     tests/test_concurrency.cpp's std::threads are what TSan checks.
 #
 #   scripts/ci-tsan.sh [cmake args...]   (TSAN_OPENMP=off forces the second mode)
+#
+# TSAN_TARGETS="test_a test_b ..." builds and runs only those test binaries
+# (CI passes the ones whose code runs on several threads); default: all.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -29,11 +32,22 @@ else
 fi
 
 cmake -S "$root" -B "$build" "${cmake_args[@]}" "$@"
-cmake --build "$build" -j"${JOBS:-2}"
+names=()
+[[ -n "${TSAN_TARGETS:-}" ]] && read -r -a names <<<"$TSAN_TARGETS"
+targets=()
+for name in "${names[@]}"; do targets+=(--target "$name"); done
+cmake --build "$build" -j"${JOBS:-2}" "${targets[@]}"
 
 export TSAN_OPTIONS="${TSAN_OPTIONS:-halt_on_error=1 second_deadlock_stack=1}${archer:+ ignore_noninstrumented_modules=1}"
 if [[ -n "$archer" ]]; then
   export OMP_TOOL_LIBRARIES="$archer"
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 fi
-ctest --test-dir "$build" --output-on-failure -j"${JOBS:-2}"
+if [[ ${#names[@]} -eq 0 ]]; then
+  ctest --test-dir "$build" --output-on-failure -j"${JOBS:-2}"
+else
+  for name in "${names[@]}"; do
+    echo "ci-tsan: $name"
+    "$build/tests/$name" --gtest_brief=1
+  done
+fi
