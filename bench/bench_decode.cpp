@@ -129,12 +129,15 @@ void per_head(Decode& p) {
   const attn::Causal mask = attn::causal().bind(shape);
   const attn::NoScoreMod mod;
   const index_t bc = TileTraits::block_k;
-  const Walk<float, StridedKV<float, float>, attn::Causal, attn::NoScoreMod> walk{kv, mask, mod, bc,
-                                                                                  kD, kD,   0};
+  const auto& ks = attn::kernels::kernel_set<float>(attn::active_isa());
+  using Packed = PackedKV<float, StridedKV<float, float>>;
+  const Packed pkv(kv, ks, false, kD, kD, bc, false, kHkv);  // tiles packed where they are used
   const float scale = 1.0f / std::sqrt(static_cast<float>(kD));
+  const Walk<float, Packed, attn::Causal, attn::NoScoreMod> walk{pkv, mask, mod,   bc,     kD,
+                                                                 kD,  0,    scale, nullptr};
   parallel_tasks(
       kHq, resolve_threads(0, kHq),
-      [&] { return std::make_unique<ForwardScratch<float>>(1, bc, kD, kD, false, false); },
+      [&] { return std::make_unique<ForwardScratch<float>>(1, bc, pkv); },
       [&](ForwardScratch<float>& sc, index_t h) {
         sc.q.row(0) = attn::matrix(q, 0, h).row(0) * scale;
         sc.part.reset(1);
