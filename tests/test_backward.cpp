@@ -456,8 +456,8 @@ TEST(BackwardProperties, GlobalPositionsShardsEqualOneShot) {
                            dout.view, full.dq.view, full.dk.view, full.dv.view, attn::causal(), mod,
                            opt);
   Tensor<double> dk_sum(p.B, p.Hkv, p.Lk, p.D), dv_sum(p.B, p.Hkv, p.Lk, p.Dv);
-  for (auto [q0, q1] : {std::pair<index_t, index_t>{0, 40}, {40, 100}}) {
-    const index_t n = q1 - q0;
+  for (const auto& range : {std::pair<index_t, index_t>{0, 40}, {40, 100}}) {
+    const index_t q0 = range.first, n = range.second - range.first;
     auto rows = [&](const auto& t, index_t last) {  // rows [q0, q1) of a [B, H, L, last] view
       auto v = t.view;
       return attn::Tensor4<std::remove_reference_t<decltype(*v.data())>>(
