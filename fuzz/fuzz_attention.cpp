@@ -11,6 +11,8 @@
 //   - a deliberately broken argument is not rejected by both paths with the
 //     same attn::Error, or anything is written before the rejection;
 // and sanitizers report any memory error or undefined behaviour.
+#include "fuzz_bytes.hpp"
+
 #include <attn/attn.hpp>
 
 #include <algorithm>
@@ -33,25 +35,7 @@ using attn::index_t;
 
 // ---------------------------------------------------------------- decoding --
 
-/// Reads the fuzz input a byte at a time; zeros once it runs out.
-class Bytes {
- public:
-  Bytes(const std::uint8_t* data, std::size_t size) : p_(data), n_(size) {}
-  std::uint8_t byte() {
-    if (n_ == 0) return 0;
-    --n_;
-    return *p_++;
-  }
-  /// An integer in [lo, hi].
-  index_t range(index_t lo, index_t hi) {
-    return lo + static_cast<index_t>(byte()) % (hi - lo + 1);
-  }
-  bool flag() { return byte() & 1; }
-
- private:
-  const std::uint8_t* p_;
-  std::size_t n_;
-};
+using attn_fuzz::Bytes;
 
 [[noreturn]] void fail(const std::string& what) {
   std::fprintf(stderr, "fuzz_attention: %s\n", what.c_str());

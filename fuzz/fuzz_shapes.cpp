@@ -18,6 +18,8 @@
 // size; such a call is the caller's bug, not a hostile input it can refuse).
 //
 // Build and run: scripts/ci-fuzz.sh (builds every fuzz/fuzz_*.cpp).
+#include "fuzz_bytes.hpp"
+
 #include <attn/attn.hpp>
 
 #include <algorithm>
@@ -37,22 +39,7 @@ namespace {
 using attn::index_t;
 __extension__ typedef __int128 i128;
 
-class Bytes {
- public:
-  Bytes(const std::uint8_t* data, std::size_t size) : p_(data), n_(size) {}
-  std::uint8_t byte() {
-    if (n_ == 0) return 0;
-    --n_;
-    return *p_++;
-  }
-  index_t range(index_t lo, index_t hi) {
-    return lo + static_cast<index_t>(byte()) % (hi - lo + 1);
-  }
-
- private:
-  const std::uint8_t* p_;
-  std::size_t n_;
-};
+using attn_fuzz::Bytes;
 
 [[noreturn]] void fail(const std::string& what) {
   std::fprintf(stderr, "fuzz_shapes: %s\n", what.c_str());

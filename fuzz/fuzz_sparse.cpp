@@ -17,6 +17,8 @@
 //     or anything is written before it is refused.
 //
 // Build and run: scripts/ci-fuzz.sh.
+#include "fuzz_bytes.hpp"
+
 #include <attn/attn.hpp>
 
 #include <algorithm>
@@ -32,23 +34,7 @@ namespace {
 
 using attn::index_t;
 
-class Bytes {
- public:
-  Bytes(const std::uint8_t* data, std::size_t size) : p_(data), n_(size) {}
-  std::uint8_t byte() {
-    if (n_ == 0) return 0;
-    --n_;
-    return *p_++;
-  }
-  index_t range(index_t lo, index_t hi) {
-    return lo + static_cast<index_t>(byte()) % (hi - lo + 1);
-  }
-  bool flag() { return byte() & 1; }
-
- private:
-  const std::uint8_t* p_;
-  std::size_t n_;
-};
+using attn_fuzz::Bytes;
 
 [[noreturn]] void fail(const std::string& what) {
   std::fprintf(stderr, "fuzz_sparse: %s\n", what.c_str());
