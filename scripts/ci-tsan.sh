@@ -35,7 +35,7 @@ cmake -S "$root" -B "$build" "${cmake_args[@]}" "$@"
 names=()
 [[ -n "${TSAN_TARGETS:-}" ]] && read -r -a names <<<"$TSAN_TARGETS"
 targets=()
-for name in "${names[@]}"; do targets+=(--target "$name"); done
+[[ ${#names[@]} -gt 0 ]] && targets=(--target "${names[@]}")
 cmake --build "$build" -j"${JOBS:-2}" "${targets[@]}"
 
 export TSAN_OPTIONS="${TSAN_OPTIONS:-halt_on_error=1 second_deadlock_stack=1}${archer:+ ignore_noninstrumented_modules=1}"
