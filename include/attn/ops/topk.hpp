@@ -148,26 +148,6 @@ struct TopkScratch {
         threshold(static_cast<std::size_t>(br)), o(dv), qk(br, bc, d) {}
 };
 
-/// Sets the scores of a partial tile that the mask hides to -inf.
-template <class Mask, class Acc>
-void topk_mask_tile(const Mask& mask, index_t b, index_t h, index_t q0, index_t k0, Acc* s,
-                    index_t lds, index_t rows, index_t cols) {
-  constexpr Acc neg_inf = -std::numeric_limits<Acc>::infinity();
-  for (index_t r = 0; r < rows; ++r) {
-    Acc* row = s + r * lds;
-    if constexpr (has_row_keys_v<Mask>) {
-      const KeyRange keys = mask.row_keys(b, h, q0 + r);
-      const index_t lo = std::clamp<index_t>(keys.begin - k0, 0, cols);
-      const index_t hi = std::clamp<index_t>(keys.end - k0, lo, cols);
-      std::fill(row, row + lo, neg_inf);
-      std::fill(row + hi, row + cols, neg_inf);
-    } else {
-      for (index_t c = 0; c < cols; ++c)
-        if (!mask.keep(b, h, q0 + r, k0 + c)) row[c] = neg_inf;
-    }
-  }
-}
-
 /// The two passes. Arguments are checked; mask and mod are bound; kb <= Lk.
 template <class Acc, class Q, class K, class V, class O, class Mask, class Mod>
 void topk_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4>& k,
@@ -237,7 +217,7 @@ void topk_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4>&
       Eigen::Map<RowMatrix<Acc>>(s, rows, cols).setZero();
       sc.qk.add_abt(rows, cols, d, qs.data(), d, kt, ldk, s, lds, Acc(1));  // S = Qs·Kᵀ
       mod.apply_tile(b, h, q_pos, gk0, s, lds, rows, cols);
-      if (kind == TileKind::partial) topk_mask_tile(mask, b, h, q_pos, gk0, s, lds, rows, cols);
+      if (kind == TileKind::partial) mask_partial_tile(mask, b, h, q_pos, gk0, s, lds, rows, cols);
 
       for (index_t r = 0; r < rows; ++r) {
         const Acc* row = s + r * lds;
