@@ -19,6 +19,13 @@ struct AttentionStats {
   std::int64_t partial_tiles = 0;  ///< tiles computed with a per-element mask test
   std::int64_t skipped_tiles = 0;  ///< tiles inside the key range that the mask ruled out
   std::int64_t scores = 0;         ///< computed q·k scores (rows × keys over computed tiles)
+  /// Adds another share of the same call's counters (one worker's).
+  void add(const AttentionStats& o) {
+    full_tiles += o.full_tiles;
+    partial_tiles += o.partial_tiles;
+    skipped_tiles += o.skipped_tiles;
+    scores += o.scores;
+  }
   /// Multiply-adds ×2 of the two GEMMs: 2·scores·(D + Dv).
   double flops(index_t d, index_t dv) const {
     return 2.0 * static_cast<double>(scores) * static_cast<double>(d + dv);

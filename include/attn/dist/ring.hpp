@@ -309,12 +309,7 @@ void ring_attention(MPI_Comm comm, const TensorView<Q, 4>& q, const TensorView<K
                        TensorView<const Acc, 4>(seq_rows(part_o, row, rows)),
                        TensorView<const float, 3>(seq_rows(part_l, row, rows)),
                        options.num_threads);
-        if (options.stats) {
-          total_stats.full_tiles += step_stats.full_tiles;
-          total_stats.partial_tiles += step_stats.partial_tiles;
-          total_stats.skipped_tiles += step_stats.skipped_tiles;
-          total_stats.scores += step_stats.scores;
-        }
+        if (options.stats) total_stats.add(step_stats);
         int done = 0;
         MPI_Testall(2, reqs, &done, MPI_STATUSES_IGNORE);
       }

@@ -306,10 +306,7 @@ void flash_backward(const TensorView<const Q, 4>& q, const TensorView<const K, 4
   };
   auto merge_stats = [&](const BackwardScratch<Acc>& sc) {
     if (!opt.stats) return;
-    opt.stats->full_tiles += sc.stats.full_tiles;
-    opt.stats->partial_tiles += sc.stats.partial_tiles;
-    opt.stats->skipped_tiles += sc.stats.skipped_tiles;
-    opt.stats->scores += sc.stats.scores;
+    opt.stats->add(sc.stats);
   };
   if (opt.stats) *opt.stats = AttentionStats{};
   parallel_tasks(tasks, threads, make_scratch, run_task, merge_stats);

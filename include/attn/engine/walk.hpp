@@ -114,10 +114,7 @@ struct WalkScratch {
 
   void add_to(AttentionStats* total) const {
     if (!total) return;
-    total->full_tiles += stats.full_tiles;
-    total->partial_tiles += stats.partial_tiles;
-    total->skipped_tiles += stats.skipped_tiles;
-    total->scores += stats.scores;
+    total->add(stats);
   }
 };
 
