@@ -13,9 +13,10 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 seconds=${1:-60}
 shift || true
 out_dir=${OUT_DIR:-$root/build-fuzz}
+mkdir -p "$out_dir"
+out_dir=$(cd "$out_dir" && pwd)  # absolute: the fuzzer runs from inside it
 cxx=${FUZZ_CXX:-clang++}
 eigen=${EIGEN_INCLUDE:-/usr/include/eigen3}
-mkdir -p "$out_dir"
 
 targets=("$@")
 if [[ ${#targets[@]} -eq 0 ]]; then
@@ -29,14 +30,27 @@ if echo 'int main(){}' | "$cxx" -x c++ -fopenmp - -o /dev/null 2>/dev/null; then
 
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1}
-summary=()
-for name in "${targets[@]}"; do
+# Build every target first, FUZZ_BUILD_JOBS at a time (default: one per core),
+# since compiling (about a minute each) costs more than a short run.
+build_jobs=${FUZZ_BUILD_JOBS:-$(nproc)}
+build() {
   "$cxx" -std=c++17 -g -O1 -fno-omit-frame-pointer \
     -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
     -Wall -Wextra -Wpedantic "${omp[@]}" \
     -I"$root/include" -I"$eigen" \
-    "$root/fuzz/$name.cpp" -o "$out_dir/$name"
+    "$root/fuzz/$1.cpp" -o "$out_dir/$1" 2>"$out_dir/$1.build.log" ||
+    { cat "$out_dir/$1.build.log"; return 1; }
+}
+pids=()
+for name in "${targets[@]}"; do
+  while (($(jobs -rp | wc -l) >= build_jobs)); do wait -n; done
+  build "$name" &
+  pids+=($!)
+done
+for pid in "${pids[@]}"; do wait "$pid"; done
 
+summary=()
+for name in "${targets[@]}"; do
   # New inputs go to a scratch copy; the seeds in the repository stay as they are.
   seeds="$root/fuzz/corpus_${name#fuzz_}"
   [[ $name == fuzz_attention ]] && seeds="$root/fuzz/corpus"
