@@ -554,7 +554,11 @@ TEST(Hostile, NonPositiveAlibiHeadCounts) {
       {"alibi_slopes(min)",
        [](W&) { (void)attn::alibi_slopes(std::numeric_limits<index_t>::min()); },
        "alibi_slopes: the head count is -9223372036854775808"},
+      {"alibi_slopes(2^40): refused before 8 TiB are asked of the allocator",
+       [](W&) { (void)attn::alibi_slopes(index_t{1} << 40); },
+       "alibi_slopes: the head count is 1099511627776, more than the 16777216 attn supports"},
   });
+  EXPECT_EQ(attn::alibi_slopes(index_t{1} << 24).size(), std::size_t{1} << 24);  // the limit itself
 }
 
 // A query row with a NaN is NaN in the weights exactly where the forward's

@@ -230,6 +230,13 @@ Alibi alibi(const std::vector<S>& slopes) {
 /// of two; otherwise the published interleaving of the two nearest powers).
 inline std::vector<double> alibi_slopes(index_t n) {
   if (n <= 0) detail::fail("alibi_slopes: the head count is ", n, ", must be > 0");
+  // Refused before allocating (8 bytes a head, and a 2^40-head request failed
+  // inside the allocator): no model has this many heads, and past it
+  // neighbouring slopes 2^(-8/n) apart agree to float's resolution.
+  constexpr index_t max_heads = index_t{1} << 24;
+  if (n > max_heads)
+    detail::fail("alibi_slopes: the head count is ", n, ", more than the ", max_heads,
+                 " attn supports");
   auto pow2 = [](index_t m) {
     std::vector<double> r;
     r.reserve(static_cast<std::size_t>(m));
