@@ -293,6 +293,43 @@ TEST(MultiHeadErrors, HeadsThatDoNotDivide) {
       throws_with([&] { attn::MultiHeadAttention<double> l(c); }, "rotary dim is 15 (odd)"));
 }
 
+// RoPE positions offset .. offset + L - 1 past 2^63 - 1: refused by every
+// entry point of the layer before out, lse or weights are written.
+TEST(MultiHeadErrors, RopePositionsThatOverflow) {
+  attn::MultiHeadConfig c = config(16, 2, 2);
+  attn::Rope r;
+  r.offset = std::numeric_limits<index_t>::max() - 2;
+  c.rope = r;
+  attn::MultiHeadAttention<float> layer(c);
+  Sequence<float> x(1, 5, 16), out(1, 5, 16);
+  std::fill(out.buf.begin(), out.buf.end(), 7.f);
+  const char* needle = "rope offset 9223372036854775805 plus 5 rows overflows a 64-bit position";
+  EXPECT_TRUE(throws_with([&] { layer.forward(x.cview(), out.view()); }, needle));
+  std::vector<float> w(2 * 5 * 5, 7.f), lse(2 * 5, 7.f);
+  EXPECT_TRUE(throws_with(
+      [&] { layer.attention_weights(x.cview(), attn::bhsd(w.data(), 1, 2, 5, 5)); }, needle));
+  // Packed sequences of 2 and 5 rows: the longest decides, before the first one's lse is written.
+  attn::AttentionOptions o;
+  o.lse = attn::TensorView<float, 3>(lse.data(), {1, 2, 7});
+  std::vector<float> xs(7 * 16, 0.5f), os(7 * 16, 7.f);
+  EXPECT_TRUE(throws_with(
+      [&] {
+        layer.forward_varlen(attn::TensorView<const float, 2>(xs.data(), {7, 16}), {0, 2, 7},
+                             attn::TensorView<float, 2>(os.data(), {7, 16}), attn::no_mask(),
+                             attn::no_score_mod(), o);
+      },
+      needle));
+  for (float v : out.buf) ASSERT_EQ(v, 7.f);
+  for (float v : w) ASSERT_EQ(v, 7.f);
+  for (float v : lse) ASSERT_EQ(v, 7.f);
+  for (float v : os) ASSERT_EQ(v, 7.f);
+  r.offset -= 2;  // positions up to exactly 2^63 - 1: accepted
+  c.rope = r;
+  attn::MultiHeadAttention<float> edge(c);
+  edge.forward(x.cview(), out.view());
+  for (float v : out.buf) ASSERT_TRUE(std::isfinite(v));
+}
+
 TEST(MultiHeadErrors, WeightShapesThatDoNotMatch) {
   attn::MultiHeadAttention<float> layer(config(64, 8, 2));
   EXPECT_TRUE(throws_with([&] { layer.set_wq(attn::RowMatrix<float>::Zero(64, 60)); },

@@ -364,6 +364,7 @@ void apply_layer_rope(const MultiHeadConfig& c, const Tensor4<T>& q, const Tenso
                       MultiHeadWorkspace<T>& ws, int num_threads) {
   if (!c.rope) return;
   const index_t rd = check_rope(*c.rope, c.head_dim);
+  check_rope_positions(*c.rope, L);  // offset + L - 1 fits index_t
   ws.rope.ensure(*c.rope, rd, c.rope->offset, L);
   apply_rope_table(q, ws.rope, c.rope->pairing, c.rope->offset, num_threads);
   apply_rope_table(k, ws.rope, c.rope->pairing, c.rope->offset, num_threads);
@@ -441,6 +442,11 @@ void self_attention_varlen(const MultiHeadConfig& c, const PackedProjections<T>&
                 nv = c.kv_heads * c.v_head_dim, no = c.q_heads * c.v_head_dim;
   T* q = project_q(c, p, x, ws, opt.num_threads);  // [total, Hq·D]
   project_kv(c, p, x, ws.k, ws.v, opt.num_threads);
+  if (c.rope) {  // every sequence's positions, before the first one's lse is written
+    index_t longest = 0;
+    for (std::size_t s = 0; s + 1 < cu.size(); ++s) longest = std::max(longest, cu[s + 1] - cu[s]);
+    check_rope_positions(*c.rope, longest);
+  }
   T* heads = grow(ws.heads, total * no);
   for (std::size_t s = 0; s + 1 < cu.size(); ++s) {
     const index_t r0 = cu[s], len = cu[s + 1] - cu[s];
