@@ -19,7 +19,8 @@
 //     order and junk past each table's used entries, equal it bit for bit;
 //     1 and 2 threads give the same bits,
 //   - varlen_attention on decoded cu_seqlens against one reference per sequence,
-//   - merge_partials of two reference halves over a key split against the whole;
+//   - merge_partials of two reference halves over a key split against the whole,
+//   - topk_attention (causal) against reference::topk_attention;
 // and about 1 operation in 8 passes a broken argument (a sequence id past the
 // cache, more query rows than tokens, a page outside the pool, a length past
 // the table, cu_seqlens not monotone or not ending at the packed length, merge
@@ -30,7 +31,9 @@
 #include <attn/attn.hpp>
 #include <attn/ops/cache.hpp>
 #include <attn/ops/merge.hpp>
+#include <attn/ops/topk.hpp>
 #include <attn/ops/varlen.hpp>
+#include <attn/reference/topk.hpp>
 
 #include <algorithm>
 #include <array>
@@ -40,6 +43,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <numeric>
 #include <random>
@@ -609,6 +613,108 @@ void merge(Plan& p, Bytes& in) {
         "merge_partials at key " + std::to_string(m) + " of " + std::to_string(lk));
 }
 
+// ------------------------------------------------------------------ top-k --
+
+/// topk_attention under causal against reference::topk_attention: out, lse
+/// and the selected keys (as a set: the order of scores within float's
+/// error of each other may differ). A row whose k-th and (k+1)-th scores lie
+/// within twice the score error of each other has no unique selection and
+/// is skipped.
+void topk(Plan& p, Bytes& in) {
+  const index_t B = in.range(1, 2), lq = in.range(1, 6), lk = in.range(1, 16);
+  const index_t k_best = in.range(1, lk + 2), hq = p.q_heads, hkv = p.kv_heads;
+  std::vector<float> qb = random_vector(p, static_cast<std::size_t>(B * hq * lq * p.d), p.amp);
+  std::vector<float> kb = random_vector(p, static_cast<std::size_t>(B * hkv * lk * p.d), p.amp);
+  std::vector<float> vb = random_vector(p, static_cast<std::size_t>(B * hkv * lk * p.dv), 1.0);
+  const auto q = attn::bhsd<const float>(qb.data(), B, hq, lq, p.d);
+  const auto k = attn::bhsd<const float>(kb.data(), B, hkv, lk, p.d);
+  const auto v = attn::bhsd<const float>(vb.data(), B, hkv, lk, p.dv);
+  const std::size_t rows = static_cast<std::size_t>(B * hq * lq);
+  std::vector<float> ob(rows * static_cast<std::size_t>(p.dv), 3.f), lse(rows, 7.f);
+  std::vector<std::int64_t> idx(rows * static_cast<std::size_t>(k_best), 99);
+  const auto out = attn::bhsd(ob.data(), B, hq, lq, p.dv);
+  attn::TopkOptions o(p.opt);
+  o.lse = attn::TensorView<float, 3>(lse.data(), {B, hq, lq});
+  o.indices = attn::bhsd(idx.data(), B, hq, lq, k_best);
+
+  if (in.range(0, 7) == 7) {  // k_best < 1, or indices of the wrong width: refused before any write
+    const std::vector<std::int64_t> idx0 = idx;
+    const index_t bad = in.flag() ? 1 - in.range(1, 3) : k_best - 1;  // < 1, or not indices' width
+    const std::string msg = error_of(
+        [&] { attn::topk_attention(q, k, v, out, bad, attn::causal(), attn::no_score_mod(), o); });
+    if (std::any_of(ob.begin(), ob.end(), [](float x) { return x != 3.f; }) ||
+        std::any_of(lse.begin(), lse.end(), [](float x) { return x != 7.f; }) ||
+        !same_bytes(idx, idx0))
+      fail("topk_attention wrote before the error: " + msg);
+    return;
+  }
+
+  attn::topk_attention(q, k, v, out, k_best, attn::causal(), attn::no_score_mod(), o);
+  std::vector<double> rb(ob.size());
+  std::vector<float> rl(rows);
+  std::vector<std::int64_t> ri(idx.size());
+  attn::AttentionOptions ro;
+  ro.scale = p.opt.scale;
+  ro.lse = attn::TensorView<float, 3>(rl.data(), {B, hq, lq});
+  attn::reference::topk_attention(q, k, v, attn::bhsd(rb.data(), B, hq, lq, p.dv), k_best,
+                                  attn::causal(), attn::no_score_mod(), ro,
+                                  attn::bhsd(ri.data(), B, hq, lq, k_best));
+
+  const double scale = scale_of(p), smax = std::abs(scale) * max_row_norm(q) * max_row_norm(k);
+  const double score_tol = tolerance(p.d, lk, smax, 1.0),
+               tol = tolerance(p.d, lk, smax, max_abs(v));
+  const index_t group = hq / hkv;
+  std::vector<double> sc;
+  for (index_t b = 0; b < B; ++b)
+    for (index_t h = 0; h < hq; ++h)
+      for (index_t i = 0; i < lq; ++i) {
+        const std::size_t row = static_cast<std::size_t>((b * hq + h) * lq + i);
+        sc.clear();  // the selectable scores: keys j <= i + lk - lq (bottom-right causal)
+        for (index_t j = 0; j <= std::min(lk - 1, i + lk - lq); ++j) {
+          double dot = 0;
+          for (index_t c = 0; c < p.d; ++c)
+            dot += static_cast<double>(q(b, h, i, c)) * static_cast<double>(k(b, h / group, j, c));
+          sc.push_back(scale * dot);
+        }
+        std::sort(sc.begin(), sc.end(), std::greater<double>());
+        const auto n = std::min<std::size_t>(static_cast<std::size_t>(k_best), sc.size());
+        if (n < sc.size() && sc[n - 1] - sc[n] <= 2 * score_tol) continue;  // no unique selection
+        const std::string where = "topk row " + std::to_string(row) + " (k_best " +
+                                  std::to_string(k_best) + ", " + std::to_string(sc.size()) +
+                                  " selectable)";
+        std::vector<std::int64_t> a(idx.begin() + static_cast<std::ptrdiff_t>(row) * k_best,
+                                    idx.begin() + static_cast<std::ptrdiff_t>(row + 1) * k_best),
+            r(ri.begin() + static_cast<std::ptrdiff_t>(row) * k_best,
+              ri.begin() + static_cast<std::ptrdiff_t>(row + 1) * k_best);
+        std::sort(a.begin(), a.end());
+        std::sort(r.begin(), r.end());
+        if (a != r) fail(where + ": selected keys differ from the reference");
+        for (index_t c = 0; c < p.dv; ++c) {
+          const double x = ob[row * static_cast<std::size_t>(p.dv) + static_cast<std::size_t>(c)],
+                       y = rb[row * static_cast<std::size_t>(p.dv) + static_cast<std::size_t>(c)];
+          if (sc.empty() ? x != 0.0 : !(std::abs(x - y) <= tol))
+            fail(where + ": out " + std::to_string(x) + ", reference " + std::to_string(y) +
+                 ", tolerance " + std::to_string(tol));
+        }
+        if (sc.empty() ? lse[row] != rl[row]
+                       : !(std::abs(static_cast<double>(lse[row]) - rl[row]) <=
+                           (score_tol + 1e-6) * (1 + std::abs(static_cast<double>(rl[row])))))
+          fail(where + ": lse " + std::to_string(lse[row]) + ", reference " +
+               std::to_string(rl[row]));
+      }
+
+  std::vector<float> o2(ob.size(), -5.f), l2(lse.size(), -5.f);
+  std::vector<std::int64_t> i2(idx.size(), -5);
+  attn::TopkOptions other = o;
+  other.num_threads = p.opt.num_threads == 1 ? 2 : 1;
+  other.lse = attn::TensorView<float, 3>(l2.data(), {B, hq, lq});
+  other.indices = attn::bhsd(i2.data(), B, hq, lq, k_best);
+  attn::topk_attention(q, k, v, attn::bhsd(o2.data(), B, hq, lq, p.dv), k_best, attn::causal(),
+                       attn::no_score_mod(), other);
+  if (!same_bytes(o2, ob) || !same_bytes(l2, lse) || !same_bytes(i2, idx))
+    fail("topk differs between 1 and 2 threads");
+}
+
 // ------------------------------------------------------------- dispatch --
 
 template <class T, class Mask, class Mod>
@@ -620,7 +726,7 @@ void run_ops(Plan& p, Bytes& in, const Mask& mask, const Mod& mod) {
     c.live[static_cast<std::size_t>(s)] = true;
   }
   const index_t ops = in.range(1, 12);
-  for (index_t i = 0; i < ops; ++i) switch (in.range(0, 7)) {
+  for (index_t i = 0; i < ops; ++i) switch (in.range(0, 8)) {
       case 0:
       case 1:
       case 2:
@@ -635,6 +741,9 @@ void run_ops(Plan& p, Bytes& in, const Mask& mask, const Mod& mod) {
       case 5:
         merge(p, in);
         break;
+      case 6:
+        topk(p, in);
+        break;
       default:
         attend(c, p, in, mask, mod);
         break;
@@ -645,7 +754,8 @@ void run_ops(Plan& p, Bytes& in, const Mask& mask, const Mod& mod) {
 // the caches and, per (mask, modifier), once for varlen (about 5 s of clang
 // each under the sanitizers). Float caches take every mask without a
 // modifier and ALiBi under causal (4); bfloat16 and int8 no mask and causal
-// without a modifier (2 each); varlen follows the float set (4): 12 in all.
+// without a modifier (2 each); varlen follows the float set (4); top-k runs
+// under causal only (1): 13 in all.
 template <class T>
 void run(Plan& p, Bytes& in) {
   constexpr bool all = std::is_same<T, float>::value;

@@ -4,8 +4,8 @@
 Each seed lists the fields in the order LLVMFuzzerTestOneInput decodes them,
 then an operation list, so every seed starts the fuzzer at a named corner:
 each cache type and mask, decode (1 row) and prefill attends, forks and
-frees (copy-on-write), a full pool and cache, varlen, merges, and each
-broken argument.
+frees (copy-on-write), a full pool and cache, varlen, merges, top-k, and
+each broken argument.
 """
 import os
 
@@ -29,7 +29,7 @@ def add():
 
 
 def attend(lq, ids, corrupt=None, extra=()):
-    b = [6, lq - 1, len(ids) - 1]
+    b = [7, lq - 1, len(ids) - 1]
     b += [0] if corrupt is None else [7, corrupt - 1]
     return b + list(ids) + list(extra)
 
@@ -43,6 +43,10 @@ def varlen(lengths, corrupt=None):
 
 def merge(B, L, lk, m, corrupt=None):
     return [5, B - 1, L - 1, lk - 1, m] + ([0] if corrupt is None else [7, corrupt])
+
+
+def topk(B, lq, lk, k_best, corrupt=None):
+    return [6, B - 1, lq - 1, lk - 1, k_best - 1] + ([0] if corrupt is None else [7, corrupt])
 
 
 def seed(name, ops, type_=0, Hkv=1, group=1, D=8, Dv=8, mask=1, mod=0, left=3, right=0, cap=32,
@@ -82,6 +86,10 @@ seed("varlen_causal", [varlen([(3, 5), (0, 4), (6, 6)])], mask=1, Hkv=2, group=2
 seed("varlen_window_empty_keys", [varlen([(2, 0), (5, 9)])], mask=2, left=1, right=2)
 seed("varlen_alibi", [varlen([(4, 10), (1, 1)])], mod=1, group=3)
 seed("merge_split", [merge(2, 4, 9, 4), merge(1, 1, 3, 0), merge(1, 6, 12, 12)], group=2)
+seed("topk_gqa", [topk(2, 6, 16, 4), topk(1, 3, 5, 7), topk(1, 1, 9, 1)], Hkv=2, group=2)
+seed("topk_tall_causal", [topk(1, 6, 3, 2)], amp=2)
+seed("broken_topk_k_best", [topk(1, 2, 4, 2, corrupt=1)])
+seed("broken_topk_indices_width", [topk(1, 2, 4, 3, corrupt=0)])
 seed("broken_seq_id", [append(0, 3), attend(1, [0], corrupt=1, extra=[1])])
 seed("broken_rows_past_length", [append(0, 2), attend(1, [0], corrupt=2)])
 seed("broken_page_outside_pool", [append(0, 6), attend(1, [0], corrupt=3, extra=[0, 1])])
