@@ -335,6 +335,17 @@ TYPED_TEST(Backward, StridedBshdAndGqa) {
                                      attn::no_score_mod(), t);
 }
 
+// Regression (fuzz_backward): with GQA and a dq written in place (stored in the
+// accumulation type, unit column stride), the engine offset the empty dQ
+// accumulator's null data by the head's rows, undefined behaviour that
+// clang's -fsanitize=undefined reports ("applying non-zero offset to null
+// pointer"). A group of 2 and 3 query heads, one query row to 11.
+TYPED_TEST(Backward, GqaWithDqInPlace) {
+  expect_backward_matches<TypeParam>(shape(11, 1, 2, 1, 1, 1), attn::no_mask());
+  expect_backward_matches<TypeParam>(shape(1, 9, 6, 2, 5, 3), attn::causal(), attn::no_score_mod(),
+                                     tiles(1, 4));
+}
+
 TYPED_TEST(Backward, DropoutMatchesReference) {
   attn::AttentionOptions t = tiles(16, 32);
   t.dropout = {0.25, 1234, 3};

@@ -205,9 +205,12 @@ void flash_backward(const TensorView<const Q, 4>& q, const TensorView<const K, 4
         const KeyRange qr{std::clamp<index_t>(gq.begin - qoff, 0, shape.lq),
                           std::clamp<index_t>(gq.end - qoff, 0, shape.lq)};
         if (qr.empty()) continue;
-        Acc* dq_base = sc.dq.data() + g * shape.lq * d;
+        // dQ of head h: dq itself when written in place (the accumulator is then
+        // empty, and an offset on its null data is undefined), else its rows of sc.dq.
+        Acc* dq_base = nullptr;
         if constexpr (std::is_same<DQ, Acc>::value)
           if (dq_in_place) dq_base = &dq(b, h, 0, 0);
+        if (!dq_in_place) dq_base = sc.dq.data() + g * shape.lq * d;
         const index_t lddq = dq_in_place ? dq.stride(2) : d;
         for (index_t q0 = qr.begin / br * br; q0 < qr.end; q0 += br) {
           const index_t rows = std::min(br, shape.lq - q0);
