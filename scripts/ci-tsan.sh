@@ -31,12 +31,12 @@ else
   echo "ci-tsan: OpenMP via libomp, TSan annotations from $archer"
 fi
 
-cmake -S "$root" -B "$build" "${cmake_args[@]}" "$@"
 names=()
 [[ -n "${TSAN_TARGETS:-}" ]] && read -r -a names <<<"$TSAN_TARGETS"
-targets=()
-[[ ${#names[@]} -gt 0 ]] && targets=(--target "${names[@]}")
-cmake --build "$build" -j"${JOBS:-2}" "${targets[@]}"
+# Only the named tests are defined (ATTN_TESTS), so one build compiles them in parallel.
+[[ ${#names[@]} -gt 0 ]] && cmake_args+=(-DATTN_TESTS="$(IFS=';'; echo "${names[*]}")")
+cmake -S "$root" -B "$build" "${cmake_args[@]}" "$@"
+cmake --build "$build" -j"${JOBS:-2}"
 
 export TSAN_OPTIONS="${TSAN_OPTIONS:-halt_on_error=1 second_deadlock_stack=1}${archer:+ ignore_noninstrumented_modules=1}"
 if [[ -n "$archer" ]]; then
