@@ -40,6 +40,7 @@ namespace {
 
 using attn::index_t;
 using attn_fuzz::Bytes;
+using attn_fuzz::max_row_norm;
 
 [[noreturn]] void fail(const std::string& what) {
   std::fprintf(stderr, "fuzz_backward: %s\n", what.c_str());
@@ -72,21 +73,6 @@ struct Buffer {
   attn::Tensor4<const T> cview() const { return view; }
   index_t extent(int i) const { return view.extent(i); }
 };
-
-/// Largest Euclidean norm of a row of a [B, H, L, D] view.
-template <class T>
-double max_row_norm(const attn::Tensor4<T>& v) {
-  double m = 0;
-  for (index_t b = 0; b < v.extent(0); ++b)
-    for (index_t h = 0; h < v.extent(1); ++h)
-      for (index_t l = 0; l < v.extent(2); ++l) {
-        double s = 0;
-        for (index_t d = 0; d < v.extent(3); ++d)
-          s += std::pow(static_cast<double>(v(b, h, l, d)), 2);
-        m = std::max(m, std::sqrt(s));
-      }
-  return m;
-}
 
 /// Everything decoded besides the storage type.
 struct Plan {

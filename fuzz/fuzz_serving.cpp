@@ -55,6 +55,8 @@ namespace {
 
 using attn::index_t;
 using attn_fuzz::Bytes;
+using attn_fuzz::max_abs;
+using attn_fuzz::max_row_norm;
 
 [[noreturn]] void fail(const std::string& what) {
   std::fprintf(stderr, "fuzz_serving: %s\n", what.c_str());
@@ -106,31 +108,6 @@ std::vector<float> random_vector(Plan& p, std::size_t n, double amp) {
   std::vector<float> x(n);
   for (auto& e : x) e = static_cast<float>(dist(p.gen));
   return x;
-}
-
-/// Largest Euclidean norm of a row of a [B, H, L, D] view, and largest |x|.
-template <class T>
-double max_row_norm(const attn::Tensor4<T>& v) {
-  double m = 0;
-  for (index_t b = 0; b < v.extent(0); ++b)
-    for (index_t h = 0; h < v.extent(1); ++h)
-      for (index_t l = 0; l < v.extent(2); ++l) {
-        double s = 0;
-        for (index_t c = 0; c < v.extent(3); ++c)
-          s += std::pow(static_cast<double>(v(b, h, l, c)), 2);
-        m = std::max(m, std::sqrt(s));
-      }
-  return m;
-}
-template <class T>
-double max_abs(const attn::Tensor4<T>& v) {
-  double m = 0;
-  for (index_t b = 0; b < v.extent(0); ++b)
-    for (index_t h = 0; h < v.extent(1); ++h)
-      for (index_t l = 0; l < v.extent(2); ++l)
-        for (index_t c = 0; c < v.extent(3); ++c)
-          m = std::max(m, std::abs(static_cast<double>(v(b, h, l, c))));
-  return m;
 }
 
 /// Compares out [1, Hq, Lq, Dv] (and lse [Hq·Lq], row-major) with the fp64
