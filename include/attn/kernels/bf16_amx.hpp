@@ -41,6 +41,8 @@ struct alignas(64) TileConfig {
 };
 
 inline void configure() {
+  // Static, not a local: GCC's _tile_loadconfig declares that it reads only 8
+  // bytes, so stores to the rest of a local configuration may be dropped.
   static const TileConfig config;
   _tile_loadconfig(&config);
 }
