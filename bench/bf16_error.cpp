@@ -42,9 +42,8 @@ int main(int argc, char** argv) {
   const bool causal = std::atoi(argv[4]) != 0;
   const auto size = static_cast<std::size_t>(kHeads * n * d);
   std::vector<Eigen::bfloat16> q(size), k(size), v(size), o(size);
-  for (auto [name, dst] : {std::pair<const char*, std::vector<Eigen::bfloat16>*>{"q", &q},
-                           {"k", &k},
-                           {"v", &v}}) {
+  for (auto [name, dst] :
+       {std::pair<const char*, std::vector<Eigen::bfloat16>*>{"q", &q}, {"k", &k}, {"v", &v}}) {
     const std::vector<float> f = read_floats(prefix + "." + name, size);
     for (std::size_t i = 0; i < size; ++i) (*dst)[i] = Eigen::bfloat16(f[i]);
   }

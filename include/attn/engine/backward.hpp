@@ -31,10 +31,11 @@
 
 #include "attn/core/types.hpp"
 #include "attn/detail/checks.hpp"
-#include "attn/detail/gemm.hpp"
 #include "attn/detail/parallel.hpp"
 #include "attn/detail/softmax.hpp"
 #include "attn/engine/walk.hpp"
+#include "attn/kernels/dispatch.hpp"
+#include "attn/kernels/pack.hpp"
 #include "attn/kv/strided.hpp"
 #include "attn/mask.hpp"
 #include "attn/options.hpp"
@@ -61,59 +62,45 @@ struct BackwardTileTraits {
   static_assert(block_q > 0 && block_k > 0, "tiles must be non-empty");
 };
 
-/// The tile products of the backward, behind one small type so that the
-/// kernels under them can change: C += alpha·A·Bᵀ, C += alpha·Aᵀ·B, C += alpha·A·B.
-template <class Acc>
-class BackwardGemm {
- public:
-  BackwardGemm(index_t br, index_t bc, index_t d, index_t dv)
-      : qk_(br, bc, d), dov_(br, bc, dv), dv_(bc, dv, br), dk_(bc, d, br), dq_(br, d, bc) {}
-
-  /// S = A·Bᵀ products: A rows×depth, B cols×depth (both row-major).
-  void scores(index_t rows, index_t cols, index_t depth, const Acc* a, index_t lda, const Acc* b,
-              index_t ldb, Acc* c, index_t ldc, bool value_side) {
-    (value_side ? dov_ : qk_).add_abt(rows, cols, depth, a, lda, b, ldb, c, ldc, Acc(1));
-  }
-  /// C (rows×cols) += Aᵀ·B: A depth×rows, B depth×cols (both row-major).
-  void add_atb(index_t rows, index_t cols, index_t depth, const Acc* a, index_t lda, const Acc* b,
-               index_t ldb, Acc* c, index_t ldc, bool value_side) {
-    (value_side ? dv_ : dk_).add_atb(rows, cols, depth, a, lda, b, ldb, c, ldc, Acc(1));
-  }
-  /// C (rows×cols) += alpha·A·B: A rows×depth, B depth×cols (both row-major).
-  void add_ab(index_t rows, index_t cols, index_t depth, const Acc* a, index_t lda, const Acc* b,
-              index_t ldb, Acc* c, index_t ldc, Acc alpha) {
-    dq_.add_ab(rows, cols, depth, a, lda, b, ldb, c, ldc, alpha);
-  }
-
- private:
-  TileGemm<Acc> qk_, dov_, dv_, dk_, dq_;
-};
-
-/// Per-worker scratch of the backward.
+/// Per-worker scratch of the backward. The products run on the forward's
+/// micro-kernels (kernels/): S = A·Bᵀ products on K panels (score), C += A·B
+/// on rows padded to a multiple of 16 columns (pv); the two Aᵀ·B products
+/// transpose their (Br, Bc) operand into `t` first.
 template <class Acc>
 struct BackwardScratch {
   using Mat = RowMatrix<Acc>;
   using Vec = Eigen::Array<Acc, Eigen::Dynamic, 1>;
-  Mat qs;      // (Br, D)  scale · Q tile
-  Mat dob;     // (Br, Dv) dO tile, when it cannot be read in place
-  Mat p;       // (Br, Bc) P
-  Mat x;       // (Br, Bc) raw scores, for modifiers whose derivative needs them
-  Mat dp;      // (Br, Bc) Pd, then dP, then dS and dX
-  Mat k, v;    // (Bc, D), (Bc, Dv) packed key/value tiles, when a view cannot be used in place
-  Mat dk, dv;  // (Bc, D), (Bc, Dv) accumulators of one key tile
-  Mat dq;      // (group·Lq, D) dQ accumulator, when dq cannot accumulate in place
-  Vec delta;   // (group·Lq) rowsum(dO ∘ O)
-  Vec lse;     // (group·Lq)
-  BackwardGemm<Acc> gemm;
+  Mat qs;      // (Br, Dp)  scale · Q tile, zero past D
+  Mat dob;     // (Br, Dvp) dO tile, zero past Dv
+  Mat p;       // (Br, lds) P
+  Mat x;       // (Br, lds) raw scores, for modifiers whose derivative needs them
+  Mat dp;      // (Br, lds) Pd, then dP, then dS and dX
+  Mat t;       // (Bc, Br)  Pdᵀ, then dXᵀ
+  Mat kpad;    // (Bc, Dp)  K tile rows, zero past D (dQ += dX·K)
+  Mat dk, dv;  // (Bc, Dp), (Bc, Dvp) accumulators of one key tile
+  Mat dq;      // (group·Lq, Dp) dQ accumulator, when dq cannot accumulate in place
+  std::vector<Acc> kpan, vpan, row;  // K and V tiles as score panels; one converted row
+  Vec delta;                         // (group·Lq) rowsum(dO ∘ O)
+  Vec lse;                           // (group·Lq)
   AttentionStats stats;
 
-  BackwardScratch(index_t br, index_t bc, index_t d, index_t dv, index_t group_rows, bool keep_x,
-                  bool pack_k, bool pack_v, bool dq_buffer)
-      : qs(br, d), dob(br, dv), p(br, bc), x(keep_x ? br : 0, keep_x ? bc : 0), dp(br, bc),
-        k(pack_k ? bc : 0, d), v(pack_v ? bc : 0, dv), dk(bc, d), dv(bc, dv),
-        dq(dq_buffer ? group_rows : 0, d), delta(group_rows), lse(group_rows), gemm(br, bc, d, dv) {
-  }
+  BackwardScratch(const kernels::KernelSet<Acc>& ks, index_t br, index_t bc, index_t lds, index_t d,
+                  index_t dv_, index_t group_rows, bool keep_x, bool dq_buffer)
+      : qs(Mat::Zero(br, kernels::padded_dv(d))), dob(Mat::Zero(br, kernels::padded_dv(dv_))),
+        p(br, lds), x(keep_x ? br : 0, keep_x ? lds : 0), dp(br, lds), t(bc, br),
+        kpad(Mat::Zero(bc, kernels::padded_dv(d))), dk(bc, kernels::padded_dv(d)),
+        dv(bc, kernels::padded_dv(dv_)), dq(dq_buffer ? group_rows : 0, kernels::padded_dv(d)),
+        kpan(static_cast<std::size_t>(kernels::packed_k_size(bc, d, ks.k_panel))),
+        vpan(static_cast<std::size_t>(kernels::packed_k_size(bc, dv_, ks.k_panel))),
+        row(static_cast<std::size_t>(std::max(d, dv_))), delta(group_rows), lse(group_rows) {}
 };
+
+/// T (cols × rows, ldt) = Aᵀ for A (rows × cols, lda).
+template <class Acc>
+void transpose_tile(index_t rows, index_t cols, const Acc* a, index_t lda, Acc* t, index_t ldt) {
+  for (index_t r = 0; r < rows; ++r)
+    for (index_t c = 0; c < cols; ++c) t[c * ldt + r] = a[r * lda + c];
+}
 
 /// Which dimensions of the gradient views of a modifier (dbias) are
 /// broadcast over more than one (batch, KV head) task.
@@ -151,9 +138,12 @@ void flash_backward(const TensorView<const Q, 4>& q, const TensorView<const K, 4
   const index_t group = shape.q_heads / shape.kv_heads;
   const index_t group_rows = group * shape.lq;
   const index_t d = shape.d, dvd = shape.dv;
-  const bool pack_k = !std::is_same<K, Acc>::value || k.stride(3) != 1;
-  const bool pack_v = !std::is_same<V, Acc>::value || v.stride(3) != 1;
-  const bool dq_in_place = std::is_same<DQ, Acc>::value && dq.stride(3) == 1;
+  const kernels::KernelSet<Acc>& ks = kernels::kernel_set<Acc>(active_isa());
+  const index_t nr = ks.k_panel;
+  const index_t dpad = kernels::padded_dv(d), dvp = kernels::padded_dv(dvd);
+  const index_t lds = (bc + nr - 1) / nr * nr;  // score rows hold whole panels
+  // dQ accumulates in place when the kernel's padded rows are dq's own rows.
+  const bool dq_in_place = std::is_same<DQ, Acc>::value && dq.stride(3) == 1 && dpad == d;
   const AttentionShape global = global_shape(shape, opt.positions);
   const index_t qoff = opt.positions.q_offset, koff = opt.positions.k_offset;
   const DropoutGen drop =
@@ -166,8 +156,8 @@ void flash_backward(const TensorView<const Q, 4>& q, const TensorView<const K, 4
   const int threads = resolve_threads(opt.num_threads, tasks);
 
   auto make_scratch = [&] {
-    return std::make_unique<BackwardScratch<Acc>>(br, bc, d, dvd, group_rows, keep_x, pack_k,
-                                                  pack_v, !dq_in_place);
+    return std::make_unique<BackwardScratch<Acc>>(ks, br, bc, lds, d, dvd, group_rows, keep_x,
+                                                  !dq_in_place);
   };
 
   // One (batch, KV head): dK, dV of hk and dQ of its group.
@@ -191,9 +181,12 @@ void flash_backward(const TensorView<const Q, 4>& q, const TensorView<const K, 4
 
     for (index_t k0 = 0; k0 < shape.lk; k0 += bc) {
       const index_t cols = std::min(bc, shape.lk - k0);
-      index_t ldk = 0, ldv = 0;
-      const Acc* kt = load_tile<Acc>(k, b, hk, k0, cols, sc.k, ldk);
-      const Acc* vt = load_tile<Acc>(v, b, hk, k0, cols, sc.v, ldv);
+      // K and V as score panels (S = Qs·Kᵀ, dP = dO·Vᵀ), K as padded rows (dQ += dX·K).
+      const K* kt = k.data() + b * k.stride(0) + hk * k.stride(1) + k0 * k.stride(2);
+      const V* vt = v.data() + b * v.stride(0) + hk * v.stride(1) + k0 * v.stride(2);
+      kernels::pack_k(ks, kt, k.stride(2), k.stride(3), cols, d, sc.row.data(), sc.kpan.data());
+      kernels::pack_k(ks, vt, v.stride(2), v.stride(3), cols, dvd, sc.row.data(), sc.vpan.data());
+      kernels::pack_v(ks, kt, k.stride(2), k.stride(3), cols, d, dpad, sc.kpad.data());
       auto dkt = sc.dk.topRows(cols);
       auto dvt = sc.dv.topRows(cols);
       dkt.setZero();
@@ -210,8 +203,8 @@ void flash_backward(const TensorView<const Q, 4>& q, const TensorView<const K, 4
         Acc* dq_base = nullptr;
         if constexpr (std::is_same<DQ, Acc>::value)
           if (dq_in_place) dq_base = &dq(b, h, 0, 0);
-        if (!dq_in_place) dq_base = sc.dq.data() + g * shape.lq * d;
-        const index_t lddq = dq_in_place ? dq.stride(2) : d;
+        if (!dq_in_place) dq_base = sc.dq.data() + g * shape.lq * dpad;
+        const index_t lddq = dq_in_place ? dq.stride(2) : dpad;
         for (index_t q0 = qr.begin / br * br; q0 < qr.end; q0 += br) {
           const index_t rows = std::min(br, shape.lq - q0);
           const index_t gq0 = qoff + q0, gk0 = koff + k0;  // global positions of the tile
@@ -224,21 +217,20 @@ void flash_backward(const TensorView<const Q, 4>& q, const TensorView<const K, 4
           }
           ++(kind == TileKind::full ? sc.stats.full_tiles : sc.stats.partial_tiles);
           sc.stats.scores += rows * cols;
-          const index_t lds = bc;
 
-          // Qs = scale · Q, dO                                              (rows, D), (rows, Dv)
-          auto qs = sc.qs.topRows(rows);
-          qs = matrix(q, b, h).middleRows(q0, rows).template cast<Acc>() * scale;
-          index_t lddo = 0;
-          const Acc* dot = load_tile<Acc>(dout, b, h, q0, rows, sc.dob, lddo);
+          // Qs = scale · Q, dO                          (rows, D), (rows, Dv), zero-padded
+          sc.qs.topLeftCorner(rows, d) =
+              matrix(q, b, h).middleRows(q0, rows).template cast<Acc>() * scale;
+          sc.dob.topLeftCorner(rows, dvd) =
+              matrix(dout, b, h).middleRows(q0, rows).template cast<Acc>();
+          const Acc* qs = sc.qs.data();
+          const Acc* dot = sc.dob.data();
 
           // X = Qs · Kᵀ; S = mask(score_mod(X)); P = exp(S - lse)         (rows, cols)
           Acc* p = sc.p.data();
-          Eigen::Map<RowMatrix<Acc>, 0, Eigen::OuterStride<>> pm(p, rows, cols,
-                                                                 Eigen::OuterStride<>(lds));
-          pm.setZero();
-          sc.gemm.scores(rows, cols, d, qs.data(), d, kt, ldk, p, lds, false);
-          if constexpr (keep_x) sc.x.topLeftCorner(rows, cols) = pm;
+          ks.score(rows, cols, d, qs, dpad, sc.kpan.data(), p, lds);
+          if constexpr (keep_x)
+            for (index_t r = 0; r < rows; ++r) std::copy_n(p + r * lds, cols, &sc.x(r, 0));
           mod.apply_tile(b, h, gq0, gk0, p, lds, rows, cols);
           if (kind == TileKind::partial)
             mask_partial_tile(mask, b, h, gq0, gk0, p, lds, rows, cols);
@@ -261,13 +253,11 @@ void flash_backward(const TensorView<const Q, 4>& q, const TensorView<const K, 4
             }
             pd = dp;
           }
-          sc.gemm.add_atb(cols, dvd, rows, pd, lds, dot, lddo, dvt.data(), dvd, true);
+          transpose_tile(rows, cols, pd, lds, sc.t.data(), br);
+          ks.pv(cols, dvp, rows, sc.t.data(), br, dot, dvp, dvt.data(), dvp);
 
           // dP = (dO · Vᵀ) ∘ M / (1 - p)                                     (rows, cols)
-          Eigen::Map<RowMatrix<Acc>, 0, Eigen::OuterStride<>> dpm(dp, rows, cols,
-                                                                  Eigen::OuterStride<>(lds));
-          dpm.setZero();
-          sc.gemm.scores(rows, cols, dvd, dot, lddo, vt, ldv, dp, lds, true);
+          ks.score(rows, cols, dvd, dot, dvp, sc.vpan.data(), dp, lds);
           if (drop.enabled)
             for (index_t r = 0; r < rows; ++r)
               drop.apply_row(b, h, gq0 + r, gk0, dp + r * lds, cols);
@@ -284,9 +274,10 @@ void flash_backward(const TensorView<const Q, 4>& q, const TensorView<const K, 4
                           dp, lds, rows, cols);
 
           // dK += dXᵀ · Qs                                                   (cols, D)
-          sc.gemm.add_atb(cols, d, rows, dp, lds, qs.data(), d, dkt.data(), d, false);
-          // dQ += scale · dX · K                                             (rows, D)
-          sc.gemm.add_ab(rows, d, cols, dp, lds, kt, ldk, dq_base + q0 * lddq, lddq, scale);
+          transpose_tile(rows, cols, static_cast<const Acc*>(dp), lds, sc.t.data(), br);
+          ks.pv(cols, dpad, rows, sc.t.data(), br, qs, dpad, dkt.data(), dpad);
+          // dQ += dX · K (scaled once at the end)                            (rows, D)
+          ks.pv(rows, dpad, cols, dp, lds, sc.kpad.data(), dpad, dq_base + q0 * lddq, lddq);
         }
       }
       for (index_t r = 0; r < cols; ++r) {
@@ -294,11 +285,15 @@ void flash_backward(const TensorView<const Q, 4>& q, const TensorView<const K, 4
         for (index_t c = 0; c < dvd; ++c) dv(b, hk, k0 + r, c) = static_cast<DV>(dvt(r, c));
       }
     }
-    if (!dq_in_place)
-      for (index_t g = 0; g < group; ++g)
-        for (index_t i = 0; i < shape.lq; ++i)
-          for (index_t c = 0; c < d; ++c)
-            dq(b, h0 + g, i, c) = static_cast<DQ>(sc.dq(g * shape.lq + i, c));
+    // dQ = scale · Σ dX·K
+    for (index_t g = 0; g < group; ++g)
+      for (index_t i = 0; i < shape.lq; ++i)
+        for (index_t c = 0; c < d; ++c) {
+          if (dq_in_place)
+            dq(b, h0 + g, i, c) *= static_cast<DQ>(scale);
+          else
+            dq(b, h0 + g, i, c) = static_cast<DQ>(scale * sc.dq(g * shape.lq + i, c));
+        }
   };
 
   auto run_task = [&](BackwardScratch<Acc>& sc, index_t t) {
