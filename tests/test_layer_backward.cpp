@@ -398,6 +398,39 @@ TEST(LayerBackward, FloatAgreesWithDouble) {
                "float vs double (cross)");
 }
 
+// ---------------------------------------------------------------- RoPE backward --
+
+// apply_rope_backward is the transpose of apply_rope: <R·x, g> = <x, Rᵀ·g>
+// for every pairing, a partial rotary dim and an offset; Rᵀ·R·x = x.
+TEST(LayerBackward, RopeBackwardIsTheTranspose) {
+  const index_t B = 2, H = 3, L = 7, D = 10;
+  for (attn::RopePairing pairing : {attn::RopePairing::half_split, attn::RopePairing::interleaved})
+    for (index_t rd : {0, 6}) {
+      attn::Rope r;
+      r.pairing = pairing;
+      r.rotary_dim = rd;
+      r.offset = 11;
+      r.theta = 50.0;
+      Tensor<double> x = random_tensor<double>(B, H, L, D, 51, Layout::bshd),
+                     g = random_tensor<double>(B, H, L, D, 52);
+      const Tensor<double> x0 = x, g0 = g;
+      attn::apply_rope(x.view, r);
+      attn::apply_rope_backward(g.view, r);
+      double lhs = 0, rhs = 0;
+      for (index_t b = 0; b < B; ++b)
+        for (index_t h = 0; h < H; ++h)
+          for (index_t l = 0; l < L; ++l)
+            for (index_t d = 0; d < D; ++d) {
+              lhs += x(b, h, l, d) * g0(b, h, l, d);
+              rhs += x0(b, h, l, d) * g(b, h, l, d);
+            }
+      EXPECT_NEAR(lhs, rhs, 64 * eps<double>() * (std::abs(lhs) + 1));
+      attn::apply_rope_backward(x.view, r);
+      for (std::size_t i = 0; i < x.buf.size(); ++i)
+        EXPECT_NEAR(x.buf[i], x0.buf[i], 8 * eps<double>() * (std::abs(x0.buf[i]) + 1));
+    }
+}
+
 // ---------------------------------------------------------------- determinism --
 
 // Sizes where every product and the attention run in parallel.
