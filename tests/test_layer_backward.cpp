@@ -492,6 +492,30 @@ TEST(LayerBackward, AccumulateAddsToGradients) {
   EXPECT_EQ(once.wq.rows(), c.d_model);
 }
 
+// A null dx or dmemory skips it; what is computed is the same, bitwise.
+TEST(LayerBackward, NullInputGradientsAreSkipped) {
+  attn::MultiHeadConfig c;
+  c.d_model = 8, c.q_heads = 2, c.d_kv_in = 6;
+  attn::CrossAttention<float> cross(c);
+  Params(attn::detail::resolve_config(c), 61).load(cross);
+  const Seq<float> x = random_seq<float>(2, 3, 8, 62), mem = random_seq<float>(2, 5, 6, 63),
+                   r = random_seq<float>(2, 3, 8, 64);
+  Seq<float> out(2, 3, 8), dx(2, 3, 8), dm(2, 5, 6), dx1(2, 3, 8), dm1(2, 5, 6);
+  attn::AttentionContext<float> ctx;
+  attn::AttentionGrads<float> all, g1, g2;
+  cross.forward(x.cview(), mem.cview(), out.view(), attn::no_mask(), attn::no_score_mod(), {}, ctx);
+  cross.backward(ctx, x.cview(), mem.cview(), r.cview(), dx.view(), dm.view(), all);
+  cross.backward(ctx, x.cview(), mem.cview(), r.cview(), dx1.view(), attn::TensorView<float, 3>(),
+                 g1);
+  cross.backward(ctx, x.cview(), mem.cview(), r.cview(), attn::TensorView<float, 3>(), dm1.view(),
+                 g2);
+  EXPECT_EQ(dx1.buf, dx.buf);
+  EXPECT_EQ(dm1.buf, dm.buf);
+  EXPECT_EQ(g1.wk, all.wk);
+  EXPECT_EQ(g2.wo, all.wo);
+  EXPECT_GT(ctx.bytes(), std::size_t{0});
+}
+
 // -------------------------------------------------------------------- errors --
 
 template <class F>
