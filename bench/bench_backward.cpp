@@ -16,11 +16,18 @@
 //
 //   bench_backward            N = 1024, 2048 (window and bigbird also 4096, 8192)
 //   bench_backward --sweep    N = 256 ... 16384
+//   bench_backward --peak-memory=N   no benchmarks: the peak resident memory of one
+//                             causal attention_backward at N against the size of its
+//                             tensors (q, k, v, out, dout, dq, dk, dv, lse), from
+//                             /proc/self/status VmHWM, reset before the call
 #include "bench_support.hpp"
 
 #include <attn/attn.hpp>
 
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <string>
 #include <vector>
 
@@ -143,6 +150,46 @@ void register_shape(Kind kind, index_t n) {
       ->UseRealTime();
 }
 
+/// A field of /proc/self/status in MiB (0 where there is none).
+double status_mib(const char* field) {
+  std::ifstream f("/proc/self/status");
+  std::string line;
+  const std::size_t n = std::strlen(field);
+  while (std::getline(f, line))
+    if (line.compare(0, n, field) == 0) return std::atof(line.c_str() + n + 1) / 1024.0;
+  return 0;
+}
+
+/// Resets VmHWM to the current resident size (Linux: "5" into clear_refs).
+bool reset_peak() {
+  std::ofstream f("/proc/self/clear_refs");
+  f << "5";
+  return static_cast<bool>(f);
+}
+
+/// The peak resident memory of one causal backward at N (see the top of this file).
+int peak_memory(index_t n) {
+  Problem p(n);
+  const double tensors =
+      static_cast<double>(8 * p.q.size() + p.lse.size()) * sizeof(float) / (1024.0 * 1024.0);
+  std::fill(p.dq.begin(), p.dq.end(), 0.f);  // touch every output page
+  std::fill(p.dk.begin(), p.dk.end(), 0.f);
+  std::fill(p.dv.begin(), p.dv.end(), 0.f);
+  forward(p, Kind::causal, {});
+  const double before = status_mib("VmRSS:");
+  if (!reset_peak()) std::printf("(could not reset VmHWM: the peak includes the forward)\n");
+  backward(p, Kind::causal, {});
+  const double peak = status_mib("VmHWM:");
+  std::printf(
+      "causal backward, B = 1, H = %d, D = %d, N = %lld, fp32\n"
+      "  tensors (q, k, v, out, dout, dq, dk, dv, lse): %.1f MiB\n"
+      "  resident before the backward: %.1f MiB (tensors + program)\n"
+      "  peak during the backward:     %.1f MiB, %.1f MiB above the tensors + program\n",
+      static_cast<int>(kHeads), static_cast<int>(kDim), static_cast<long long>(n), tensors, before,
+      peak, peak - before);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -151,6 +198,8 @@ int main(int argc, char** argv) {
   for (int i = 0; i < argc; ++i) {
     if (std::strcmp(argv[i], "--sweep") == 0 || std::strcmp(argv[i], "--full") == 0)
       sweep = true;
+    else if (std::strncmp(argv[i], "--peak-memory=", 14) == 0)
+      return peak_memory(std::atoll(argv[i] + 14));
     else
       args.push_back(argv[i]);
   }

@@ -12,7 +12,10 @@
 // Rows are named path/N:<len>/d_model:<d>/H:<q heads>/Hkv:<kv heads>. Counters:
 // GFLOPs (GFLOP/s), roofline_frac against the row roofline/gemm, and x_baseline:
 // layer against naive_eigen, layer_projections against eigen_projections,
-// layer_attention_bshd against sdpa_bhsd (same shape).
+// layer_attention_bshd against sdpa_bhsd (same shape). layer_backward (the
+// layer's backward after a training forward, dense) has x_forward = its time /
+// the layer's forward time, and GFLOPs counting 2× the projections' FLOPs (dx
+// and the weight gradients) and 2.5× the attention's.
 //
 // The projections run attn's own kernels, picked at run time (AVX-512F, AVX2,
 // portable), so a build without -march runs them at the speed of a native
@@ -121,6 +124,35 @@ void layer(benchmark::State& state, Shape shape) {
   });
   attn_bench::set_gflops(state, shape.projection_flops() + shape.attention_flops(), t);
   attn_bench::set_ratio(state, "layer/" + shape.name(), t);
+  attn_bench::record_time(state, "layer_forward/" + shape.name(), t);
+}
+
+/// The layer's backward: dx and every weight gradient from a training forward's context.
+void layer_backward(benchmark::State& state, Shape shape) {
+  if (skip_over_limits(state, shape, "layer_backward", false)) return;
+  const Setup su(shape);
+  attn::MultiHeadAttention<float> mha(su.config());
+  mha.set_wq(su.wq);
+  mha.set_wk(su.wk);
+  mha.set_wv(su.wv);
+  mha.set_wo(su.wo);
+  const index_t L = shape.len, d = shape.d_model;
+  Mat out(L, d), dx(L, d);
+  const Mat dout = random(L, d, 11, 1.f);
+  const attn::TensorView<float, 3> ov(out.data(), {1, L, d}), dxv(dx.data(), {1, L, d});
+  const attn::TensorView<const float, 3> dov(dout.data(), {1, L, d});
+  attn::AttentionContext<float> ctx;
+  attn::AttentionGrads<float> grads;
+  mha.forward(su.xview(), ov, attn::no_mask(), attn::no_score_mod(), {}, ctx);
+  mha.backward(ctx, su.xview(), dov, dxv, grads);  // sizes the scratch once
+  const double t = attn_bench::timed_loop(state, [&] {
+    mha.backward(ctx, su.xview(), dov, dxv, grads);
+    benchmark::DoNotOptimize(dx.data());
+    benchmark::ClobberMemory();
+  });
+  attn_bench::set_gflops(state, 2.0 * shape.projection_flops() + 2.5 * shape.attention_flops(), t);
+  const double fwd = attn_bench::baseline_seconds("layer_forward/" + shape.name());
+  if (fwd > 0 && t > 0) state.counters["x_forward"] = t / fwd;
 }
 
 /// The four projections as Eigen products (what the layer ran before its own
@@ -246,13 +278,14 @@ void naive_eigen(benchmark::State& state, Shape shape) {
   attn_bench::set_gflops(state, shape.projection_flops() + shape.attention_flops(), t);
 }
 
-/// The six rows of one shape, each baseline before the row that reads its time.
+/// The seven rows of one shape, each baseline before the row that reads its time.
 void register_shape(const Shape& s) {
   const std::string n = s.name();
   for (auto* b :
        {benchmark::RegisterBenchmark(("naive_eigen/" + n).c_str(), naive_eigen, s),
         benchmark::RegisterBenchmark(("sdpa_bhsd/" + n).c_str(), sdpa_bhsd, s),
         benchmark::RegisterBenchmark(("layer/" + n).c_str(), layer, s),
+        benchmark::RegisterBenchmark(("layer_backward/" + n).c_str(), layer_backward, s),
         benchmark::RegisterBenchmark(("eigen_projections/" + n).c_str(), eigen_projections, s),
         benchmark::RegisterBenchmark(("layer_projections/" + n).c_str(), layer_projections, s),
         benchmark::RegisterBenchmark(("layer_attention_bshd/" + n).c_str(), layer_attention, s)})

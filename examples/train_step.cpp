@@ -5,14 +5,15 @@
 // and the model predicts token t+1 from tokens ≤ t (teacher forcing); the loss
 // is the cross-entropy on the 8 positions that predict y.
 //
-// Model (one block, all written here in Eigen except the attention):
+// Model (one block; embeddings, residual and readout written here in Eigen):
 //   h0 = E[token] + P[position]                                (B·L, d)
-//   q, k, v = h0·Wq, h0·Wk, h0·Wv, as [B, L, H, D] views (bshd)
-//   o = attn::masked_attention(q, k, v, causal())   (lse kept for the backward)
-//   h1 = h0 + o·Wo;   logits = h1·Wout                          (B·L, vocab)
-// Backward: hand-written for the projections and embeddings, and
-// attn::attention_backward for the attention, with attention dropout (p = 0.1,
-// a new offset each step) fused in both passes. Adam updates every weight.
+//   a = attn::MultiHeadAttention(h0) under causal()  (q, k, v, o projections;
+//       the training forward keeps what the backward needs in a context)
+//   h1 = h0 + a;   logits = h1·Wout                             (B·L, vocab)
+// Backward: hand-written for the readout and embeddings; the layer's
+// backward gives dh0 through the attention and dWq, dWk, dWv, dWo, with
+// attention dropout (p = 0.1, a new offset each step) fused in both passes.
+// Adam updates every weight (and hands the four projections back to the layer).
 //
 // It prints the loss and the accuracy on the reversed half falling, and the
 // time per step.
@@ -66,14 +67,22 @@ int main() {
       wout(kModel, kVocab, s_proj, gen);
   Param* params[] = {&emb, &pos, &wq, &wk, &wv, &wo, &wout};
 
-  const index_t rows = kBatch * kLen, hd = kHeads * kHeadDim;
-  Mat h0(rows, kModel), q(rows, hd), k(rows, hd), v(rows, hd), o(rows, hd), h1(rows, kModel),
-      logits(rows, kVocab), dlogits(rows, kVocab), dh1(rows, kModel), dout(rows, hd), dq(rows, hd),
-      dk(rows, hd), dv(rows, hd), dh0(rows, kModel);
-  std::vector<float> lse(static_cast<std::size_t>(kBatch * kHeads * kLen));
+  attn::MultiHeadConfig cfg;
+  cfg.d_model = kModel;
+  cfg.q_heads = kHeads;
+  cfg.head_dim = kHeadDim;
+  attn::MultiHeadAttention<float> mha(cfg);
+  attn::AttentionContext<float> ctx;  // what the forward keeps for the backward
+  attn::AttentionGrads<float> grads;  // dWq, dWk, dWv, dWo ([in, out], like Param::w)
+
+  const index_t rows = kBatch * kLen;
+  Mat h0(rows, kModel), a(rows, kModel), h1(rows, kModel), logits(rows, kVocab),
+      dlogits(rows, kVocab), dh1(rows, kModel), dx(rows, kModel), dh0(rows, kModel);
+  auto view = [&](Mat& m) { return attn::TensorView<float, 3>(m.data(), {kBatch, kLen, kModel}); };
+  auto cview = [&](const Mat& m) {
+    return attn::TensorView<const float, 3>(m.data(), {kBatch, kLen, kModel});
+  };
   std::vector<int> tokens(static_cast<std::size_t>(rows));
-  auto view = [&](Mat& m) { return attn::bshd(m.data(), kBatch, kLen, kHeads, kHeadDim); };
-  const attn::TensorView<float, 3> lse_view(lse.data(), {kBatch, kHeads, kLen});
   std::uniform_int_distribution<int> digit(0, kDigits - 1);
 
   const int steps = 300;
@@ -89,19 +98,18 @@ int main() {
       for (index_t i = 0; i < kHalf; ++i) t[kHalf + 1 + i] = t[kHalf - 1 - i];
     }
     attn::AttentionOptions opt;
-    opt.lse = lse_view;
     opt.dropout = {0.1, 2026, static_cast<std::uint64_t>(step)};
     opt.num_threads = 1;  // a tiny problem: a thread team costs more than it saves
 
     // ---- forward
     for (index_t r = 0; r < rows; ++r)
       h0.row(r) = emb.w.row(tokens[static_cast<std::size_t>(r)]) + pos.w.row(r % kLen);
-    q.noalias() = h0 * wq.w;
-    k.noalias() = h0 * wk.w;
-    v.noalias() = h0 * wv.w;
-    attn::masked_attention(view(q), view(k), view(v), view(o), attn::causal(), opt);
-    h1 = h0;
-    h1.noalias() += o * wo.w;
+    mha.set_wq(wq.w);
+    mha.set_wk(wk.w);
+    mha.set_wv(wv.w);
+    mha.set_wo(wo.w);
+    mha.forward(cview(h0), view(a), attn::causal(), attn::no_score_mod(), opt, ctx);
+    h1 = h0 + a;
     logits.noalias() = h1 * wout.w;
 
     // ---- loss: positions kHalf … 2·kHalf - 1 predict y1 … y8
@@ -130,18 +138,13 @@ int main() {
     // ---- backward
     wout.g.noalias() += h1.transpose() * dlogits;
     dh1.noalias() = dlogits * wout.w.transpose();
-    wo.g.noalias() += o.transpose() * dh1;
-    dout.noalias() = dh1 * wo.w.transpose();
-    attn::attention_backward(view(q), view(k), view(v), view(o),
-                             attn::TensorView<const float, 3>(lse_view), view(dout), view(dq),
-                             view(dk), view(dv), attn::causal(), opt);
-    wq.g.noalias() += h0.transpose() * dq;
-    wk.g.noalias() += h0.transpose() * dk;
-    wv.g.noalias() += h0.transpose() * dv;
-    dh0 = dh1;  // residual
-    dh0.noalias() += dq * wq.w.transpose();
-    dh0.noalias() += dk * wk.w.transpose();
-    dh0.noalias() += dv * wv.w.transpose();
+    mha.backward(ctx, cview(h0), cview(dh1), view(dx), grads, attn::causal(), attn::no_score_mod(),
+                 opt);
+    wq.g += grads.wq;
+    wk.g += grads.wk;
+    wv.g += grads.wv;
+    wo.g += grads.wo;
+    dh0 = dh1 + dx;  // residual + attention
     for (index_t r = 0; r < rows; ++r) {
       emb.g.row(tokens[static_cast<std::size_t>(r)]) += dh0.row(r);
       pos.g.row(r % kLen) += dh0.row(r);

@@ -18,6 +18,13 @@ Shapes (B = 1, H = 8): dense D = 64 N = 4096, D = 128 N = 2048 and 4096;
 causal D = 64 and 128 at N = 4096; fp32, and bf16 for attn and PyTorch (ONNX
 Runtime's CPU MultiHeadAttention has no bf16). FLOP = 4·B·H·N²·D dense and
 4·B·H·D·N(N+1)/2 causal (only the kept pairs), as bench_attention counts them.
+
+Training (forward + backward), with --bench-backward build/bench/bench_backward:
+attn's forward/<mask>/N and backward/<mask>/N rows against PyTorch's
+scaled_dot_product_attention forward + out.backward(dout) on the same shapes
+(B = 1, H = 8, D = 128, N = 1024 and 2048, dense and causal, fp32), times in
+ms; GFLOP/s count 3.5× the forward's FLOPs (the backward does 2.5×).
+--only-backward skips the forward tables (and ONNX Runtime).
 """
 import argparse
 import json
@@ -191,6 +198,71 @@ def time_attn(bench, threads):
     return out, peaks
 
 
+BACKWARD_SHAPES = [(False, 1024), (False, 2048), (True, 1024), (True, 2048)]  # D = 128
+
+
+def time_attn_backward(bench, threads, reps):
+    filt = "^(forward|backward)/(dense|causal)/N:(1024|2048)/"
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    res = subprocess.run([bench, f"--benchmark_filter={filt}", "--benchmark_format=json",
+                          "--benchmark_min_time=0.1", f"--benchmark_repetitions={reps}"],
+                         env=env, capture_output=True, text=True, check=True)
+    out = {}
+    for b in json.loads(res.stdout)["benchmarks"]:
+        if b.get("run_type") == "aggregate":
+            continue
+        parts = b["name"].split("/")  # backward/causal/N:2048/real_time
+        scale = {"ms": 1e-3, "us": 1e-6, "ns": 1e-9, "s": 1.0}[b["time_unit"]]
+        key = (parts[0], parts[1] == "causal", int(parts[2][2:]))
+        out[key] = min(out.get(key, float("inf")), b["real_time"] * scale)  # best repetition
+    return out
+
+
+def time_torch_backward(threads, reps):
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(threads)
+    out = {}
+    for causal, n in BACKWARD_SHAPES:
+        g = torch.Generator().manual_seed(1)
+        q, k, v = (torch.randn(1, HEADS, n, 128, generator=g).requires_grad_() for _ in range(3))
+        dout = torch.randn(1, HEADS, n, 128, generator=g)
+
+        def fwd_bwd():
+            for t in (q, k, v):
+                t.grad = None
+            F.scaled_dot_product_attention(q, k, v, is_causal=causal).backward(dout)
+
+        with torch.no_grad():
+            out[("forward", causal, n)] = best_time(
+                lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), reps)
+        out[("both", causal, n)] = best_time(fwd_bwd, reps)
+    return out, torch.__version__
+
+
+def backward_table(bench, threads, reps):
+    attn = time_attn_backward(bench, threads, reps)
+    torch_r, torch_v = time_torch_backward(threads, reps)
+    lines = ["", f"Training: attention forward + backward, B = 1, H = 8, D = 128, fp32, {threads} threads, "
+             f"one sitting on {cpu_name()}. attn: bench_backward (best of its repetitions); PyTorch {torch_v}: "
+             "`scaled_dot_product_attention` then `out.backward(dout)` (best of its runs). "
+             "Times in ms; GFLOP/s count 3.5× the forward's FLOPs.", "",
+             "| shape | attn fwd | attn bwd | attn bwd / fwd | attn fwd + bwd | PyTorch fwd + bwd | "
+             "PyTorch bwd / fwd | attn GFLOP/s | PyTorch GFLOP/s | attn speedup |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for causal, n in BACKWARD_SHAPES:
+        af, ab = attn.get(("forward", causal, n)), attn.get(("backward", causal, n))
+        tf, tb = torch_r.get(("forward", causal, n)), torch_r.get(("both", causal, n))
+        if not (af and ab and tf and tb):
+            continue
+        fl = 3.5 * flops(causal, n, 128) * 1e-9
+        lines.append(f"| {'causal' if causal else 'dense'} N = {n} | {af * 1e3:.1f} | {ab * 1e3:.1f} | "
+                     f"{ab / af:.2f} | {(af + ab) * 1e3:.1f} | {tb * 1e3:.1f} | {(tb - tf) / tf:.2f} | "
+                     f"{fl / (af + ab):.0f} | {fl / tb:.0f} | {tb / (af + ab):.2f}× |")
+    return "\n".join(lines) + "\n"
+
+
 def cpu_name():
     try:
         for line in open("/proc/cpuinfo"):
@@ -210,6 +282,8 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default="peers.md")
     ap.add_argument("--plot", default="")
+    ap.add_argument("--bench-backward", default="", help="bench_backward: add the forward + backward table")
+    ap.add_argument("--only-backward", action="store_true", help="only the forward + backward table")
     ap.add_argument("--errors", default="", metavar="BF16_ERROR",
                     help="write the bf16 error table instead, using this bench/bf16_error binary")
     args = ap.parse_args()
@@ -219,6 +293,14 @@ def main():
     in_venv_or_reexec(args.venv)
     if args.errors:
         bf16_errors(args.errors, args.threads, args.out)
+        return
+    if args.only_backward:
+        if not args.bench_backward:
+            sys.exit("compare_peers: --only-backward needs --bench-backward")
+        text = backward_table(args.bench_backward, args.threads, args.reps)
+        with open(args.out, "w") as f:
+            f.write(text)
+        print(text)
         return
     attn, peaks = time_attn(args.bench, args.threads)
     torch_r, torch_v = time_torch(args.threads, args.reps)
@@ -248,6 +330,8 @@ def main():
                          + (f"{a / peak:.0%}" if a and peak else "–") + " |")
             rows.append((f"{shape}\n{kind}", a or 0, t or 0, o or 0))
     text = "\n".join(lines) + "\n"
+    if args.bench_backward:
+        text += backward_table(args.bench_backward, args.threads, args.reps)
     with open(args.out, "w") as f:
         f.write(text)
     print(text)

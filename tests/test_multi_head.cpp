@@ -305,7 +305,7 @@ TEST(MultiHeadErrors, RopePositionsThatOverflow) {
   std::fill(out.buf.begin(), out.buf.end(), 7.f);
   const char* needle = "rope offset 9223372036854775805 plus 5 rows overflows a 64-bit position";
   EXPECT_TRUE(throws_with([&] { layer.forward(x.cview(), out.view()); }, needle));
-  std::vector<float> w(2 * 5 * 5, 7.f), lse(2 * 5, 7.f);
+  std::vector<float> w(2 * 5 * 5, 7.f), lse(2 * 7, 7.f);
   EXPECT_TRUE(throws_with(
       [&] { layer.attention_weights(x.cview(), attn::bhsd(w.data(), 1, 2, 5, 5)); }, needle));
   // Packed sequences of 2 and 5 rows: the longest decides, before the first one's lse is written.

@@ -233,6 +233,106 @@ TEST(TableGradients, RelativeBias2dMatchesFiniteDifferences) {
       [&](const std::vector<double>& t) { return attn::relative_bias_2d(t, gh, gw); });
 }
 
+/// dL/dtable from one attention_backward call (L = Σ out ∘ dout), in T,
+/// against the fp64 reference backward, and the reference against central
+/// differences of the reference forward. B = 2 and GQA: every batch and the
+/// query heads of a group add into the table, in one task per KV head.
+template <class T, class Make, class Mask>
+void expect_backward_table_grad(const Problem& p, index_t rows, const Make& make_mod,
+                                const Mask& mask) {
+  const Inputs<T> in(p, 5);
+  const Tensor<T> dout = random_tensor<T>(p.B, p.Hq, p.Lq, p.Dv, 8);
+  const std::vector<double> table = random_table(rows * p.Hq, 9);
+  const Tensor<double> q = to_double(in.q), k = to_double(in.k), v = to_double(in.v),
+                       d64 = to_double(dout);
+  // reference dtable, and central differences of the reference forward
+  std::vector<double> ref(table.size(), -1.0);
+  {
+    Tensor<double> dq(p.B, p.Hq, p.Lq, p.D), dk(p.B, p.Hkv, p.Lk, p.D), dv(p.B, p.Hkv, p.Lk, p.Dv);
+    const attn::TensorView<double, 2> g(ref.data(), {rows, p.Hq});
+    attn::reference::attention_backward(q.cview(), k.cview(), v.cview(), d64.cview(), dq.view,
+                                        dk.view, dv.view, mask, make_mod(table).with_table_grad(g));
+  }
+  auto loss = [&](const std::vector<double>& t) {
+    Tensor<double> out(p.B, p.Hq, p.Lq, p.Dv);
+    attn::reference::attention(q.cview(), k.cview(), v.cview(), out.view, mask, make_mod(t));
+    double sum = 0;
+    for (std::size_t i = 0; i < out.buf.size(); ++i) sum += out.buf[i] * d64.buf[i];
+    return sum;
+  };
+  double ref_max = 0;
+  for (std::size_t e = 0; e < table.size(); ++e) {
+    std::vector<double> plus = table, minus = table;
+    plus[e] += 1e-5;
+    minus[e] -= 1e-5;
+    const double fd = (loss(plus) - loss(minus)) / 2e-5;
+    ASSERT_NEAR(ref[e], fd, 1e-8 * (1 + std::abs(fd))) << "entry " << e;
+    ref_max = std::max(ref_max, std::abs(ref[e]));
+  }
+  // the engine, forward then backward in T, 1 and 3 threads
+  Tensor<T> out(p.B, p.Hq, p.Lq, p.Dv);
+  std::vector<float> lse(static_cast<std::size_t>(p.B * p.Hq * p.Lq));
+  attn::AttentionOptions fo;
+  fo.lse = attn::TensorView<float, 3>(lse.data(), {p.B, p.Hq, p.Lq});
+  attn::masked_attention(in.q.view, in.k.view, in.v.view, out.view, mask, make_mod(table), fo);
+  std::vector<double> got[2];
+  for (int t = 0; t < 2; ++t) {
+    got[t].assign(table.size(), 42.0);  // the backward zeroes it first
+    Tensor<T> dq(p.B, p.Hq, p.Lq, p.D), dk(p.B, p.Hkv, p.Lk, p.D), dv(p.B, p.Hkv, p.Lk, p.Dv);
+    attn::AttentionOptions bo;
+    bo.num_threads = t == 0 ? 1 : 3;
+    const attn::TensorView<double, 2> g(got[t].data(), {rows, p.Hq});
+    attn::attention_backward(in.q.view, in.k.view, in.v.view, out.cview(),
+                             attn::TensorView<const float, 3>(fo.lse), dout.cview(), dq.view,
+                             dk.view, dv.view, mask, make_mod(table).with_table_grad(g), bo);
+  }
+  EXPECT_EQ(got[0], got[1]) << "bitwise across thread counts";
+  // Each entry sums many dS terms, each with the engine's relative error (a
+  // few eps<T>, and eps<float>·|lse| from P read through the float lse):
+  // 64·max(eps<T>, eps<float>) of the largest entry, far below a misplaced term.
+  const double tol = 64 * std::max(eps<T>(), eps<float>()) * std::max(ref_max, 1.0);
+  for (std::size_t e = 0; e < table.size(); ++e)
+    EXPECT_NEAR(got[0][e], ref[e], tol) << "entry " << e << " " << p.str();
+}
+
+TYPED_TEST(T5Attention, T5TableGradientFromAttentionBackward) {
+  const Problem p = make(2, 4, 2, 13, 17, 8, 6);
+  for (bool bidir : {true, false})
+    expect_backward_table_grad<TypeParam>(
+        p, 8, [&](const std::vector<double>& t) { return attn::t5_bias(t, 8, 12, bidir); },
+        attn::causal());
+}
+
+TYPED_TEST(Bias2dAttention, RelativeBias2dTableGradientFromAttentionBackward) {
+  const index_t gh = 3, gw = 4;
+  const Problem p = make(2, 4, 2, gh * gw, gh * gw, 8, 8);
+  expect_backward_table_grad<TypeParam>(
+      p, (2 * gh - 1) * (2 * gw - 1),
+      [&](const std::vector<double>& t) { return attn::relative_bias_2d(t, gh, gw); },
+      attn::no_mask());
+}
+
+TEST(TableGradients, BackwardChecksTheGradientView) {
+  const Problem p = make(1, 2, 1, 5, 5, 4, 4);
+  const Inputs<double> in(p, 1);
+  Tensor<double> out(p.B, p.Hq, p.Lq, p.Dv), dq(p.B, p.Hq, p.Lq, p.D), dk(p.B, p.Hkv, p.Lk, p.D),
+      dv(p.B, p.Hkv, p.Lk, p.Dv);
+  std::vector<float> lse(static_cast<std::size_t>(p.Hq * p.Lq));
+  std::vector<double> g(7 * 2, 3.0);
+  const attn::TensorView<const float, 3> l(lse.data(), {1, p.Hq, p.Lq});
+  try {
+    attn::attention_backward(in.q.view, in.k.view, in.v.view, out.cview(), l, out.cview(), dq.view,
+                             dk.view, dv.view, attn::no_mask(),
+                             attn::t5_bias(random_table(16, 1), 8, 12, true)
+                                 .with_table_grad(attn::TensorView<double, 2>(g.data(), {7, 2})));
+    FAIL() << "no error";
+  } catch (const attn::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("t5_bias dtable has shape [7, 2]"), std::string::npos)
+        << e.what();
+  }
+  for (double x : g) EXPECT_EQ(x, 3.0);
+}
+
 // ------------------------------------------------------------------ errors --
 
 template <class Mod>

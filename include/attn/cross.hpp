@@ -204,6 +204,53 @@ class CrossAttention : public AttentionProjections<T> {
     forward(x, memory, out, mask, no_score_mod(), options);
   }
 
+  /// Training forward: out = cross attention of x over memory, projecting
+  /// the memory on this call, as forward(x, memory, out, mask, score_mod,
+  /// options); `ctx` keeps what backward needs (see AttentionContext).
+  template <class Mask, class Mod>
+  void forward(TensorView<const T, 3> x, TensorView<const T, 3> memory, TensorView<T, 3> out,
+               const Mask& mask, const Mod& score_mod, const AttentionOptions& options,
+               AttentionContext<T>& ctx) {
+    const MultiHeadConfig& c = this->cfg_;
+    detail::check_sequence(memory, "memory", c.d_kv_in, "d_kv_in");
+    detail::check_cross(c, this->in_out_weights(), x, out, memory, memory.extent(0),
+                        memory.extent(1), mask, score_mod, options, &ctx.ws_);
+    if (!options.lse.is_null())
+      detail::check_no_overlap(options.lse, "options.lse", detail::buffer_view(ctx.lse_),
+                               "the context's lse");
+    detail::check_no_overlap(out, "out", detail::buffer_view(ctx.lse_), "the context's lse");
+    const index_t B = x.extent(0), Lq = x.extent(1), Lk = memory.extent(1);
+    const AttentionOptions o = Base::context_options(options, ctx, B, c.q_heads, Lq);
+    detail::project_kv(c, this->packed(), memory, ctx.ws_.k, ctx.ws_.v, options.num_threads);
+    detail::cross_attention_forward(
+        c, this->packed(), x, bshd<const T>(ctx.ws_.k.data(), B, Lk, c.kv_heads, c.head_dim),
+        bshd<const T>(ctx.ws_.v.data(), B, Lk, c.kv_heads, c.v_head_dim), out, mask, score_mod, o,
+        ctx.ws_);
+    Base::copy_lse(ctx, options);
+    this->save_context(ctx, c, B, Lq, Lk);
+  }
+
+  /// Gradients of the training forward that filled `ctx`, for dout = dL/dout
+  /// [B, Lq, d_model]: dx = dL/dx [B, Lq, d_model] (from q only), dmemory =
+  /// dL/dmemory [B, Lk, d_kv_in] (from k and v; a null view skips either),
+  /// and the parameter gradients into `grads` as MultiHeadAttention::backward
+  /// does. x, memory, mask, score_mod and options must be the forward's.
+  template <class Mask = NoMask, class Mod = NoScoreMod>
+  void backward(AttentionContext<T>& ctx, TensorView<const T, 3> x, TensorView<const T, 3> memory,
+                TensorView<const T, 3> dout, TensorView<T, 3> dx, TensorView<T, 3> dmemory,
+                AttentionGrads<T>& grads, const Mask& mask = {}, const Mod& score_mod = {},
+                const AttentionOptions& options = {}) {
+    detail::check_view(memory, "memory");
+    this->backward_core(ctx, x, memory, dout, dx, dmemory, grads, mask, score_mod, options);
+  }
+  /// Same, without a score modifier.
+  template <class Mask, class = std::enable_if_t<is_mask_v<Mask>>>
+  void backward(AttentionContext<T>& ctx, TensorView<const T, 3> x, TensorView<const T, 3> memory,
+                TensorView<const T, 3> dout, TensorView<T, 3> dx, TensorView<T, 3> dmemory,
+                AttentionGrads<T>& grads, const Mask& mask, const AttentionOptions& options) {
+    backward(ctx, x, memory, dout, dx, dmemory, grads, mask, no_score_mod(), options);
+  }
+
   /// Fills weights [B, Hq, Lq, Lk] with each head's softmax probabilities of
   /// x over the projected memory. O(Lq·Lk) memory: for attention maps.
   template <class Mask = NoMask, class Mod = NoScoreMod>

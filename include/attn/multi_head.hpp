@@ -21,9 +21,11 @@
 #include "attn/detail/checks.hpp"
 #include "attn/detail/parallel.hpp"
 #include "attn/kv/cache.hpp"
+#include "attn/layers/grad_gemm.hpp"
 #include "attn/layers/projection.hpp"
 #include "attn/mask.hpp"
 #include "attn/masked.hpp"
+#include "attn/ops/backward.hpp"
 #include "attn/ops/cache.hpp"
 #include "attn/options.hpp"
 #include "attn/rope.hpp"
@@ -33,6 +35,7 @@
 #include "attn/core/eigen.hpp"
 
 #include <algorithm>
+#include <cstdint>
 #include <memory>
 #include <optional>
 #include <type_traits>
@@ -594,6 +597,87 @@ void multi_head_attention(detail::identity_t<TensorView<const T, 3>> x,
   detail::self_attention_forward(c, ws.packed, x, out, mask, score_mod, options, ws);
 }
 
+// ---------------------------------------------------------------- training --
+
+template <class T>
+class AttentionProjections;
+template <class T>
+class MultiHeadAttention;
+template <class T>
+class CrossAttention;
+
+/// Whether a layer's backward writes the parameter gradients or adds to them.
+enum class GradMode {
+  overwrite,   ///< grads = this call's gradients (sized by the call)
+  accumulate,  ///< grads += this call's gradients (grads must have the layer's sizes:
+               ///< layer.zero_grads(grads) once per optimizer step, as PyTorch's zero_grad)
+};
+
+/// Gradients of the parameters of an attention layer, in the layout the
+/// layer holds its weights: [in, out] row-major (WeightLayout::in_out), so
+/// wq has the shape of layer.wq() [d_model, Hq·D], wk and wv [d_kv_in,
+/// Hkv·D or Hkv·Dv], wo [Hq·Dv, d_model]; transpose them for PyTorch's
+/// [out, in] weights. Bias gradients have the biases' lengths and are empty
+/// where the layer has no such bias. A fused wqkv's gradient is
+/// [wq wk wv] side by side (in_out).
+template <class T>
+struct AttentionGrads {
+  RowMatrix<T> wq, wk, wv, wo;
+  Eigen::Matrix<T, Eigen::Dynamic, 1> bq, bk, bv, bo;
+  GradMode mode = GradMode::overwrite;
+};
+
+/// What a layer's training forward keeps for its backward, and the
+/// backward's scratch. Owned by the caller, one per layer call in flight
+/// (a model keeps one per layer); buffers only grow, so steady-state steps
+/// allocate nothing. Saved by forward(..., ctx):
+///   q [B, Lq, Hq, D] and k [B, Lk, Hkv, D] after RoPE, v [B, Lk, Hkv, Dv],
+///   the heads' output A [B, Lq, Hq, Dv] (before the output projection),
+///   lse [B, Hq, Lq] (float, as the forward writes it),
+/// i.e. B·Lq·Hq·(D + Dv) + B·Lk·Hkv·(D + Dv) values plus lse. The inputs x
+/// (and memory) are not copied: backward takes them again. The backward adds
+/// dA, dq, dk, dv of the same sizes (and copies of strided inputs).
+template <class T>
+class AttentionContext {
+ public:
+  /// True until a training forward has filled it.
+  bool empty() const { return !saved_; }
+  index_t batch() const { return batch_; }
+  index_t q_length() const { return lq_; }
+  index_t kv_length() const { return lk_; }
+  /// The saved tensors, as logical [B, H, L, D] views (bshd buffers).
+  Tensor4<const T> q() const { return bshd<const T>(ws_.q.data(), batch_, lq_, hq_, d_); }
+  Tensor4<const T> k() const { return bshd<const T>(ws_.k.data(), batch_, lk_, hkv_, d_); }
+  Tensor4<const T> v() const { return bshd<const T>(ws_.v.data(), batch_, lk_, hkv_, dv_); }
+  Tensor4<const T> heads() const { return bshd<const T>(ws_.heads.data(), batch_, lq_, hq_, dv_); }
+  TensorView<const float, 3> lse() const {
+    return TensorView<const float, 3>(lse_.data(), {batch_, hq_, lq_});
+  }
+  /// Bytes held (saved tensors and backward scratch).
+  std::size_t bytes() const {
+    std::size_t n = 0;
+    for (const std::vector<T>* b : {&ws_.q, &ws_.k, &ws_.v, &ws_.heads, &dheads_, &dq_, &dk_,
+                                    &dvals_, &xbuf_, &mbuf_, &dobuf_, &dxbuf_, &dmbuf_})
+      n += b->capacity() * sizeof(T);
+    return n + lse_.capacity() * sizeof(float);
+  }
+
+ private:
+  friend class AttentionProjections<T>;
+  friend class MultiHeadAttention<T>;
+  friend class CrossAttention<T>;
+
+  MultiHeadWorkspace<T> ws_;  // q, k, v, heads and the RoPE table of the forward
+  std::vector<float> lse_;
+  std::vector<T> dheads_, dq_, dk_, dvals_;             // backward: dA, dq, dk, dv
+  std::vector<T> xbuf_, mbuf_, dobuf_, dxbuf_, dmbuf_;  // copies of strided views
+  bool saved_ = false;
+  const void* layer_ = nullptr;  // the layer that saved it
+  std::uint64_t version_ = 0;    // of that layer's weights
+  std::optional<Rope> rope_;     // the RoPE of that forward
+  index_t batch_ = 0, lq_ = 0, lk_ = 0, hq_ = 0, hkv_ = 0, d_ = 0, dv_ = 0;
+};
+
 // ------------------------------------------------------------------- layer --
 
 /// The weights of an attention layer, owned (as [in, out] matrices), with
@@ -675,6 +759,7 @@ class AttentionProjections {
     wk_ = all.middleCols(nq, nk);
     wv_ = all.rightCols(nv);
     packed_ = false;
+    ++version_;
   }
   void set_wqkv(const T* data, index_t rows, index_t cols, WeightLayout layout) {
     set_wqkv(map(data, rows, cols), layout);
@@ -692,6 +777,7 @@ class AttentionProjections {
     bk_ = all.segment(nq, nk);
     bv_ = all.tail(nv);
     packed_ = false;
+    ++version_;
   }
   void set_bqkv(const T* data, index_t n) { set_bqkv(vmap(data, n)); }
 
@@ -723,6 +809,7 @@ class AttentionProjections {
     bv_.resize(0);
     bo_.resize(0);
     packed_ = false;
+    ++version_;
   }
 
   /// The weights, [in, out].
@@ -745,6 +832,20 @@ class AttentionProjections {
     return w;
   }
 
+  /// Sizes `grads` like this layer's parameters (empty bias gradients where
+  /// the layer has no bias) and sets them to zero: call once per optimizer
+  /// step when backward runs with GradMode::accumulate.
+  void zero_grads(AttentionGrads<T>& grads) const {
+    grads.wq.setZero(wq_.rows(), wq_.cols());
+    grads.wk.setZero(wk_.rows(), wk_.cols());
+    grads.wv.setZero(wv_.rows(), wv_.cols());
+    grads.wo.setZero(wo_.rows(), wo_.cols());
+    grads.bq.setZero(bq_.size());
+    grads.bk.setZero(bk_.size());
+    grads.bv.setZero(bv_.size());
+    grads.bo.setZero(bo_.size());
+  }
+
  protected:
   using Vector = Eigen::Matrix<T, Eigen::Dynamic, 1>;
 
@@ -760,6 +861,225 @@ class AttentionProjections {
       packed_ = true;
     }
     return packs_;
+  }
+
+  /// Marks ctx as filled by a forward of this layer over [B, lq] queries and
+  /// [B, lk] keys.
+  void save_context(AttentionContext<T>& ctx, const MultiHeadConfig& c, index_t B, index_t lq,
+                    index_t lk) const {
+    ctx.saved_ = true;
+    ctx.layer_ = this;
+    ctx.version_ = version_;
+    ctx.rope_ = c.rope;
+    ctx.batch_ = B;
+    ctx.lq_ = lq;
+    ctx.lk_ = lk;
+    ctx.hq_ = c.q_heads;
+    ctx.hkv_ = c.kv_heads;
+    ctx.d_ = c.head_dim;
+    ctx.dv_ = c.v_head_dim;
+  }
+
+  /// Options of a training forward: lse into ctx (and a copy into the
+  /// caller's options.lse afterwards, see copy_lse).
+  static AttentionOptions context_options(const AttentionOptions& options, AttentionContext<T>& ctx,
+                                          index_t B, index_t hq, index_t lq) {
+    ctx.saved_ = false;  // stays false if the forward throws
+    AttentionOptions o = options;
+    o.lse = TensorView<float, 3>(detail::grow(ctx.lse_, B * hq * lq), {B, hq, lq});
+    return o;
+  }
+  static void copy_lse(const AttentionContext<T>& ctx, const AttentionOptions& options) {
+    const TensorView<float, 3>& l = options.lse;
+    if (l.is_null()) return;
+    const TensorView<const float, 3> saved = ctx.lse();
+    for (index_t b = 0; b < l.extent(0); ++b)
+      for (index_t h = 0; h < l.extent(1); ++h)
+        for (index_t i = 0; i < l.extent(2); ++i) l(b, h, i) = saved(b, h, i);
+  }
+
+  /// The backward of both layers. x [B, Lq, d_model]; memory [B, Lk, d_kv_in]
+  /// for cross attention, null for self-attention (keys and values then come
+  /// from x); dout like the output; dx like x and dmemory like memory, each
+  /// null to skip. Every check runs before anything the caller sees is written.
+  template <class Mask, class Mod>
+  void backward_core(AttentionContext<T>& ctx, const TensorView<const T, 3>& x,
+                     const TensorView<const T, 3>& memory, const TensorView<const T, 3>& dout,
+                     const TensorView<T, 3>& dx, const TensorView<T, 3>& dmemory,
+                     AttentionGrads<T>& g, const Mask& mask, const Mod& mod,
+                     const AttentionOptions& options) {
+    static_assert(is_mask_v<Mask>, "attn: the mask argument must be a mask policy (attn/mask.hpp)");
+    static_assert(is_score_mod_v<Mod>,
+                  "attn: the score_mod argument must be a score modifier (attn/score_mod.hpp)");
+    const MultiHeadConfig& c = cfg_;
+    const bool self = memory.is_null();
+    // ---- checks
+    if (ctx.empty()) detail::fail("ctx is empty: call forward(..., ctx) before backward");
+    if (ctx.layer_ != this) detail::fail("ctx was filled by the forward of another layer");
+    if (ctx.version_ != version_)
+      detail::fail(
+          "the layer's weights changed after the forward that filled ctx (weights "
+          "version ",
+          ctx.version_, " then ", version_, ")");
+    const index_t B = ctx.batch_, Lq = ctx.lq_, Lk = ctx.lk_;
+    auto shape_is = [](const auto& v, const char* name, index_t b, index_t l, index_t w,
+                       const char* what) {
+      detail::check_view(v, name);
+      if (v.extent(0) != b || v.extent(1) != l || v.extent(2) != w)
+        detail::fail(name, " has shape ", detail::shape_str(v), ", expected [", b, ", ", l, ", ", w,
+                     "] (", what, ")");
+    };
+    shape_is(x, "x", B, Lq, c.d_model, "the forward's x: batch, length, d_model");
+    if (!self)
+      shape_is(memory, "memory", B, Lk, c.d_kv_in, "the forward's memory: batch, length, d_kv_in");
+    shape_is(dout, "dout", B, Lq, c.d_model, "the output's shape");
+    if (!dx.is_null()) {
+      shape_is(dx, "dx", B, Lq, c.d_model, "x's shape");
+      detail::check_not_self_overlapping(dx, "dx");
+    }
+    if (!dmemory.is_null()) {
+      if (self) detail::fail("dmemory is given, but self-attention has no memory");
+      shape_is(dmemory, "dmemory", B, Lk, c.d_kv_in, "memory's shape");
+      detail::check_not_self_overlapping(dmemory, "dmemory");
+    }
+    if (g.mode == GradMode::accumulate) {
+      auto same = [](const auto& gm, const auto& w, const char* name) {
+        if (gm.rows() != w.rows() || gm.cols() != w.cols())
+          detail::fail("grads.", name, " has shape [", gm.rows(), ", ", gm.cols(),
+                       "], but the layer's is [", w.rows(), ", ", w.cols(),
+                       "]; GradMode::accumulate adds into gradients of the layer's sizes "
+                       "(layer.zero_grads(grads) makes them)");
+      };
+      same(g.wq, wq_, "wq");
+      same(g.wk, wk_, "wk");
+      same(g.wv, wv_, "wv");
+      same(g.wo, wo_, "wo");
+      same(g.bq, bq_, "bq");
+      same(g.bk, bk_, "bk");
+      same(g.bv, bv_, "bv");
+      same(g.bo, bo_, "bo");
+    }
+    const AttentionShape shape = detail::layer_shape(c, B, Lq, Lk);
+    (void)mask.bind(shape);
+    (void)mod.bind(shape);
+    // each output (dx, dmemory, the gradient matrices) against every input and each other
+    const detail::InOutWeights<T> w = in_out_weights();
+    auto gview = [](auto& m) {
+      using S = std::remove_reference_t<decltype(*m.data())>;
+      if (m.size() == 0) return TensorView<const S, 1>();
+      return TensorView<const S, 1>(m.data(), {static_cast<index_t>(m.size())});
+    };
+    const TensorView<const T, 1> gviews[] = {gview(g.wq), gview(g.wk), gview(g.wv), gview(g.wo),
+                                             gview(g.bq), gview(g.bk), gview(g.bv), gview(g.bo)};
+    const char* gnames[] = {"grads.wq", "grads.wk", "grads.wv", "grads.wo",
+                            "grads.bq", "grads.bk", "grads.bv", "grads.bo"};
+    auto against_inputs = [&](const auto& out, const char* on) {
+      if (out.is_null()) return;
+      auto one = [&](const auto& in, const char* in_name) {
+        if (!in.is_null()) detail::check_no_overlap(out, on, in, in_name);
+      };
+      one(x, "x");
+      one(memory, "memory");
+      one(dout, "dout");
+      one(w.wq, "Wq");
+      one(w.wk, "Wk");
+      one(w.wv, "Wv");
+      one(w.wo, "Wo");
+      one(w.bq, "bq");
+      one(w.bk, "bk");
+      one(w.bv, "bv");
+      one(w.bo, "bo");
+      detail::for_each_view(mask, one);
+      detail::for_each_view(mod, one);
+      for (const std::vector<T>* buf : {&ctx.ws_.q, &ctx.ws_.k, &ctx.ws_.v, &ctx.ws_.heads})
+        one(detail::buffer_view(*buf), "the context's saved tensors");
+      one(detail::buffer_view(ctx.lse_), "the context's lse");
+    };
+    against_inputs(dx, "dx");
+    against_inputs(dmemory, "dmemory");
+    if (!dx.is_null() && !dmemory.is_null()) detail::check_no_overlap(dx, "dx", dmemory, "dmemory");
+    for (int i = 0; i < 8; ++i) {
+      against_inputs(gviews[i], gnames[i]);
+      if (!gviews[i].is_null()) {
+        if (!dx.is_null()) detail::check_no_overlap(dx, "dx", gviews[i], gnames[i]);
+        if (!dmemory.is_null()) detail::check_no_overlap(dmemory, "dmemory", gviews[i], gnames[i]);
+      }
+    }
+
+    // ---- dA = dout·Woᵀ                                           [B·Lq, Hq·Dv]
+    const int nt = options.num_threads;
+    const index_t N = B * Lq, M = B * Lk;
+    const index_t nq = c.q_heads * c.head_dim, nk = c.kv_heads * c.head_dim,
+                  nv = c.kv_heads * c.v_head_dim, no = c.q_heads * c.v_head_dim;
+    auto rows = [](const RowMatrix<T>& m) {
+      return detail::RowsRef<const T>{m.data(), m.rows(), m.cols(), m.cols()};
+    };
+    auto buf_rows = [](std::vector<T>& b, index_t r, index_t cols) {
+      return detail::RowsRef<T>{detail::grow(b, r * cols), r, cols, cols};
+    };
+    auto cref = [](const detail::RowsRef<T>& r) {
+      return detail::RowsRef<const T>{r.data, r.rows, r.cols, r.ld};
+    };
+    const detail::RowsRef<const T> d_out = detail::as_rows(dout, ctx.dobuf_);
+    const detail::RowsRef<T> d_heads = buf_rows(ctx.dheads_, N, no);
+    detail::gemm_abt(d_out, rows(wo_), d_heads, false, nt);
+
+    // ---- dq, dk, dv of the attention (same mask, modifier, scale, dropout, positions)
+    const detail::RowsRef<T> dq = buf_rows(ctx.dq_, N, nq), dk = buf_rows(ctx.dk_, M, nk),
+                             dv = buf_rows(ctx.dvals_, M, nv);
+    AttentionOptions o = options;
+    o.lse = {};
+    attention_backward(ctx.q(), ctx.k(), ctx.v(), ctx.heads(), ctx.lse(),
+                       bshd<const T>(d_heads.data, B, Lq, c.q_heads, c.v_head_dim),
+                       bshd(dq.data, B, Lq, c.q_heads, c.head_dim),
+                       bshd(dk.data, B, Lk, c.kv_heads, c.head_dim),
+                       bshd(dv.data, B, Lk, c.kv_heads, c.v_head_dim), mask, mod, o);
+
+    // ---- RoPE backward: turn dq, dk back by -p·θ
+    if (ctx.rope_) {
+      const Rope& r = *ctx.rope_;
+      ctx.ws_.rope.ensure(r, detail::check_rope(r, c.head_dim), r.offset, Lq);
+      detail::apply_rope_table(bshd(dq.data, B, Lq, c.q_heads, c.head_dim), ctx.ws_.rope, r.pairing,
+                               r.offset, nt, /*backward=*/true);
+      detail::apply_rope_table(bshd(dk.data, B, Lk, c.kv_heads, c.head_dim), ctx.ws_.rope,
+                               r.pairing, r.offset, nt, /*backward=*/true);
+    }
+
+    // ---- parameter gradients: dWo = Aᵀ·dout, dWq = xᵀ·dq, dWk = srcᵀ·dk, dWv = srcᵀ·dv
+    const bool add = g.mode == GradMode::accumulate;
+    if (!add) zero_grads(g);  // sizes them (no allocation at a repeated size)
+    auto grad_rows = [](RowMatrix<T>& m) {
+      return detail::RowsRef<T>{m.data(), m.rows(), m.cols(), m.cols()};
+    };
+    const detail::RowsRef<const T> a{ctx.ws_.heads.data(), N, no, no};
+    const detail::RowsRef<const T> xr = detail::as_rows(x, ctx.xbuf_);
+    const detail::RowsRef<const T> src = self ? xr : detail::as_rows(memory, ctx.mbuf_);
+    detail::gemm_atb(a, d_out, grad_rows(g.wo), add, nt);
+    detail::gemm_atb(xr, cref(dq), grad_rows(g.wq), add, nt);
+    detail::gemm_atb(src, cref(dk), grad_rows(g.wk), add, nt);
+    detail::gemm_atb(src, cref(dv), grad_rows(g.wv), add, nt);
+    if (bo_.size()) detail::column_sums(d_out, g.bo.data(), add);
+    if (bq_.size()) detail::column_sums(cref(dq), g.bq.data(), add);
+    if (bk_.size()) detail::column_sums(cref(dk), g.bk.data(), add);
+    if (bv_.size()) detail::column_sums(cref(dv), g.bv.data(), add);
+
+    // ---- input gradients: dx = dq·Wqᵀ (+ dk·Wkᵀ + dv·Wvᵀ for self-attention),
+    //      dmemory = dk·Wkᵀ + dv·Wvᵀ
+    if (!dx.is_null()) {
+      const detail::RowsRef<T> t = detail::rows_target(dx, ctx.dxbuf_);
+      detail::gemm_abt(cref(dq), rows(wq_), t, false, nt);
+      if (self) {
+        detail::gemm_abt(cref(dk), rows(wk_), t, true, nt);
+        detail::gemm_abt(cref(dv), rows(wv_), t, true, nt);
+      }
+      detail::copy_rows_out(t, dx);
+    }
+    if (!dmemory.is_null()) {
+      const detail::RowsRef<T> t = detail::rows_target(dmemory, ctx.dmbuf_);
+      detail::gemm_abt(cref(dk), rows(wk_), t, false, nt);
+      detail::gemm_abt(cref(dv), rows(wv_), t, true, nt);
+      detail::copy_rows_out(t, dmemory);
+    }
   }
 
   MultiHeadConfig cfg_;
@@ -794,6 +1114,7 @@ class AttentionProjections {
     else
       dst = w.template cast<T>();
     packed_ = false;
+    ++version_;
   }
   template <class Derived>
   void set_bias(Vector& dst, const Eigen::MatrixBase<Derived>& b, const char* name, index_t n) {
@@ -801,6 +1122,7 @@ class AttentionProjections {
       detail::fail(name, " has shape [", b.rows(), ", ", b.cols(), "], expected a vector of ", n);
     dst = b.reshaped().template cast<T>();
     packed_ = false;
+    ++version_;
   }
   static TensorView<const T, 2> view(const RowMatrix<T>& m) {
     return TensorView<const T, 2>(m.data(), {m.rows(), m.cols()});
@@ -814,6 +1136,7 @@ class AttentionProjections {
   Vector bq_, bk_, bv_, bo_;
   mutable detail::PackedProjections<T> packs_;  // the weights packed for the kernel
   mutable bool packed_ = false;                 // packs_ matches the weights
+  std::uint64_t version_ = 0;                   // bumped by every setter (contexts check it)
 
  public:
   AttentionProjections(const AttentionProjections& o)
@@ -860,6 +1183,52 @@ class MultiHeadAttention : public AttentionProjections<T> {
   void forward(TensorView<const T, 3> x, TensorView<T, 3> out, const Mask& mask,
                const AttentionOptions& options) {
     forward(x, out, mask, no_score_mod(), options);
+  }
+
+  /// Training forward: out = MHA(x) as forward(x, out, mask, score_mod,
+  /// options), and `ctx` keeps what backward needs (see AttentionContext).
+  /// options.lse, if set, also receives the lse.
+  template <class Mask, class Mod>
+  void forward(TensorView<const T, 3> x, TensorView<T, 3> out, const Mask& mask,
+               const Mod& score_mod, const AttentionOptions& options, AttentionContext<T>& ctx) {
+    const MultiHeadConfig c = detail::resolve_config(this->cfg_);
+    detail::check_self_attention(c, this->in_out_weights(), x, out, mask, score_mod, options,
+                                 &ctx.ws_);
+    if (!options.lse.is_null())
+      detail::check_no_overlap(options.lse, "options.lse", detail::buffer_view(ctx.lse_),
+                               "the context's lse");
+    detail::check_no_overlap(out, "out", detail::buffer_view(ctx.lse_), "the context's lse");
+    const index_t B = x.extent(0), L = x.extent(1);
+    const AttentionOptions o = Base::context_options(options, ctx, B, c.q_heads, L);
+    detail::self_attention_forward(c, this->packed(), x, out, mask, score_mod, o, ctx.ws_);
+    Base::copy_lse(ctx, options);
+    this->save_context(ctx, c, B, L, L);
+  }
+
+  /// Gradients of the training forward that filled `ctx`, for dout = dL/dout
+  /// [B, L, d_model]: writes dx = dL/dx (a null view skips it) and the
+  /// parameter gradients into `grads` ([in, out] layout; overwritten, or
+  /// added to with grads.mode = GradMode::accumulate). x, mask, score_mod and
+  /// options (scale, dropout, positions, tiles) must be the forward's; the
+  /// weights must not have changed since (checked). Chain:
+  ///   dA = dout·Woᵀ, dWo = Aᵀ·dout, dbo = Σ dout;  attention_backward → dq, dk, dv;
+  ///   RoPE backward (turn by -p·θ);  dWq = xᵀ·dq, dWk = xᵀ·dk, dWv = xᵀ·dv, db = Σ rows;
+  ///   dx = dq·Wqᵀ + dk·Wkᵀ + dv·Wvᵀ.
+  /// Bitwise identical for any options.num_threads. Throws attn::Error before
+  /// writing dx or grads if a shape is wrong or an output overlaps an input.
+  template <class Mask = NoMask, class Mod = NoScoreMod>
+  void backward(AttentionContext<T>& ctx, TensorView<const T, 3> x, TensorView<const T, 3> dout,
+                TensorView<T, 3> dx, AttentionGrads<T>& grads, const Mask& mask = {},
+                const Mod& score_mod = {}, const AttentionOptions& options = {}) {
+    this->backward_core(ctx, x, TensorView<const T, 3>(), dout, dx, TensorView<T, 3>(), grads, mask,
+                        score_mod, options);
+  }
+  /// Same, without a score modifier.
+  template <class Mask, class = std::enable_if_t<is_mask_v<Mask>>>
+  void backward(AttentionContext<T>& ctx, TensorView<const T, 3> x, TensorView<const T, 3> dout,
+                TensorView<T, 3> dx, AttentionGrads<T>& grads, const Mask& mask,
+                const AttentionOptions& options) {
+    backward(ctx, x, dout, dx, grads, mask, no_score_mod(), options);
   }
 
   /// Incremental decoding against a KV cache: prefill with the prompt, then

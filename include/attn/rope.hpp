@@ -141,18 +141,39 @@ void rotate_row(T* x, index_t s, const T* c, const T* sn, index_t half, RopePair
   }
 }
 
+/// Rotates one row back by the table row (c, sn): the transpose of
+/// rotate_row, i.e. the turn by -p·θ_i. It maps dL/d(rotated row) to
+/// dL/d(row), so it is RoPE's backward pass.
+template <class T>
+void unrotate_row(T* x, index_t s, const T* c, const T* sn, index_t half, RopePairing pairing) {
+  for (index_t i = 0; i < half; ++i) {
+    T* p0 = pairing == RopePairing::half_split ? x + i * s : x + 2 * i * s;
+    T* p1 = pairing == RopePairing::half_split ? x + (half + i) * s : x + (2 * i + 1) * s;
+    const T a = *p0, b = *p1;
+    *p0 = a * c[i] + b * sn[i];  // x0 =  x0'·cos + x1'·sin
+    *p1 = b * c[i] - a * sn[i];  // x1 = -x0'·sin + x1'·cos
+  }
+}
+
 /// Rotates every row of x [B, H, L, D], row l at position offset + l, with a
-/// table that covers those positions; parallel over (batch, position).
+/// table that covers those positions (back, by -p·θ_i, when `backward`: the
+/// gradient pass); parallel over (batch, position).
 template <class T>
 void apply_rope_table(const TensorView<T, 4>& x, const RopeTable<T>& table, RopePairing pairing,
-                      index_t offset, int num_threads) {
+                      index_t offset, int num_threads, bool backward = false) {
   const index_t B = x.extent(0), H = x.extent(1), L = x.extent(2);
   const index_t rows = B * L;
   auto body = [&](index_t r) {
     const index_t b = r / L, l = r % L;
-    for (index_t h = 0; h < H; ++h)
-      rotate_row(x.data() + b * x.stride(0) + h * x.stride(1) + l * x.stride(2), x.stride(3),
-                 table.cos_at(offset + l), table.sin_at(offset + l), table.half(), pairing);
+    for (index_t h = 0; h < H; ++h) {
+      T* row = x.data() + b * x.stride(0) + h * x.stride(1) + l * x.stride(2);
+      if (backward)
+        unrotate_row(row, x.stride(3), table.cos_at(offset + l), table.sin_at(offset + l),
+                     table.half(), pairing);
+      else
+        rotate_row(row, x.stride(3), table.cos_at(offset + l), table.sin_at(offset + l),
+                   table.half(), pairing);
+    }
   };
 #ifdef _OPENMP
   const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
@@ -185,6 +206,22 @@ void apply_rope(const TensorView<T, 4>& x, const Rope& rope, int num_threads = 0
   detail::RopeTable<T> table;
   table.ensure(rope, rd, rope.offset, x.extent(2));
   detail::apply_rope_table(x, table, rope.pairing, rope.offset, num_threads);
+}
+
+/// The backward pass of apply_rope: turns every row of g [B, H, L, D]
+/// (dL/d of the rotated rows) back by -p·θ_i in place, giving dL/d of the
+/// rows before rotation. Same arguments and checks as apply_rope.
+template <class T>
+void apply_rope_backward(const TensorView<T, 4>& g, const Rope& rope, int num_threads = 0) {
+  static_assert(std::is_same<T, float>::value || std::is_same<T, double>::value,
+                "attn::apply_rope_backward works on float or double views");
+  detail::check_view(g, "g");
+  detail::check_not_self_overlapping(g, "g");
+  const index_t rd = detail::check_rope(rope, g.extent(3));
+  detail::check_rope_positions(rope, g.extent(2));
+  detail::RopeTable<T> table;
+  table.ensure(rope, rd, rope.offset, g.extent(2));
+  detail::apply_rope_table(g, table, rope.pairing, rope.offset, num_threads, /*backward=*/true);
 }
 
 }  // namespace attn

@@ -29,7 +29,8 @@ namespace attn {
 /// it with attn::relative_bias_2d(...).
 struct RelativeBias2d : ScoreModPolicy {
   static constexpr bool is_identity = false;
-  std::vector<double> table;  ///< [(2·grid_h - 1)·(2·grid_w - 1), heads], row-major
+  static constexpr bool unit_grad = true;  // dscore passes through; the table takes it too
+  std::vector<double> table;               ///< [(2·grid_h - 1)·(2·grid_w - 1), heads], row-major
   index_t grid_h = 0, grid_w = 0;
 
   // Set by bind(): per head, the table as rows of dy, each with dx reversed:
@@ -73,6 +74,7 @@ struct RelativeBias2d : ScoreModPolicy {
         }
     m.rev_d = std::make_shared<const std::vector<double>>(std::move(rd));
     m.rev_f = std::make_shared<const std::vector<float>>(std::move(rf));
+    bind_table_grad(m, s, n);
     return m;
   }
 
@@ -122,6 +124,50 @@ struct RelativeBias2d : ScoreModPolicy {
         for (index_t c = 0; c < n; ++c) out[c0 + c] += bias[c];
       });
     }
+  }
+
+  /// Gradient output of the table (see with_table_grad), null: not wanted;
+  /// bound as [1, Hkv, (2·grid_h - 1)·(2·grid_w - 1), group] over the same memory so the
+  /// backward's checks, zeroing and task schedule (one task per KV head
+  /// covering every batch, so no two tasks add into one entry) apply.
+  TensorView<double, 2> dtable;
+  TensorView<double, 4> dtable_bound;
+
+  /// The same modifier, with attention_backward adding dL/dtable into `g`
+  /// ((2·grid_h - 1)·(2·grid_w - 1) × heads, row-major and contiguous like the table; zeroed by the
+  /// backward).
+  RelativeBias2d with_table_grad(TensorView<double, 2> g) const {
+    RelativeBias2d m = *this;
+    m.dtable = g;
+    return m;
+  }
+  void bind_table_grad(RelativeBias2d& m, const AttentionShape& s, index_t rows) const {
+    if (dtable.is_null()) return;
+    if (dtable.data() == nullptr) detail::fail("relative_bias_2d dtable has null data");
+    if (dtable.extent(0) != rows || dtable.extent(1) != m.heads || dtable.stride(1) != 1 ||
+        dtable.stride(0) != m.heads)
+      detail::fail("relative_bias_2d dtable has shape ", detail::shape_str(dtable), " and strides ",
+                   detail::strides_str(dtable), ", expected a contiguous [", rows, ", ", m.heads,
+                   "] like the table");
+    const index_t group = s.q_heads / s.kv_heads;
+    m.dtable_bound = TensorView<double, 4>(dtable.data(), {1, s.kv_heads, rows, group},
+                                           {rows * m.heads, group, m.heads, 1});
+  }
+  template <class F>
+  void for_each_grad_view(F&& f) const {
+    if (!dtable_bound.is_null()) f(dtable_bound, "dtable");
+  }
+  template <class Acc>
+  Acc grad(index_t b, index_t h, index_t q, index_t k, Acc, Acc g) const {
+    if (!dtable_bound.is_null()) accumulate_table_grad(b, h, q, k, &g, 1, 1, 1, dtable.data());
+    return g;
+  }
+  template <class Acc>
+  void grad_tile(index_t b, index_t h, index_t q0, index_t k0, const Acc*, Acc* g, index_t ld,
+                 index_t rows, index_t cols) const {
+    if (!dtable_bound.is_null())
+      accumulate_table_grad(b, h, q0, k0, static_cast<const Acc*>(g), ld, rows, cols,
+                            dtable.data());
   }
 
   /// The derivative with respect to the table, for the backward pass: adds

@@ -67,6 +67,7 @@ inline index_t t5_bucket(index_t n, bool bidirectional, index_t num_buckets, ind
 /// to the query's (see t5_bucket). Build it with attn::t5_bias(...).
 struct T5Bias : ScoreModPolicy {
   static constexpr bool is_identity = false;
+  static constexpr bool unit_grad = true;  // dscore passes through; the table takes it too
   std::vector<double> table;  ///< [num_buckets, heads], row-major (T5's Embedding weight)
   index_t num_buckets = 32;
   index_t max_distance = 128;
@@ -117,6 +118,7 @@ struct T5Bias : ScoreModPolicy {
     m.buckets = std::make_shared<const std::vector<std::int32_t>>(std::move(bk));
     m.lut_f = std::make_shared<const std::vector<float>>(std::move(lf));
     m.lut_d = std::make_shared<const std::vector<double>>(std::move(ld));
+    bind_table_grad(m, s, m.num_buckets);
     return m;
   }
 
@@ -145,6 +147,49 @@ struct T5Bias : ScoreModPolicy {
       Acc* out = s + r * ld;
       for (index_t c = 0; c < cols; ++c) out[c] += bias[c];
     }
+  }
+
+  /// Gradient output of the table (see with_table_grad), null: not wanted;
+  /// bound as [1, Hkv, num_buckets, group] over the same memory so the
+  /// backward's checks, zeroing and task schedule (one task per KV head
+  /// covering every batch, so no two tasks add into one entry) apply.
+  TensorView<double, 2> dtable;
+  TensorView<double, 4> dtable_bound;
+
+  /// The same modifier, with attention_backward adding dL/dtable into `g`
+  /// (num_buckets × heads, row-major and contiguous like the table; zeroed by the backward).
+  T5Bias with_table_grad(TensorView<double, 2> g) const {
+    T5Bias m = *this;
+    m.dtable = g;
+    return m;
+  }
+  void bind_table_grad(T5Bias& m, const AttentionShape& s, index_t rows) const {
+    if (dtable.is_null()) return;
+    if (dtable.data() == nullptr) detail::fail("t5_bias dtable has null data");
+    if (dtable.extent(0) != rows || dtable.extent(1) != m.heads || dtable.stride(1) != 1 ||
+        dtable.stride(0) != m.heads)
+      detail::fail("t5_bias dtable has shape ", detail::shape_str(dtable), " and strides ",
+                   detail::strides_str(dtable), ", expected a contiguous [", rows, ", ", m.heads,
+                   "] like the table");
+    const index_t group = s.q_heads / s.kv_heads;
+    m.dtable_bound = TensorView<double, 4>(dtable.data(), {1, s.kv_heads, rows, group},
+                                           {rows * m.heads, group, m.heads, 1});
+  }
+  template <class F>
+  void for_each_grad_view(F&& f) const {
+    if (!dtable_bound.is_null()) f(dtable_bound, "dtable");
+  }
+  template <class Acc>
+  Acc grad(index_t b, index_t h, index_t q, index_t k, Acc, Acc g) const {
+    if (!dtable_bound.is_null()) accumulate_table_grad(b, h, q, k, &g, 1, 1, 1, dtable.data());
+    return g;
+  }
+  template <class Acc>
+  void grad_tile(index_t b, index_t h, index_t q0, index_t k0, const Acc*, Acc* g, index_t ld,
+                 index_t rows, index_t cols) const {
+    if (!dtable_bound.is_null())
+      accumulate_table_grad(b, h, q0, k0, static_cast<const Acc*>(g), ld, rows, cols,
+                            dtable.data());
   }
 
   /// The derivative with respect to the table, for the backward pass: given
