@@ -380,6 +380,43 @@ TEST(RingBackward, CausalContiguousAndZigzag) {
   }
 }
 
+TEST(RingBackward, ZigzagGivesEveryRankTheSameCausalWork) {
+  // Counted, not timed: the scores each rank's backward recomputes (options.stats).
+  const int p = ranks_();
+  for (SeqLayout layout : {SeqLayout::zigzag, SeqLayout::contiguous}) {
+    const index_t L = 2 * 16;  // two chunks of 16 rows per rank
+    Tensor<float> q = attn_test::random_tensor<float>(1, 2, L, 8, 5 + rank_());
+    Tensor<float> k = attn_test::random_tensor<float>(1, 2, L, 8, 9 + rank_());
+    Tensor<float> v = attn_test::random_tensor<float>(1, 2, L, 8, 13 + rank_());
+    Tensor<float> dout = attn_test::random_tensor<float>(1, 2, L, 8, 17 + rank_());
+    Tensor<float> out(1, 2, L, 8), dq(1, 2, L, 8), dk(1, 2, L, 8), dv(1, 2, L, 8);
+    std::vector<float> lse(static_cast<std::size_t>(2 * L));
+    attn::AttentionStats stats;
+    attn::dist::DistOptions opt;
+    opt.layout = layout;
+    opt.block_q = opt.block_k = 4;
+    opt.num_threads = 1;
+    opt.lse = attn::TensorView<float, 3>(lse.data(), {1, 2, L});
+    attn::dist::ring_attention(MPI_COMM_WORLD, q.cview(), k.cview(), v.cview(), out.view,
+                               attn::causal(), attn::no_score_mod(), opt);
+    opt.lse = {};
+    opt.stats = &stats;
+    attn::dist::ring_attention_backward(
+        MPI_COMM_WORLD, q.cview(), k.cview(), v.cview(), out.cview(),
+        attn::TensorView<const float, 3>(lse.data(), {1, 2, L}), dout.cview(), dq.view, dk.view,
+        dv.view, attn::causal(), attn::no_score_mod(), opt);
+    std::int64_t lo = stats.scores, hi = stats.scores;
+    MPI_Allreduce(MPI_IN_PLACE, &lo, 1, MPI_INT64_T, MPI_MIN, MPI_COMM_WORLD);
+    MPI_Allreduce(MPI_IN_PLACE, &hi, 1, MPI_INT64_T, MPI_MAX, MPI_COMM_WORLD);
+    EXPECT_GT(lo, 0);
+    if (layout == SeqLayout::zigzag) {
+      EXPECT_EQ(lo, hi) << attn::dist::layout_name(layout);
+    } else if (p > 1) {
+      EXPECT_LT(lo, hi) << attn::dist::layout_name(layout);
+    }
+  }
+}
+
 TEST(RingBackward, WindowStopsTheRingEarly) {
   for (SeqLayout layout : {SeqLayout::contiguous, SeqLayout::zigzag}) {
     const auto t = expect_backward_matches<float>(ring_case(layout), attn::window(5, 0));
