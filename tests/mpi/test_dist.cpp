@@ -5,6 +5,7 @@
 #include <attn/dist/ring.hpp>
 #include <attn/dist/ring_backward.hpp>
 #include <attn/dist/ulysses.hpp>
+#include <attn/dist/ulysses_backward.hpp>
 #include <attn/reference/backward.hpp>
 
 #include "support.hpp"
@@ -302,10 +303,24 @@ BackwardRun<T> ring_backward(const Case& c, const Mask& mask, const Mod& mod = {
   opt.lse = attn::TensorView<float, 3>(lse.data(), {c.B, c.Hq, lq});
   opt.block_q = opt.block_k = c.block;
   opt.num_threads = threads;
-  attn::dist::ring_attention(MPI_COMM_WORLD, q.cview(), k.cview(), v.cview(), out.view, mask, mod,
-                             opt);
+  if (c.algo == Algo::ring)
+    attn::dist::ring_attention(MPI_COMM_WORLD, q.cview(), k.cview(), v.cview(), out.view, mask, mod,
+                               opt);
+  else
+    attn::dist::ulysses_attention(MPI_COMM_WORLD, q.cview(), k.cview(), v.cview(), out.view, mask,
+                                  mod, opt);
   opt.lse = {};
   opt.timings = &run.timings;
+  auto backward = [&](const auto& lse_in) {
+    if (c.algo == Algo::ring)
+      attn::dist::ring_attention_backward(MPI_COMM_WORLD, q.cview(), k.cview(), v.cview(),
+                                          out.cview(), lse_in, dout.cview(), run.dq.view,
+                                          run.dk.view, run.dv.view, mask, mod, opt);
+    else
+      attn::dist::ulysses_attention_backward(MPI_COMM_WORLD, q.cview(), k.cview(), v.cview(),
+                                             out.cview(), lse_in, dout.cview(), run.dq.view,
+                                             run.dk.view, run.dv.view, mask, mod, opt);
+  };
   double lse_max = 0;
   for (float x : lse)
     if (std::isfinite(x)) lse_max = std::max(lse_max, std::abs(static_cast<double>(x)));
@@ -328,22 +343,18 @@ BackwardRun<T> ring_backward(const Case& c, const Mask& mask, const Mod& mod = {
     std::vector<double> lse64(lse.size());
     attn::dist::shard(attn::TensorView<double, 3>(full.data(), {c.B, c.Hq, c.Lq}),
                       attn::TensorView<double, 3>(lse64.data(), {c.B, c.Hq, lq}), me, p, c.layout);
-    attn::dist::ring_attention_backward(
-        MPI_COMM_WORLD, q.cview(), k.cview(), v.cview(), out.cview(),
-        attn::TensorView<const double, 3>(lse64.data(), {c.B, c.Hq, lq}), dout.cview(), run.dq.view,
-        run.dk.view, run.dv.view, mask, mod, opt);
+    backward(attn::TensorView<const double, 3>(lse64.data(), {c.B, c.Hq, lq}));
   } else {
-    attn::dist::ring_attention_backward(
-        MPI_COMM_WORLD, q.cview(), k.cview(), v.cview(), out.cview(),
-        attn::TensorView<const float, 3>(lse.data(), {c.B, c.Hq, lq}), dout.cview(), run.dq.view,
-        run.dk.view, run.dv.view, mask, mod, opt);
+    backward(attn::TensorView<const float, 3>(lse.data(), {c.B, c.Hq, lq}));
   }
 
   using Acc = attn::dist::detail::dist_accum_t<T>;
   const double growth =
       std::sqrt(static_cast<double>(c.D)) + std::sqrt(static_cast<double>(c.Lk)) + 4.0;
-  const double ring_rel = 2.0 * 4.0 * 2.0 * p * attn_test::eps<float>() * (lse_max + 2.0) +
-                          8.0 * p * attn_test::eps<Acc>();
+  // The all-to-all neither merges nor sums across ranks: its bound is the one-process one.
+  const double merges = c.algo == Algo::ring ? 2.0 * p : 0.0;
+  const double ring_rel = 2.0 * 4.0 * merges * attn_test::eps<float>() * (lse_max + 2.0) +
+                          (c.algo == Algo::ring ? 8.0 * p * attn_test::eps<Acc>() : 0.0);
   auto tol = [&](const Tensor<double>& ref) {
     const double m = std::max(attn_test::max_abs(ref), 1.0);
     return (16.0 * attn_test::eps<T>() + ring_rel) * growth * m;
@@ -516,6 +527,23 @@ TEST(Ulysses, MatchesOneProcess) {
   c.Lq = 4 * ranks_() + 1;  // uneven slices, Lq ≠ Lk
   c.Lk = 6 * ranks_() + 3;
   expect_matches<float>(c, attn::causal());
+}
+
+TEST(UlyssesBackward, MatchesOneProcess) {
+  for (SeqLayout layout : {SeqLayout::contiguous, SeqLayout::zigzag}) {
+    Case c = ulysses_case(layout);
+    expect_backward_matches<float>(c, attn::no_mask());
+    expect_backward_matches<float>(c, attn::causal(), attn::alibi(attn::alibi_slopes(c.Hq)));
+    expect_backward_matches<float>(c, attn::window(5, 0));
+    c.B = 2;
+    expect_backward_matches<float>(c, attn::key_padding({c.Lk - 3, index_t{2}}));
+    expect_backward_matches<Eigen::bfloat16>(c, attn::causal());
+    expect_backward_matches<double>(c, attn::causal());
+  }
+  Case c = ulysses_case(SeqLayout::contiguous);
+  c.Lq = 4 * ranks_() + 1;  // uneven slices, Lq ≠ Lk
+  c.Lk = 6 * ranks_() + 3;
+  expect_backward_matches<float>(c, attn::causal());
 }
 
 // ----------------------------------------------------------------- errors --
@@ -711,6 +739,19 @@ TEST(DistErrors, BackwardRefusesDropoutAndBiasGradients) {
                                             attn::additive_bias(bv, dbv));
       },
       "gradient output (dbias)");
+  EXPECT_TRUE(a.untouched());
+}
+
+TEST(DistErrors, UlyssesBackwardNeedsHeadsDividingByRanks) {
+  if (ranks_() <= 2) GTEST_SKIP() << "two heads divide by 1 and 2 ranks";
+  BackwardArgs a(4, 4);
+  expect_fails_everywhere(
+      [&] {
+        attn::dist::ulysses_attention_backward(
+            MPI_COMM_WORLD, a.q.cview(), a.k.cview(), a.v.cview(), a.out.cview(), a.lse_view(),
+            a.dout.cview(), a.dq.view, a.dk.view, a.dv.view, attn::causal());
+      },
+      "q has 2 heads and k has 2; both must divide by the " + std::to_string(ranks_()) + " ranks");
   EXPECT_TRUE(a.untouched());
 }
 

@@ -51,14 +51,6 @@ void add_rows(const TensorView<Acc, 4>& dst, index_t row, const TensorView<const
       }
 }
 
-/// Whether a score modifier has gradient outputs (additive_bias with dbias).
-template <class Mod>
-bool writes_grad(const Mod& mod) {
-  bool any = false;
-  attn::detail::for_each_grad_view(mod, [&](const auto&, const char*) { any = true; });
-  return any;
-}
-
 }  // namespace detail
 
 /// Gradients of ring_attention (collective: every rank calls it).
@@ -108,19 +100,12 @@ void ring_attention_backward(MPI_Comm comm, const TensorView<Q, 4>& q, const Ten
     AttentionOptions probe = options;
     probe.lse = {};
     local = attn::detail::check_attention(q, k, v, out, probe);
-    check_no_positions(options, fn);
-    if (options.dropout.enabled())
-      attn::detail::fail(fn, ": options.dropout.p is ", options.dropout.p,
-                         "; the ring does not apply dropout (set p = 0)");
+    check_backward_options(options, fn);
   });
   DistOptions desc_opt = options;
   desc_opt.lse = {};  // lse is an input here, always given
   const std::vector<Descriptor> all = allgather(comm, describe(q, k, v, out, local, desc_opt));
-  // The gradient types decide the accumulators' message sizes: they must agree too.
-  const std::int64_t mine[5] = {type_code<L>(), type_code<DO>(), type_code<DQ>(), type_code<DK>(),
-                                type_code<DV>()};
-  std::vector<std::int64_t> types(static_cast<std::size_t>(5 * p));
-  MPI_Allgather(mine, 5, MPI_INT64_T, types.data(), 5, MPI_INT64_T, comm);
+  const std::vector<std::int64_t> types = gather_grad_types<L, DO, DQ, DK, DV>(comm);
   AttentionShape global = local;
   Mask bound_mask;
   RingPlan plan;
@@ -129,12 +114,7 @@ void ring_attention_backward(MPI_Comm comm, const TensorView<Q, 4>& q, const Ten
       comm, fn,
       [&] {
         check_same_everywhere(all);
-        static const char* names[5] = {"lse", "dout", "dq", "dk", "dv"};
-        for (int r = 1; r < p; ++r)
-          for (int i = 0; i < 5; ++i)
-            if (types[static_cast<std::size_t>(5 * r + i)] != types[static_cast<std::size_t>(i)])
-              attn::detail::fail("the ", names[i], " element type differs on rank ", r,
-                                 " from rank 0's; every rank must pass the same types");
+        check_grad_types(types);
         global.lq = global.lk = 0;
         for (const auto& d : all) {
           global.lq += d.f[Descriptor::lq];
@@ -143,10 +123,7 @@ void ring_attention_backward(MPI_Comm comm, const TensorView<Q, 4>& q, const Ten
         check_ring_layout(all, options.layout, global, fn);
         bound_mask = mask.bind(global);
         const Mod bound_mod = score_mod.bind(global);
-        if (writes_grad(bound_mod))
-          attn::detail::fail(fn,
-                             ": the score modifier has a gradient output (dbias); the ring "
-                             "backward does not write it (use additive_bias without dbias)");
+        check_no_bias_grad(bound_mod, fn);
         AttentionOptions local_opt = options;
         local_opt.lse = {};
         attn::detail::check_backward(q, k, v, out, lse, dout, dq, dk, dv, bound_mask, bound_mod,
