@@ -59,6 +59,13 @@ inline int comm_size(MPI_Comm comm) {
   return p;
 }
 
+/// The runs of global positions a rank holds, in local order.
+inline std::vector<Chunk> runs_of(SeqLayout layout, index_t global_len, index_t local_begin,
+                                  index_t local_len, int rank, int ranks) {
+  if (layout == SeqLayout::contiguous) return {Chunk{local_begin, local_len}};
+  return shard_chunks(global_len, rank, ranks, layout);
+}
+
 /// Runs `checks` on this rank, then agrees with every other rank: if any
 /// rank's checks threw attn::Error, every rank throws the same Error, with
 /// the message of the lowest failing rank. If `fingerprint` is given, the

@@ -67,12 +67,6 @@ struct RingPlan {
   std::vector<std::vector<Block>> work;                 // this rank's blocks per step
 };
 
-inline std::vector<Chunk> runs_of(SeqLayout layout, index_t global_len, index_t local_begin,
-                                  index_t local_len, int rank, int ranks) {
-  if (layout == SeqLayout::contiguous) return {Chunk{local_begin, local_len}};
-  return shard_chunks(global_len, rank, ranks, layout);
-}
-
 /// Builds the plan from every rank's lengths (identical on every rank). A
 /// block is kept when the mask keeps anything in it for some batch and head.
 template <class Mask>
@@ -341,3 +335,7 @@ void ring_attention(MPI_Comm comm, const TensorView<Q, 4>& q, const TensorView<K
 
 }  // namespace dist
 }  // namespace attn
+
+// The gradients (ring_attention_backward) come with the forward. Included last: it
+// builds on this header.
+#include "attn/dist/ring_backward.hpp"
