@@ -5,9 +5,10 @@
 //   peak       the machine's ceiling, measured in the same run: fp32_peak_gflops(isa)
 //              is a register-only loop of 16 independent FMA chains per thread
 //              (vfmadd of the ISA's widest vector) on the benchmark's threads, and
-//              bf16_peak_gflops() the same loop of vdpbf16ps (AVX512-BF16 only).
+//              bf16_peak_gflops(isa) the same loop of vdpbf16ps (avx512_bf16)
+//              or of tdpbf16ps on AMX tiles (amx_bf16).
 //              register_peak_rows() adds them as rows `peak/fp32/<isa>` and
-//              `peak/bf16/avx512_bf16`; set_gflops() gives every GFLOP/s row
+//              `peak/bf16/<isa>`; set_gflops() gives every GFLOP/s row
 //              peak_frac = row GFLOP/s / the fp32 peak of attn::active_isa()
 //              (or of the bf16 peak, for rows that say Peak::bf16).
 //
@@ -174,6 +175,37 @@ __attribute__((target("avx512f,avx512bf16"))) inline double dpbf16_loop(long ite
   }
   return 16.0 * 16 * 2 * 2 * static_cast<double>(iters);
 }
+/// tdpbf16ps: six independent 16 × 16 fp32 tiles, each += a 16 × 32 by 32 × 16
+/// bf16 product (16384 FLOP per instruction); no loads in the loop.
+__attribute__((target("amx-tile,amx-bf16"))) inline double amx_bf16_loop(long iters) {
+  // Static: GCC's _tile_loadconfig tells the compiler it reads 8 bytes, so
+  // the stores of a local configuration past those are dropped.
+  static const struct alignas(64) {
+    std::uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    std::uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
+    std::uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
+  } config;
+  _tile_loadconfig(&config);
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  _tile_zero(4);
+  _tile_zero(5);
+  _tile_zero(6);
+  _tile_zero(7);
+  iters /= 8;  // 16 times the work of a vector instruction, at a lower rate
+  for (long it = 0; it < iters; ++it) {
+    _tile_dpbf16ps(0, 6, 7);
+    _tile_dpbf16ps(1, 6, 7);
+    _tile_dpbf16ps(2, 6, 7);
+    _tile_dpbf16ps(3, 6, 7);
+    _tile_dpbf16ps(4, 6, 7);
+    _tile_dpbf16ps(5, 6, 7);
+  }
+  _tile_release();
+  return 6.0 * 16 * 16 * 32 * 2 * static_cast<double>(iters);
+}
 #endif
 
 /// The portable kernels' ceiling: 16 accumulators of the baseline's 4-float vector.
@@ -212,7 +244,7 @@ double measure_peak(Loop loop, int threads) {
 
 inline double measure_fp32_peak(attn::Isa isa, int threads) {
 #if ATTN_BENCH_X86
-  if (isa == attn::Isa::avx512 || isa == attn::Isa::avx512_bf16)
+  if (isa == attn::Isa::avx512 || isa == attn::Isa::avx512_bf16 || isa == attn::Isa::amx_bf16)
     return measure_peak(fma_loop_avx512, threads);
   if (isa == attn::Isa::avx2) return measure_peak(fma_loop_avx2, threads);
 #endif
@@ -232,27 +264,33 @@ inline double fp32_peak_gflops(attn::Isa isa, int threads = 0) {
   return it->second;
 }
 
-/// bf16 dot-product peak (vdpbf16ps, GFLOP/s), 0 when this CPU lacks AVX512-BF16.
-inline double bf16_peak_gflops(int threads = 0) {
-  static std::map<int, double> cache;
-  auto it = cache.find(threads);
+/// bf16 product peak (GFLOP/s) of `isa`: vdpbf16ps for avx512_bf16, tdpbf16ps
+/// for amx_bf16; 0 for other sets or when this CPU lacks them.
+inline double bf16_peak_gflops(attn::Isa isa, int threads = 0) {
+  static std::map<std::pair<int, int>, double> cache;
+  const auto key = std::make_pair(static_cast<int>(isa), threads);
+  auto it = cache.find(key);
   if (it == cache.end()) {
     double g = 0;
 #if ATTN_BENCH_X86
-    if (attn::isa_supported(attn::Isa::avx512_bf16))
+    if (isa == attn::Isa::avx512_bf16 && attn::isa_supported(isa))
       g = detail::measure_peak(detail::dpbf16_loop, threads);
+    if (isa == attn::Isa::amx_bf16 && attn::isa_supported(isa))
+      g = detail::measure_peak(detail::amx_bf16_loop, threads);
 #endif
-    it = cache.emplace(threads, g).first;
+    it = cache.emplace(key, g).first;
   }
   return it->second;
 }
 
-/// Sets peak_frac = gflops / the ceiling of `peak` for the active ISA.
+/// Sets peak_frac = gflops / the ceiling of `peak` for the active ISA (the
+/// bf16 products it runs for Peak::bf16, where it has them).
 inline void set_peak_frac(benchmark::State& state, double gflops, Peak peak = Peak::fp32,
                           int threads = 0) {
-  const double ceiling = peak == Peak::bf16 && bf16_peak_gflops(threads) > 0
-                             ? bf16_peak_gflops(threads)
-                             : fp32_peak_gflops(attn::active_isa(), threads);
+  const attn::Isa isa = attn::active_isa();
+  const double ceiling = peak == Peak::bf16 && bf16_peak_gflops(isa, threads) > 0
+                             ? bf16_peak_gflops(isa, threads)
+                             : fp32_peak_gflops(isa, threads);
   state.counters["peak_frac"] = gflops / ceiling;
 }
 
@@ -260,7 +298,8 @@ inline void set_peak_frac(benchmark::State& state, double gflops, Peak peak = Pe
 /// `peak/bf16/avx512_bf16` where it has BF16: each row's GFLOPs is the probe's.
 inline void register_peak_rows(int threads = 0) {
   for (attn::Isa isa : attn::supported_isas()) {
-    if (isa == attn::Isa::avx512_bf16) continue;  // the same fp32 FMAs as avx512
+    if (isa == attn::Isa::avx512_bf16 || isa == attn::Isa::amx_bf16)
+      continue;  // the same fp32 FMAs as avx512
     benchmark::RegisterBenchmark((std::string("peak/fp32/") + attn::isa_name(isa)).c_str(),
                                  [isa, threads](benchmark::State& state) {
                                    double g = 0;
@@ -269,12 +308,15 @@ inline void register_peak_rows(int threads = 0) {
                                  })
         ->Iterations(1);
   }
-  if (attn::isa_supported(attn::Isa::avx512_bf16))
-    benchmark::RegisterBenchmark("peak/bf16/avx512_bf16", [threads](benchmark::State& state) {
-      double g = 0;
-      for (auto _ : state) g = bf16_peak_gflops(threads);
-      state.counters["GFLOPs"] = g;
-    })->Iterations(1);
+  for (attn::Isa isa : {attn::Isa::avx512_bf16, attn::Isa::amx_bf16})
+    if (attn::isa_supported(isa))
+      benchmark::RegisterBenchmark((std::string("peak/bf16/") + attn::isa_name(isa)).c_str(),
+                                   [isa, threads](benchmark::State& state) {
+                                     double g = 0;
+                                     for (auto _ : state) g = bf16_peak_gflops(isa, threads);
+                                     state.counters["GFLOPs"] = g;
+                                   })
+          ->Iterations(1);
 }
 
 // ---------------------------------------------------------------- roofline --

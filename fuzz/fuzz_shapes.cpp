@@ -18,9 +18,18 @@
 // size; such a call is the caller's bug, not a hostile input it can refuse).
 //
 // Build and run: scripts/ci-fuzz.sh (builds every fuzz/fuzz_*.cpp).
+//
+// Compiled with ATTN_FUZZ_MPI defined (fuzz/fuzz_dist.cpp does that, linked
+// with MPI), the same inputs also reach attn::dist::ring_attention and
+// attn::dist::ulysses_attention on a one-rank communicator: their argument
+// checks, which every rank agrees on, must hold the same promises.
 #include "fuzz_bytes.hpp"
 
 #include <attn/attn.hpp>
+#ifdef ATTN_FUZZ_MPI
+#include <attn/dist/ring.hpp>
+#include <attn/dist/ulysses.hpp>
+#endif
 
 #include <algorithm>
 #include <array>
@@ -180,12 +189,25 @@ double at(const std::vector<float>& a, const Spec<4>& s, index_t b, index_t h, i
                                     i * s.strides[2] + c * s.strides[3])];
 }
 
+#ifdef ATTN_FUZZ_MPI
+constexpr index_t kEntries = 8;  // 6: ring_attention, 7: ulysses_attention
+#else
+constexpr index_t kEntries = 6;
+#endif
+
 }  // namespace
+
+#ifdef ATTN_FUZZ_MPI
+extern "C" int LLVMFuzzerInitialize(int* argc, char*** argv) {
+  MPI_Init(argc, argv);  // a one-rank world; never finalized (libFuzzer ends with exit)
+  return 0;
+}
+#endif
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   Bytes in(data, size);
   World w;
-  w.entry = static_cast<int>(in.range(0, 5));
+  w.entry = static_cast<int>(in.range(0, kEntries - 1));
   w.B = in.range(1, 2);
   w.Hkv = in.range(1, 2);
   w.Hq = w.Hkv * in.range(1, 2);
@@ -212,9 +234,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   w.q.used = w.k.used = w.entry != 5;
   w.v.used = w.entry != 2 && w.entry != 5;
   w.out.used = true;
-  const bool lse_given = with_lse && (w.entry == 0 || w.entry == 1 || w.entry == 4);
+  const bool softmax_entry = w.entry == 0 || w.entry == 1 || w.entry == 4 || w.entry >= 6;
+  const bool lse_given = with_lse && softmax_entry;
   w.lse.used = lse_given;
-  w.bias.used = with_bias && (w.entry == 0 || w.entry == 2 || w.entry == 4);
+  w.bias.used = with_bias && (softmax_entry || w.entry == 2) && w.entry != 1;
 
   const std::vector<index_t> offsets{w.q.offset,   w.k.offset,   w.v.offset,
                                      w.out.offset, w.lse.offset, w.bias.offset};
@@ -305,9 +328,26 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
           attn::sparse_attention(q, k, v, out, layout, opt);
         }
         break;
-      default:
+      case 5:
         attn::apply_rope(out, rope);
         break;
+#ifdef ATTN_FUZZ_MPI
+      default: {
+        attn::dist::DistOptions dopt;
+        static_cast<attn::AttentionOptions&>(dopt) = opt;
+        const auto run = [&](const auto& mask, const auto& mod) {
+          if (w.entry == 6)
+            attn::dist::ring_attention(MPI_COMM_WORLD, q, k, v, out, mask, mod, dopt);
+          else
+            attn::dist::ulysses_attention(MPI_COMM_WORLD, q, k, v, out, mask, mod, dopt);
+        };
+        if (with_bias)
+          run(attn::causal(), bias);
+        else
+          run(attn::causal(), attn::NoScoreMod{});
+        break;
+      }
+#endif
     }
   };
   if (refused(call, msg)) {
@@ -337,7 +377,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   if (expect != w.arena) fail("a byte outside the output views was written");
 
   // Against the fp64 reference for the softmax entry points.
-  if (w.entry == 0 || w.entry == 1 || w.entry == 4) {
+  if (softmax_entry) {
     std::vector<float> in_copy = before;
     const auto q =
         attn::TensorView<const float, 4>(in_copy.data() + w.q.offset, w.q.shape, w.q.strides);
@@ -349,9 +389,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     const auto r = attn::bhsd(ref.data(), w.B, w.Hq, w.Lq, w.Dv);
     const auto bias_c = attn::additive_bias(attn::TensorView<const float, 4>(
         in_copy.data() + w.bias.offset, w.bias.shape, w.bias.strides));
-    if (w.entry == 0 && with_bias)
+    if ((w.entry == 0 || w.entry >= 6) && with_bias)
       attn::reference::attention(q, k, v, r, attn::causal(), bias_c);
-    else if (w.entry == 0)
+    else if (w.entry == 0 || w.entry >= 6)
       attn::reference::attention(q, k, v, r, attn::causal());
     else if (w.entry == 1)
       attn::reference::attention(q, k, v, r);

@@ -10,6 +10,10 @@ repository, created only on request:
     python3 scripts/compare_peers.py --bench build/bench/bench_attention \\
         --out docs/peers.md --plot docs/peers.png
 
+With --errors BF16_ERROR (the bench/bf16_error tool), it instead writes the
+bf16 error table: attn's bf16 outputs (every instruction set the CPU runs) and
+PyTorch's bf16 SDPA against an fp64 reference on the same bf16 inputs.
+
 Shapes (B = 1, H = 8): dense D = 64 N = 4096, D = 128 N = 2048 and 4096;
 causal D = 64 and 128 at N = 4096; fp32, and bf16 for attn and PyTorch (ONNX
 Runtime's CPU MultiHeadAttention has no bf16). FLOP = 4·B·H·N²·D dense and
@@ -119,6 +123,55 @@ def time_ort(threads, reps):
     return out, ort.__version__
 
 
+ERROR_SHAPES = [(False, 1024, 64), (False, 1024, 128), (True, 1024, 64), (True, 1024, 128)]
+
+
+def bf16_errors(tool, threads, out_path):
+    """Max |error| and RMS error over max |reference|, attn's bf16 per ISA and PyTorch's
+    bf16 SDPA, against torch's fp64 SDPA on the same bf16-representable inputs."""
+    import tempfile
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(threads)
+    lines = ["bf16 storage (q, k, v, out), B = 1, H = 8, inputs N(0, 1) rounded to bf16; error of the",
+             "bf16 output against fp64 attention on the same inputs, as max |err| / max |ref| and",
+             "RMS err / RMS ref. PyTorch " + torch.__version__ + " `scaled_dot_product_attention` in bf16.", "",
+             "| shape | attn ISA | attn max | attn RMS | PyTorch max | PyTorch RMS | attn / PyTorch (RMS) |",
+             "|---|---|---|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for causal, n, d in ERROR_SHAPES:
+            g = torch.Generator().manual_seed(7)
+            q, k, v = (torch.randn(1, HEADS, n, d, generator=g).to(torch.bfloat16) for _ in range(3))
+            ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=causal)
+            with torch.no_grad():
+                pt = F.scaled_dot_product_attention(q, k, v, is_causal=causal).double()
+            prefix = os.path.join(tmp, "x")
+            for name, t in (("q", q), ("k", k), ("v", v)):
+                t.float().numpy().tofile(f"{prefix}.{name}")
+            isas = subprocess.run([tool, prefix, str(n), str(d), str(int(causal))], check=True,
+                                  capture_output=True, text=True,
+                                  env=dict(os.environ, OMP_NUM_THREADS=str(threads))).stdout.split()
+            scale = ref.abs().max().item()
+            rms_ref = ref.pow(2).mean().sqrt().item()
+            pt_max = (pt - ref).abs().max().item() / scale
+            pt_rms = (pt - ref).pow(2).mean().sqrt().item() / rms_ref
+            shape = f"{'causal' if causal else 'dense'} N = {n}, D = {d}"
+            for isa in isas:
+                a = torch.from_numpy(np.fromfile(f"{prefix}.out.{isa}", dtype=np.float32)).double()
+                a = a.reshape(ref.shape)
+                a_max = (a - ref).abs().max().item() / scale
+                a_rms = (a - ref).pow(2).mean().sqrt().item() / rms_ref
+                lines.append(f"| {shape} | {isa} | {a_max:.2e} | {a_rms:.2e} | {pt_max:.2e} | {pt_rms:.2e} | "
+                             f"{a_rms / pt_rms:.2f}× |")
+    text = "\n".join(lines) + "\n"
+    with open(out_path, "w") as f:
+        f.write(text)
+    print(text)
+
+
 def time_attn(bench, threads):
     filt = "BM_flash(_bf16)?/(dense|causal)/N:(2048|4096)/D:(64|128)/real_time|peak/"
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
@@ -128,8 +181,8 @@ def time_attn(bench, threads):
     out, peaks = {}, {}
     for b in data["benchmarks"]:
         name = b["name"]
-        if name.startswith("peak/"):
-            peaks[name] = b["GFLOPs"]
+        if name.startswith("peak/"):  # peak/bf16/amx_bf16/iterations:1 -> peak/bf16/amx_bf16
+            peaks["/".join(name.split("/")[:3])] = b["GFLOPs"]
             continue
         parts = name.split("/")  # BM_flash/dense/N:4096/D:64/real_time
         kind = "bf16" if parts[0] == "BM_flash_bf16" else "fp32"
@@ -157,20 +210,27 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default="peers.md")
     ap.add_argument("--plot", default="")
+    ap.add_argument("--errors", default="", metavar="BF16_ERROR",
+                    help="write the bf16 error table instead, using this bench/bf16_error binary")
     args = ap.parse_args()
     if args.setup:
         setup(args.venv)
         return
     in_venv_or_reexec(args.venv)
+    if args.errors:
+        bf16_errors(args.errors, args.threads, args.out)
+        return
     attn, peaks = time_attn(args.bench, args.threads)
     torch_r, torch_v = time_torch(args.threads, args.reps)
     ort_r, ort_v = time_ort(args.threads, args.reps)
     fp32_peak = max((g for k, g in peaks.items() if k.startswith("peak/fp32/")), default=0)
-    bf16_peak = peaks.get("peak/bf16/avx512_bf16", 0)
+    # bf16 rows against the products attn runs for bf16: AMX tiles where the CPU has them.
+    bf16_isa = "amx_bf16" if peaks.get("peak/bf16/amx_bf16") else "avx512_bf16"
+    bf16_peak = peaks.get(f"peak/bf16/{bf16_isa}", 0)
 
     lines = [f"Attention forward, B = 1, H = 8, {args.threads} threads, one sitting on {cpu_name()}.",
              f"Ceilings measured in the same run: fp32 FMA peak {fp32_peak:.0f} GFLOP/s"
-             + (f", bf16 dot peak {bf16_peak:.0f} GFLOP/s" if bf16_peak else "") + ".",
+             + (f", bf16 product peak ({bf16_isa}) {bf16_peak:.0f} GFLOP/s" if bf16_peak else "") + ".",
              f"PyTorch {torch_v} `scaled_dot_product_attention`; ONNX Runtime {ort_v} "
              "`com.microsoft.MultiHeadAttention` (unidirectional=1 for causal). GFLOP/s:", "",
              "| shape | dtype | attn | PyTorch | ONNX Runtime | attn / PyTorch | attn / ORT | attn, fraction of peak |",

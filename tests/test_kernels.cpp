@@ -208,13 +208,19 @@ std::vector<Eigen::bfloat16> random_bf16(std::size_t n, std::uint32_t seed) {
   return r;
 }
 
-/// vdpbf16ps scores: K panels with head-dim pairs, odd d, every row and key tail.
-TEST(KernelsBf16, ScoreMatchesDoubleLoop) {
-  if (!attn::isa_supported(Isa::avx512_bf16)) GTEST_SKIP() << "no AVX512-BF16 on this CPU";
-  namespace kb = attn::kernels::avx512_bf16;
-  for (index_t rows : {1, 13, 14, 15, 47})
-    for (index_t cols : {1, 31, 32, 33, 101})
-      for (index_t d : {1, 7, 64, 111}) {
+using ScoreBf16 = void (*)(index_t, index_t, index_t, const std::uint16_t*, index_t,
+                           const std::uint16_t*, float*, index_t, float);
+using PvBf16 = void (*)(index_t, index_t, index_t, const std::uint16_t*, index_t,
+                        const std::uint16_t*, float*, index_t);
+
+/// bf16 scores (K panels with head-dim pairs) against a double loop, and
+/// nothing written past the panels.
+void check_bf16_score(ScoreBf16 score, std::initializer_list<index_t> row_counts,
+                      std::initializer_list<index_t> col_counts,
+                      std::initializer_list<index_t> depths) {
+  for (index_t rows : row_counts)
+    for (index_t cols : col_counts)
+      for (index_t d : depths) {
         SCOPED_TRACE("rows=" + std::to_string(rows) + " cols=" + std::to_string(cols) +
                      " d=" + std::to_string(d));
         const index_t dpad = d + (d & 1), panels = (cols + 31) / 32, lds = panels * 32 + 5;
@@ -226,7 +232,7 @@ TEST(KernelsBf16, ScoreMatchesDoubleLoop) {
         attn::kernels::pack_kb(k.data(), d, 1, cols, d, kp.data());
         std::vector<float> s(static_cast<std::size_t>(rows * lds), -7.f);
         const float scale = 0.37f;
-        kb::score(rows, cols, d, qb.data(), dpad, kp.data(), s.data(), lds, scale);
+        score(rows, cols, d, qb.data(), dpad, kp.data(), s.data(), lds, scale);
         for (index_t i = 0; i < rows; ++i) {
           for (index_t j = 0; j < cols; ++j) {
             double ref = 0, mag = 0;
@@ -244,13 +250,15 @@ TEST(KernelsBf16, ScoreMatchesDoubleLoop) {
       }
 }
 
-/// vdpbf16ps P·V: P rounded to bf16 (round to nearest even), V with key pairs, odd cols.
-TEST(KernelsBf16, PvMatchesDoubleLoop) {
-  if (!attn::isa_supported(Isa::avx512_bf16)) GTEST_SKIP() << "no AVX512-BF16 on this CPU";
+/// bf16 P·V (P rounded to nearest even, V with key pairs) against a double
+/// loop; O's columns past dv unchanged.
+void check_bf16_pv(PvBf16 pv, std::initializer_list<index_t> row_counts,
+                   std::initializer_list<index_t> col_counts,
+                   std::initializer_list<index_t> widths) {
   namespace kb = attn::kernels::avx512_bf16;
-  for (index_t rows : {1, 13, 14, 15, 31})
-    for (index_t cols : {1, 2, 15, 16, 17, 33, 64, 257})
-      for (index_t dv : {1, 16, 17, 64, 80}) {
+  for (index_t rows : row_counts)
+    for (index_t cols : col_counts)
+      for (index_t dv : widths) {
         SCOPED_TRACE("rows=" + std::to_string(rows) + " cols=" + std::to_string(cols) +
                      " dv=" + std::to_string(dv));
         const index_t dvp = attn::kernels::padded_dv(dv), ldp = cols + 3, ldpb = cols + 5,
@@ -271,7 +279,7 @@ TEST(KernelsBf16, PvMatchesDoubleLoop) {
         attn::kernels::pack_vb(v.data(), dv, 1, cols, dv, dvp, vb.data());
         auto o = random_vec<float>(static_cast<std::size_t>(rows * ldo), 5);
         const auto o0 = o;
-        kb::accumulate_pv(rows, dvp, cols, pb.data(), ldpb, vb.data(), o.data(), ldo);
+        pv(rows, dvp, cols, pb.data(), ldpb, vb.data(), o.data(), ldo);
         for (index_t i = 0; i < rows; ++i) {
           for (index_t c = 0; c < dv; ++c) {
             double ref = o0[i * ldo + c], mag = std::abs(ref);
@@ -286,6 +294,36 @@ TEST(KernelsBf16, PvMatchesDoubleLoop) {
           for (index_t c = dv; c < ldo; ++c) ASSERT_EQ(o[i * ldo + c], o0[i * ldo + c]);
         }
       }
+}
+
+/// vdpbf16ps scores: odd d, every row and key tail.
+TEST(KernelsBf16, ScoreMatchesDoubleLoop) {
+  if (!attn::isa_supported(Isa::avx512_bf16)) GTEST_SKIP() << "no AVX512-BF16 on this CPU";
+  check_bf16_score(&attn::kernels::avx512_bf16::score, {1, 13, 14, 15, 47}, {1, 31, 32, 33, 101},
+                   {1, 7, 64, 111});
+}
+
+/// vdpbf16ps P·V: odd key counts, every row and column tail.
+TEST(KernelsBf16, PvMatchesDoubleLoop) {
+  if (!attn::isa_supported(Isa::avx512_bf16)) GTEST_SKIP() << "no AVX512-BF16 on this CPU";
+  check_bf16_pv(&attn::kernels::avx512_bf16::accumulate_pv, {1, 13, 14, 15, 31},
+                {1, 2, 15, 16, 17, 33, 64, 257}, {1, 16, 17, 64, 80});
+}
+
+/// AMX scores: one and two 16-row tiles, rows left to AVX512-BF16 below and
+/// above them, every 32-element depth step up to 128.
+TEST(KernelsAmx, ScoreMatchesDoubleLoop) {
+  if (!attn::isa_supported(Isa::amx_bf16)) GTEST_SKIP() << "no AMX-BF16 on this CPU (or OS)";
+  check_bf16_score(&attn::kernels::amx_bf16::score, {1, 15, 16, 17, 31, 32, 33, 48, 50},
+                   {1, 31, 32, 33, 101}, {32, 64, 96, 128});
+}
+
+/// AMX P·V: whole 32-key steps with the key tail on AVX512-BF16, one and two
+/// column tiles, row tails.
+TEST(KernelsAmx, PvMatchesDoubleLoop) {
+  if (!attn::isa_supported(Isa::amx_bf16)) GTEST_SKIP() << "no AMX-BF16 on this CPU (or OS)";
+  check_bf16_pv(&attn::kernels::amx_bf16::accumulate_pv, {1, 15, 16, 17, 32, 33, 48},
+                {1, 2, 31, 32, 33, 64, 65, 257}, {16, 17, 32, 48, 64, 80, 128});
 }
 #endif
 
@@ -305,7 +343,7 @@ TEST(Dispatch, SetIsaForcesAndResets) {
     attn::set_isa(isa);
     EXPECT_EQ(attn::active_isa(), isa);
     EXPECT_EQ(attn::kernels::kernel_set<float>(isa).isa,
-              isa == Isa::avx512_bf16 ? Isa::avx512 : isa);
+              isa == Isa::avx512_bf16 || isa == Isa::amx_bf16 ? Isa::avx512 : isa);
   }
   attn::reset_isa();
   EXPECT_NO_THROW(attn::active_isa());
@@ -313,7 +351,8 @@ TEST(Dispatch, SetIsaForcesAndResets) {
 
 TEST(Dispatch, RefusesWhatTheCpuCannotRun) {
   const Isa before = attn::active_isa();
-  const Isa all[] = {Isa::portable, Isa::avx2, Isa::avx512, Isa::avx512_bf16, static_cast<Isa>(7)};
+  const Isa all[] = {Isa::portable,    Isa::avx2,     Isa::avx512,
+                     Isa::avx512_bf16, Isa::amx_bf16, static_cast<Isa>(7)};
   for (Isa isa : all) {
     if (attn::isa_supported(isa)) continue;
     try {

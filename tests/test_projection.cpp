@@ -209,3 +209,19 @@ TEST(ProjectionErrors, ShapesAndOverlapThrowBeforeWriting) {
 }
 
 }  // namespace
+
+// The projections follow the library's dispatch: every AVX-512 level
+// (including the bf16 and AMX ones, which only change bf16 attention
+// products) runs the AVX-512 projection kernels, never the portable loops.
+TEST(ProjectionDispatch, FollowsTheActiveInstructionSet) {
+  for (attn::Isa isa : attn::supported_isas()) {
+    attn::set_isa(isa);
+    const ProjIsa want = isa == attn::Isa::portable ? ProjIsa::portable
+                         : isa == attn::Isa::avx2   ? ProjIsa::avx2
+                                                    : ProjIsa::avx512;
+    if (attn::detail::projection_isa_supported(want)) {
+      EXPECT_EQ(attn::detail::projection_isa(), want) << attn::isa_name(isa);
+    }
+  }
+  attn::reset_isa();
+}

@@ -20,9 +20,11 @@
 #include "attn/attention_weights.hpp"
 #include "attn/detail/checks.hpp"
 #include "attn/detail/parallel.hpp"
+#include "attn/kv/cache.hpp"
 #include "attn/layers/projection.hpp"
 #include "attn/mask.hpp"
 #include "attn/masked.hpp"
+#include "attn/ops/cache.hpp"
 #include "attn/options.hpp"
 #include "attn/rope.hpp"
 #include "attn/score_mod.hpp"
@@ -409,6 +411,94 @@ void check_self_attention(const MultiHeadConfig& c, const InOutWeights<T>& w,
   (void)mod.bind(s);
 }
 
+// ------------------------------------------------ incremental decoding --
+
+/// Checks a cached self-attention call: everything check_self_attention
+/// checks, the cache's shape against the config, room for the new tokens,
+/// their RoPE positions, the options cache attention refuses, and the
+/// policies bound per sequence as cache_attention binds them. Nothing is
+/// written before it returns.
+template <class T, class C, class Mask, class Mod>
+void check_cached_self_attention(const MultiHeadConfig& c, const InOutWeights<T>& w,
+                                 const TensorView<const T, 3>& x, const KVCache<C>& cache,
+                                 const TensorView<T, 3>& out, const Mask& mask, const Mod& mod,
+                                 const AttentionOptions& opt, const MultiHeadWorkspace<T>* ws) {
+  check_self_attention(c, w, x, out, mask, mod, opt, ws, /*bind_policies=*/false);
+  const index_t B = x.extent(0), L = x.extent(1);
+  if (cache.batch() != B)
+    fail("the cache holds ", cache.batch(), " sequences, but x has batch ", B);
+  if (cache.kv_heads() != c.kv_heads || cache.head_dim() != c.head_dim ||
+      cache.head_dim_v() != c.v_head_dim)
+    fail("the cache holds ", cache.kv_heads(), " kv heads of dims ", cache.head_dim(), " / ",
+         cache.head_dim_v(), ", but the layer has ", c.kv_heads, " of dims ", c.head_dim, " / ",
+         c.v_head_dim);
+  const Positions none{};
+  if (opt.positions.q_offset != none.q_offset || opt.positions.k_offset != none.k_offset ||
+      opt.positions.q_length != none.q_length || opt.positions.k_length != none.k_length)
+    fail("cached attention takes positions from the cache; options.positions must be default");
+  if (opt.dropout.p != 0)
+    fail("cached attention has no dropout (inference); options.dropout.p is ", opt.dropout.p);
+  if (!opt.lse.is_null() &&
+      (opt.lse.extent(0) != B || opt.lse.extent(1) != c.q_heads || opt.lse.extent(2) != L))
+    fail("options.lse has shape ", shape_str(opt.lse), ", expected [", B, ", ", c.q_heads, ", ", L,
+         "] (batch, q heads, new tokens)");
+  check_no_overlap(out, "out", cache.keys(), "the cache's keys");
+  check_no_overlap(out, "out", cache.values(), "the cache's values");
+  if (!opt.lse.is_null()) {
+    check_no_overlap(opt.lse, "options.lse", cache.keys(), "the cache's keys");
+    check_no_overlap(opt.lse, "options.lse", cache.values(), "the cache's values");
+  }
+  if (c.rope) {  // the table covers every position the cache can hold
+    (void)check_rope(*c.rope, c.head_dim);
+    check_rope_positions(*c.rope, cache.capacity());
+  }
+  for (index_t b = 0; b < B; ++b) {
+    const index_t held = cache.length(b);
+    if (L > cache.capacity() - held)
+      fail("sequence ", b, " of the cache holds ", held, " of ", cache.capacity(),
+           " tokens, no room for ", L, " more");
+    AttentionShape g = layer_shape(c, 1, held + L, held + L);
+    (void)mask.bind(g);
+    (void)mod.bind(g);
+  }
+}
+
+/// Cached self-attention on checked arguments: projections of the new rows,
+/// RoPE at each sequence's positions, append, attention against the cache,
+/// output projection.
+template <class T, class C, class Mask, class Mod>
+void cached_self_attention(const MultiHeadConfig& c, const PackedProjections<T>& p,
+                           const TensorView<const T, 3>& x, KVCache<C>& cache,
+                           const TensorView<T, 3>& out, const Mask& mask, const Mod& mod,
+                           const AttentionOptions& opt, MultiHeadWorkspace<T>& ws) {
+  const index_t B = x.extent(0), L = x.extent(1);
+  const index_t nq = c.q_heads * c.head_dim, nk = c.kv_heads * c.head_dim,
+                nv = c.kv_heads * c.v_head_dim;
+  T* q = project_q(c, p, x, ws, opt.num_threads);
+  project_kv(c, p, x, ws.k, ws.v, opt.num_threads);
+  if (c.rope) {  // one table over every position the cache can hold, built once
+    const index_t rd = check_rope(*c.rope, c.head_dim);
+    ws.rope.ensure(*c.rope, rd, c.rope->offset, cache.capacity());
+  }
+  for (index_t b = 0; b < B; ++b) {
+    const Tensor4<T> qb = bshd(q + b * L * nq, 1, L, c.q_heads, c.head_dim);
+    const Tensor4<T> kb = bshd(ws.k.data() + b * L * nk, 1, L, c.kv_heads, c.head_dim);
+    const Tensor4<T> vb = bshd(ws.v.data() + b * L * nv, 1, L, c.kv_heads, c.v_head_dim);
+    if (c.rope) {
+      const index_t first = c.rope->offset + cache.length(b);
+      apply_rope_table(qb, ws.rope, c.rope->pairing, first, opt.num_threads);
+      apply_rope_table(kb, ws.rope, c.rope->pairing, first, opt.num_threads);
+    }
+    cache.append(b, Tensor4<const T>(kb), Tensor4<const T>(vb));
+  }
+  const index_t width = c.q_heads * c.v_head_dim;
+  T* heads = grow(ws.heads, B * L * width);
+  cache_attention(Tensor4<const T>(bshd(q, B, L, c.q_heads, c.head_dim)), cache,
+                  bshd(heads, B, L, c.q_heads, c.v_head_dim), mask, mod, opt);
+  project_packed(TensorView<const T, 3>(rows_view(heads, B, L, width)), p.o, p.bo, out,
+                 opt.num_threads);
+}
+
 // ------------------------------------------------------ varlen (packed) --
 
 /// Checks cu_seqlens against `total` packed rows: cu[0] = 0, non-decreasing,
@@ -770,6 +860,36 @@ class MultiHeadAttention : public AttentionProjections<T> {
   void forward(TensorView<const T, 3> x, TensorView<T, 3> out, const Mask& mask,
                const AttentionOptions& options) {
     forward(x, out, mask, no_score_mod(), options);
+  }
+
+  /// Incremental decoding against a KV cache: prefill with the prompt, then
+  /// call again with each new token. x [B, Lnew, d_model] holds the next Lnew
+  /// tokens of each of the cache's B sequences (Lnew equal across the batch;
+  /// sequences may hold different lengths). Their keys and values, after RoPE
+  /// at positions rope().offset + cache.length(b) + i, are appended to
+  /// `cache` (any cache type: float, double, half, bf16, int8), then the new
+  /// queries attend to everything sequence b holds, with the mask and
+  /// modifier bound per sequence as in cache_attention (attn::causal(): each
+  /// new token sees the tokens up to itself). out is [B, Lnew, d_model];
+  /// options.lse, if set, [B, Hq, Lnew]. Equal (to rounding) to forward() on
+  /// the whole sequence, of which out is the last Lnew rows. Every check
+  /// (shapes, room in the cache, positions, overlaps) runs before the cache
+  /// or out is written.
+  template <class C, class Mask = NoMask, class Mod = NoScoreMod>
+  void forward(TensorView<const T, 3> x, KVCache<C>& cache, TensorView<T, 3> out,
+               const Mask& mask = {}, const Mod& score_mod = {},
+               const AttentionOptions& options = {}) {
+    const MultiHeadConfig c = detail::resolve_config(this->cfg_);
+    detail::check_cached_self_attention(c, this->in_out_weights(), x, cache, out, mask, score_mod,
+                                        options, &this->ws_);
+    detail::cached_self_attention(c, this->packed(), x, cache, out, mask, score_mod, options,
+                                  this->ws_);
+  }
+  /// Same, without a score modifier.
+  template <class C, class Mask, class = std::enable_if_t<is_mask_v<Mask>>>
+  void forward(TensorView<const T, 3> x, KVCache<C>& cache, TensorView<T, 3> out, const Mask& mask,
+               const AttentionOptions& options) {
+    forward(x, cache, out, mask, no_score_mod(), options);
   }
 
   /// Self-attention over variable-length sequences packed back to back

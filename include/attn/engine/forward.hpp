@@ -94,9 +94,11 @@ void flash_forward(const TensorView<const Q, 4>& q, const StridedKV<K, V>& src,
   const Isa isa = active_isa();
   const kernels::KernelSet<Acc>& ks = kernels::kernel_set<Acc>(isa);
   using Packed = PackedKV<Acc, StridedKV<K, V>>;
-  // bf16 q, k and v on an AVX512-BF16 CPU: products on bf16 pairs (vdpbf16ps).
+  // bf16 q, k and v on an AVX512-BF16 CPU: products on bf16 pairs (vdpbf16ps),
+  // or on AMX tiles (tdpbf16ps) when the head dim is whole 32-element steps.
   constexpr bool bf16_storage = Packed::bf16_storage && std::is_same<Q, Eigen::bfloat16>::value;
-  const bool use_bf16 = ATTN_KERNELS_X86 && bf16_storage && isa == Isa::avx512_bf16;
+  const bool use_bf16 =
+      ATTN_KERNELS_X86 && bf16_storage && (isa == Isa::avx512_bf16 || isa == Isa::amx_bf16);
 
   const Acc scale =
       static_cast<Acc>(opt.scale.value_or(1.0 / std::sqrt(static_cast<double>(shape.d))));
@@ -135,6 +137,9 @@ void flash_forward(const TensorView<const Q, 4>& q, const StridedKV<K, V>& src,
   // Pack once for the call when more than one query tile or query head reads each key.
   Packed kv(src, ks, use_bf16, shape.d, shape.dv, bc,
             schedule.q_tiles() * (shape.q_heads / shape.kv_heads) > 1, shape.kv_heads);
+#if ATTN_KERNELS_X86
+  kv.amx = use_bf16 && isa == Isa::amx_bf16 && kernels::amx_bf16::takes_depth(shape.d);
+#endif
   kv.pack_all(shape.batch, opt.num_threads);
   const Walk<Acc, Packed, Mask, Mod> walk{
       kv, mask, mod, bc, shape.d, shape.dv, opt.positions.k_offset, scale, &drop};

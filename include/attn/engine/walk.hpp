@@ -210,8 +210,12 @@ struct Walk {
       Acc* s = sc.s.data();
       if (kv.bf16) {
 #if ATTN_KERNELS_X86
-        if constexpr (std::is_same<Acc, float>::value)
-          kernels::avx512_bf16::score(rows, cols, d, sc.qb.data(), kv.dpad, t.kb, s, lds, scale);
+        if constexpr (std::is_same<Acc, float>::value) {
+          if (kv.amx)
+            kernels::amx_bf16::score(rows, cols, d, sc.qb.data(), kv.dpad, t.kb, s, lds, scale);
+          else
+            kernels::avx512_bf16::score(rows, cols, d, sc.qb.data(), kv.dpad, t.kb, s, lds, scale);
+        }
 #endif
       } else {
         ks.score(rows, cols, d, qs, d, t.k, s, lds);
@@ -243,8 +247,12 @@ struct Walk {
 #if ATTN_KERNELS_X86
         if constexpr (std::is_same<Acc, float>::value) {  // P rounded to bf16 pairs of keys
           kernels::avx512_bf16::round_to_bf16(rows, cols, s, lds, sc.pb.data(), lds);
-          kernels::avx512_bf16::accumulate_pv(rows, dvp, cols, sc.pb.data(), lds, t.vb,
-                                              part.o.data(), ldo);
+          if (kv.amx)
+            kernels::amx_bf16::accumulate_pv(rows, dvp, cols, sc.pb.data(), lds, t.vb,
+                                             part.o.data(), ldo);
+          else
+            kernels::avx512_bf16::accumulate_pv(rows, dvp, cols, sc.pb.data(), lds, t.vb,
+                                                part.o.data(), ldo);
         }
 #endif
       } else {

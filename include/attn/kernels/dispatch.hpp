@@ -3,7 +3,7 @@
 // The CPU is asked once per process (CPUID, and XGETBV for the operating
 // system's register state) which of attn's kernel sets it can run; the
 // fastest one (best_isa()) is used unless
-//   - the environment variable ATTN_ISA=avx512_bf16|avx512|avx2|portable
+//   - the environment variable ATTN_ISA=amx_bf16|avx512_bf16|avx512|avx2|portable
 //     names another (read once, at the first call that needs kernels), or
 //   - attn::set_isa(isa) was called (it wins over ATTN_ISA; reset_isa() undoes it).
 // A set the CPU cannot run, or that this compiler could not build, is refused
@@ -22,10 +22,26 @@
 
 #if ATTN_KERNELS_X86
 #include <cpuid.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #endif
 
 namespace attn {
 namespace detail {
+
+/// Linux gives a process the (8 KiB) AMX tile state only after it asks, once,
+/// with arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); without it the
+/// first tile instruction faults. Other systems: AMX is not used.
+inline bool request_amx() {
+#if ATTN_KERNELS_X86 && defined(__linux__) && defined(SYS_arch_prctl)
+  constexpr long req_xcomp_perm = 0x1023, xfeature_xtiledata = 18;
+  return syscall(SYS_arch_prctl, req_xcomp_perm, xfeature_xtiledata) == 0;
+#else
+  return false;
+#endif
+}
 
 /// Bit i set: the CPU (and OS) can run Isa(i) and this build has its kernels.
 inline unsigned detect_isas() {
@@ -43,13 +59,18 @@ inline unsigned detect_isas() {
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return found;
   const bool avx2 = b & (1u << 5), avx512f = b & (1u << 16), avx512dq = b & (1u << 17),
              avx512bw = b & (1u << 30), avx512vl = b & (1u << 31);
+  const bool amx = (d & (1u << 22)) && (d & (1u << 24));  // AMX-BF16 and AMX-TILE
+  const bool os_amx = (xcr0_lo & 0x60000u) == 0x60000u;   // tile config and tile data
   unsigned a1 = 0, b1 = 0, c1 = 0, d1 = 0;
   const bool bf16 = __get_cpuid_count(7, 1, &a1, &b1, &c1, &d1) && (a1 & (1u << 5));
   if (os_ymm && avx2 && fma && f16c) {
     found |= 1u << static_cast<int>(Isa::avx2);
     if (os_zmm && avx512f && avx512dq && avx512bw && avx512vl) {
       found |= 1u << static_cast<int>(Isa::avx512);
-      if (bf16) found |= 1u << static_cast<int>(Isa::avx512_bf16);
+      if (bf16) {
+        found |= 1u << static_cast<int>(Isa::avx512_bf16);
+        if (amx && os_amx && request_amx()) found |= 1u << static_cast<int>(Isa::amx_bf16);
+      }
     }
   }
 #endif
@@ -81,7 +102,7 @@ inline bool bf16_products_pay() {
 /// "avx2, portable": the sets this CPU runs, fastest first.
 inline std::string available_isa_list() {
   std::string s;
-  for (int i = 3; i >= 0; --i)
+  for (int i = isa_count - 1; i >= 0; --i)
     if (available_isas() & (1u << i)) {
       if (!s.empty()) s += ", ";
       s += isa_name(static_cast<Isa>(i));
@@ -107,7 +128,7 @@ inline const EnvIsa& env_isa() {
     if (!v || !*v) return e;
     e.text = v;
     e.isa = -2;
-    for (int i = 0; i <= 3; ++i)
+    for (int i = 0; i < isa_count; ++i)
       if (e.text == isa_name(static_cast<Isa>(i)) && (available_isas() & (1u << i))) e.isa = i;
     return e;
   }();
@@ -129,7 +150,7 @@ inline bool isa_supported(Isa isa) {
 /// Every instruction set isa_supported() accepts, slowest first.
 inline std::vector<Isa> supported_isas() {
   std::vector<Isa> v;
-  for (int i = 0; i <= 3; ++i)
+  for (int i = 0; i < isa_count; ++i)
     if (isa_supported(static_cast<Isa>(i))) v.push_back(static_cast<Isa>(i));
   return v;
 }
@@ -167,10 +188,10 @@ inline Isa active_isa() {
 
 namespace kernels {
 
-/// The float kernels of `isa` (avx512_bf16 shares avx512's for float).
+/// The float kernels of `isa` (avx512_bf16 and amx_bf16 share avx512's for float).
 inline const KernelSet<float>& float_set(Isa isa) {
 #if ATTN_KERNELS_X86
-  if (isa == Isa::avx512 || isa == Isa::avx512_bf16) return avx512_set();
+  if (isa == Isa::avx512 || isa == Isa::avx512_bf16 || isa == Isa::amx_bf16) return avx512_set();
   if (isa == Isa::avx2) return avx2_set();
 #endif
   (void)isa;

@@ -13,7 +13,11 @@ namespace attn {
 ///   avx2         AVX2 + FMA + F16C (16 ymm registers, 8 floats)
 ///   avx512       AVX-512 F/BW/DQ/VL (32 zmm registers, 16 floats)
 ///   avx512_bf16  avx512 plus AVX512-BF16 (vdpbf16ps for bf16 storage)
-enum class Isa : int { portable = 0, avx2 = 1, avx512 = 2, avx512_bf16 = 3 };
+///   amx_bf16     avx512_bf16 plus AMX tiles (tdpbf16ps for bf16 storage)
+enum class Isa : int { portable = 0, avx2 = 1, avx512 = 2, avx512_bf16 = 3, amx_bf16 = 4 };
+
+/// How many values Isa has.
+constexpr int isa_count = 5;
 
 /// The name ATTN_ISA takes for `isa`.
 inline const char* isa_name(Isa isa) {
@@ -26,6 +30,8 @@ inline const char* isa_name(Isa isa) {
       return "avx512";
     case Isa::avx512_bf16:
       return "avx512_bf16";
+    case Isa::amx_bf16:
+      return "amx_bf16";
   }
   return "unknown";
 }

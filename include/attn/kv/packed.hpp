@@ -73,13 +73,14 @@ struct PackedKV {
 
   const Src& src;
   const kernels::KernelSet<Acc>& ks;
-  bool bf16;        // products on bf16 pairs (avx512_bf16 kernels)
-  index_t d, dv;    // head dims
-  index_t dvp;      // padded Dv (kernels::padded_dv)
-  index_t dpad;     // bf16: D rounded up to even
-  index_t nr;       // keys per K panel
-  bool v_in_place;  // fp values read straight from the view
-  bool whole;       // packed once for the call (else per tile)
+  bool bf16;         // products on bf16 pairs (avx512_bf16 kernels)
+  bool amx = false;  // and those on AMX tiles (amx_bf16 kernels, same layouts)
+  index_t d, dv;     // head dims
+  index_t dvp;       // padded Dv (kernels::padded_dv)
+  index_t dpad;      // bf16: D rounded up to even
+  index_t nr;        // keys per K panel
+  bool v_in_place;   // fp values read straight from the view
+  bool whole;        // packed once for the call (else per tile)
   index_t kv_heads, k_slice, v_slice;
   std::vector<Acc> k, v;
   std::vector<std::uint16_t> kb, vb;

@@ -84,6 +84,7 @@ inline bool projection_isa_supported(ProjIsa isa) {
 inline ProjIsa projection_isa() {
   ProjIsa want = ProjIsa::portable;
   switch (active_isa()) {
+    case Isa::amx_bf16:
     case Isa::avx512_bf16:
     case Isa::avx512:
       want = ProjIsa::avx512;
