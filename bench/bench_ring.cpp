@@ -16,6 +16,8 @@
 //                                 into compute (attention and merges) and exposed
 //                                 communication (waiting after the compute was done)
 //   ulysses/dense/N:...           ulysses_attention on the same problem (Hq = Hkv = 2p)
+//   ring_bwd/<layout>/<mask>/N:...  ring_attention_backward, each call after a timed
+//                                 ring_attention forward of the same problem
 //
 // Counters of ring rows: compute_frac = compute / (compute + exposed communication)
 // over the ring steps, worst rank (1 when the transfers hide behind the compute);
@@ -28,9 +30,17 @@
 // dense step between ring calls, so both see the same load) and the bandwidth from the
 // pingpong row; model_ratio = step_ms / model_ms; model_ratio_cpu the same in CPU
 // seconds; x_baseline = p · w · (dense step time) / wall.
+//
+// Counters of ring_bwd rows: compute_frac, call_frac, comm_frac, exposed_ms, balance and
+// balance_cpu of the backward calls as above; balance_fwd, balance_fwd_cpu the same of
+// the forward calls timed in the same loop; fwd_ms, bwd_ms the slowest rank's call;
+// bwd_fwd = bwd_ms / fwd_ms (the FLOP ratio is 2.5); bytes_ratio = bytes the backward
+// sends / bytes the forward sends (K, V plus the fp32 dK, dV accumulators: 2, plus the
+// accumulators' trip home).
 #include "bench_support.hpp"
 
 #include <attn/dist/ring.hpp>
+#include <attn/dist/ring_backward.hpp>
 #include <attn/dist/ulysses.hpp>
 
 #include <benchmark/benchmark.h>
@@ -38,6 +48,7 @@
 #include <mpi.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
@@ -218,6 +229,70 @@ void bench_ring(benchmark::State& state, SeqLayout layout, Kind kind, bool ulyss
   }
 }
 
+void bench_ring_backward(benchmark::State& state, SeqLayout layout, Kind kind) {
+  Slices s(kHeads, kHeads, g_len);
+  std::vector<float> lse(static_cast<std::size_t>(kHeads * g_len));
+  std::vector<float> dout(attn_bench::random_buffer(s.out.size(), 17 + rank()));
+  std::vector<float> dq(s.q.size()), dk(s.k.size()), dv(s.v.size());
+  attn::dist::RingTimings fwd, bwd;
+  attn::dist::DistOptions fopt, bopt;
+  fopt.layout = bopt.layout = layout;
+  fopt.num_threads = bopt.num_threads = g_threads;
+  fopt.lse = attn::TensorView<float, 3>(lse.data(), {1, kHeads, g_len});
+  fopt.timings = &fwd;
+  bopt.timings = &bwd;
+  const auto lse_v = attn::TensorView<const float, 3>(lse.data(), {1, kHeads, g_len});
+  const auto dout_v = attn::bhsd(static_cast<const float*>(dout.data()), 1, kHeads, g_len, kDim);
+  const auto dq_v = attn::bhsd(dq.data(), 1, kHeads, g_len, kDim);
+  const auto dk_v = attn::bhsd(dk.data(), 1, kHeads, g_len, kDim);
+  const auto dv_v = attn::bhsd(dv.data(), 1, kHeads, g_len, kDim);
+  auto call = [&](auto mask) {
+    attn::dist::ring_attention(MPI_COMM_WORLD, s.qv(), s.kv(), s.vv(), s.ov(), mask,
+                               attn::no_score_mod(), fopt);
+    MPI_Barrier(MPI_COMM_WORLD);
+    attn::dist::ring_attention_backward(MPI_COMM_WORLD, s.qv(), s.kv(), s.vv(),
+                                        attn::Tensor4<const float>(s.ov()), lse_v, dout_v, dq_v,
+                                        dk_v, dv_v, mask, attn::no_score_mod(), bopt);
+  };
+  auto run = [&] {
+    if (kind == Kind::causal)
+      call(attn::causal());
+    else
+      call(attn::no_mask());
+  };
+  run();  // warm-up: first touch of the buffers
+  double compute = 0, compute_cpu = 0, exposed = 0, wall = 0, slowest = 0;
+  double f_compute = 0, f_cpu = 0, f_slowest = 0;
+  for (auto _ : state) {
+    MPI_Barrier(MPI_COMM_WORLD);
+    run();
+    const double t = max_over_ranks(bwd.total);
+    state.SetIterationTime(t);
+    compute += bwd.compute;
+    compute_cpu += bwd.compute_cpu;
+    exposed += bwd.exposed_comm;
+    wall += bwd.total;
+    slowest += t;
+    f_compute += fwd.compute;
+    f_cpu += fwd.compute_cpu;
+    f_slowest += max_over_ranks(fwd.total);
+  }
+  const double iters = static_cast<double>(state.iterations());
+  state.counters["compute_frac"] = min_over_ranks(compute / (compute + exposed));
+  state.counters["call_frac"] = min_over_ranks(compute / wall);
+  state.counters["comm_frac"] = max_over_ranks(exposed / wall);
+  state.counters["exposed_ms"] = max_over_ranks(exposed / iters) * 1e3;
+  state.counters["balance"] = min_over_ranks(compute) / max_over_ranks(compute);
+  state.counters["balance_cpu"] = min_over_ranks(compute_cpu) / max_over_ranks(compute_cpu);
+  state.counters["balance_fwd"] = min_over_ranks(f_compute) / max_over_ranks(f_compute);
+  state.counters["balance_fwd_cpu"] = min_over_ranks(f_cpu) / max_over_ranks(f_cpu);
+  state.counters["fwd_ms"] = f_slowest / iters * 1e3;
+  state.counters["bwd_ms"] = slowest / iters * 1e3;
+  state.counters["bwd_fwd"] = slowest / f_slowest;
+  state.counters["bytes_ratio"] = static_cast<double>(bwd.bytes_sent) /
+                                  static_cast<double>(std::max<std::int64_t>(fwd.bytes_sent, 1));
+}
+
 /// Reports nothing: ranks other than 0 run the same rows silently.
 class NullReporter : public benchmark::BenchmarkReporter {
  public:
@@ -270,6 +345,16 @@ int main(int argc, char** argv) {
     benchmark::RegisterBenchmark(
         (r.name + shape).c_str(),
         [r](benchmark::State& st) { bench_ring(st, r.layout, r.kind, r.ulysses); })
+        ->Iterations(g_iters)
+        ->UseManualTime()
+        ->Unit(benchmark::kMillisecond);
+  for (const Row& r :
+       {Row{"ring_bwd/contiguous/dense", SeqLayout::contiguous, Kind::dense, false},
+        Row{"ring_bwd/zigzag/causal", SeqLayout::zigzag, Kind::causal, false},
+        Row{"ring_bwd/contiguous/causal", SeqLayout::contiguous, Kind::causal, false}})
+    benchmark::RegisterBenchmark(
+        (r.name + shape).c_str(),
+        [r](benchmark::State& st) { bench_ring_backward(st, r.layout, r.kind); })
         ->Iterations(g_iters)
         ->UseManualTime()
         ->Unit(benchmark::kMillisecond);

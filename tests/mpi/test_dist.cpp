@@ -3,7 +3,10 @@
 // ranks (ctest does). Every rank builds the same whole-sequence inputs from
 // one seed, keeps its shard, and compares its shard of the result.
 #include <attn/dist/ring.hpp>
+#include <attn/dist/ring_backward.hpp>
 #include <attn/dist/ulysses.hpp>
+#include <attn/dist/ulysses_backward.hpp>
+#include <attn/reference/backward.hpp>
 
 #include "support.hpp"
 
@@ -221,6 +224,285 @@ TEST(Ring, BoolMaskIsIndexedGlobally) {
   expect_matches<float>(c, attn::bool_mask(view));
 }
 
+// --------------------------------------------------------- ring backward --
+
+/// The whole problem's gradients (fp64 reference backward) and what one rank
+/// holds of everything the ring backward reads and writes.
+template <class T>
+struct BackwardRun {
+  Tensor<double> dq_ref, dk_ref, dv_ref;  // this rank's shard of the reference gradients
+  Tensor<T> dq, dk, dv;                   // this rank's ring gradients
+  Tensor<double> dk_missing, dv_missing;  // the reference without the last rank's queries
+  double tol_q = 0, tol_k = 0, tol_v = 0;
+  attn::dist::RingTimings timings;
+};
+
+/// Forward ring (out, lse) then ring backward on this rank's shard; the fp64
+/// reference backward on the whole sequence.
+///
+/// Tolerance: the one-process bound of tests/test_backward.cpp,
+/// 16·eps_T·(√D + √Lk + 4)·max(|ref|, 1), plus what the ring adds, with the
+/// same growth factor (√D + √Lk + 4)·max(|ref|, 1): the forward's out and lse
+/// carry the merges' relative error, 4·2p·eps_f32·(|lse| + 2) (the forward
+/// test's bound), which enters P = exp(S − lse) and Δ = rowsum(dO∘O)
+/// (counted twice); and each gradient is a sum of one partial per ring step
+/// and query piece (at most 8 per step here), rounded in the accumulation
+/// type: 8p·eps_acc.
+template <class T, class Mask, class Mod = attn::NoScoreMod>
+BackwardRun<T> ring_backward(const Case& c, const Mask& mask, const Mod& mod = {},
+                             int threads = 1) {
+  const int me = rank_(), p = ranks_();
+  const auto prob = attn_test::make(c.B, c.Hq, c.Hkv, c.Lq, c.Lk, c.D, c.Dv);
+  const attn_test::Inputs<T> in(prob, 11);
+  const Tensor<T> dout_full = attn_test::random_tensor<T>(c.B, c.Hq, c.Lq, c.Dv, 29);
+  const Tensor<double> qd = attn_test::to_double(in.q), kd = attn_test::to_double(in.k),
+                       vd = attn_test::to_double(in.v), dod = attn_test::to_double(dout_full);
+
+  // Reference gradients, and the same without the last rank's query rows: the
+  // gradient is linear in each row of dout, so zeroing those rows removes
+  // exactly their contribution to dk, dv (what a ring that skipped one step would give).
+  BackwardRun<T> run{};
+  Tensor<double> gq(c.B, c.Hq, c.Lq, c.D), gk(c.B, c.Hkv, c.Lk, c.D), gv(c.B, c.Hkv, c.Lk, c.Dv);
+  attn::reference::attention_backward(qd.cview(), kd.cview(), vd.cview(), dod.cview(), gq.view,
+                                      gk.view, gv.view, mask, mod);
+  Tensor<double> dod_cut = dod;
+  for (const auto& ch : attn::dist::shard_chunks(c.Lq, p - 1, p, c.layout))
+    for (index_t b = 0; b < c.B; ++b)
+      for (index_t h = 0; h < c.Hq; ++h)
+        for (index_t i = ch.begin; i < ch.begin + ch.length; ++i)
+          for (index_t d = 0; d < c.Dv; ++d) dod_cut(b, h, i, d) = 0;
+  Tensor<double> mq(c.B, c.Hq, c.Lq, c.D), mk(c.B, c.Hkv, c.Lk, c.D), mv(c.B, c.Hkv, c.Lk, c.Dv);
+  attn::reference::attention_backward(qd.cview(), kd.cview(), vd.cview(), dod_cut.cview(), mq.view,
+                                      mk.view, mv.view, mask, mod);
+
+  const index_t lq = attn::dist::shard_length(c.Lq, me, p, c.layout);
+  const index_t lk = attn::dist::shard_length(c.Lk, me, p, c.layout);
+  Tensor<T> q(c.B, c.Hq, lq, c.D), k(c.B, c.Hkv, lk, c.D), v(c.B, c.Hkv, lk, c.Dv),
+      out(c.B, c.Hq, lq, c.Dv), dout(c.B, c.Hq, lq, c.Dv);
+  run.dq = Tensor<T>(c.B, c.Hq, lq, c.D);
+  run.dk = Tensor<T>(c.B, c.Hkv, lk, c.D);
+  run.dv = Tensor<T>(c.B, c.Hkv, lk, c.Dv);
+  run.dq_ref = Tensor<double>(c.B, c.Hq, lq, c.D);
+  run.dk_ref = Tensor<double>(c.B, c.Hkv, lk, c.D);
+  run.dv_ref = Tensor<double>(c.B, c.Hkv, lk, c.Dv);
+  run.dk_missing = Tensor<double>(c.B, c.Hkv, lk, c.D);
+  run.dv_missing = Tensor<double>(c.B, c.Hkv, lk, c.Dv);
+  attn::dist::shard(in.q.view, q.view, me, p, c.layout);
+  attn::dist::shard(in.k.view, k.view, me, p, c.layout);
+  attn::dist::shard(in.v.view, v.view, me, p, c.layout);
+  attn::dist::shard(dout_full.view, dout.view, me, p, c.layout);
+  attn::dist::shard(gq.view, run.dq_ref.view, me, p, c.layout);
+  attn::dist::shard(gk.view, run.dk_ref.view, me, p, c.layout);
+  attn::dist::shard(gv.view, run.dv_ref.view, me, p, c.layout);
+  attn::dist::shard(mk.view, run.dk_missing.view, me, p, c.layout);
+  attn::dist::shard(mv.view, run.dv_missing.view, me, p, c.layout);
+
+  std::vector<float> lse(static_cast<std::size_t>(c.B * c.Hq * lq));
+  attn::dist::DistOptions opt;
+  opt.layout = c.layout;
+  opt.lse = attn::TensorView<float, 3>(lse.data(), {c.B, c.Hq, lq});
+  opt.block_q = opt.block_k = c.block;
+  opt.num_threads = threads;
+  if (c.algo == Algo::ring)
+    attn::dist::ring_attention(MPI_COMM_WORLD, q.cview(), k.cview(), v.cview(), out.view, mask, mod,
+                               opt);
+  else
+    attn::dist::ulysses_attention(MPI_COMM_WORLD, q.cview(), k.cview(), v.cview(), out.view, mask,
+                                  mod, opt);
+  opt.lse = {};
+  opt.timings = &run.timings;
+  auto backward = [&](const auto& lse_in) {
+    if (c.algo == Algo::ring)
+      attn::dist::ring_attention_backward(MPI_COMM_WORLD, q.cview(), k.cview(), v.cview(),
+                                          out.cview(), lse_in, dout.cview(), run.dq.view,
+                                          run.dk.view, run.dv.view, mask, mod, opt);
+    else
+      attn::dist::ulysses_attention_backward(MPI_COMM_WORLD, q.cview(), k.cview(), v.cview(),
+                                             out.cview(), lse_in, dout.cview(), run.dq.view,
+                                             run.dk.view, run.dv.view, mask, mod, opt);
+  };
+  double lse_max = 0;
+  for (float x : lse)
+    if (std::isfinite(x)) lse_max = std::max(lse_max, std::abs(static_cast<double>(x)));
+  MPI_Allreduce(MPI_IN_PLACE, &lse_max, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+  if constexpr (std::is_same<T, double>::value) {
+    // fp64 storage: the lse in fp64 (from the reference probabilities), as a
+    // caller keeping fp64 lse would pass it; out is the ring's.
+    attn::AttentionShape s;
+    s.batch = c.B, s.q_heads = c.Hq, s.kv_heads = c.Hkv, s.lq = c.Lq, s.lk = c.Lk, s.d = c.D,
+    s.dv = c.Dv;
+    const Mask m = mask.bind(s);
+    const Mod md = mod.bind(s);
+    std::vector<double> full, pr, l;
+    for (index_t b = 0; b < c.B; ++b)
+      for (index_t h = 0; h < c.Hq; ++h) {
+        attn::reference::probabilities(qd.cview(), kd.cview(), s, m, md,
+                                       1.0 / std::sqrt(static_cast<double>(c.D)), b, h, pr, l);
+        full.insert(full.end(), l.begin(), l.end());
+      }
+    std::vector<double> lse64(lse.size());
+    attn::dist::shard(attn::TensorView<double, 3>(full.data(), {c.B, c.Hq, c.Lq}),
+                      attn::TensorView<double, 3>(lse64.data(), {c.B, c.Hq, lq}), me, p, c.layout);
+    backward(attn::TensorView<const double, 3>(lse64.data(), {c.B, c.Hq, lq}));
+  } else {
+    backward(attn::TensorView<const float, 3>(lse.data(), {c.B, c.Hq, lq}));
+  }
+
+  using Acc = attn::dist::detail::dist_accum_t<T>;
+  const double growth =
+      std::sqrt(static_cast<double>(c.D)) + std::sqrt(static_cast<double>(c.Lk)) + 4.0;
+  // The all-to-all neither merges nor sums across ranks: its bound is the one-process one.
+  const double merges = c.algo == Algo::ring ? 2.0 * p : 0.0;
+  const double ring_rel = 2.0 * 4.0 * merges * attn_test::eps<float>() * (lse_max + 2.0) +
+                          (c.algo == Algo::ring ? 8.0 * p * attn_test::eps<Acc>() : 0.0);
+  auto tol = [&](const Tensor<double>& ref) {
+    const double m = std::max(attn_test::max_abs(ref), 1.0);
+    return (16.0 * attn_test::eps<T>() + ring_rel) * growth * m;
+  };
+  run.tol_q = tol(gq);
+  run.tol_k = tol(gk);
+  run.tol_v = tol(gv);
+  return run;
+}
+
+template <class T, class Mask, class Mod = attn::NoScoreMod>
+attn::dist::RingTimings expect_backward_matches(const Case& c, const Mask& mask,
+                                                const Mod& mod = {}) {
+  SCOPED_TRACE(c.str() + " backward");
+  const BackwardRun<T> r = ring_backward<T>(c, mask, mod);
+  EXPECT_LE(attn_test::max_abs_diff(r.dq, r.dq_ref), r.tol_q) << "dq";
+  EXPECT_LE(attn_test::max_abs_diff(r.dk, r.dk_ref), r.tol_k) << "dk";
+  EXPECT_LE(attn_test::max_abs_diff(r.dv, r.dv_ref), r.tol_v) << "dv";
+  return r.timings;
+}
+
+TEST(RingBackward, DenseContiguousAndZigzag) {
+  for (SeqLayout layout : {SeqLayout::contiguous, SeqLayout::zigzag}) {
+    const auto t = expect_backward_matches<float>(ring_case(layout), attn::no_mask());
+    EXPECT_EQ(t.steps, ranks_());
+    EXPECT_EQ(t.computed_steps, ranks_());
+  }
+}
+
+TEST(RingBackward, CausalContiguousAndZigzag) {
+  for (SeqLayout layout : {SeqLayout::contiguous, SeqLayout::zigzag}) {
+    const auto t = expect_backward_matches<float>(ring_case(layout), attn::causal());
+    EXPECT_EQ(t.computed_steps, layout == SeqLayout::zigzag ? ranks_() : rank_() + 1);
+  }
+}
+
+TEST(RingBackward, ZigzagGivesEveryRankTheSameCausalWork) {
+  // Counted, not timed: the scores each rank's backward recomputes (options.stats).
+  const int p = ranks_();
+  for (SeqLayout layout : {SeqLayout::zigzag, SeqLayout::contiguous}) {
+    const index_t L = 2 * 16;  // two chunks of 16 rows per rank
+    Tensor<float> q = attn_test::random_tensor<float>(1, 2, L, 8, 5 + rank_());
+    Tensor<float> k = attn_test::random_tensor<float>(1, 2, L, 8, 9 + rank_());
+    Tensor<float> v = attn_test::random_tensor<float>(1, 2, L, 8, 13 + rank_());
+    Tensor<float> dout = attn_test::random_tensor<float>(1, 2, L, 8, 17 + rank_());
+    Tensor<float> out(1, 2, L, 8), dq(1, 2, L, 8), dk(1, 2, L, 8), dv(1, 2, L, 8);
+    std::vector<float> lse(static_cast<std::size_t>(2 * L));
+    attn::AttentionStats stats;
+    attn::dist::DistOptions opt;
+    opt.layout = layout;
+    opt.block_q = opt.block_k = 4;
+    opt.num_threads = 1;
+    opt.lse = attn::TensorView<float, 3>(lse.data(), {1, 2, L});
+    attn::dist::ring_attention(MPI_COMM_WORLD, q.cview(), k.cview(), v.cview(), out.view,
+                               attn::causal(), attn::no_score_mod(), opt);
+    opt.lse = {};
+    opt.stats = &stats;
+    attn::dist::ring_attention_backward(
+        MPI_COMM_WORLD, q.cview(), k.cview(), v.cview(), out.cview(),
+        attn::TensorView<const float, 3>(lse.data(), {1, 2, L}), dout.cview(), dq.view, dk.view,
+        dv.view, attn::causal(), attn::no_score_mod(), opt);
+    std::int64_t lo = stats.scores, hi = stats.scores;
+    MPI_Allreduce(MPI_IN_PLACE, &lo, 1, MPI_INT64_T, MPI_MIN, MPI_COMM_WORLD);
+    MPI_Allreduce(MPI_IN_PLACE, &hi, 1, MPI_INT64_T, MPI_MAX, MPI_COMM_WORLD);
+    EXPECT_GT(lo, 0);
+    if (layout == SeqLayout::zigzag) {
+      EXPECT_EQ(lo, hi) << attn::dist::layout_name(layout);
+    } else if (p > 1) {
+      EXPECT_LT(lo, hi) << attn::dist::layout_name(layout);
+    }
+  }
+}
+
+TEST(RingBackward, WindowStopsTheRingEarly) {
+  for (SeqLayout layout : {SeqLayout::contiguous, SeqLayout::zigzag}) {
+    const auto t = expect_backward_matches<float>(ring_case(layout), attn::window(5, 0));
+    if (layout == SeqLayout::contiguous) {
+      EXPECT_EQ(t.steps, std::min(ranks_(), 2));
+    }
+  }
+  expect_backward_matches<float>(ring_case(SeqLayout::contiguous), attn::window(3, 4));
+}
+
+TEST(RingBackward, AlibiKeyPaddingAndSoftcap) {
+  Case c = ring_case(SeqLayout::zigzag);
+  c.B = 2;
+  const auto slopes = attn::alibi_slopes(c.Hq);
+  expect_backward_matches<float>(c, attn::causal(), attn::alibi(slopes));
+  expect_backward_matches<float>(c, attn::key_padding({c.Lk - 5, index_t{3}}),
+                                 attn::compose(attn::alibi(slopes), attn::softcap(5.0)));
+  // A batch that sees no key: zero gradients.
+  expect_backward_matches<float>(c, attn::key_padding({index_t{0}, c.Lk}));
+}
+
+TEST(RingBackward, GqaOddDimsCrossAndUnevenLengths) {
+  Case c = ring_case(SeqLayout::contiguous);
+  c.Hq = 6;
+  c.Hkv = 2;
+  c.D = 11;
+  c.Dv = 7;
+  expect_backward_matches<float>(c, attn::causal());
+  expect_backward_matches<float>(ring_case(SeqLayout::zigzag), attn::causal());
+  c.Lq = 3 * ranks_() + 1;  // Lq ≠ Lk, and neither divides by the ranks
+  c.Lk = 5 * ranks_() + 2;
+  expect_backward_matches<float>(c, attn::causal());
+  expect_backward_matches<float>(c, attn::no_mask(), attn::alibi(attn::alibi_slopes(c.Hq)));
+  Case u;
+  u.Lq = u.Lk = 7 * ranks_() + 3;  // shard() gives ranks 7 or 8 rows
+  expect_backward_matches<float>(u, attn::window(4, 2));
+}
+
+TEST(RingBackward, ReducedPrecisionAndDouble) {
+  Case c = ring_case(SeqLayout::zigzag);
+  c.Hkv = 1;
+  expect_backward_matches<Eigen::bfloat16>(c, attn::causal());
+  expect_backward_matches<Eigen::half>(c, attn::no_mask());
+  expect_backward_matches<double>(c, attn::causal());
+  c.layout = SeqLayout::contiguous;
+  expect_backward_matches<double>(c, attn::window(5, 0), attn::alibi(attn::alibi_slopes(c.Hq)));
+}
+
+TEST(RingBackward, ToleranceCatchesAMissingStep) {
+  // The reference without the last rank's queries is what a ring that dropped the
+  // step where those queries meet a slice would give: the tolerance must reject it.
+  for (SeqLayout layout : {SeqLayout::contiguous, SeqLayout::zigzag}) {
+    SCOPED_TRACE(attn::dist::layout_name(layout));
+    const auto r = ring_backward<float>(ring_case(layout), attn::no_mask());
+    EXPECT_LE(attn_test::max_abs_diff(r.dk, r.dk_ref), r.tol_k);
+    EXPECT_GT(attn_test::max_abs_diff(r.dk, r.dk_missing), 10 * r.tol_k);
+    EXPECT_GT(attn_test::max_abs_diff(r.dv, r.dv_missing), 10 * r.tol_v);
+  }
+}
+
+TEST(RingBackward, BitwiseIdenticalForAnyThreadCountAndRun) {
+  Case c = ring_case(SeqLayout::zigzag, 20);
+  c.B = 2;
+  c.Hq = 4;
+  c.Hkv = 2;
+  const auto a = ring_backward<float>(c, attn::causal(), attn::no_score_mod(), 1);
+  const auto b = ring_backward<float>(c, attn::causal(), attn::no_score_mod(), 3);
+  const auto again = ring_backward<float>(c, attn::causal(), attn::no_score_mod(), 3);
+  EXPECT_EQ(a.dq.buf, b.dq.buf);
+  EXPECT_EQ(a.dk.buf, b.dk.buf);
+  EXPECT_EQ(a.dv.buf, b.dv.buf);
+  EXPECT_EQ(b.dk.buf, again.dk.buf);
+  EXPECT_EQ(b.dq.buf, again.dq.buf);
+}
+
 // ---------------------------------------------------------------- ulysses --
 
 Case ulysses_case(SeqLayout layout) {
@@ -245,6 +527,23 @@ TEST(Ulysses, MatchesOneProcess) {
   c.Lq = 4 * ranks_() + 1;  // uneven slices, Lq ≠ Lk
   c.Lk = 6 * ranks_() + 3;
   expect_matches<float>(c, attn::causal());
+}
+
+TEST(UlyssesBackward, MatchesOneProcess) {
+  for (SeqLayout layout : {SeqLayout::contiguous, SeqLayout::zigzag}) {
+    Case c = ulysses_case(layout);
+    expect_backward_matches<float>(c, attn::no_mask());
+    expect_backward_matches<float>(c, attn::causal(), attn::alibi(attn::alibi_slopes(c.Hq)));
+    expect_backward_matches<float>(c, attn::window(5, 0));
+    c.B = 2;
+    expect_backward_matches<float>(c, attn::key_padding({c.Lk - 3, index_t{2}}));
+    expect_backward_matches<Eigen::bfloat16>(c, attn::causal());
+    expect_backward_matches<double>(c, attn::causal());
+  }
+  Case c = ulysses_case(SeqLayout::contiguous);
+  c.Lq = 4 * ranks_() + 1;  // uneven slices, Lq ≠ Lk
+  c.Lk = 6 * ranks_() + 3;
+  expect_backward_matches<float>(c, attn::causal());
 }
 
 // ----------------------------------------------------------------- errors --
@@ -364,6 +663,96 @@ TEST(DistErrors, AMaskThatDiffersFailsOnAll) {
                                    attn::key_padding({len}));
       },
       "key_padding length of batch 0 is " + std::to_string(4 * p + 1));
+}
+
+/// Small backward arguments of one rank; dq, dk, dv filled with 42.
+struct BackwardArgs {
+  Tensor<float> q, k, v, out, dout, dq, dk, dv;
+  std::vector<float> lse;
+  BackwardArgs(index_t L, index_t dq_len)
+      : q(1, 2, L, 8), k(1, 2, L, 8), v(1, 2, L, 8), out(1, 2, L, 8), dout(1, 2, L, 8),
+        dq(1, 2, dq_len, 8), dk(1, 2, L, 8), dv(1, 2, L, 8), lse(static_cast<std::size_t>(2 * L)) {
+    for (auto* t : {&dq, &dk, &dv}) std::fill(t->buf.begin(), t->buf.end(), 42.f);
+  }
+  attn::TensorView<const float, 3> lse_view() const {
+    return attn::TensorView<const float, 3>(lse.data(), {1, 2, q.extent(2)});
+  }
+  bool untouched() const {
+    for (const auto* t : {&dq, &dk, &dv})
+      for (float x : t->buf)
+        if (x != 42.f) return false;
+    return true;
+  }
+};
+
+TEST(DistErrors, BackwardShapeErrorOnOneRankFailsOnAll) {
+  const int me = rank_(), p = ranks_();
+  const int bad = p - 1;
+  BackwardArgs a(4, me == bad ? 5 : 4);
+  expect_fails_everywhere(
+      [&] {
+        attn::dist::ring_attention_backward(MPI_COMM_WORLD, a.q.cview(), a.k.cview(), a.v.cview(),
+                                            a.out.cview(), a.lse_view(), a.dout.cview(), a.dq.view,
+                                            a.dk.view, a.dv.view, attn::causal());
+      },
+      "ring_attention_backward failed on rank " + std::to_string(bad) + " of " + std::to_string(p) +
+          ": dq has shape [1, 2, 5, 8], expected [1, 2, 4, 8]");
+  EXPECT_TRUE(a.untouched());
+}
+
+TEST(DistErrors, BackwardOutputOverlappingAnInputFailsOnAll) {
+  BackwardArgs a(4, 4);
+  const int bad = ranks_() / 2;
+  // On one rank dk is k itself.
+  const auto dk = rank_() == bad ? a.k.view : a.dk.view;
+  expect_fails_everywhere(
+      [&] {
+        attn::dist::ring_attention_backward(MPI_COMM_WORLD, a.q.cview(), a.k.cview(), a.v.cview(),
+                                            a.out.cview(), a.lse_view(), a.dout.cview(), a.dq.view,
+                                            dk, a.dv.view);
+      },
+      "failed on rank " + std::to_string(bad));
+  EXPECT_TRUE(a.untouched());
+}
+
+TEST(DistErrors, BackwardRefusesDropoutAndBiasGradients) {
+  BackwardArgs a(4, 4);
+  attn::dist::DistOptions opt;
+  opt.dropout.p = 0.1;
+  expect_fails_everywhere(
+      [&] {
+        attn::dist::ring_attention_backward(MPI_COMM_WORLD, a.q.cview(), a.k.cview(), a.v.cview(),
+                                            a.out.cview(), a.lse_view(), a.dout.cview(), a.dq.view,
+                                            a.dk.view, a.dv.view, attn::no_mask(),
+                                            attn::no_score_mod(), opt);
+      },
+      "options.dropout.p is 0.1");
+  const index_t L = 4 * ranks_();
+  std::vector<float> bias(static_cast<std::size_t>(L * L)), dbias(bias.size());
+  const attn::TensorView<const float, 4> bv(bias.data(), {1, 1, L, L});
+  const attn::TensorView<float, 4> dbv(dbias.data(), {1, 1, L, L});
+  expect_fails_everywhere(
+      [&] {
+        attn::dist::ring_attention_backward(MPI_COMM_WORLD, a.q.cview(), a.k.cview(), a.v.cview(),
+                                            a.out.cview(), a.lse_view(), a.dout.cview(), a.dq.view,
+                                            a.dk.view, a.dv.view, attn::no_mask(),
+                                            attn::additive_bias(bv, dbv));
+      },
+      "gradient output (dbias)");
+  EXPECT_TRUE(a.untouched());
+}
+
+TEST(DistErrors, UlyssesBackwardNeedsHeadsDividingByRanks) {
+  if (ranks_() <= 2) GTEST_SKIP() << "two heads divide by 1 and 2 ranks";
+  BackwardArgs a(4, 4);
+  expect_fails_everywhere(
+      [&] {
+        attn::dist::ulysses_attention_backward(
+            MPI_COMM_WORLD, a.q.cview(), a.k.cview(), a.v.cview(), a.out.cview(), a.lse_view(),
+            a.dout.cview(), a.dq.view, a.dk.view, a.dv.view, attn::causal());
+      },
+      "q has 2 heads and k has 2; both must divide by the " + std::to_string(ranks_()) + " ranks");
+  EXPECT_TRUE(a.untouched());
 }
 
 TEST(Shard, UnshardInvertsShard) {

@@ -59,6 +59,13 @@ inline int comm_size(MPI_Comm comm) {
   return p;
 }
 
+/// The runs of global positions a rank holds, in local order.
+inline std::vector<Chunk> runs_of(SeqLayout layout, index_t global_len, index_t local_begin,
+                                  index_t local_len, int rank, int ranks) {
+  if (layout == SeqLayout::contiguous) return {Chunk{local_begin, local_len}};
+  return shard_chunks(global_len, rank, ranks, layout);
+}
+
 /// Runs `checks` on this rank, then agrees with every other rank: if any
 /// rank's checks threw attn::Error, every rank throws the same Error, with
 /// the message of the lowest failing rank. If `fingerprint` is given, the
@@ -234,15 +241,27 @@ struct HeadShiftedMask : MaskPolicy {
       -> decltype(std::declval<const M2&>().next_key(b, h, q0, q1, k)) {
     return inner.next_key(b, h + h0, q0, q1, k);
   }
+  template <class M2 = M>
+  auto query_range(index_t b, index_t h, index_t k0, index_t k1) const
+      -> decltype(std::declval<const M2&>().query_range(b, h, k0, k1)) {
+    return inner.query_range(b, h + h0, k0, k1);
+  }
   TileKind classify(index_t b, index_t h, index_t q0, index_t q1, index_t k0, index_t k1) const {
     return inner.classify(b, h + h0, q0, q1, k0, k1);
   }
 };
 
-/// The same for a score modifier.
+/// M::unit_grad, or false for a modifier without a derivative (forward only).
+template <class M, class = void>
+struct unit_grad_of : std::false_type {};
+template <class M>
+struct unit_grad_of<M, std::enable_if_t<M::unit_grad>> : std::true_type {};
+
+/// The same for a score modifier (its derivative too, for the backward).
 template <class M>
 struct HeadShiftedMod : ScoreModPolicy {
   static constexpr bool is_identity = M::is_identity;
+  static constexpr bool unit_grad = unit_grad_of<M>::value;
   M inner;
   index_t h0 = 0;
 
@@ -259,6 +278,15 @@ struct HeadShiftedMod : ScoreModPolicy {
   void apply_tile(index_t b, index_t h, index_t q0, index_t k0, Acc* s, index_t ld, index_t rows,
                   index_t cols) const {
     inner.apply_tile(b, h + h0, q0, k0, s, ld, rows, cols);
+  }
+  template <class Acc>
+  Acc grad(index_t b, index_t h, index_t q, index_t k, Acc x, Acc g) const {
+    return inner.grad(b, h + h0, q, k, x, g);
+  }
+  template <class Acc>
+  void grad_tile(index_t b, index_t h, index_t q0, index_t k0, const Acc* x, Acc* g, index_t ld,
+                 index_t rows, index_t cols) const {
+    inner.grad_tile(b, h + h0, q0, k0, x, g, ld, rows, cols);
   }
 };
 
@@ -284,6 +312,50 @@ inline void check_no_positions(const AttentionOptions& opt, const char* fn) {
     attn::detail::fail(fn, ": options.positions is {", p.q_offset, ", ", p.k_offset, ", ",
                        p.q_length, ", ", p.k_length,
                        "}; leave it default, the call places each rank's slice itself");
+}
+
+// ------------------------------------------------- backward: what both share --
+
+/// Whether a score modifier has gradient outputs (additive_bias with dbias).
+template <class Mod>
+bool writes_grad(const Mod& mod) {
+  bool any = false;
+  attn::detail::for_each_grad_view(mod, [&](const auto&, const char*) { any = true; });
+  return any;
+}
+
+/// What the distributed backward calls refuse, on this rank's arguments.
+inline void check_backward_options(const DistOptions& options, const char* fn) {
+  check_no_positions(options, fn);
+  if (options.dropout.enabled())
+    attn::detail::fail(fn, ": options.dropout.p is ", options.dropout.p,
+                       "; the distributed backward does not apply dropout (set p = 0)");
+}
+template <class Mod>
+void check_no_bias_grad(const Mod& bound_mod, const char* fn) {
+  if (writes_grad(bound_mod))
+    attn::detail::fail(fn,
+                       ": the score modifier has a gradient output (dbias); the distributed "
+                       "backward does not write it (use additive_bias without dbias)");
+}
+
+/// Every rank's element types of lse, dout, dq, dk, dv (collective). They
+/// decide message sizes, so they must agree: check_grad_types compares them.
+template <class L, class DO, class DQ, class DK, class DV>
+std::vector<std::int64_t> gather_grad_types(MPI_Comm comm) {
+  const std::int64_t mine[5] = {type_code<L>(), type_code<DO>(), type_code<DQ>(), type_code<DK>(),
+                                type_code<DV>()};
+  std::vector<std::int64_t> types(static_cast<std::size_t>(5 * comm_size(comm)));
+  MPI_Allgather(mine, 5, MPI_INT64_T, types.data(), 5, MPI_INT64_T, comm);
+  return types;
+}
+inline void check_grad_types(const std::vector<std::int64_t>& types) {
+  static const char* names[5] = {"lse", "dout", "dq", "dk", "dv"};
+  for (std::size_t r = 1; r < types.size() / 5; ++r)
+    for (std::size_t i = 0; i < 5; ++i)
+      if (types[5 * r + i] != types[i])
+        attn::detail::fail("the ", names[i], " element type differs on rank ", r,
+                           " from rank 0's; every rank must pass the same types");
 }
 
 /// Accumulation type of a distributed call: double if any operand is double.

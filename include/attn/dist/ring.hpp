@@ -67,12 +67,6 @@ struct RingPlan {
   std::vector<std::vector<Block>> work;                 // this rank's blocks per step
 };
 
-inline std::vector<Chunk> runs_of(SeqLayout layout, index_t global_len, index_t local_begin,
-                                  index_t local_len, int rank, int ranks) {
-  if (layout == SeqLayout::contiguous) return {Chunk{local_begin, local_len}};
-  return shard_chunks(global_len, rank, ranks, layout);
-}
-
 /// Builds the plan from every rank's lengths (identical on every rank). A
 /// block is kept when the mask keeps anything in it for some batch and head.
 template <class Mask>
@@ -135,6 +129,24 @@ RingPlan plan_ring(const std::vector<Descriptor>& all, SeqLayout layout, int me,
   return plan;
 }
 
+/// The zigzag layout needs every rank to hold two equal chunks of 2p.
+inline void check_ring_layout(const std::vector<Descriptor>& all, SeqLayout layout,
+                              const AttentionShape& global, const char* fn) {
+  if (layout != SeqLayout::zigzag) return;
+  const int p = static_cast<int>(all.size());
+  for (int r = 0; r < p; ++r) {
+    const auto& d = all[static_cast<std::size_t>(r)];
+    for (auto [len, total, name] :
+         {std::tuple<index_t, index_t, const char*>{d.f[Descriptor::lq], global.lq, "q"},
+          {d.f[Descriptor::lk], global.lk, "k"}})
+      if (len * p != total || total % (2 * p) != 0)
+        attn::detail::fail(fn, ": the zigzag layout needs every rank to hold 2 of ", 2 * p,
+                           " equal chunks, but ", name, " has length ", len, " on rank ", r,
+                           " of a sequence of ", total, " (it must divide by ", 2 * p,
+                           "); use shard() to split it");
+  }
+}
+
 inline double now() { return MPI_Wtime(); }
 
 }  // namespace detail
@@ -186,19 +198,7 @@ void ring_attention(MPI_Comm comm, const TensorView<Q, 4>& q, const TensorView<K
           global.lq += d.f[Descriptor::lq];
           global.lk += d.f[Descriptor::lk];
         }
-        if (options.layout == SeqLayout::zigzag)
-          for (int r = 0; r < p; ++r) {
-            const auto& d = all[static_cast<std::size_t>(r)];
-            for (auto [len, total, name] :
-                 {std::tuple<index_t, index_t, const char*>{d.f[Descriptor::lq], global.lq, "q"},
-                  {d.f[Descriptor::lk], global.lk, "k"}})
-              if (len * p != total || total % (2 * p) != 0)
-                attn::detail::fail(
-                    "ring_attention: the zigzag layout needs every rank to hold 2 of ", 2 * p,
-                    " equal chunks, but ", name, " has length ", len, " on rank ", r,
-                    " of a sequence of ", total, " (it must divide by ", 2 * p,
-                    "); use shard() to split it");
-          }
+        check_ring_layout(all, options.layout, global, "ring_attention");
         bound_mask = mask.bind(global);
         const Mod bound_mod = score_mod.bind(global);
         attn::detail::check_policy_views(bound_mask, out, options.lse);
@@ -335,3 +335,7 @@ void ring_attention(MPI_Comm comm, const TensorView<Q, 4>& q, const TensorView<K
 
 }  // namespace dist
 }  // namespace attn
+
+// The gradients (ring_attention_backward) come with the forward. Included last: it
+// builds on this header.
+#include "attn/dist/ring_backward.hpp"

@@ -247,3 +247,7 @@ void ulysses_attention(MPI_Comm comm, const TensorView<Q, 4>& q, const TensorVie
 
 }  // namespace dist
 }  // namespace attn
+
+// The gradients (ulysses_attention_backward) come with the forward. Included last: it
+// builds on this header.
+#include "attn/dist/ulysses_backward.hpp"

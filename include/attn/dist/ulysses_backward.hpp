@@ -1,0 +1,184 @@
+// attn/dist/ulysses_backward.hpp — the backward pass of all-to-all sequence
+// parallelism (DeepSpeed-Ulysses).
+//
+// The forward's exchange, run on everything the backward reads: q, k, v,
+// out, dout and lse go from "every head, this rank's rows" to "Hq/p query
+// heads (Hkv/p KV heads), every row" in one MPI_Alltoallv each; each rank
+// runs the one-process attention_backward on its heads; dq, dk, dv go back
+// to sequence slices. No sum crosses ranks (a rank owns whole heads, and a
+// GQA group's query heads live with their KV head), so the gradients are
+// those of one process on the same heads, bitwise.
+//
+// Not included by attn/attn.hpp: link the CMake target attn::mpi.
+#pragma once
+
+#include "attn/dist/common.hpp"
+#include "attn/dist/ulysses.hpp"
+#include "attn/ops/backward.hpp"
+
+#include <mpi.h>
+
+#include <ctime>
+#include <type_traits>
+#include <vector>
+
+namespace attn {
+namespace dist {
+namespace detail {
+
+/// A [B, H, L] view as [B, H, L, 1].
+template <class T>
+TensorView<T, 4> rows_as_rank4(const TensorView<T, 3>& t) {
+  return TensorView<T, 4>(t.data(), {t.extent(0), t.extent(1), t.extent(2), 1},
+                          {t.stride(0), t.stride(1), t.stride(2), 1});
+}
+
+}  // namespace detail
+
+/// Gradients of ulysses_attention (collective: every rank calls it).
+/// Arguments as in ring_attention_backward (attn/dist/ring_backward.hpp):
+/// this rank's slices of q, k, v, of the forward's out and lse and of dout;
+/// it writes this rank's slices of dq, dk, dv. Hq and Hkv must divide by the
+/// number of ranks. Each rank holds the whole sequence of its Hq/p query
+/// heads and Hkv/p KV heads during the call (q, out, dout, dq and k, v, dk,
+/// dv of those heads). Checks agree across ranks as in the ring.
+template <class Q, class K, class V, class O, class L, class DO, class DQ, class DK, class DV,
+          class Mask = NoMask, class Mod = NoScoreMod>
+void ulysses_attention_backward(MPI_Comm comm, const TensorView<Q, 4>& q, const TensorView<K, 4>& k,
+                                const TensorView<V, 4>& v, const TensorView<O, 4>& out,
+                                const TensorView<L, 3>& lse, const TensorView<DO, 4>& dout,
+                                const TensorView<DQ, 4>& dq, const TensorView<DK, 4>& dk,
+                                const TensorView<DV, 4>& dv, const Mask& mask = {},
+                                const Mod& score_mod = {}, const DistOptions& options = {}) {
+  using namespace dist::detail;
+  static_checks<Q, K, V, DQ, Mask, Mod>();  // out is an input here; dq an output
+  static_assert(
+      type_code<O>() && type_code<DO>() && type_code<DQ>() && type_code<DK>() && type_code<DV>(),
+      "attn::dist: element types must be float, double, Eigen::half or Eigen::bfloat16");
+  static_assert(std::is_same<std::remove_cv_t<L>, float>::value ||
+                    std::is_same<std::remove_cv_t<L>, double>::value,
+                "attn::dist: lse is float (what the forward writes) or double");
+  static_assert(!std::is_const<DQ>::value && !std::is_const<DK>::value && !std::is_const<DV>::value,
+                "attn::dist: the gradient views dq, dk, dv must be writable");
+  using QS = std::remove_cv_t<Q>;
+  using KS = std::remove_cv_t<K>;
+  using VS = std::remove_cv_t<V>;
+  using OS = std::remove_cv_t<O>;
+  using LS = std::remove_cv_t<L>;
+  using DOS = std::remove_cv_t<DO>;
+  const char* fn = "ulysses_attention_backward";
+  const double t_start = MPI_Wtime();
+  const int me = comm_rank(comm), p = comm_size(comm);
+
+  AttentionShape local;
+  agree(comm, fn, [&] {
+    AttentionOptions probe = options;
+    probe.lse = {};
+    local = attn::detail::check_attention(q, k, v, out, probe);
+    check_backward_options(options, fn);
+  });
+  DistOptions desc_opt = options;
+  desc_opt.lse = {};  // lse is an input here, always given
+  const std::vector<Descriptor> all = allgather(comm, describe(q, k, v, out, local, desc_opt));
+  const std::vector<std::int64_t> types = gather_grad_types<L, DO, DQ, DK, DV>(comm);
+  AttentionShape global = local;
+  Mask bound_mask;
+  Mod bound_mod;
+  std::vector<std::vector<Chunk>> q_runs, k_runs;
+  std::vector<index_t> q_lens, k_lens;
+  agree(comm, fn, [&] {
+    check_same_everywhere(all);
+    check_grad_types(types);
+    if (local.q_heads % p != 0 || local.kv_heads % p != 0)
+      attn::detail::fail(fn, ": q has ", local.q_heads, " heads and k has ", local.kv_heads,
+                         "; both must divide by the ", p,
+                         " ranks (ring_attention_backward has no such limit)");
+    global.lq = global.lk = 0;
+    for (const auto& d : all) {
+      q_lens.push_back(d.f[Descriptor::lq]);
+      k_lens.push_back(d.f[Descriptor::lk]);
+      global.lq += d.f[Descriptor::lq];
+      global.lk += d.f[Descriptor::lk];
+    }
+    index_t qb = 0, kb = 0;
+    for (int r = 0; r < p; ++r) {
+      const auto& d = all[static_cast<std::size_t>(r)];
+      if (options.layout == SeqLayout::zigzag &&
+          (d.f[Descriptor::lq] * p != global.lq || d.f[Descriptor::lk] * p != global.lk))
+        attn::detail::fail(fn, ": the zigzag layout needs every rank to hold N/", p,
+                           " rows, but rank ", r, " holds ", d.f[Descriptor::lq], " of ", global.lq,
+                           " queries and ", d.f[Descriptor::lk], " of ", global.lk, " keys");
+      q_runs.push_back(runs_of(options.layout, global.lq, qb, d.f[Descriptor::lq], r, p));
+      k_runs.push_back(runs_of(options.layout, global.lk, kb, d.f[Descriptor::lk], r, p));
+      qb += d.f[Descriptor::lq];
+      kb += d.f[Descriptor::lk];
+    }
+    bound_mask = mask.bind(global);
+    bound_mod = score_mod.bind(global);
+    check_no_bias_grad(bound_mod, fn);
+    AttentionOptions local_opt = options;
+    local_opt.lse = {};
+    attn::detail::check_backward(q, k, v, out, lse, dout, dq, dk, dv, bound_mask, bound_mod,
+                                 local_opt);
+  });
+
+  const index_t B = global.batch, hq = global.q_heads / p, hkv = global.kv_heads / p;
+  const index_t N = global.lq, M = global.lk, D = global.d, Dv = global.dv;
+  std::vector<QS> qf(static_cast<std::size_t>(B * hq * N * D));
+  std::vector<KS> kf(static_cast<std::size_t>(B * hkv * M * D));
+  std::vector<VS> vf(static_cast<std::size_t>(B * hkv * M * Dv));
+  std::vector<OS> of(static_cast<std::size_t>(B * hq * N * Dv));
+  std::vector<DOS> dof(of.size());
+  std::vector<LS> lf(static_cast<std::size_t>(B * hq * N));
+  std::vector<DQ> dqf(qf.size());
+  std::vector<DK> dkf(kf.size());
+  std::vector<DV> dvf(vf.size());
+  const auto qv = bhsd(qf.data(), B, hq, N, D);
+  const auto kv = bhsd(kf.data(), B, hkv, M, D);
+  const auto vv = bhsd(vf.data(), B, hkv, M, Dv);
+  const auto ov = bhsd(of.data(), B, hq, N, Dv);
+  const auto dov = bhsd(dof.data(), B, hq, N, Dv);
+  const TensorView<LS, 3> lv(lf.data(), {B, hq, N});
+  const auto dqv = bhsd(dqf.data(), B, hq, N, D);
+  const auto dkv = bhsd(dkf.data(), B, hkv, M, D);
+  const auto dvv = bhsd(dvf.data(), B, hkv, M, Dv);
+
+  const double t0 = MPI_Wtime();
+  seq_to_heads(comm, q, qv, q_runs, q_lens);
+  seq_to_heads(comm, k, kv, k_runs, k_lens);
+  seq_to_heads(comm, v, vv, k_runs, k_lens);
+  seq_to_heads(comm, out, ov, q_runs, q_lens);
+  seq_to_heads(comm, dout, dov, q_runs, q_lens);
+  seq_to_heads(comm, rows_as_rank4(lse), rows_as_rank4(lv), q_runs, q_lens);
+  const double t1 = MPI_Wtime();
+  const std::clock_t c1 = std::clock();
+
+  AttentionOptions opt;
+  opt.scale = options.scale;
+  opt.num_threads = options.num_threads;
+  opt.block_q = options.block_q;
+  opt.block_k = options.block_k;
+  opt.stats = options.stats;
+  attention_backward(
+      TensorView<const QS, 4>(qv), TensorView<const KS, 4>(kv), TensorView<const VS, 4>(vv),
+      TensorView<const OS, 4>(ov), TensorView<const LS, 3>(lv), TensorView<const DOS, 4>(dov), dqv,
+      dkv, dvv, head_shifted_mask(bound_mask, me * hq), head_shifted_mod(bound_mod, me * hq), opt);
+  const double t2 = MPI_Wtime();
+  const double cpu = static_cast<double>(std::clock() - c1) / CLOCKS_PER_SEC;
+
+  heads_to_seq(comm, TensorView<const DQ, 4>(dqv), dq, q_runs, q_lens);
+  heads_to_seq(comm, TensorView<const DK, 4>(dkv), dk, k_runs, k_lens);
+  heads_to_seq(comm, TensorView<const DV, 4>(dvv), dv, k_runs, k_lens);
+  if (options.timings) {
+    RingTimings tm;
+    tm.steps = tm.computed_steps = 1;
+    tm.compute = t2 - t1;
+    tm.compute_cpu = cpu;
+    tm.exposed_comm = (t1 - t0) + (MPI_Wtime() - t2);
+    tm.total = MPI_Wtime() - t_start;
+    *options.timings = tm;
+  }
+}
+
+}  // namespace dist
+}  // namespace attn
