@@ -742,6 +742,25 @@ TEST(DistErrors, BackwardRefusesDropoutAndBiasGradients) {
   EXPECT_TRUE(a.untouched());
 }
 
+TEST(DistErrors, ForwardRefusesDropout) {
+  BackwardArgs a(4, 4);
+  attn::dist::DistOptions opt;
+  opt.dropout.p = 0.25;
+  expect_fails_everywhere(
+      [&] {
+        attn::dist::ring_attention(MPI_COMM_WORLD, a.q.cview(), a.k.cview(), a.v.cview(), a.dq.view,
+                                   attn::causal(), attn::no_score_mod(), opt);
+      },
+      "ring_attention: options.dropout.p is 0.25");
+  expect_fails_everywhere(
+      [&] {
+        attn::dist::ulysses_attention(MPI_COMM_WORLD, a.q.cview(), a.k.cview(), a.v.cview(),
+                                      a.dq.view, attn::causal(), attn::no_score_mod(), opt);
+      },
+      "ulysses_attention: options.dropout.p is 0.25");
+  EXPECT_TRUE(a.untouched());
+}
+
 TEST(DistErrors, UlyssesBackwardNeedsHeadsDividingByRanks) {
   if (ranks_() <= 2) GTEST_SKIP() << "two heads divide by 1 and 2 ranks";
   BackwardArgs a(4, 4);

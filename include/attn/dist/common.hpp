@@ -305,6 +305,13 @@ HeadShiftedMod<M> head_shifted_mod(const M& bound, index_t h0) {
   return m;
 }
 
+/// Dropout is not applied across ranks: refused, not ignored.
+inline void check_no_dropout(const AttentionOptions& opt, const char* fn) {
+  if (opt.dropout.p != 0)
+    attn::detail::fail(fn, ": options.dropout.p is ", opt.dropout.p,
+                       "; the distributed calls do not apply dropout (set p = 0)");
+}
+
 /// The distributed calls place every piece themselves.
 inline void check_no_positions(const AttentionOptions& opt, const char* fn) {
   const Positions& p = opt.positions;

@@ -183,6 +183,7 @@ void ring_attention(MPI_Comm comm, const TensorView<Q, 4>& q, const TensorView<K
   agree(comm, "ring_attention", [&] {
     local = attn::detail::check_attention(q, k, v, out, options);
     check_no_positions(options, "ring_attention");
+    check_no_dropout(options, "ring_attention");
   });
   const std::vector<Descriptor> all = allgather(comm, describe(q, k, v, out, local, options));
   AttentionShape global = local;

@@ -158,6 +158,7 @@ void ulysses_attention(MPI_Comm comm, const TensorView<Q, 4>& q, const TensorVie
   agree(comm, "ulysses_attention", [&] {
     local = attn::detail::check_attention(q, k, v, out, options);
     check_no_positions(options, "ulysses_attention");
+    check_no_dropout(options, "ulysses_attention");
   });
   const std::vector<Descriptor> all = allgather(comm, describe(q, k, v, out, local, options));
   AttentionShape global = local;
