@@ -62,8 +62,10 @@ struct TileTraits {
 /// than 128 (one thread, N = 2048-4096, D = 64-128, Emerald Rapids). They are
 /// used when a tile in the middle of the queries sees at least 1024 keys (so
 /// a window or a band does not visit more masked keys) and the call still
-/// has 16 or more tasks. The choice depends on the shape and mask only, never
-/// on the thread count, so results stay bitwise identical for any count.
+/// has 16 or more tasks. A causal diagonal costs no more at 256 rows: the
+/// walk computes a partial tile in 64-row groups, each only up to its last
+/// visible key (walk.hpp). The choice depends on the shape and mask only,
+/// never on the thread count, so results stay bitwise identical for any count.
 template <class Mask>
 index_t default_block_q(const AttentionShape& shape, const Mask& mask, index_t q_offset) {
   constexpr index_t wide = TileTraits::block_q_wide;

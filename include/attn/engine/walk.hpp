@@ -139,6 +139,73 @@ struct Walk {
             std::clamp<index_t>(g.end - k_pos, 0, kv.length())};
   }
 
+  /// Rows per group of a partial tile (run_heads).
+  static constexpr index_t diag_rows = 64;
+
+  /// One key tile `t` (keys gk0, ..., gk0 + cols - 1) for rows [r0, r0 + m) of
+  /// `part`: score, modifier, mask, online softmax, O += P·V. `heads` stacked
+  /// query heads own m / heads rows each (r0 = 0 then).
+  void tile(WalkScratch<Acc>& sc, Partial<Acc>& part, const PackedTile<Acc>& t, index_t b,
+            index_t h0, index_t heads, index_t m, index_t r0, index_t q_pos, const Acc* qs,
+            index_t gk0, index_t cols, bool all_full) const {
+    const kernels::KernelSet<Acc>& ks = kv.ks;
+    const index_t lds = sc.lds, dvp = kv.dvp, ldo = part.o.cols();
+    const index_t n = m / heads;  // query rows per head
+    const index_t q0 = q_pos + r0;
+    Acc* s = sc.s.data() + r0 * lds;
+    Acc* o = part.o.data() + r0 * ldo;
+
+    // S = Qs · Kᵀ                                                            (m, cols)
+    if (kv.bf16) {
+#if ATTN_KERNELS_X86
+      if constexpr (std::is_same<Acc, float>::value) {
+        const std::uint16_t* qb = sc.qb.data() + r0 * kv.dpad;
+        if (kv.amx)
+          kernels::amx_bf16::score(m, cols, d, qb, kv.dpad, t.kb, s, lds, scale);
+        else
+          kernels::avx512_bf16::score(m, cols, d, qb, kv.dpad, t.kb, s, lds, scale);
+      }
+#endif
+    } else {
+      ks.score(m, cols, d, qs + r0 * d, d, t.k, s, lds);
+    }
+
+    for (index_t g = 0; g < heads; ++g) {
+      Acc* sg = s + g * n * lds;  // head h0 + g's rows
+      mod.apply_tile(b, h0 + g, q0, gk0, sg, lds, n, cols);
+      if (!all_full) {
+        const TileKind kind = mask.classify(b, h0 + g, q0, q0 + n, gk0, gk0 + cols);
+        if (kind == TileKind::empty)
+          for (index_t r = 0; r < n; ++r)
+            std::fill(sg + r * lds, sg + r * lds + cols, -std::numeric_limits<Acc>::infinity());
+        else if (kind == TileKind::partial)
+          mask_partial_tile(mask, b, h0 + g, q0, gk0, sg, lds, n, cols);
+      }
+    }
+
+    // m' = max(m, rowmax(S)); P = exp(S - m'); l = l·exp(m - m') + rowsum(P); O = O·exp(m - m')
+    ks.softmax(m, cols, s, lds, part.m.data() + r0, part.l.data() + r0, o, ldo, dvp);
+    if (dropout && dropout->enabled)  // P -> P ∘ M / (1 - p) for O only
+      for (index_t r = 0; r < m; ++r)
+        dropout->apply_row(b, h0 + r / n, q0 + r % n, gk0, s + r * lds, cols);
+
+    // O += P · V                                                             (m, Dv)
+    if (kv.bf16) {
+#if ATTN_KERNELS_X86
+      if constexpr (std::is_same<Acc, float>::value) {  // P rounded to bf16 pairs of keys
+        std::uint16_t* pb = sc.pb.data() + r0 * lds;
+        kernels::avx512_bf16::round_to_bf16(m, cols, s, lds, pb, lds);
+        if (kv.amx)
+          kernels::amx_bf16::accumulate_pv(m, dvp, cols, pb, lds, t.vb, o, ldo);
+        else
+          kernels::avx512_bf16::accumulate_pv(m, dvp, cols, pb, lds, t.vb, o, ldo);
+      }
+#endif
+    } else {
+      ks.pv(m, dvp, cols, s, lds, t.v, t.ldv, o, ldo);
+    }
+  }
+
   /// Folds keys [k_begin, k_end) of the source (a grid of Bc-key tiles from
   /// k_begin, a multiple of KV::tile_align when the call packs once) into
   /// `part`, whose rows are the query rows of (b, h) at global positions q_pos,
@@ -155,8 +222,7 @@ struct Walk {
   /// per group, not once per query head).
   void run_heads(WalkScratch<Acc>& sc, Partial<Acc>& part, index_t b, index_t h0, index_t heads,
                  index_t hk, index_t q_pos, const Acc* qs, index_t k_begin, index_t k_end) const {
-    const kernels::KernelSet<Acc>& ks = kv.ks;
-    const index_t rows = part.rows, lds = sc.lds, dvp = kv.dvp, ldo = part.o.cols();
+    const index_t rows = part.rows, dvp = kv.dvp;
     const index_t n = rows / heads;  // query rows per head
     const index_t q_end = q_pos + n;
     for (index_t k0 = k_begin; k0 < k_end; k0 += bc) {
@@ -206,57 +272,21 @@ struct Walk {
         }
       }
 
-      // S = Qs · Kᵀ                                                          (rows, cols)
-      Acc* s = sc.s.data();
-      if (kv.bf16) {
-#if ATTN_KERNELS_X86
-        if constexpr (std::is_same<Acc, float>::value) {
-          if (kv.amx)
-            kernels::amx_bf16::score(rows, cols, d, sc.qb.data(), kv.dpad, t.kb, s, lds, scale);
-          else
-            kernels::avx512_bf16::score(rows, cols, d, sc.qb.data(), kv.dpad, t.kb, s, lds, scale);
+      // A partial tile of one head: rows in groups of diag_rows, each group
+      // only up to the last key one of its rows sees (a causal diagonal
+      // computes a staircase, not the whole square). The groups and their
+      // key counts follow from the mask and the tile alone, so results stay
+      // bitwise the same for any thread count.
+      if (heads == 1 && !all_full && rows > diag_rows) {
+        for (index_t r0 = 0; r0 < rows; r0 += diag_rows) {
+          const index_t m = std::min(diag_rows, rows - r0);
+          const KeyRange kr = mask.key_range(b, h0, q_pos + r0, q_pos + r0 + m);
+          const index_t c = std::clamp<index_t>(kr.end - gk0, 0, cols);
+          if (c > 0 && kr.begin < gk0 + c)
+            tile(sc, part, t, b, h0, 1, m, r0, q_pos, qs, gk0, c, false);
         }
-#endif
       } else {
-        ks.score(rows, cols, d, qs, d, t.k, s, lds);
-      }
-
-      for (index_t g = 0; g < heads; ++g) {
-        Acc* sg = s + g * n * lds;  // head h0 + g's rows
-        mod.apply_tile(b, h0 + g, q_pos, gk0, sg, lds, n, cols);
-        if (!all_full) {
-          const TileKind kind = heads == 1
-                                    ? TileKind::partial
-                                    : mask.classify(b, h0 + g, q_pos, q_end, gk0, gk0 + cols);
-          if (kind == TileKind::empty)
-            for (index_t r = 0; r < n; ++r)
-              std::fill(sg + r * lds, sg + r * lds + cols, -std::numeric_limits<Acc>::infinity());
-          else if (kind == TileKind::partial)
-            mask_partial_tile(mask, b, h0 + g, q_pos, gk0, sg, lds, n, cols);
-        }
-      }
-
-      // m' = max(m, rowmax(S)); P = exp(S - m'); l = l·exp(m - m') + rowsum(P); O = O·exp(m - m')
-      ks.softmax(rows, cols, s, lds, part.m.data(), part.l.data(), part.o.data(), ldo, dvp);
-      if (dropout && dropout->enabled)  // P -> P ∘ M / (1 - p) for O only
-        for (index_t r = 0; r < rows; ++r)
-          dropout->apply_row(b, h0 + r / n, q_pos + r % n, gk0, s + r * lds, cols);
-
-      // O += P · V                                                           (rows, Dv)
-      if (kv.bf16) {
-#if ATTN_KERNELS_X86
-        if constexpr (std::is_same<Acc, float>::value) {  // P rounded to bf16 pairs of keys
-          kernels::avx512_bf16::round_to_bf16(rows, cols, s, lds, sc.pb.data(), lds);
-          if (kv.amx)
-            kernels::amx_bf16::accumulate_pv(rows, dvp, cols, sc.pb.data(), lds, t.vb,
-                                             part.o.data(), ldo);
-          else
-            kernels::avx512_bf16::accumulate_pv(rows, dvp, cols, sc.pb.data(), lds, t.vb,
-                                                part.o.data(), ldo);
-        }
-#endif
-      } else {
-        ks.pv(rows, dvp, cols, s, lds, t.v, t.ldv, part.o.data(), ldo);
+        tile(sc, part, t, b, h0, heads, rows, 0, q_pos, qs, gk0, cols, all_full);
       }
     }
   }
