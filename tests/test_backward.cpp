@@ -346,6 +346,16 @@ TYPED_TEST(Backward, GqaWithDqInPlace) {
                                      tiles(1, 4));
 }
 
+// One sequence of multi-query attention is one (batch, KV head) unit: its
+// queries are split into ranges, dK and dV summed over the ranges afterwards
+// (dq in place for D = 64, through a buffer for D = 40).
+TYPED_TEST(Backward, SingleSequenceMqaSplitsItsQueries) {
+  expect_backward_matches<TypeParam>(make(1, 8, 1, 300, 200, 40, 24), attn::causal());
+  expect_backward_matches<TypeParam>(make(1, 4, 1, 257, 130, 64, 64), attn::no_mask());
+  expect_backward_matches<TypeParam>(make(1, 2, 1, 70, 90, 64, 32),
+                                     attn::key_padding({60}) & attn::causal_top_left());
+}
+
 TYPED_TEST(Backward, DropoutMatchesReference) {
   attn::AttentionOptions t = tiles(16, 32);
   t.dropout = {0.25, 1234, 3};

@@ -59,6 +59,10 @@ namespace detail {
 struct BackwardTileTraits {
   static constexpr index_t block_q = 64;
   static constexpr index_t block_k = 128;
+  /// Fewer (batch, KV head) units than this split their queries (flash_backward).
+  static constexpr index_t min_tasks = 8;
+  /// Most bytes of dK, dV split buffers a call allocates.
+  static constexpr double split_buffer_bytes = 64.0 * 1024 * 1024;
   static_assert(block_q > 0 && block_k > 0, "tiles must be non-empty");
 };
 
@@ -152,21 +156,48 @@ void flash_backward(const TensorView<const Q, 4>& q, const TensorView<const K, 4
   // A broadcast dbias is summed over batches or KV heads inside one task, in order.
   const GradBroadcast bcast = grad_broadcast(mod, shape);
   const index_t nb = bcast.batch ? shape.batch : 1, nh = bcast.heads ? shape.kv_heads : 1;
-  const index_t tasks = (shape.batch / nb) * (shape.kv_heads / nh);
+  const index_t units = (shape.batch / nb) * (shape.kv_heads / nh);
+  // Few (batch, KV head) units (one sequence of MQA): each unit's queries are
+  // split into `splits` ranges of whole tiles, one task each. A task owns its
+  // rows of dQ and sums dK, dV into its own buffer; the buffers are added in
+  // split order afterwards. The count follows from the shape (at least 8
+  // tasks, at most 64 MiB of buffers), never from the thread count, so results
+  // stay bitwise the same for any count. Gradient outputs of a modifier (dbias,
+  // a bias table) keep one task per unit.
+  bool has_grad_view = false;
+  for_each_grad_view(mod, [&](const auto&, const char*) { has_grad_view = true; });
+  const index_t q_tiles = (shape.lq + br - 1) / br;
+  const double split_bytes = static_cast<double>(units) * static_cast<double>(shape.lk) *
+                             static_cast<double>(dpad + dvp) * sizeof(Acc);
+  const index_t splits =
+      has_grad_view || units >= BackwardTileTraits::min_tasks
+          ? 1
+          : std::max<index_t>(
+                1, std::min({q_tiles, (BackwardTileTraits::min_tasks + units - 1) / units,
+                             static_cast<index_t>(BackwardTileTraits::split_buffer_bytes /
+                                                  std::max(split_bytes, 1.0))}));
+  const index_t tiles_per_split = (q_tiles + splits - 1) / splits;
+  const index_t tasks = units * splits;
   const int threads = resolve_threads(opt.num_threads, tasks);
+  // Per (unit, split): dK (Lk, Dp) and dV (Lk, Dvp) sums, when splits > 1.
+  std::vector<Acc> split_dk(splits > 1 ? static_cast<std::size_t>(tasks * shape.lk * dpad) : 0),
+      split_dv(splits > 1 ? static_cast<std::size_t>(tasks * shape.lk * dvp) : 0);
 
   auto make_scratch = [&] {
     return std::make_unique<BackwardScratch<Acc>>(ks, br, bc, lds, d, dvd, group_rows, keep_x,
                                                   !dq_in_place);
   };
 
-  // One (batch, KV head): dK, dV of hk and dQ of its group.
-  auto run_unit = [&](BackwardScratch<Acc>& sc, index_t b, index_t hk) {
+  // One (batch, KV head), query rows [qa, qb): dK, dV of hk (into dk, dv, or
+  // when `sdk` is given into the split's buffers sdk, sdv) and those rows of
+  // the group's dQ.
+  auto run_unit = [&](BackwardScratch<Acc>& sc, index_t b, index_t hk, index_t qa, index_t qb,
+                      Acc* sdk, Acc* sdv) {
     const index_t h0 = hk * group;
     // Δ_i = rowsum(dO_i ∘ O_i) and lse_i of every row of the group; dQ = 0.
     for (index_t g = 0; g < group; ++g) {
       const index_t h = h0 + g;
-      for (index_t i = 0; i < shape.lq; ++i) {
+      for (index_t i = qa; i < qb; ++i) {
         Acc acc = 0;
         for (index_t c = 0; c < dvd; ++c)
           acc += static_cast<Acc>(dout(b, h, i, c)) * static_cast<Acc>(out(b, h, i, c));
@@ -175,7 +206,7 @@ void flash_backward(const TensorView<const Q, 4>& q, const TensorView<const K, 4
         sc.lse(g * shape.lq + i) = static_cast<Acc>(l);
       }
       if (dq_in_place)
-        for (index_t i = 0; i < shape.lq; ++i) std::fill_n(&dq(b, h, i, 0), d, DQ(0));
+        for (index_t i = qa; i < qb; ++i) std::fill_n(&dq(b, h, i, 0), d, DQ(0));
     }
     if (!dq_in_place) sc.dq.setZero();
 
@@ -195,8 +226,8 @@ void flash_backward(const TensorView<const Q, 4>& q, const TensorView<const K, 4
       for (index_t g = 0; g < group; ++g) {
         const index_t h = h0 + g;
         const KeyRange gq = query_range(mask, b, h, koff + k0, koff + k0 + cols, global.lq);
-        const KeyRange qr{std::clamp<index_t>(gq.begin - qoff, 0, shape.lq),
-                          std::clamp<index_t>(gq.end - qoff, 0, shape.lq)};
+        const KeyRange qr{std::clamp<index_t>(gq.begin - qoff, qa, qb),
+                          std::clamp<index_t>(gq.end - qoff, qa, qb)};
         if (qr.empty()) continue;
         // dQ of head h: dq itself when written in place (the accumulator is then
         // empty, and an offset on its null data is undefined), else its rows of sc.dq.
@@ -280,14 +311,19 @@ void flash_backward(const TensorView<const Q, 4>& q, const TensorView<const K, 4
           ks.pv(rows, dpad, cols, dp, lds, sc.kpad.data(), dpad, dq_base + q0 * lddq, lddq);
         }
       }
-      for (index_t r = 0; r < cols; ++r) {
-        for (index_t c = 0; c < d; ++c) dk(b, hk, k0 + r, c) = static_cast<DK>(dkt(r, c));
-        for (index_t c = 0; c < dvd; ++c) dv(b, hk, k0 + r, c) = static_cast<DV>(dvt(r, c));
+      if (sdk) {
+        std::copy_n(dkt.data(), cols * dpad, sdk + k0 * dpad);
+        std::copy_n(dvt.data(), cols * dvp, sdv + k0 * dvp);
+      } else {
+        for (index_t r = 0; r < cols; ++r) {
+          for (index_t c = 0; c < d; ++c) dk(b, hk, k0 + r, c) = static_cast<DK>(dkt(r, c));
+          for (index_t c = 0; c < dvd; ++c) dv(b, hk, k0 + r, c) = static_cast<DV>(dvt(r, c));
+        }
       }
     }
     // dQ = scale · Σ dX·K
     for (index_t g = 0; g < group; ++g)
-      for (index_t i = 0; i < shape.lq; ++i)
+      for (index_t i = qa; i < qb; ++i)
         for (index_t c = 0; c < d; ++c) {
           if (dq_in_place)
             dq(b, h0 + g, i, c) *= static_cast<DQ>(scale);
@@ -296,11 +332,21 @@ void flash_backward(const TensorView<const Q, 4>& q, const TensorView<const K, 4
         }
   };
 
+  const index_t th = shape.kv_heads / nh;
   auto run_task = [&](BackwardScratch<Acc>& sc, index_t t) {
-    const index_t th = shape.kv_heads / nh;
-    const index_t b0 = t / th * nb, hk0 = t % th * nh;
-    for (index_t b = b0; b < b0 + nb; ++b)
-      for (index_t hk = hk0; hk < hk0 + nh; ++hk) run_unit(sc, b, hk);
+    // The last query ranges first: under a causal mask they see the most keys.
+    const index_t u = t / splits, sp = splits - 1 - t % splits;
+    const index_t b0 = u / th * nb, hk0 = u % th * nh;
+    if (splits == 1) {
+      for (index_t b = b0; b < b0 + nb; ++b)
+        for (index_t hk = hk0; hk < hk0 + nh; ++hk)
+          run_unit(sc, b, hk, 0, shape.lq, nullptr, nullptr);
+      return;
+    }
+    const index_t qa = std::min(shape.lq, sp * tiles_per_split * br),
+                  qb = std::min(shape.lq, (sp + 1) * tiles_per_split * br);
+    run_unit(sc, b0, hk0, qa, qb, split_dk.data() + (u * splits + sp) * shape.lk * dpad,
+             split_dv.data() + (u * splits + sp) * shape.lk * dvp);
   };
   auto merge_stats = [&](const BackwardScratch<Acc>& sc) {
     if (!opt.stats) return;
@@ -308,6 +354,34 @@ void flash_backward(const TensorView<const Q, 4>& q, const TensorView<const K, 4
   };
   if (opt.stats) *opt.stats = AttentionStats{};
   parallel_tasks(tasks, threads, make_scratch, run_task, merge_stats);
+  if (splits == 1) return;
+
+  // dK, dV = the splits' sums, added in split order; one task per (unit, key tile).
+  const index_t k_tiles = (shape.lk + bc - 1) / bc;
+  parallel_tasks(
+      units * k_tiles, resolve_threads(opt.num_threads, units * k_tiles),
+      [] { return std::make_unique<int>(0); },
+      [&](int&, index_t t) {
+        const index_t u = t / k_tiles, k0 = t % k_tiles * bc, cols = std::min(bc, shape.lk - k0);
+        const index_t b = u / th, hk = u % th;
+        for (index_t r = k0; r < k0 + cols; ++r) {
+          for (index_t c = 0; c < d; ++c) {
+            Acc sum = 0;
+            for (index_t sp = 0; sp < splits; ++sp)
+              sum +=
+                  split_dk[static_cast<std::size_t>(((u * splits + sp) * shape.lk + r) * dpad + c)];
+            dk(b, hk, r, c) = static_cast<DK>(sum);
+          }
+          for (index_t c = 0; c < dvd; ++c) {
+            Acc sum = 0;
+            for (index_t sp = 0; sp < splits; ++sp)
+              sum +=
+                  split_dv[static_cast<std::size_t>(((u * splits + sp) * shape.lk + r) * dvp + c)];
+            dv(b, hk, r, c) = static_cast<DV>(sum);
+          }
+        }
+      },
+      [](const int&) {});
 }
 
 }  // namespace detail
