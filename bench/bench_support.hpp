@@ -57,7 +57,9 @@
 #include <omp.h>
 #endif
 
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+// The x86 probes exactly where attn has x86 kernels: they share the kernels'
+// AMX configuration (kernels/bf16_amx.hpp).
+#if ATTN_KERNELS_X86
 #include <immintrin.h>
 #define ATTN_BENCH_X86 1
 #else
@@ -178,14 +180,7 @@ __attribute__((target("avx512f,avx512bf16"))) inline double dpbf16_loop(long ite
 /// tdpbf16ps: six independent 16 × 16 fp32 tiles, each += a 16 × 32 by 32 × 16
 /// bf16 product (16384 FLOP per instruction); no loads in the loop.
 __attribute__((target("amx-tile,amx-bf16"))) inline double amx_bf16_loop(long iters) {
-  // Static: GCC's _tile_loadconfig tells the compiler it reads 8 bytes, so
-  // the stores of a local configuration past those are dropped.
-  static const struct alignas(64) {
-    std::uint8_t palette = 1, start_row = 0, reserved[14] = {};
-    std::uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
-    std::uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
-  } config;
-  _tile_loadconfig(&config);
+  attn::kernels::amx_bf16::configure();  // the kernels' tiles: 16 rows × 64 bytes each
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);

@@ -116,6 +116,18 @@ template <class T>
 struct InOutWeights {
   TensorView<const T, 2> wq, wk, wv, wo;
   TensorView<const T, 1> bq, bk, bv, bo;
+  /// f(view, name) for every weight and bias, in the names errors use.
+  template <class F>
+  void for_each(F&& f) const {
+    f(wq, "Wq");
+    f(wk, "Wk");
+    f(wv, "Wv");
+    f(wo, "Wo");
+    f(bq, "bq");
+    f(bk, "bk");
+    f(bv, "bv");
+    f(bo, "bo");
+  }
 };
 
 /// The weights packed for the projection kernel, and their biases.
@@ -282,14 +294,7 @@ void check_layer_outputs(const TensorView<O, RO>& out, const AttentionOptions& o
   };
   against(x, "x");
   against(memory, "memory");
-  against(w.wq, "Wq");
-  against(w.wk, "Wk");
-  against(w.wv, "Wv");
-  against(w.wo, "Wo");
-  against(w.bq, "bq");
-  against(w.bk, "bk");
-  against(w.bv, "bv");
-  against(w.bo, "bo");
+  w.for_each(against);
   for_each_view(mask, against);
   for_each_view(mod, against);
   if (ws) {
@@ -435,12 +440,7 @@ void check_cached_self_attention(const MultiHeadConfig& c, const InOutWeights<T>
     fail("the cache holds ", cache.kv_heads(), " kv heads of dims ", cache.head_dim(), " / ",
          cache.head_dim_v(), ", but the layer has ", c.kv_heads, " of dims ", c.head_dim, " / ",
          c.v_head_dim);
-  const Positions none{};
-  if (opt.positions.q_offset != none.q_offset || opt.positions.k_offset != none.k_offset ||
-      opt.positions.q_length != none.q_length || opt.positions.k_length != none.k_length)
-    fail("cached attention takes positions from the cache; options.positions must be default");
-  if (opt.dropout.p != 0)
-    fail("cached attention has no dropout (inference); options.dropout.p is ", opt.dropout.p);
+  check_cache_options(opt);
   if (!opt.lse.is_null() &&
       (opt.lse.extent(0) != B || opt.lse.extent(1) != c.q_heads || opt.lse.extent(2) != L))
     fail("options.lse has shape ", shape_str(opt.lse), ", expected [", B, ", ", c.q_heads, ", ", L,
@@ -981,14 +981,7 @@ class AttentionProjections {
       one(x, "x");
       one(memory, "memory");
       one(dout, "dout");
-      one(w.wq, "Wq");
-      one(w.wk, "Wk");
-      one(w.wv, "Wv");
-      one(w.wo, "Wo");
-      one(w.bq, "bq");
-      one(w.bk, "bk");
-      one(w.bv, "bv");
-      one(w.bo, "bo");
+      w.for_each(one);
       detail::for_each_view(mask, one);
       detail::for_each_view(mod, one);
       for (const std::vector<T>* buf : {&ctx.ws_.q, &ctx.ws_.k, &ctx.ws_.v, &ctx.ws_.heads})

@@ -380,6 +380,21 @@ constexpr void static_checks() {
   static_assert(is_score_mod_v<Mod>, "attn::dist: the score_mod argument must be a score modifier");
 }
 
+/// Static checks every distributed backward makes.
+template <class Q, class K, class V, class O, class L, class DO, class DQ, class DK, class DV,
+          class Mask, class Mod>
+constexpr void static_backward_checks() {
+  static_checks<Q, K, V, DQ, Mask, Mod>();  // out is an input here; dq an output
+  static_assert(
+      type_code<O>() && type_code<DO>() && type_code<DQ>() && type_code<DK>() && type_code<DV>(),
+      "attn::dist: element types must be float, double, Eigen::half or Eigen::bfloat16");
+  static_assert(std::is_same<std::remove_cv_t<L>, float>::value ||
+                    std::is_same<std::remove_cv_t<L>, double>::value,
+                "attn::dist: lse is float (what the forward writes) or double");
+  static_assert(!std::is_const<DQ>::value && !std::is_const<DK>::value && !std::is_const<DV>::value,
+                "attn::dist: the gradient views dq, dk, dv must be writable");
+}
+
 }  // namespace detail
 }  // namespace dist
 }  // namespace attn

@@ -149,6 +149,59 @@ inline void check_ring_layout(const std::vector<Descriptor>& all, SeqLayout layo
 
 inline double now() { return MPI_Wtime(); }
 
+/// Two buffers for the K/V slices that travel the ring: K [B, Hkv, len, D]
+/// then V [B, Hkv, len, Dv], each in its storage type, V 64-byte aligned.
+template <class KS, class VS>
+struct SliceBuffers {
+  index_t B = 0, Hkv = 0, D = 0, Dv = 0;
+  std::vector<double> storage[2];  // double elements: aligned for every storage type
+
+  /// Bytes of the K part of a slice of `len` keys, rounded up so that V is aligned.
+  index_t k_bytes(index_t len) const {
+    return (len * B * Hkv * D * static_cast<index_t>(sizeof(KS)) + 63) / 64 * 64;
+  }
+  /// Bytes of a slice of `len` keys (one message).
+  index_t bytes(index_t len) const {
+    return k_bytes(len) + len * B * Hkv * Dv * static_cast<index_t>(sizeof(VS));
+  }
+  void allocate(index_t max_len) {
+    for (auto& s : storage) s.resize(static_cast<std::size_t>((bytes(max_len) + 7) / 8));
+  }
+  void* data(int buf) { return storage[buf].data(); }
+  Tensor4<KS> k(int buf, index_t len) {
+    return bhsd(reinterpret_cast<KS*>(storage[buf].data()), B, Hkv, len, D);
+  }
+  Tensor4<VS> v(int buf, index_t len) {
+    return bhsd(
+        reinterpret_cast<VS*>(reinterpret_cast<unsigned char*>(storage[buf].data()) + k_bytes(len)),
+        B, Hkv, len, Dv);
+  }
+  /// This rank's own slice into buffer 0, for its first trip.
+  template <class K, class V>
+  void load(const TensorView<K, 4>& k_in, const TensorView<V, 4>& v_in, index_t len) {
+    const auto kb = k(0, len);
+    const auto vb = v(0, len);
+    for (index_t b = 0; b < B; ++b)
+      for (index_t h = 0; h < Hkv; ++h)
+        for (index_t j = 0; j < len; ++j) {
+          for (index_t c = 0; c < D; ++c) kb(b, h, j, c) = k_in(b, h, j, c);
+          for (index_t c = 0; c < Dv; ++c) vb(b, h, j, c) = v_in(b, h, j, c);
+        }
+  }
+};
+
+/// Options of one step's engine call: the caller's scale (or 1/sqrt(D)),
+/// threads and tiles; stats into `stats` when the caller asked for them.
+inline AttentionOptions step_options(const DistOptions& options, index_t D, AttentionStats* stats) {
+  AttentionOptions o;
+  o.scale = options.scale.value_or(1.0 / std::sqrt(static_cast<double>(D)));
+  o.num_threads = options.num_threads;
+  o.block_q = options.block_q;
+  o.block_k = options.block_k;
+  if (options.stats) o.stats = stats;
+  return o;
+}
+
 }  // namespace detail
 
 /// Ring attention over the ranks of `comm` (collective: every rank calls it).
@@ -218,25 +271,10 @@ void ring_attention(MPI_Comm comm, const TensorView<Q, 4>& q, const TensorView<K
   // ---- buffers: two for travelling slices, the running result, one step's partial
   const index_t B = global.batch, Hq = global.q_heads, Hkv = global.kv_heads;
   const index_t D = global.d, Dv = global.dv, lq = local.lq;
-  auto k_bytes = [&](index_t len) {  // K part, rounded up so that V is aligned
-    return (len * B * Hkv * D * static_cast<index_t>(sizeof(KS)) + 63) / 64 * 64;
-  };
-  auto slice_bytes = [&](index_t len) {
-    return k_bytes(len) + len * B * Hkv * Dv * static_cast<index_t>(sizeof(VS));
-  };
   const index_t max_lk = *std::max_element(plan.k_len.begin(), plan.k_len.end());
   const bool travels = plan.steps > 1;
-  std::vector<double> storage[2];  // double elements: aligned for every storage type
-  if (travels)
-    for (auto& s : storage) s.resize(static_cast<std::size_t>((slice_bytes(max_lk) + 7) / 8));
-  auto k_view = [&](int buf, index_t len) {
-    return bhsd(reinterpret_cast<KS*>(storage[buf].data()), B, Hkv, len, D);
-  };
-  auto v_view = [&](int buf, index_t len) {
-    return bhsd(
-        reinterpret_cast<VS*>(reinterpret_cast<unsigned char*>(storage[buf].data()) + k_bytes(len)),
-        B, Hkv, len, Dv);
-  };
+  SliceBuffers<KS, VS> slices{B, Hkv, D, Dv, {}};
+  if (travels) slices.allocate(max_lk);
   std::vector<Acc> acc_out(static_cast<std::size_t>(B * Hq * lq * Dv), Acc(0));
   std::vector<Acc> part_out(acc_out.size());
   std::vector<float> acc_lse(static_cast<std::size_t>(B * Hq * lq),
@@ -247,24 +285,10 @@ void ring_attention(MPI_Comm comm, const TensorView<Q, 4>& q, const TensorView<K
   const TensorView<float, 3> acc_l(acc_lse.data(), {B, Hq, lq});
   const TensorView<float, 3> part_l(part_lse.data(), {B, Hq, lq});
 
-  if (travels) {  // this rank's slice, packed for its first trip
-    const auto kb = k_view(0, local.lk);
-    const auto vb = v_view(0, local.lk);
-    for (index_t b = 0; b < B; ++b)
-      for (index_t h = 0; h < Hkv; ++h)
-        for (index_t j = 0; j < local.lk; ++j) {
-          for (index_t c = 0; c < D; ++c) kb(b, h, j, c) = k(b, h, j, c);
-          for (index_t c = 0; c < Dv; ++c) vb(b, h, j, c) = v(b, h, j, c);
-        }
-  }
+  if (travels) slices.load(k, v, local.lk);  // this rank's slice, for its first trip
 
-  AttentionOptions step_opt;
-  step_opt.scale = options.scale.value_or(1.0 / std::sqrt(static_cast<double>(D)));
-  step_opt.num_threads = options.num_threads;
-  step_opt.block_q = options.block_q;
-  step_opt.block_k = options.block_k;
   AttentionStats step_stats, total_stats;
-  if (options.stats) step_opt.stats = &step_stats;
+  AttentionOptions step_opt = step_options(options, D, &step_stats);
   RingTimings timings;
   timings.steps = plan.steps;
 
@@ -281,11 +305,11 @@ void ring_attention(MPI_Comm comm, const TensorView<Q, 4>& q, const TensorView<K
     MPI_Request reqs[2] = {MPI_REQUEST_NULL, MPI_REQUEST_NULL};
     if (t + 1 < plan.steps) {
       const int incoming = (me - t - 1 + p) % p;
-      MPI_Irecv(storage[nxt].data(),
-                static_cast<int>(slice_bytes(plan.k_len[static_cast<std::size_t>(incoming)])),
+      MPI_Irecv(slices.data(nxt),
+                static_cast<int>(slices.bytes(plan.k_len[static_cast<std::size_t>(incoming)])),
                 MPI_BYTE, left, t, comm, &reqs[0]);
-      const index_t bytes = slice_bytes(plan.k_len[static_cast<std::size_t>(src)]);
-      MPI_Isend(storage[cur].data(), static_cast<int>(bytes), MPI_BYTE, right, t, comm, &reqs[1]);
+      const index_t bytes = slices.bytes(plan.k_len[static_cast<std::size_t>(src)]);
+      MPI_Isend(slices.data(cur), static_cast<int>(bytes), MPI_BYTE, right, t, comm, &reqs[1]);
       timings.bytes_sent += bytes;
     }
     const double t0 = now();
@@ -294,8 +318,8 @@ void ring_attention(MPI_Comm comm, const TensorView<Q, 4>& q, const TensorView<K
     const auto& blocks = plan.work[static_cast<std::size_t>(t)];
     if (!blocks.empty()) ++timings.computed_steps;
     for (const Block& blk : blocks) {
-      TensorView<const KS, 4> kk = t == 0 ? TensorView<const KS, 4>(k) : k_view(cur, src_len);
-      TensorView<const VS, 4> vv = t == 0 ? TensorView<const VS, 4>(v) : v_view(cur, src_len);
+      TensorView<const KS, 4> kk = t == 0 ? TensorView<const KS, 4>(k) : slices.k(cur, src_len);
+      TensorView<const VS, 4> vv = t == 0 ? TensorView<const VS, 4>(v) : slices.v(cur, src_len);
       kk = seq_rows(kk, blk.k_row, blk.k_len);
       vv = seq_rows(vv, blk.k_row, blk.k_len);
       for (index_t r0 = 0; r0 < blk.q_len; r0 += piece) {

@@ -78,15 +78,7 @@ void ring_attention_backward(MPI_Comm comm, const TensorView<Q, 4>& q, const Ten
                              const TensorView<DV, 4>& dv, const Mask& mask = {},
                              const Mod& score_mod = {}, const DistOptions& options = {}) {
   using namespace dist::detail;
-  static_checks<Q, K, V, DQ, Mask, Mod>();  // out is an input here; dq an output
-  static_assert(
-      type_code<O>() && type_code<DO>() && type_code<DQ>() && type_code<DK>() && type_code<DV>(),
-      "attn::dist: element types must be float, double, Eigen::half or Eigen::bfloat16");
-  static_assert(std::is_same<std::remove_cv_t<L>, float>::value ||
-                    std::is_same<std::remove_cv_t<L>, double>::value,
-                "attn::dist: lse is float (what the forward writes) or double");
-  static_assert(!std::is_const<DQ>::value && !std::is_const<DK>::value && !std::is_const<DV>::value,
-                "attn::dist: the gradient views dq, dk, dv must be writable");
+  static_backward_checks<Q, K, V, O, L, DO, DQ, DK, DV, Mask, Mod>();
   using Acc = dist_accum_t<Q, K, V, O, DO, DQ, DK, DV>;
   using KS = std::remove_cv_t<K>;
   using VS = std::remove_cv_t<V>;
@@ -146,32 +138,17 @@ void ring_attention_backward(MPI_Comm comm, const TensorView<Q, 4>& q, const Ten
   // step's dK/dV, dQ, one engine call's gradients
   const index_t B = global.batch, Hq = global.q_heads, Hkv = global.kv_heads;
   const index_t D = global.d, Dv = global.dv, lq = local.lq;
-  auto k_bytes = [&](index_t len) {  // K part, rounded up so that V is aligned
-    return (len * B * Hkv * D * static_cast<index_t>(sizeof(KS)) + 63) / 64 * 64;
-  };
-  auto slice_bytes = [&](index_t len) {
-    return k_bytes(len) + len * B * Hkv * Dv * static_cast<index_t>(sizeof(VS));
-  };
   auto grad_count = [&](index_t len) { return len * B * Hkv * (D + Dv); };  // Acc elements
   const index_t max_lk = *std::max_element(plan.k_len.begin(), plan.k_len.end());
   const bool travels = plan.steps > 1;
-  std::vector<double> storage[2];  // double elements: aligned for every storage type
-  std::vector<Acc> grads[2];       // travelling dK, dV accumulators
-  if (travels)
-    for (int i = 0; i < 2; ++i) {
-      storage[i].resize(static_cast<std::size_t>((slice_bytes(max_lk) + 7) / 8));
-      grads[i].resize(static_cast<std::size_t>(grad_count(max_lk)));
-    }
-  else
+  SliceBuffers<KS, VS> slices{B, Hkv, D, Dv, {}};
+  std::vector<Acc> grads[2];  // travelling dK, dV accumulators
+  if (travels) {
+    slices.allocate(max_lk);
+    for (auto& g : grads) g.resize(static_cast<std::size_t>(grad_count(max_lk)));
+  } else {
     grads[0].resize(static_cast<std::size_t>(grad_count(local.lk)));
-  auto k_view = [&](int buf, index_t len) {
-    return bhsd(reinterpret_cast<KS*>(storage[buf].data()), B, Hkv, len, D);
-  };
-  auto v_view = [&](int buf, index_t len) {
-    return bhsd(
-        reinterpret_cast<VS*>(reinterpret_cast<unsigned char*>(storage[buf].data()) + k_bytes(len)),
-        B, Hkv, len, Dv);
-  };
+  }
   auto dk_of = [&](Acc* base, index_t len) { return bhsd(base, B, Hkv, len, D); };
   auto dv_of = [&](Acc* base, index_t len) {
     return bhsd(base + len * B * Hkv * D, B, Hkv, len, Dv);
@@ -185,24 +162,10 @@ void ring_attention_backward(MPI_Comm comm, const TensorView<Q, 4>& q, const Ten
   std::vector<Acc> dkv_part(step_grads.size());
   const auto dq_a = bhsd(dq_acc.data(), B, Hq, lq, D);
 
-  if (travels) {  // this rank's slice, packed for its first trip
-    const auto kb = k_view(0, local.lk);
-    const auto vb = v_view(0, local.lk);
-    for (index_t b = 0; b < B; ++b)
-      for (index_t h = 0; h < Hkv; ++h)
-        for (index_t j = 0; j < local.lk; ++j) {
-          for (index_t c = 0; c < D; ++c) kb(b, h, j, c) = k(b, h, j, c);
-          for (index_t c = 0; c < Dv; ++c) vb(b, h, j, c) = v(b, h, j, c);
-        }
-  }
+  if (travels) slices.load(k, v, local.lk);  // this rank's slice, for its first trip
 
-  AttentionOptions step_opt;
-  step_opt.scale = options.scale.value_or(1.0 / std::sqrt(static_cast<double>(D)));
-  step_opt.num_threads = options.num_threads;
-  step_opt.block_q = options.block_q;
-  step_opt.block_k = options.block_k;
   AttentionStats step_stats, total_stats;
-  if (options.stats) step_opt.stats = &step_stats;
+  AttentionOptions step_opt = step_options(options, D, &step_stats);
   RingTimings timings;
   timings.steps = plan.steps;
   const int right = (me + 1) % p, left = (me - 1 + p) % p;
@@ -215,12 +178,11 @@ void ring_attention_backward(MPI_Comm comm, const TensorView<Q, 4>& q, const Ten
     MPI_Request reqs[4] = {MPI_REQUEST_NULL, MPI_REQUEST_NULL, greqs[0], greqs[1]};
     if (t + 1 < plan.steps) {
       const int incoming = (me - t - 1 + p) % p;
-      MPI_Irecv(storage[nxt].data(),
-                static_cast<int>(slice_bytes(plan.k_len[static_cast<std::size_t>(incoming)])),
+      MPI_Irecv(slices.data(nxt),
+                static_cast<int>(slices.bytes(plan.k_len[static_cast<std::size_t>(incoming)])),
                 MPI_BYTE, left, 2 * t, comm, &reqs[0]);
-      const index_t bytes = slice_bytes(src_len);
-      MPI_Isend(storage[cur].data(), static_cast<int>(bytes), MPI_BYTE, right, 2 * t, comm,
-                &reqs[1]);
+      const index_t bytes = slices.bytes(src_len);
+      MPI_Isend(slices.data(cur), static_cast<int>(bytes), MPI_BYTE, right, 2 * t, comm, &reqs[1]);
       timings.bytes_sent += bytes;
     }
     const double t0 = now();
@@ -231,8 +193,8 @@ void ring_attention_backward(MPI_Comm comm, const TensorView<Q, 4>& q, const Ten
     const auto& blocks = plan.work[static_cast<std::size_t>(t)];
     if (!blocks.empty()) ++timings.computed_steps;
     for (const Block& blk : blocks) {
-      TensorView<const KS, 4> kk = t == 0 ? TensorView<const KS, 4>(k) : k_view(cur, src_len);
-      TensorView<const VS, 4> vv = t == 0 ? TensorView<const VS, 4>(v) : v_view(cur, src_len);
+      TensorView<const KS, 4> kk = t == 0 ? TensorView<const KS, 4>(k) : slices.k(cur, src_len);
+      TensorView<const VS, 4> vv = t == 0 ? TensorView<const VS, 4>(v) : slices.v(cur, src_len);
       kk = seq_rows(kk, blk.k_row, blk.k_len);
       vv = seq_rows(vv, blk.k_row, blk.k_len);
       const auto dk_part = dk_of(dkv_part.data(), blk.k_len);

@@ -133,6 +133,45 @@ inline TensorView<float, 4> as_rank4(const TensorView<float, 3>& t) {
                               {t.stride(0), t.stride(1), t.stride(2), 1});
 }
 
+/// Where every rank's rows sit in the whole sequence, for the all-to-all:
+/// each rank's lengths, the global lengths, and each rank's runs of global
+/// rows. Fails (inside `agree`) when the heads do not divide by the ranks or
+/// a zigzag slice is not N/p; `fn` and `ring` name the call and its ring
+/// counterpart in the message.
+struct AllToAllLayout {
+  std::vector<std::vector<Chunk>> q_runs, k_runs;
+  std::vector<index_t> q_lens, k_lens;
+};
+inline AllToAllLayout all_to_all_layout(const std::vector<Descriptor>& all,
+                                        const AttentionShape& local, SeqLayout layout, int p,
+                                        const char* fn, const char* ring, AttentionShape& global) {
+  if (local.q_heads % p != 0 || local.kv_heads % p != 0)
+    attn::detail::fail(fn, ": q has ", local.q_heads, " heads and k has ", local.kv_heads,
+                       "; both must divide by the ", p, " ranks (", ring, " has no such limit)");
+  AllToAllLayout a;
+  global.lq = global.lk = 0;
+  for (const auto& d : all) {
+    a.q_lens.push_back(d.f[Descriptor::lq]);
+    a.k_lens.push_back(d.f[Descriptor::lk]);
+    global.lq += d.f[Descriptor::lq];
+    global.lk += d.f[Descriptor::lk];
+  }
+  index_t qb = 0, kb = 0;
+  for (int r = 0; r < p; ++r) {
+    const auto& d = all[static_cast<std::size_t>(r)];
+    if (layout == SeqLayout::zigzag &&
+        (d.f[Descriptor::lq] * p != global.lq || d.f[Descriptor::lk] * p != global.lk))
+      attn::detail::fail(fn, ": the zigzag layout needs every rank to hold N/", p,
+                         " rows, but rank ", r, " holds ", d.f[Descriptor::lq], " of ", global.lq,
+                         " queries and ", d.f[Descriptor::lk], " of ", global.lk, " keys");
+    a.q_runs.push_back(runs_of(layout, global.lq, qb, d.f[Descriptor::lq], r, p));
+    a.k_runs.push_back(runs_of(layout, global.lk, kb, d.f[Descriptor::lk], r, p));
+    qb += d.f[Descriptor::lq];
+    kb += d.f[Descriptor::lk];
+  }
+  return a;
+}
+
 }  // namespace detail
 
 /// All-to-all sequence parallel attention over the ranks of `comm`
@@ -164,34 +203,11 @@ void ulysses_attention(MPI_Comm comm, const TensorView<Q, 4>& q, const TensorVie
   AttentionShape global = local;
   Mask bound_mask;
   Mod bound_mod;
-  std::vector<std::vector<Chunk>> q_runs, k_runs;
-  std::vector<index_t> q_lens, k_lens;
+  AllToAllLayout lay;
   agree(comm, "ulysses_attention", [&] {
     check_same_everywhere(all);
-    if (local.q_heads % p != 0 || local.kv_heads % p != 0)
-      attn::detail::fail("ulysses_attention: q has ", local.q_heads, " heads and k has ",
-                         local.kv_heads, "; both must divide by the ", p,
-                         " ranks (ring_attention has no such limit)");
-    global.lq = global.lk = 0;
-    for (const auto& d : all) {
-      q_lens.push_back(d.f[Descriptor::lq]);
-      k_lens.push_back(d.f[Descriptor::lk]);
-      global.lq += d.f[Descriptor::lq];
-      global.lk += d.f[Descriptor::lk];
-    }
-    index_t qb = 0, kb = 0;
-    for (int r = 0; r < p; ++r) {
-      const auto& d = all[static_cast<std::size_t>(r)];
-      if (options.layout == SeqLayout::zigzag &&
-          (d.f[Descriptor::lq] * p != global.lq || d.f[Descriptor::lk] * p != global.lk))
-        attn::detail::fail("ulysses_attention: the zigzag layout needs every rank to hold N/", p,
-                           " rows, but rank ", r, " holds ", d.f[Descriptor::lq], " of ", global.lq,
-                           " queries and ", d.f[Descriptor::lk], " of ", global.lk, " keys");
-      q_runs.push_back(runs_of(options.layout, global.lq, qb, d.f[Descriptor::lq], r, p));
-      k_runs.push_back(runs_of(options.layout, global.lk, kb, d.f[Descriptor::lk], r, p));
-      qb += d.f[Descriptor::lq];
-      kb += d.f[Descriptor::lk];
-    }
+    lay = all_to_all_layout(all, local, options.layout, p, "ulysses_attention", "ring_attention",
+                            global);
     bound_mask = mask.bind(global);
     bound_mod = score_mod.bind(global);
     attn::detail::check_policy_views(bound_mask, out, options.lse);
@@ -212,9 +228,9 @@ void ulysses_attention(MPI_Comm comm, const TensorView<Q, 4>& q, const TensorVie
   const TensorView<float, 3> lv(lf.data(), {B, hq, N});
 
   const double t0 = MPI_Wtime();
-  seq_to_heads(comm, q, qv, q_runs, q_lens);
-  seq_to_heads(comm, k, kv, k_runs, k_lens);
-  seq_to_heads(comm, v, vv, k_runs, k_lens);
+  seq_to_heads(comm, q, qv, lay.q_runs, lay.q_lens);
+  seq_to_heads(comm, k, kv, lay.k_runs, lay.k_lens);
+  seq_to_heads(comm, v, vv, lay.k_runs, lay.k_lens);
   const double t1 = MPI_Wtime();
   const std::clock_t c1 = std::clock();
 
@@ -231,10 +247,10 @@ void ulysses_attention(MPI_Comm comm, const TensorView<Q, 4>& q, const TensorVie
   const double t2 = MPI_Wtime();
   const double cpu = static_cast<double>(std::clock() - c1) / CLOCKS_PER_SEC;
 
-  heads_to_seq(comm, TensorView<const O, 4>(ov), out, q_runs, q_lens);
+  heads_to_seq(comm, TensorView<const O, 4>(ov), out, lay.q_runs, lay.q_lens);
   if (!options.lse.is_null())
-    heads_to_seq(comm, TensorView<const float, 4>(as_rank4(lv)), as_rank4(options.lse), q_runs,
-                 q_lens);
+    heads_to_seq(comm, TensorView<const float, 4>(as_rank4(lv)), as_rank4(options.lse), lay.q_runs,
+                 lay.q_lens);
   if (options.timings) {
     RingTimings tm;
     tm.steps = tm.computed_steps = 1;

@@ -51,15 +51,7 @@ void ulysses_attention_backward(MPI_Comm comm, const TensorView<Q, 4>& q, const 
                                 const TensorView<DV, 4>& dv, const Mask& mask = {},
                                 const Mod& score_mod = {}, const DistOptions& options = {}) {
   using namespace dist::detail;
-  static_checks<Q, K, V, DQ, Mask, Mod>();  // out is an input here; dq an output
-  static_assert(
-      type_code<O>() && type_code<DO>() && type_code<DQ>() && type_code<DK>() && type_code<DV>(),
-      "attn::dist: element types must be float, double, Eigen::half or Eigen::bfloat16");
-  static_assert(std::is_same<std::remove_cv_t<L>, float>::value ||
-                    std::is_same<std::remove_cv_t<L>, double>::value,
-                "attn::dist: lse is float (what the forward writes) or double");
-  static_assert(!std::is_const<DQ>::value && !std::is_const<DK>::value && !std::is_const<DV>::value,
-                "attn::dist: the gradient views dq, dk, dv must be writable");
+  static_backward_checks<Q, K, V, O, L, DO, DQ, DK, DV, Mask, Mod>();
   using QS = std::remove_cv_t<Q>;
   using KS = std::remove_cv_t<K>;
   using VS = std::remove_cv_t<V>;
@@ -84,35 +76,11 @@ void ulysses_attention_backward(MPI_Comm comm, const TensorView<Q, 4>& q, const 
   AttentionShape global = local;
   Mask bound_mask;
   Mod bound_mod;
-  std::vector<std::vector<Chunk>> q_runs, k_runs;
-  std::vector<index_t> q_lens, k_lens;
+  AllToAllLayout lay;
   agree(comm, fn, [&] {
     check_same_everywhere(all);
     check_grad_types(types);
-    if (local.q_heads % p != 0 || local.kv_heads % p != 0)
-      attn::detail::fail(fn, ": q has ", local.q_heads, " heads and k has ", local.kv_heads,
-                         "; both must divide by the ", p,
-                         " ranks (ring_attention_backward has no such limit)");
-    global.lq = global.lk = 0;
-    for (const auto& d : all) {
-      q_lens.push_back(d.f[Descriptor::lq]);
-      k_lens.push_back(d.f[Descriptor::lk]);
-      global.lq += d.f[Descriptor::lq];
-      global.lk += d.f[Descriptor::lk];
-    }
-    index_t qb = 0, kb = 0;
-    for (int r = 0; r < p; ++r) {
-      const auto& d = all[static_cast<std::size_t>(r)];
-      if (options.layout == SeqLayout::zigzag &&
-          (d.f[Descriptor::lq] * p != global.lq || d.f[Descriptor::lk] * p != global.lk))
-        attn::detail::fail(fn, ": the zigzag layout needs every rank to hold N/", p,
-                           " rows, but rank ", r, " holds ", d.f[Descriptor::lq], " of ", global.lq,
-                           " queries and ", d.f[Descriptor::lk], " of ", global.lk, " keys");
-      q_runs.push_back(runs_of(options.layout, global.lq, qb, d.f[Descriptor::lq], r, p));
-      k_runs.push_back(runs_of(options.layout, global.lk, kb, d.f[Descriptor::lk], r, p));
-      qb += d.f[Descriptor::lq];
-      kb += d.f[Descriptor::lk];
-    }
+    lay = all_to_all_layout(all, local, options.layout, p, fn, "ring_attention_backward", global);
     bound_mask = mask.bind(global);
     bound_mod = score_mod.bind(global);
     check_no_bias_grad(bound_mod, fn);
@@ -144,12 +112,12 @@ void ulysses_attention_backward(MPI_Comm comm, const TensorView<Q, 4>& q, const 
   const auto dvv = bhsd(dvf.data(), B, hkv, M, Dv);
 
   const double t0 = MPI_Wtime();
-  seq_to_heads(comm, q, qv, q_runs, q_lens);
-  seq_to_heads(comm, k, kv, k_runs, k_lens);
-  seq_to_heads(comm, v, vv, k_runs, k_lens);
-  seq_to_heads(comm, out, ov, q_runs, q_lens);
-  seq_to_heads(comm, dout, dov, q_runs, q_lens);
-  seq_to_heads(comm, rows_as_rank4(lse), rows_as_rank4(lv), q_runs, q_lens);
+  seq_to_heads(comm, q, qv, lay.q_runs, lay.q_lens);
+  seq_to_heads(comm, k, kv, lay.k_runs, lay.k_lens);
+  seq_to_heads(comm, v, vv, lay.k_runs, lay.k_lens);
+  seq_to_heads(comm, out, ov, lay.q_runs, lay.q_lens);
+  seq_to_heads(comm, dout, dov, lay.q_runs, lay.q_lens);
+  seq_to_heads(comm, rows_as_rank4(lse), rows_as_rank4(lv), lay.q_runs, lay.q_lens);
   const double t1 = MPI_Wtime();
   const std::clock_t c1 = std::clock();
 
@@ -166,9 +134,9 @@ void ulysses_attention_backward(MPI_Comm comm, const TensorView<Q, 4>& q, const 
   const double t2 = MPI_Wtime();
   const double cpu = static_cast<double>(std::clock() - c1) / CLOCKS_PER_SEC;
 
-  heads_to_seq(comm, TensorView<const DQ, 4>(dqv), dq, q_runs, q_lens);
-  heads_to_seq(comm, TensorView<const DK, 4>(dkv), dk, k_runs, k_lens);
-  heads_to_seq(comm, TensorView<const DV, 4>(dvv), dv, k_runs, k_lens);
+  heads_to_seq(comm, TensorView<const DQ, 4>(dqv), dq, lay.q_runs, lay.q_lens);
+  heads_to_seq(comm, TensorView<const DK, 4>(dkv), dk, lay.k_runs, lay.k_lens);
+  heads_to_seq(comm, TensorView<const DV, 4>(dvv), dv, lay.k_runs, lay.k_lens);
   if (options.timings) {
     RingTimings tm;
     tm.steps = tm.computed_steps = 1;

@@ -32,6 +32,17 @@ namespace attn {
 
 namespace detail {
 
+/// The options a cache call refuses: positions (the cache knows them) and
+/// dropout (inference).
+inline void check_cache_options(const AttentionOptions& opt) {
+  const Positions none{};
+  if (opt.positions.q_offset != none.q_offset || opt.positions.k_offset != none.k_offset ||
+      opt.positions.q_length != none.q_length || opt.positions.k_length != none.k_length)
+    fail("cache attention takes positions from the cache; options.positions must be default");
+  if (opt.dropout.p != 0)
+    fail("this entry point has no dropout (inference); options.dropout.p is ", opt.dropout.p);
+}
+
 /// Checks q [n, Hq, Lq, D] and out [n, Hq, Lq, Dv] against a cache's heads and
 /// dims and the sequence lengths (each >= Lq); binds the policies per
 /// sequence and runs the segment forward over `kv`.
@@ -69,10 +80,7 @@ void cache_entry(const TensorView<Q, 4>& q, const BlockKV<T>& kv, const TensorVi
       fail("sequence ", seq_ids[static_cast<std::size_t>(i)], " holds ",
            lengths[static_cast<std::size_t>(i)], " tokens, fewer than the ", s.lq,
            " query rows (append the new tokens before attending)");
-  const Positions none{};
-  if (opt.positions.q_offset != none.q_offset || opt.positions.k_offset != none.k_offset ||
-      opt.positions.q_length != none.q_length || opt.positions.k_length != none.k_length)
-    fail("cache attention takes positions from the cache; options.positions must be default");
+  check_cache_options(opt);
   // The usual option and output checks, with the cache's first sequence standing in for k, v.
   s.lk = std::max<index_t>(s.lq, 1);
   check_not_self_overlapping(out, "out");
@@ -81,8 +89,6 @@ void cache_entry(const TensorView<Q, 4>& q, const BlockKV<T>& kv, const TensorVi
   if (opt.num_threads < 0) fail("num_threads is ", opt.num_threads, ", must be >= 0");
   if (opt.block_q < 0) fail("block_q is ", opt.block_q, ", must be >= 0 (0 = automatic)");
   if (opt.block_k < 0) fail("block_k is ", opt.block_k, ", must be >= 0 (0 = automatic)");
-  if (opt.dropout.p != 0)
-    fail("this entry point has no dropout (inference); options.dropout.p is ", opt.dropout.p);
   check_sinks(opt.sinks, s.q_heads);
   if (!opt.sinks.is_null()) check_no_overlap(out, "out", opt.sinks, "sinks");
   if (!opt.lse.is_null()) {
