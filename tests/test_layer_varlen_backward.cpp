@@ -422,7 +422,7 @@ TEST(LayerVarlenBackward, ErrorsBeforeWriting) {
   std::vector<double> x = random_rows(total, dm, 42);
   const std::vector<double> r = random_rows(total, dm, 43);
   std::vector<double> out(x.size()), dx(x.size(), 7.0), wrong((total + 1) * dm, 7.0);
-  std::vector<double> dbias(static_cast<std::size_t>(c.q_heads * 3 * 3), 7.0);
+  std::vector<double> dbias(static_cast<std::size_t>(c.q_heads * 2 * 2), 7.0);
   attn::AttentionContext<double> ctx;
   attn::AttentionGrads<double> g;
   auto untouched = [&] {
@@ -475,11 +475,12 @@ TEST(LayerVarlenBackward, ErrorsBeforeWriting) {
         }());
       }),
       "dropout p is 1.5");
-  // a bias (with dbias) of 3×3 binds the second sequence (3 rows) but not the first (2 rows)
+  // a bias (with dbias) of 2×2 binds the first sequence (2 rows) but not the second (3 rows):
+  // the first sequence's backward must not have written dbias when the second one's check fails
   std::vector<double> bias(dbias.size(), 0.5);
   const auto mod =
-      attn::additive_bias(attn::TensorView<const double, 4>(bias.data(), {1, c.q_heads, 3, 3}),
-                          attn::TensorView<double, 4>(dbias.data(), {1, c.q_heads, 3, 3}));
+      attn::additive_bias(attn::TensorView<const double, 4>(bias.data(), {1, c.q_heads, 2, 2}),
+                          attn::TensorView<double, 4>(dbias.data(), {1, c.q_heads, 2, 2}));
   has(message([&] { layer.backward_varlen(ctx, X, cu, R, DX, g, attn::causal(), mod); }),
       "additive_bias");
   untouched();
