@@ -85,7 +85,8 @@ struct WalkScratch {
   std::vector<std::uint16_t> qb, pb, kb, vb;  // bf16 pairs: Q, P, one K / V tile
   AttentionStats stats;                       // this worker's share of the call's counters
 
-  RowMatrix<Acc> gather;  // one tile from a source that is not a strided view (kv/packed.hpp)
+  RowMatrix<Acc> gather;    // one tile from a source that is not a strided view (kv/packed.hpp)
+  RowMatrix<Acc> gather_v;  // its values, when keys are read as rows (PackedKV::rows)
 
   template <class Src>
   WalkScratch(index_t br, index_t bc, const PackedKV<Acc, Src>& kv)
@@ -94,8 +95,8 @@ struct WalkScratch {
       // products 20% slower by cache aliasing.
       : lds((bc + 2 * PackedKV<Acc, Src>::tile_align - 1) / 32 * 32),
         s(static_cast<std::size_t>(br * lds)), row(static_cast<std::size_t>(kv.d)),
-        gather(kv.whole ? RowMatrix<Acc>()
-                        : kv.gather_buffer(bc + PackedKV<Acc, Src>::tile_align)) {
+        gather(kv.whole ? RowMatrix<Acc>() : kv.gather_buffer(bc + PackedKV<Acc, Src>::tile_align)),
+        gather_v(gather.rows(), gather.cols()) {
     const index_t keys = bc + PackedKV<Acc, Src>::tile_align;
     if (!kv.whole) {
       if (kv.bf16) {
@@ -166,6 +167,8 @@ struct Walk {
           kernels::avx512_bf16::score(m, cols, d, qb, kv.dpad, t.kb, s, lds, scale);
       }
 #endif
+    } else if (t.ldk > 0) {
+      ks.score_rows(m, cols, d, qs + r0 * d, d, t.k, t.ldk, s, lds);
     } else {
       ks.score(m, cols, d, qs + r0 * d, d, t.k, s, lds);
     }
@@ -259,6 +262,8 @@ struct Walk {
       PackedTile<Acc> t;
       if (kv.whole) {
         t = kv.tile_at(b, hk, k0);
+      } else if (kv.rows) {
+        t = kv.load_rows(b, hk, k0, cols, KV::at(sc.v, 0), sc.gather, sc.gather_v);
       } else {
         kv.pack(b, hk, k0, cols, sc.row.data(), KV::at(sc.k, 0), KV::at(sc.v, 0), KV::at(sc.kb, 0),
                 KV::at(sc.vb, 0), sc.gather);

@@ -121,6 +121,83 @@ void score(index_t rows, index_t cols, index_t d, const typename S::T* q, index_
                 std::make_integer_sequence<int, tile_rows<S>()>{});
 }
 
+// ------------------------------------------------ S = Q · Kᵀ, K as rows --
+
+/// Keys per block of score_rows: M × KB accumulators, KB key loads and one
+/// query load live in the registers (AVX-512: 4 × 4 + 5 of 32; AVX2: 4 × 2 + 3
+/// of 16).
+template <class S>
+constexpr int rows_keys() {
+  return S::regs >= 32 ? 4 : 2;
+}
+/// Query rows per block of score_rows.
+constexpr int rows_block = 4;
+
+/// S[0:M, 0:KB] = Q[0:M, 0:d] · K[0:KB, 0:d]ᵀ with K rows at k (ldk): each score
+/// a vector dot product over d, reduced in a fixed order (S::reduce_add), then
+/// the d tail added element by element.
+template <class S, int M, int KB>
+inline void score_rows_keys(index_t d, const typename S::T* q, index_t ldq, const typename S::T* k,
+                            index_t ldk, typename S::T* s, index_t lds) {
+  using T = typename S::T;
+  using V = typename S::V;
+  constexpr int L = S::lanes;
+  V acc[M][KB];
+  ATTN_KERNEL_UNROLL
+  for (int i = 0; i < M; ++i) ATTN_KERNEL_UNROLL
+  for (int b = 0; b < KB; ++b) acc[i][b] = S::zero();
+  index_t p = 0;
+  for (; p + L <= d; p += L) {
+    V kv[KB];
+    ATTN_KERNEL_UNROLL
+    for (int b = 0; b < KB; ++b) kv[b] = S::load(k + b * ldk + p);
+    ATTN_KERNEL_UNROLL
+    for (int i = 0; i < M; ++i) {
+      const V a = S::load(q + i * ldq + p);
+      ATTN_KERNEL_UNROLL
+      for (int b = 0; b < KB; ++b) acc[i][b] = S::fma(a, kv[b], acc[i][b]);
+    }
+  }
+  ATTN_KERNEL_UNROLL
+  for (int i = 0; i < M; ++i) ATTN_KERNEL_UNROLL
+  for (int b = 0; b < KB; ++b) {
+    T sum = S::reduce_add(acc[i][b]);
+    for (index_t t = p; t < d; ++t) sum += q[i * ldq + t] * k[b * ldk + t];
+    s[i * lds + b] = sum;
+  }
+}
+
+/// All keys of one block of M rows: KB at a time, then one by one.
+template <class S, int M>
+void score_rows_cols(index_t cols, index_t d, const typename S::T* q, index_t ldq,
+                     const typename S::T* k, index_t ldk, typename S::T* s, index_t lds) {
+  constexpr int KB = rows_keys<S>();
+  index_t j = 0;
+  for (; j + KB <= cols; j += KB)
+    score_rows_keys<S, M, KB>(d, q, ldq, k + j * ldk, ldk, s + j, lds);
+  for (; j < cols; ++j) score_rows_keys<S, M, 1>(d, q, ldq, k + j * ldk, ldk, s + j, lds);
+}
+
+/// S (rows × cols, lds) = Q (rows × d, ldq) · Kᵀ, K as rows (cols × d, ldk): no
+/// packing, for the few stacked query rows of a decoding step (the panel kernel
+/// needs K transposed into panels, which costs more than the products when
+/// only a handful of rows read each key).
+template <class S>
+void score_rows(index_t rows, index_t cols, index_t d, const typename S::T* q, index_t ldq,
+                const typename S::T* k, index_t ldk, typename S::T* s, index_t lds) {
+  using Fn = void (*)(index_t, index_t, const typename S::T*, index_t, const typename S::T*,
+                      index_t, typename S::T*, index_t);
+  static constexpr Fn by_rows[] = {&score_rows_cols<S, 1>, &score_rows_cols<S, 2>,
+                                   &score_rows_cols<S, 3>, &score_rows_cols<S, 4>};
+  static_assert(sizeof(by_rows) / sizeof(by_rows[0]) == rows_block, "one entry per block size");
+  const RowBlocks blocks(rows, rows_block);
+  for (index_t i = 0, i0 = 0; i < blocks.count; ++i) {
+    const index_t m = blocks.size(i);
+    by_rows[m - 1](cols, d, q + i0 * ldq, ldq, k, ldk, s + i0 * lds, lds);
+    i0 += m;
+  }
+}
+
 // ------------------------------------------------- online softmax sweep --
 
 /// exp(x) for x <= 0, exactly 0 below -87.3 (so exp(-inf) = 0), NaN for NaN:

@@ -109,6 +109,11 @@ struct Portable {
     }
     return r;
   }
+  /// dst[i] = scale · src[i] for n int8 values (exact products rounded once: the
+  /// same bits on every instruction set).
+  static void i8_to_float(const std::int8_t* src, float scale, float* dst, index_t n) {
+    for (index_t i = 0; i < n; ++i) dst[i] = scale * static_cast<float>(src[i]);
+  }
   /// n halfs (IEEE binary16 bits) to floats.
   static void half_to_float(const std::uint16_t* src, float* dst, index_t n) {
     for (index_t i = 0; i < n; ++i) {

@@ -17,6 +17,7 @@
 // gives the same bits as a contiguous one holding the same tokens.
 #pragma once
 
+#include "attn/kernels/dispatch.hpp"
 #include "attn/kv/quant.hpp"
 #include "attn/tensor_view.hpp"
 
@@ -71,13 +72,18 @@ struct BlockKV {
         return pool + row_ptr(k0) * dim;
       }
     }
+    // int8 rows: the conversion of the instruction set the call runs (the same bits on each).
+    const auto i8_to_float = kernels::kernel_set<float>(active_isa()).i8_to_float;
+    (void)i8_to_float;
     for (index_t t = k0; t < k0 + rows;) {
       const index_t run = std::min(k0 + rows, (t / bs + 1) * bs) - t;  // tokens left in t's block
       const index_t r0 = row_ptr(t);
       for (index_t i = 0; i < run; ++i) {
         const T* src = pool + (r0 + i) * dim;
         Acc* dst = pack.data() + (t - k0 + i) * dim;
-        if constexpr (is_quantized_v<T>) {
+        if constexpr (is_quantized_v<T> && std::is_same<Acc, float>::value) {
+          i8_to_float(src, scale[r0 + i], dst, dim);
+        } else if constexpr (is_quantized_v<T>) {
           const Acc sc = static_cast<Acc>(scale[r0 + i]);
           for (index_t c = 0; c < dim; ++c) dst[c] = sc * static_cast<Acc>(src[c]);
         } else {
