@@ -99,7 +99,17 @@ struct SegmentKV {
                     index_t& ld) const {
     return kv.template values<Acc>(batch, hk, k_begin + k0, rows, pack, ld);
   }
+  template <class F>
+  void key_runs(index_t, index_t hk, index_t k0, index_t rows, F&& f) const {
+    kv.key_runs(batch, hk, k_begin + k0, rows, f);
+  }
+  template <class F>
+  void value_runs(index_t, index_t hk, index_t k0, index_t rows, F&& f) const {
+    kv.value_runs(batch, hk, k_begin + k0, rows, f);
+  }
 };
+template <class KV>
+struct int8_rows_source<SegmentKV<KV>> : int8_rows_source<KV> {};
 
 /// Folds a sink logit into a normalised row (out[0..n), lse).
 template <class Acc>

@@ -63,6 +63,12 @@ struct Portable {
   }
   static void store(T* p, const V& a) { std::memcpy(p, a.x, sizeof a.x); }
   static V broadcast(const T* p) { return set1(*p); }
+  /// N int8 values converted exactly.
+  static V load_i8(const std::int8_t* p) {
+    V r;
+    for (int i = 0; i < N; ++i) r.x[i] = static_cast<T>(p[i]);
+    return r;
+  }
   static V fma(const V& a, const V& b, const V& c) {
     V r;
     for (int i = 0; i < N; ++i) r.x[i] = a.x[i] * b.x[i] + c.x[i];

@@ -122,8 +122,10 @@ const KernelSet<T>& portable_set() {
                                 S::lanes,
                                 &portable::score<S>,
                                 &portable::score_rows<S>,
+                                &portable::score_rows_i8<S>,
                                 &portable::online_softmax<S>,
                                 &portable::accumulate_pv<S>,
+                                &portable::accumulate_pv_i8<S>,
                                 &Portable<float>::half_to_float,
                                 &Portable<float>::i8_to_float};
   return set;
@@ -137,8 +139,10 @@ inline const KernelSet<float>& avx2_set() {
                                     S::lanes,
                                     &avx2::score<S>,
                                     &avx2::score_rows<S>,
+                                    &avx2::score_rows_i8<S>,
                                     &avx2::online_softmax<S>,
                                     &avx2::accumulate_pv<S>,
+                                    &avx2::accumulate_pv_i8<S>,
                                     &S::half_to_float,
                                     &S::i8_to_float};
   return set;
@@ -151,8 +155,10 @@ inline const KernelSet<float>& avx512_set() {
                                     S::lanes,
                                     &avx512::score<S>,
                                     &avx512::score_rows<S>,
+                                    &avx512::score_rows_i8<S>,
                                     &avx512::online_softmax<S>,
                                     &avx512::accumulate_pv<S>,
+                                    &avx512::accumulate_pv_i8<S>,
                                     &S::half_to_float,
                                     &S::i8_to_float};
   return set;

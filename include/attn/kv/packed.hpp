@@ -21,6 +21,7 @@
 #include "attn/detail/parallel.hpp"
 #include "attn/kernels/dispatch.hpp"
 #include "attn/kernels/pack.hpp"
+#include "attn/kv/quant.hpp"
 #include "attn/kv/strided.hpp"
 #include "attn/tensor_view.hpp"
 
@@ -42,6 +43,10 @@ struct PackedTile {
   const std::uint16_t* vb = nullptr;  // bf16 key pairs
   index_t ldv = 0;
   index_t ldk = 0;  // > 0: k holds keys as rows (ld ldk) for the score_rows kernel, not panels
+  // int8 rows read by the kernels themselves (score_rows_i8, pv_i8), in runs of rows
+  const Int8Run* k8 = nullptr;
+  const Int8Run* v8 = nullptr;
+  index_t k8_runs = 0, v8_runs = 0;
 };
 
 /// What the packing knows of a source: strided views, or tiles on request.
@@ -139,9 +144,28 @@ struct PackedKV {
   /// Keys [k0, k0 + cols) of (b, hk) as rows for score_rows (in the source or
   /// converted into `gk`), and values as rows: in place (or converted into `gv`)
   /// when Dv needs no padding, else packed to `vp`. Sources that are not strided views.
+  /// int8 sources hand over their rows as runs (into k_runs, v_runs: room for
+  /// `cols` each) when Dv needs no padding: the kernels convert them in registers.
   PackedTile<Acc> load_rows(index_t b, index_t hk, index_t k0, index_t cols, Acc* vp,
-                            RowMatrix<Acc>& gk, RowMatrix<Acc>& gv) const {
+                            RowMatrix<Acc>& gk, RowMatrix<Acc>& gv, Int8Run* k_runs,
+                            Int8Run* v_runs) const {
     PackedTile<Acc> t;
+    if constexpr (int8_rows_source<Src>::value) {
+      if (dv == dvp) {
+        src.key_runs(b, hk, k0, cols,
+                     [&](index_t c0, index_t n, const std::int8_t* r, const float* sc) {
+                       k_runs[t.k8_runs++] = {c0, n, r, sc};
+                     });
+        src.value_runs(b, hk, k0, cols,
+                       [&](index_t c0, index_t n, const std::int8_t* r, const float* sc) {
+                         v_runs[t.v8_runs++] = {c0, n, r, sc};
+                       });
+        t.k8 = k_runs;
+        t.v8 = v_runs;
+        return t;
+      }
+    }
+    (void)k_runs, (void)v_runs;
     if constexpr (!strided) {
       index_t ld = 0;
       t.k = src.template keys<Acc>(b, hk, k0, cols, gk, ld);
