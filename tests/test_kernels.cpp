@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <string>
@@ -125,6 +126,34 @@ TYPED_TEST(Kernels, ScoreRowsMatchesDoubleLoop) {
           }
           // A sum of d products in any order: within d·eps of the magnitude.
           EXPECT_LE(worst, 2.0 * d * attn_test::eps<T>());
+        }
+  }
+}
+
+/// pv_t (O += Aᵀ·V with A stored transposed, the backward's dV and dK products)
+/// gives the bits of pv on a transposed copy of A: the same products in the same
+/// order. Every row block and column width of the register tile.
+TYPED_TEST(Kernels, PvTransposedEqualsPvOnACopy) {
+  using T = TypeParam;
+  for (Isa isa : isas_for<T>()) {
+    const KernelSet<T>& ks = attn::kernels::kernel_set<T>(isa);
+    const index_t mr = ks.lanes == 16 ? 14 : 6;
+    for (index_t rows : around<T>(mr))
+      for (index_t cols : {1, 13, 64})
+        for (index_t dvp : {16, 32, 48, 128}) {
+          SCOPED_TRACE(std::string(attn::isa_name(isa)) + " rows=" + std::to_string(rows) +
+                       " cols=" + std::to_string(cols) + " dvp=" + std::to_string(dvp));
+          const index_t lda = rows + 3, ldt = cols + 1, ldo = dvp + 16;
+          const auto a = random_vec<T>(static_cast<std::size_t>(cols * lda), 31);  // (cols, rows)
+          std::vector<T> at(static_cast<std::size_t>(rows * ldt));                 // (rows, cols)
+          for (index_t k = 0; k < cols; ++k)
+            for (index_t i = 0; i < rows; ++i) at[i * ldt + k] = a[k * lda + i];
+          const auto v = random_vec<T>(static_cast<std::size_t>(cols * dvp), 32);
+          auto o1 = random_vec<T>(static_cast<std::size_t>(rows * ldo), 33);
+          auto o2 = o1;
+          ks.pv_t(rows, dvp, cols, a.data(), lda, v.data(), dvp, o1.data(), ldo);
+          ks.pv(rows, dvp, cols, at.data(), ldt, v.data(), dvp, o2.data(), ldo);
+          ASSERT_EQ(std::memcmp(o1.data(), o2.data(), o1.size() * sizeof(T)), 0);
         }
   }
 }

@@ -69,7 +69,7 @@ struct BackwardTileTraits {
 /// Per-worker scratch of the backward. The products run on the forward's
 /// micro-kernels (kernels/): S = A·Bᵀ products on K panels (score), C += A·B
 /// on rows padded to a multiple of 16 columns (pv); the two Aᵀ·B products
-/// transpose their (Br, Bc) operand into `t` first.
+/// read their (Br, Bc) operand transposed in place (pv_t).
 template <class Acc>
 struct BackwardScratch {
   using Mat = RowMatrix<Acc>;
@@ -79,7 +79,6 @@ struct BackwardScratch {
   Mat p;       // (Br, lds) P
   Mat x;       // (Br, lds) raw scores, for modifiers whose derivative needs them
   Mat dp;      // (Br, lds) Pd, then dP, then dS and dX
-  Mat t;       // (Bc, Br)  Pdᵀ, then dXᵀ
   Mat kpad;    // (Bc, Dp)  K tile rows, zero past D (dQ += dX·K)
   Mat dk, dv;  // (Bc, Dp), (Bc, Dvp) accumulators of one key tile
   Mat dq;      // (group·Lq, Dp) dQ accumulator, when dq cannot accumulate in place
@@ -91,20 +90,13 @@ struct BackwardScratch {
   BackwardScratch(const kernels::KernelSet<Acc>& ks, index_t br, index_t bc, index_t lds, index_t d,
                   index_t dv_, index_t group_rows, bool keep_x, bool dq_buffer)
       : qs(Mat::Zero(br, kernels::padded_dv(d))), dob(Mat::Zero(br, kernels::padded_dv(dv_))),
-        p(br, lds), x(keep_x ? br : 0, keep_x ? lds : 0), dp(br, lds), t(bc, br),
+        p(br, lds), x(keep_x ? br : 0, keep_x ? lds : 0), dp(br, lds),
         kpad(Mat::Zero(bc, kernels::padded_dv(d))), dk(bc, kernels::padded_dv(d)),
         dv(bc, kernels::padded_dv(dv_)), dq(dq_buffer ? group_rows : 0, kernels::padded_dv(d)),
         kpan(static_cast<std::size_t>(kernels::packed_k_size(bc, d, ks.k_panel))),
         vpan(static_cast<std::size_t>(kernels::packed_k_size(bc, dv_, ks.k_panel))),
         row(static_cast<std::size_t>(std::max(d, dv_))), delta(group_rows), lse(group_rows) {}
 };
-
-/// T (cols × rows, ldt) = Aᵀ for A (rows × cols, lda).
-template <class Acc>
-void transpose_tile(index_t rows, index_t cols, const Acc* a, index_t lda, Acc* t, index_t ldt) {
-  for (index_t r = 0; r < rows; ++r)
-    for (index_t c = 0; c < cols; ++c) t[c * ldt + r] = a[r * lda + c];
-}
 
 /// Which dimensions of the gradient views of a modifier (dbias) are
 /// broadcast over more than one (batch, KV head) task.
@@ -284,8 +276,7 @@ void flash_backward(const TensorView<const Q, 4>& q, const TensorView<const K, 4
             }
             pd = dp;
           }
-          transpose_tile(rows, cols, pd, lds, sc.t.data(), br);
-          ks.pv(cols, dvp, rows, sc.t.data(), br, dot, dvp, dvt.data(), dvp);
+          ks.pv_t(cols, dvp, rows, pd, lds, dot, dvp, dvt.data(), dvp);
 
           // dP = (dO · Vᵀ) ∘ M / (1 - p)                                     (rows, cols)
           ks.score(rows, cols, dvd, dot, dvp, sc.vpan.data(), dp, lds);
@@ -305,8 +296,7 @@ void flash_backward(const TensorView<const Q, 4>& q, const TensorView<const K, 4
                           dp, lds, rows, cols);
 
           // dK += dXᵀ · Qs                                                   (cols, D)
-          transpose_tile(rows, cols, static_cast<const Acc*>(dp), lds, sc.t.data(), br);
-          ks.pv(cols, dpad, rows, sc.t.data(), br, qs, dpad, dkt.data(), dpad);
+          ks.pv_t(cols, dpad, rows, dp, lds, qs, dpad, dkt.data(), dpad);
           // dQ += dX · K (scaled once at the end)                            (rows, D)
           ks.pv(rows, dpad, cols, dp, lds, sc.kpad.data(), dpad, dq_base + q0 * lddq, lddq);
         }

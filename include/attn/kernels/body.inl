@@ -309,7 +309,7 @@ void online_softmax(index_t rows, index_t cols, typename S::T* s, index_t lds, t
 /// S::T, or int8 converted in registers).
 /// AVX-512: 14 × 32 tile: 28 accumulators + 2 V loads + 1 P broadcast of 32 zmm.
 /// AVX2:     6 × 16 tile: 12 accumulators + 2 V loads + 1 P broadcast of 16 ymm.
-template <class S, int M, int NV, class E>
+template <class S, int M, int NV, class E, bool TA>
 inline void pv_block(index_t cols, const typename S::T* p, index_t ldp, const E* v, index_t ldv,
                      typename S::T* o, index_t ldo) {
   using V = typename S::V;
@@ -327,7 +327,9 @@ inline void pv_block(index_t cols, const typename S::T* p, index_t ldp, const E*
     for (int j = 0; j < NV; ++j) b[j] = load_as<S>(v + k * ldv + j * L);
     ATTN_KERNEL_UNROLL
     for (int i = 0; i < M; ++i) {
-      const V a = S::broadcast(p + i * ldp + k);
+      // P (M × cols) as stored, or TA: P is stored transposed (cols × M rows of ldp),
+      // and the M elements of key k are adjacent.
+      const V a = S::broadcast(TA ? p + k * ldp + i : p + i * ldp + k);
       ATTN_KERNEL_UNROLL
       for (int j = 0; j < NV; ++j) acc[i][j] = S::fma(a, b[j], acc[i][j]);
     }
@@ -338,26 +340,27 @@ inline void pv_block(index_t cols, const typename S::T* p, index_t ldp, const E*
 }
 
 /// All column blocks of one block of M rows: two vectors at a time, then one.
-template <class S, int M, class E>
+template <class S, int M, class E, bool TA>
 void pv_columns(index_t dvp, index_t cols, const typename S::T* p, index_t ldp, const E* v,
                 index_t ldv, typename S::T* o, index_t ldo) {
   constexpr int L = S::lanes;
   index_t j = 0;
-  for (; j + 2 * L <= dvp; j += 2 * L) pv_block<S, M, 2>(cols, p, ldp, v + j, ldv, o + j, ldo);
-  if (j < dvp) pv_block<S, M, 1>(cols, p, ldp, v + j, ldv, o + j, ldo);
+  for (; j + 2 * L <= dvp; j += 2 * L)
+    pv_block<S, M, 2, E, TA>(cols, p, ldp, v + j, ldv, o + j, ldo);
+  if (j < dvp) pv_block<S, M, 1, E, TA>(cols, p, ldp, v + j, ldv, o + j, ldo);
 }
 
-template <class S, class E, int... I>
+template <class S, class E, bool TA, int... I>
 void pv_impl(index_t rows, index_t dvp, index_t cols, const typename S::T* p, index_t ldp,
              const E* v, index_t ldv, typename S::T* o, index_t ldo,
              std::integer_sequence<int, I...>) {
   using Fn = void (*)(index_t, index_t, const typename S::T*, index_t, const E*, index_t,
                       typename S::T*, index_t);
-  static constexpr Fn by_rows[] = {&pv_columns<S, I + 1, E>...};  // [M - 1]
+  static constexpr Fn by_rows[] = {&pv_columns<S, I + 1, E, TA>...};  // [M - 1]
   const RowBlocks blocks(rows, static_cast<index_t>(sizeof...(I)));
   for (index_t i = 0, i0 = 0; i < blocks.count; ++i) {
     const index_t m = blocks.size(i);
-    by_rows[m - 1](dvp, cols, p + i0 * ldp, ldp, v, ldv, o + i0 * ldo, ldo);
+    by_rows[m - 1](dvp, cols, p + (TA ? i0 : i0 * ldp), ldp, v, ldv, o + i0 * ldo, ldo);
     i0 += m;
   }
 }
@@ -366,16 +369,26 @@ void pv_impl(index_t rows, index_t dvp, index_t cols, const typename S::T* p, in
 template <class S>
 void accumulate_pv(index_t rows, index_t dvp, index_t cols, const typename S::T* p, index_t ldp,
                    const typename S::T* v, index_t ldv, typename S::T* o, index_t ldo) {
-  pv_impl<S>(rows, dvp, cols, p, ldp, v, ldv, o, ldo,
-             std::make_integer_sequence<int, tile_rows<S>()>{});
+  pv_impl<S, typename S::T, false>(rows, dvp, cols, p, ldp, v, ldv, o, ldo,
+                                   std::make_integer_sequence<int, tile_rows<S>()>{});
+}
+
+/// O (rows × dvp, ldo) += Aᵀ · V with A stored (cols × rows, lda): the backward's
+/// dV += Pᵀ·dO and dK += dSᵀ·Q without a transposed copy. The same products in
+/// the same order as pv on a transposed copy of A.
+template <class S>
+void accumulate_pv_t(index_t rows, index_t dvp, index_t cols, const typename S::T* a, index_t lda,
+                     const typename S::T* v, index_t ldv, typename S::T* o, index_t ldo) {
+  pv_impl<S, typename S::T, true>(rows, dvp, cols, a, lda, v, ldv, o, ldo,
+                                  std::make_integer_sequence<int, tile_rows<S>()>{});
 }
 
 /// The same with int8 value rows (their scales already folded into P's columns).
 template <class S>
 void accumulate_pv_i8(index_t rows, index_t dvp, index_t cols, const typename S::T* p, index_t ldp,
                       const std::int8_t* v, index_t ldv, typename S::T* o, index_t ldo) {
-  pv_impl<S>(rows, dvp, cols, p, ldp, v, ldv, o, ldo,
-             std::make_integer_sequence<int, tile_rows<S>()>{});
+  pv_impl<S, std::int8_t, false>(rows, dvp, cols, p, ldp, v, ldv, o, ldo,
+                                 std::make_integer_sequence<int, tile_rows<S>()>{});
 }
 
 }  // namespace ATTN_KERNEL_NS

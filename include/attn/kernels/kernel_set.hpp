@@ -63,6 +63,10 @@ struct KernelSet {
   /// O (rows × dvp, ldo) += P (rows × cols, ldp) · V (cols × dvp, ldv).
   void (*pv)(index_t rows, index_t dvp, index_t cols, const T* p, index_t ldp, const T* v,
              index_t ldv, T* o, index_t ldo);
+  /// O (rows × dvp, ldo) += Aᵀ (rows × cols) · V (cols × dvp, ldv), A stored as
+  /// (cols × rows, lda): pv on a transposed operand, without the transposed copy.
+  void (*pv_t)(index_t rows, index_t dvp, index_t cols, const T* a, index_t lda, const T* v,
+               index_t ldv, T* o, index_t ldo);
   /// pv on int8 value rows (dvp columns, converted in registers); their scales are already in P.
   void (*pv_i8)(index_t rows, index_t dvp, index_t cols, const T* p, index_t ldp,
                 const std::int8_t* v, index_t ldv, T* o, index_t ldo);

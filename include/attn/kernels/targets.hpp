@@ -125,6 +125,7 @@ const KernelSet<T>& portable_set() {
                                 &portable::score_rows_i8<S>,
                                 &portable::online_softmax<S>,
                                 &portable::accumulate_pv<S>,
+                                &portable::accumulate_pv_t<S>,
                                 &portable::accumulate_pv_i8<S>,
                                 &Portable<float>::half_to_float,
                                 &Portable<float>::i8_to_float};
@@ -142,6 +143,7 @@ inline const KernelSet<float>& avx2_set() {
                                     &avx2::score_rows_i8<S>,
                                     &avx2::online_softmax<S>,
                                     &avx2::accumulate_pv<S>,
+                                    &avx2::accumulate_pv_t<S>,
                                     &avx2::accumulate_pv_i8<S>,
                                     &S::half_to_float,
                                     &S::i8_to_float};
@@ -158,6 +160,7 @@ inline const KernelSet<float>& avx512_set() {
                                     &avx512::score_rows_i8<S>,
                                     &avx512::online_softmax<S>,
                                     &avx512::accumulate_pv<S>,
+                                    &avx512::accumulate_pv_t<S>,
                                     &avx512::accumulate_pv_i8<S>,
                                     &S::half_to_float,
                                     &S::i8_to_float};
