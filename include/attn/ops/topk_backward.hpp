@@ -60,6 +60,37 @@ struct TopkBackwardScratch {
         dv(static_cast<std::size_t>(dv_rows * dvd)) {}
 };
 
+/// Σ_c a[c]·b[c·sb] over c < n (sb = 1 when Unit), in 16 interleaved partial
+/// sums added pairwise at the end: a fixed order on every thread, and one
+/// vector register of sums when b is contiguous.
+template <bool Unit, class Acc, class T>
+Acc topk_dot(const Acc* a, const T* b, index_t n, index_t sb) {
+  constexpr int kLanes = 16;
+  const index_t st = Unit ? 1 : sb;
+  Acc part[kLanes] = {};
+  index_t c = 0;
+  for (; c + kLanes <= n; c += kLanes)
+    for (int l = 0; l < kLanes; ++l) part[l] += a[c + l] * static_cast<Acc>(b[(c + l) * st]);
+  for (int l = 0; c + l < n; ++l) part[l] += a[c + l] * static_cast<Acc>(b[(c + l) * st]);
+  for (int w = kLanes / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) part[l] += part[l + w];
+  return part[0];
+}
+
+/// y[c·sy] += alpha·x[c] over c < n (sy = 1 when Unit).
+template <bool Unit, class Acc, class X>
+void topk_axpy(Acc* y, index_t sy, Acc alpha, const X* x, index_t sx, index_t n) {
+  const index_t ty = Unit ? 1 : sy, tx = Unit ? 1 : sx;
+  for (index_t c = 0; c < n; ++c) y[c * ty] += alpha * static_cast<Acc>(x[c * tx]);
+}
+
+/// Asks for the cache lines of a row of n elements (stride s) ahead of use.
+template <class T>
+void prefetch_row(const T* row, index_t n, index_t s) {
+  constexpr index_t line = 64 / static_cast<index_t>(sizeof(T));
+  for (index_t c = 0; c < n; c += line) __builtin_prefetch(row + c * s);
+}
+
 /// The selected keys of every row, -1 past the last: checked against Lk and
 /// the mask before anything is written.
 template <class Mask>
@@ -139,9 +170,15 @@ void topk_backward(const TensorView<const Q, 4>& q, const TensorView<const K, 4>
     } else {
       dv_base = sc.dv.data();
     }
-    for (index_t j = 0; j < lk; ++j) {
-      for (index_t c = 0; c < d; ++c) dk_base[j * dk_s2 + c * dk_s3] = Acc(0);
-      for (index_t c = 0; c < dvd; ++c) dv_base[j * dv_s2 + c * dv_s3] = Acc(0);
+    for (index_t j = 0; j < lk; ++j) {  // dK = 0, dV = 0
+      if (dk_s3 == 1)
+        std::fill_n(dk_base + j * dk_s2, d, Acc(0));
+      else
+        for (index_t c = 0; c < d; ++c) dk_base[j * dk_s2 + c * dk_s3] = Acc(0);
+      if (dv_s3 == 1)
+        std::fill_n(dv_base + j * dv_s2, dvd, Acc(0));
+      else
+        for (index_t c = 0; c < dvd; ++c) dv_base[j * dv_s2 + c * dv_s3] = Acc(0);
     }
     const K* k_base = k.data() + b * k.stride(0) + hk * k.stride(1);
     const V* v_base = v.data() + b * v.stride(0) + hk * v.stride(1);
@@ -152,64 +189,73 @@ void topk_backward(const TensorView<const Q, 4>& q, const TensorView<const K, 4>
     Acc* x = sc.x.data();
     Acc* p = sc.p.data();
 
-    for (index_t g = 0; g < group; ++g) {
-      const index_t h = hk * group + g;
-      for (index_t i = 0; i < shape.lq; ++i) {
-        index_t n = 0;  // selected keys of the row: the first n entries
-        while (n < kb && ix(b, h, i, n) >= 0) ++n;
-        if (n == 0) {  // the row sees no key: no gradient
-          for (index_t c = 0; c < d; ++c) dq(b, h, i, c) = DQ(0);
-          continue;
-        }
-        sc.stats.scores += n;
-        const index_t gi = qoff + i;  // global query position
-        Acc delta = 0;                // Δ_i = rowsum(dO_i ∘ O_i)
-        for (index_t c = 0; c < dvd; ++c) {
-          dob[c] = static_cast<Acc>(dout(b, h, i, c));
-          delta += dob[c] * static_cast<Acc>(out(b, h, i, c));
-        }
-        for (index_t c = 0; c < d; ++c) {
-          qs[c] = static_cast<Acc>(q(b, h, i, c)) * scale;
-          gq[c] = 0;
-        }
+    // The rows of the group, in order; `unit`: k, v, dk, dv rows are contiguous.
+    auto rows = [&](auto unit) {
+      constexpr bool U = decltype(unit)::value;
+      for (index_t g = 0; g < group; ++g) {
+        const index_t h = hk * group + g;
+        for (index_t i = 0; i < shape.lq; ++i) {
+          index_t n = 0;  // selected keys of the row: the first n entries
+          while (n < kb && ix(b, h, i, n) >= 0) ++n;
+          if (n == 0) {  // the row sees no key: no gradient
+            for (index_t c = 0; c < d; ++c) dq(b, h, i, c) = DQ(0);
+            continue;
+          }
+          sc.stats.scores += n;
+          const index_t gi = qoff + i;  // global query position
+          Acc delta = 0;                // Δ_i = rowsum(dO_i ∘ O_i)
+          for (index_t c = 0; c < dvd; ++c) {
+            dob[c] = static_cast<Acc>(dout(b, h, i, c));
+            delta += dob[c] * static_cast<Acc>(out(b, h, i, c));
+          }
+          for (index_t c = 0; c < d; ++c) {
+            qs[c] = static_cast<Acc>(q(b, h, i, c)) * scale;
+            gq[c] = 0;
+          }
 
-        // x_j = scale·q·k_j, s_j = score_mod(x_j) (kept in p), m = max_j s_j
-        Acc m = -std::numeric_limits<Acc>::infinity();
-        for (index_t j = 0; j < n; ++j) {
-          const index_t key = static_cast<index_t>(ix(b, h, i, j));
-          const K* kr = k_base + key * k_s2;
-          Acc dot = 0;
-          for (index_t c = 0; c < d; ++c) dot += qs[c] * static_cast<Acc>(kr[c * k_s3]);
-          x[j] = dot;
-          p[j] = mod(b, h, gi, koff + key, dot);
-          m = std::max(m, p[j]);
-        }
-        // P_j = exp(s_j - m) / Σ exp(s_j' - m)
-        Acc l = 0;
-        for (index_t j = 0; j < n; ++j) {
-          p[j] = std::exp(p[j] - m);
-          l += p[j];
-        }
-        const Acc inv = Acc(1) / l;
-        for (index_t j = 0; j < n; ++j) p[j] *= inv;
+          // The selected rows are scattered over K, V, dK, dV: fetch them all first.
+          for (index_t j = 0; j < n; ++j) {
+            const index_t key = static_cast<index_t>(ix(b, h, i, j));
+            prefetch_row(k_base + key * k_s2, d, k_s3);
+            prefetch_row(v_base + key * v_s2, dvd, v_s3);
+            prefetch_row(dk_base + key * dk_s2, d, dk_s3);
+            prefetch_row(dv_base + key * dv_s2, dvd, dv_s3);
+          }
+          // x_j = scale·q·k_j, s_j = score_mod(x_j) (kept in p), m = max_j s_j
+          Acc m = -std::numeric_limits<Acc>::infinity();
+          for (index_t j = 0; j < n; ++j) {
+            const index_t key = static_cast<index_t>(ix(b, h, i, j));
+            x[j] = topk_dot<U>(qs, k_base + key * k_s2, d, k_s3);
+            p[j] = mod(b, h, gi, koff + key, x[j]);
+            m = std::max(m, p[j]);
+          }
+          // P_j = exp(s_j - m) / Σ exp(s_j' - m)
+          Acc l = 0;
+          for (index_t j = 0; j < n; ++j) {
+            p[j] = std::exp(p[j] - m);
+            l += p[j];
+          }
+          const Acc inv = Acc(1) / l;
+          for (index_t j = 0; j < n; ++j) p[j] *= inv;
 
-        for (index_t j = 0; j < n; ++j) {
-          const index_t key = static_cast<index_t>(ix(b, h, i, j));
-          const K* kr = k_base + key * k_s2;
-          const V* vr = v_base + key * v_s2;
-          Acc dp = 0;  // dP_j = dO_i · v_j
-          for (index_t c = 0; c < dvd; ++c) dp += dob[c] * static_cast<Acc>(vr[c * v_s3]);
-          Acc dx = p[j] * (dp - delta);  // dS_j, then dX_j = score_mod'(x_j) · dS_j
-          if constexpr (!Mod::is_identity) dx = mod.grad(b, h, gi, koff + key, x[j], dx);
-          for (index_t c = 0; c < d; ++c) gq[c] += dx * static_cast<Acc>(kr[c * k_s3]);
-          Acc* dkr = dk_base + key * dk_s2;  // dk_j += dX_j · (scale·q_i)
-          for (index_t c = 0; c < d; ++c) dkr[c * dk_s3] += dx * qs[c];
-          Acc* dvr = dv_base + key * dv_s2;  // dv_j += P_j · dO_i
-          for (index_t c = 0; c < dvd; ++c) dvr[c * dv_s3] += p[j] * dob[c];
+          for (index_t j = 0; j < n; ++j) {
+            const index_t key = static_cast<index_t>(ix(b, h, i, j));
+            const K* kr = k_base + key * k_s2;
+            const Acc dp = topk_dot<U>(dob, v_base + key * v_s2, dvd, v_s3);  // dO_i · v_j
+            Acc dx = p[j] * (dp - delta);  // dS_j, then dX_j = score_mod'(x_j) · dS_j
+            if constexpr (!Mod::is_identity) dx = mod.grad(b, h, gi, koff + key, x[j], dx);
+            topk_axpy<U>(gq, 1, dx, kr, k_s3, d);                      // Σ dX_j k_j
+            topk_axpy<U>(dk_base + key * dk_s2, dk_s3, dx, qs, 1, d);  // dk_j += dX_j·(scale·q_i)
+            topk_axpy<U>(dv_base + key * dv_s2, dv_s3, p[j], dob, 1, dvd);  // dv_j += P_j·dO_i
+          }
+          for (index_t c = 0; c < d; ++c) dq(b, h, i, c) = static_cast<DQ>(scale * gq[c]);
         }
-        for (index_t c = 0; c < d; ++c) dq(b, h, i, c) = static_cast<DQ>(scale * gq[c]);
       }
-    }
+    };
+    if (k_s3 == 1 && v_s3 == 1 && dk_s3 == 1 && dv_s3 == 1)
+      rows(std::true_type{});
+    else
+      rows(std::false_type{});
     if constexpr (!dk_in_place)
       for (index_t j = 0; j < lk; ++j)
         for (index_t c = 0; c < d; ++c) dk(b, hk, j, c) = static_cast<DK>(dk_base[j * d + c]);
