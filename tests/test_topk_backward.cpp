@@ -138,6 +138,18 @@ TYPED_TEST(TopkBackward, TiesSizesAndMasks) {
     }
 }
 
+// Half storage: dk and dv accumulate in a float buffer, then are rounded once.
+TEST(TopkBackwardHalf, ReducedPrecisionStorage) {
+  using T = Eigen::half;
+  attn::TopkOptions opt;
+  opt.scale = 0.25;
+  for (const Problem& p : {make(1, 4, 2, 33, 70, 16, 12), make(2, 2, 1, 9, 40, 8, 8, Layout::bshd)})
+    for (index_t kb : {1, 5, 64}) {
+      const Inputs<T> in = integer_inputs<T>(p, 4);
+      expect_backward_matches(in, p, kb, attn::causal(), attn::no_score_mod(), opt);
+    }
+}
+
 // Random scores (no ties) under modifiers: ALiBi, softcap, their composition,
 // an additive bias and a T5 table with their gradients, at default tiles.
 TEST(TopkBackwardDouble, ModifiersAndTheirGradients) {
@@ -356,6 +368,17 @@ TEST(TopkBackwardErrors, ThrowBeforeWriting) {
   attn::TopkOptions drop;
   drop.dropout.p = 0.1;
   expect(run(4, drop, attn::no_mask()), "dropout.p is 0.1, but top-k attention has no dropout");
+  const std::vector<float> sink_logits{0.5f, 0.5f};
+  attn::TopkOptions sinks;
+  sinks.sinks = attn::TensorView<const float, 1>(sink_logits.data(), {2});
+  expect(run(4, sinks, attn::no_mask()), "top-k attention has no attention sinks");
+  // the forward refuses both too (it used to ignore them)
+  Tensor<float> fwd_out(1, 2, 10, 8);
+  expect([&] { attn::topk_attention(in.q.view, in.k.view, in.v.view, fwd_out.view, 4, drop); },
+         "dropout.p is 0.1, but top-k attention has no dropout");
+  expect([&] { attn::topk_attention(in.q.view, in.k.view, in.v.view, fwd_out.view, 4, sinks); },
+         "top-k attention has no attention sinks");
+  for (float x : fwd_out.buf) ASSERT_EQ(x, 0.f);
 
   // gradient outputs overlapping an input or the indices
   Tensor<float> dk_bad(1, 2, 20, 8);
