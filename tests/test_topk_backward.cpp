@@ -160,6 +160,10 @@ TEST(TopkBackwardDouble, ModifiersAndTheirGradients) {
   for (index_t kb : {1, 8, 40}) {
     SCOPED_TRACE("k_best=" + std::to_string(kb));
     expect_backward_matches(in, p, kb, attn::causal(), attn::softcap(5.0), opt);
+    attn::TopkOptions shard;  // the queries are rows 80..149 of a 150-query sequence
+    shard.positions.q_offset = 80;
+    shard.positions.q_length = 150;
+    expect_backward_matches(in, p, kb, attn::causal(), attn::alibi(attn::alibi_slopes(4)), shard);
     expect_backward_matches(in, p, kb, attn::window(60, 3),
                             attn::compose(attn::alibi(attn::alibi_slopes(4)), attn::softcap(3.0)),
                             opt);
