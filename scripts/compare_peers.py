@@ -25,6 +25,21 @@ scaled_dot_product_attention forward + out.backward(dout) on the same shapes
 (B = 1, H = 8, D = 128, N = 1024 and 2048, dense and causal, fp32), times in
 ms; GFLOP/s count 3.5× the forward's FLOPs (the backward does 2.5×).
 --only-backward skips the forward tables (and ONNX Runtime).
+
+Decoding, with --bench-decode build/bench/bench_decode: one query row against a
+long cache, Lq = 1, Hq = 32, Hkv = 8, D = 128, Lk = 16384 and 65536, fp32.
+attn's decode/masked (masked_attention with causal(), which the engine runs
+split-KV) and decode/cache_f32 (cache_attention on a KVCache<float>) rows and
+the read bandwidth bench_decode measures in the same run (bandwidth/stream)
+against PyTorch's scaled_dot_product_attention on the same shape, timed two
+ways: enable_gqa=True on the 8 K/V heads; K/V repeated to 32 heads inside
+the timed step (repeat_interleave, as a decoder that repeats per step does);
+and a cache stored already repeated (32 heads, the repeat not timed, 4× the
+bytes read). The fastest is compared, and named. No causal flag for PyTorch: with
+Lq = 1 its is_causal is top-left (key 0 only), while attn's causal() is
+bottom-right (every key), so both attend to all Lk keys. GB/s count the K and
+V bytes of the 8-head cache (2·Hkv·Lk·D·4) over the time for both.
+--only-decode writes only this table (and a plot with --plot).
 """
 import argparse
 import json
@@ -263,6 +278,120 @@ def backward_table(bench, threads, reps):
     return "\n".join(lines) + "\n"
 
 
+DECODE_LK = [16384, 65536]
+DECODE_HQ, DECODE_HKV, DECODE_D = 32, 8, 128
+
+
+def decode_bytes(lk):
+    return 2.0 * DECODE_HKV * lk * DECODE_D * 4  # K and V, fp32
+
+
+def time_attn_decode(bench, threads, reps):
+    filt = "^(bandwidth/stream|decode/(masked|cache_f32)/Lk:(16384|65536))"
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    res = subprocess.run([bench, f"--benchmark_filter={filt}", "--benchmark_format=json",
+                          "--benchmark_min_time=0.1", f"--benchmark_repetitions={reps}"],
+                         env=env, capture_output=True, text=True, check=True)
+    out, stream = {}, 0.0
+    for b in json.loads(res.stdout)["benchmarks"]:
+        if b.get("run_type") == "aggregate":
+            continue
+        name = b["name"]
+        if name.startswith("bandwidth/stream"):
+            stream = max(stream, b["GBps"])
+            continue
+        parts = name.split("/")  # decode/masked/Lk:16384/real_time
+        scale = {"ms": 1e-3, "us": 1e-6, "ns": 1e-9, "s": 1.0}[b["time_unit"]]
+        key = (parts[1], int(parts[2][3:]))
+        out[key] = min(out.get(key, float("inf")), b["real_time"] * scale)  # best repetition
+    return out, stream
+
+
+def time_torch_decode(threads, reps):
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(threads)
+    group = DECODE_HQ // DECODE_HKV
+    out = {}
+    for lk in DECODE_LK:
+        g = torch.Generator().manual_seed(1)
+        q = torch.randn(1, DECODE_HQ, 1, DECODE_D, generator=g)
+        k, v = (torch.randn(1, DECODE_HKV, lk, DECODE_D, generator=g) for _ in range(2))
+        with torch.no_grad():
+            try:
+                out[("enable_gqa", lk)] = best_time(
+                    lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), reps)
+            except TypeError:  # older PyTorch: no enable_gqa
+                pass
+            out[("repeat", lk)] = best_time(
+                lambda: F.scaled_dot_product_attention(q, k.repeat_interleave(group, dim=1),
+                                                       v.repeat_interleave(group, dim=1)), reps)
+            kr, vr = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+            out[("pre-repeated", lk)] = best_time(lambda: F.scaled_dot_product_attention(q, kr, vr), reps)
+            del kr, vr
+        del k, v
+    return out, torch.__version__
+
+
+def decode_table(bench, threads, reps, plot=""):
+    attn, stream = time_attn_decode(bench, threads, reps)
+    torch_r, torch_v = time_torch_decode(threads, reps)
+    lines = ["", f"Decoding: Lq = 1, Hq = {DECODE_HQ}, Hkv = {DECODE_HKV}, D = {DECODE_D}, fp32, {threads} threads, "
+             f"one sitting on {cpu_name()}. Read bandwidth measured in the same run (bench_decode's "
+             f"bandwidth/stream): {stream:.1f} GB/s. attn: bench_decode's decode/masked (masked_attention, "
+             "causal) and decode/cache_f32 (cache_attention on a KVCache<float>), best of its repetitions; "
+             f"PyTorch {torch_v}: `scaled_dot_product_attention` with enable_gqa=True, with K/V "
+             "repeat_interleave'd to Hq inside the step, and on a cache stored repeated (repeat not timed); "
+             "the fastest (named), best of its runs. GB/s = K+V bytes of the Hkv-head cache / time.", "",
+             "| Lk | K+V MiB | attn masked ms | attn masked GB/s | attn cache ms | attn cache GB/s | "
+             "PyTorch ms | PyTorch GB/s | PyTorch form (other forms, ms) | attn masked / PyTorch (GB/s) | "
+             "attn, fraction of stream | PyTorch, fraction of stream |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = []
+    for lk in DECODE_LK:
+        by = decode_bytes(lk)
+        am, ac = attn.get(("masked", lk)), attn.get(("cache_f32", lk))
+        forms = {f: torch_r[(f, lk)] for f in ("enable_gqa", "repeat", "pre-repeated") if (f, lk) in torch_r}
+        if not (am and forms):
+            continue
+        best = min(forms, key=forms.get)
+        tt = forms[best]
+        other = ", ".join(f"{f} {t * 1e3:.1f}" for f, t in forms.items() if f != best)
+        gb = lambda t: by / t * 1e-9 if t else 0.0
+        frac = lambda t: f"{gb(t) / stream:.0%}" if t and stream else "–"
+        lines.append(f"| {lk} | {by / 2**20:.0f} | {am * 1e3:.2f} | {gb(am):.1f} | "
+                     + (f"{ac * 1e3:.2f} | {gb(ac):.1f}" if ac else "– | –")
+                     + f" | {tt * 1e3:.2f} | {gb(tt):.1f} | {best} ({other or '–'}) | {tt / am:.2f}× | "
+                     f"{frac(am)} | {frac(tt)} |")
+        rows.append((f"Lk = {lk}\nPyTorch: {best}", gb(am), gb(ac), gb(tt)))
+    text = "\n".join(lines) + "\n"
+    if plot and rows:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("compare_peers: no matplotlib, no plot")
+            return text
+        fig, ax = plt.subplots(figsize=(7, 4))
+        w = 0.27
+        xs = range(len(rows))
+        for i, (label, idx) in enumerate((("attn masked_attention", 1), ("attn KVCache<float>", 2),
+                                          ("PyTorch SDPA, fastest form", 3))):
+            ax.bar([x + (i - 1) * w for x in xs], [r[idx] for r in rows], w, label=label)
+        if stream:
+            ax.axhline(stream, color="gray", ls="--", lw=1, label="read bandwidth (stream)")
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels([r[0] for r in rows])
+        ax.set_ylabel("K+V GB/s")
+        ax.set_title(f"Decode, Hq 32 / Hkv 8, D 128, fp32, {threads} threads", fontsize=9)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(plot, dpi=120)
+    return text
+
+
 def cpu_name():
     try:
         for line in open("/proc/cpuinfo"):
@@ -284,6 +413,8 @@ def main():
     ap.add_argument("--plot", default="")
     ap.add_argument("--bench-backward", default="", help="bench_backward: add the forward + backward table")
     ap.add_argument("--only-backward", action="store_true", help="only the forward + backward table")
+    ap.add_argument("--bench-decode", default="", help="bench_decode: add the decode table")
+    ap.add_argument("--only-decode", action="store_true", help="only the decode table (plot with --plot)")
     ap.add_argument("--errors", default="", metavar="BF16_ERROR",
                     help="write the bf16 error table instead, using this bench/bf16_error binary")
     args = ap.parse_args()
@@ -293,6 +424,14 @@ def main():
     in_venv_or_reexec(args.venv)
     if args.errors:
         bf16_errors(args.errors, args.threads, args.out)
+        return
+    if args.only_decode:
+        if not args.bench_decode:
+            sys.exit("compare_peers: --only-decode needs --bench-decode")
+        text = decode_table(args.bench_decode, args.threads, args.reps, args.plot)
+        with open(args.out, "w") as f:
+            f.write(text)
+        print(text)
         return
     if args.only_backward:
         if not args.bench_backward:
@@ -332,6 +471,8 @@ def main():
     text = "\n".join(lines) + "\n"
     if args.bench_backward:
         text += backward_table(args.bench_backward, args.threads, args.reps)
+    if args.bench_decode:
+        text += decode_table(args.bench_decode, args.threads, args.reps)
     with open(args.out, "w") as f:
         f.write(text)
     print(text)

@@ -9,6 +9,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <random>
 #include <string>
@@ -88,6 +89,146 @@ TYPED_TEST(Kernels, ScoreMatchesDoubleLoop) {
           }
           EXPECT_LE(worst, 2.0 * d * attn_test::eps<T>());
         }
+  }
+}
+
+/// S = Q·Kᵀ with K as rows (score_rows, the decoding kernel): every row block
+/// (1-4 rows and their sums), every key block and tail, depths below, at and
+/// past the vector width, a K row stride wider than d; nothing written past cols.
+TYPED_TEST(Kernels, ScoreRowsMatchesDoubleLoop) {
+  using T = TypeParam;
+  for (Isa isa : isas_for<T>()) {
+    const KernelSet<T>& ks = attn::kernels::kernel_set<T>(isa);
+    for (index_t rows : {1, 2, 3, 4, 5, 7, 8, 9})
+      for (index_t cols : {1, 2, 3, 4, 5, 7, 33, 256})
+        for (index_t d : std::vector<index_t>{1, 7, ks.lanes, ks.lanes + 1, 64, 111, 128}) {
+          SCOPED_TRACE(std::string(attn::isa_name(isa)) + " rows=" + std::to_string(rows) +
+                       " cols=" + std::to_string(cols) + " d=" + std::to_string(d));
+          const index_t ldq = d + 3, ldk = d + 5, lds = cols + 2;
+          const auto q = random_vec<T>(static_cast<std::size_t>(rows * ldq), 11);
+          const auto k = random_vec<T>(static_cast<std::size_t>(cols * ldk), 12);
+          std::vector<T> s(static_cast<std::size_t>(rows * lds), T(-7));
+          ks.score_rows(rows, cols, d, q.data(), ldq, k.data(), ldk, s.data(), lds);
+          double worst = 0;
+          for (index_t i = 0; i < rows; ++i) {
+            for (index_t j = 0; j < cols; ++j) {
+              double ref = 0, mag = 0;
+              for (index_t p = 0; p < d; ++p) {
+                const double x = double(q[i * ldq + p]) * double(k[j * ldk + p]);
+                ref += x;
+                mag += std::abs(x);
+              }
+              worst = std::max(worst, std::abs(s[i * lds + j] - ref) / std::max(mag, 1.0));
+            }
+            for (index_t j = cols; j < lds; ++j)
+              ASSERT_EQ(s[i * lds + j], T(-7)) << "wrote past cols";
+          }
+          // A sum of d products in any order: within d·eps of the magnitude.
+          EXPECT_LE(worst, 2.0 * d * attn_test::eps<T>());
+        }
+  }
+}
+
+/// int8 rows with a scale per row, std::int8_t codes in [-127, 127].
+std::vector<std::int8_t> random_codes(std::size_t n, std::uint32_t seed) {
+  std::mt19937 gen(seed);
+  std::uniform_int_distribution<int> dist(-127, 127);
+  std::vector<std::int8_t> v(n);
+  for (auto& x : v) x = static_cast<std::int8_t>(dist(gen));
+  return v;
+}
+
+/// score_rows_i8: S[i][j] = kscale[j] · Σ_p Q[i][p]·K̂[j][p], converted in registers;
+/// every row block, key block and tail, every depth tail, scales of several magnitudes.
+TYPED_TEST(Kernels, ScoreRowsInt8MatchesDoubleLoop) {
+  using T = TypeParam;
+  for (Isa isa : isas_for<T>()) {
+    const KernelSet<T>& ks = attn::kernels::kernel_set<T>(isa);
+    for (index_t rows : {1, 3, 4, 5, 8})
+      for (index_t cols : {1, 3, 4, 5, 33})
+        for (index_t d : std::vector<index_t>{1, 7, ks.lanes, ks.lanes + 1, 64, 111, 128}) {
+          SCOPED_TRACE(std::string(attn::isa_name(isa)) + " rows=" + std::to_string(rows) +
+                       " cols=" + std::to_string(cols) + " d=" + std::to_string(d));
+          const index_t ldq = d + 1, ldk = d + 3, lds = cols + 1;
+          const auto q = random_vec<T>(static_cast<std::size_t>(rows * ldq), 21);
+          const auto k = random_codes(static_cast<std::size_t>(cols * ldk), 22);
+          std::vector<float> scale(static_cast<std::size_t>(cols));
+          for (index_t j = 0; j < cols; ++j)
+            scale[j] = std::ldexp(0.75f + 0.01f * j, int(j % 7) - 3);
+          std::vector<T> s(static_cast<std::size_t>(rows * lds), T(-7));
+          ks.score_rows_i8(rows, cols, d, q.data(), ldq, k.data(), ldk, scale.data(), s.data(),
+                           lds);
+          for (index_t i = 0; i < rows; ++i) {
+            for (index_t j = 0; j < cols; ++j) {
+              double ref = 0, mag = 0;
+              for (index_t p = 0; p < d; ++p) {
+                const double x = double(q[i * ldq + p]) * double(k[j * ldk + p]);
+                ref += x;
+                mag += std::abs(x);
+              }
+              // d products summed (d·eps of the magnitude), then one rounding of the scale product.
+              ASSERT_LE(std::abs(s[i * lds + j] - scale[j] * ref),
+                        (d + 1) * attn_test::eps<T>() * scale[j] * mag + 1e-30)
+                  << "i=" << i << " j=" << j;
+            }
+            ASSERT_EQ(s[i * lds + cols], T(-7)) << "wrote past cols";
+          }
+        }
+  }
+}
+
+/// pv_i8: O += P·V̂ with int8 value rows converted in registers, every row and column block.
+TYPED_TEST(Kernels, PvInt8MatchesDoubleLoop) {
+  using T = TypeParam;
+  for (Isa isa : isas_for<T>()) {
+    const KernelSet<T>& ks = attn::kernels::kernel_set<T>(isa);
+    for (index_t rows : {1, 4, 8, 15})
+      for (index_t cols : {1, 13, 256})
+        for (index_t dv : {16, 32, 48, 128}) {
+          SCOPED_TRACE(std::string(attn::isa_name(isa)) + " rows=" + std::to_string(rows) +
+                       " cols=" + std::to_string(cols) + " dv=" + std::to_string(dv));
+          const index_t ldp = cols + 2, ldv = dv + 16, ldo = dv + 16;
+          const auto p = random_vec<T>(static_cast<std::size_t>(rows * ldp), 23);
+          const auto v = random_codes(static_cast<std::size_t>(cols * ldv), 24);
+          auto o = random_vec<T>(static_cast<std::size_t>(rows * ldo), 25);
+          const auto o0 = o;
+          ks.pv_i8(rows, dv, cols, p.data(), ldp, v.data(), ldv, o.data(), ldo);
+          for (index_t i = 0; i < rows; ++i) {
+            for (index_t c = 0; c < dv; ++c) {
+              double ref = o0[i * ldo + c], mag = std::abs(ref);
+              for (index_t k = 0; k < cols; ++k) {
+                const double x = double(p[i * ldp + k]) * double(v[k * ldv + c]);
+                ref += x;
+                mag += std::abs(x);
+              }
+              ASSERT_LE(std::abs(o[i * ldo + c] - ref),
+                        2.0 * (cols + 1) * attn_test::eps<T>() * mag)
+                  << "i=" << i << " c=" << c;
+            }
+            for (index_t c = dv; c < ldo; ++c)
+              ASSERT_EQ(o[i * ldo + c], o0[i * ldo + c]) << "wrote past dv";
+          }
+        }
+  }
+}
+
+/// int8 rows times their scale: exact products rounded once, so every ISA gives
+/// the bits of the scalar product, over every vector tail and the extreme codes.
+TEST(KernelsInt8, ToFloatIsTheRoundedProduct) {
+  std::vector<std::int8_t> x;
+  for (int i = -128; i < 128; ++i) x.push_back(static_cast<std::int8_t>(i));
+  for (Isa isa : attn::supported_isas()) {
+    const KernelSet<float>& ks = attn::kernels::kernel_set<float>(isa);
+    for (float scale : {0.0f, 1.0f, 0.00731f, 3.3e-39f, 1.7e36f})
+      for (index_t n : {1, 7, 8, 9, 15, 16, 17, 33, 256}) {
+        std::vector<float> out(static_cast<std::size_t>(n + 1), -5.0f);
+        ks.i8_to_float(x.data() + (256 - n) / 2, scale, out.data(), n);
+        for (index_t i = 0; i < n; ++i)
+          ASSERT_EQ(out[static_cast<std::size_t>(i)],
+                    scale * static_cast<float>(x[static_cast<std::size_t>((256 - n) / 2 + i)]))
+              << attn::isa_name(isa) << " n=" << n << " i=" << i << " scale=" << scale;
+        ASSERT_EQ(out[static_cast<std::size_t>(n)], -5.0f) << "wrote past n";
+      }
   }
 }
 

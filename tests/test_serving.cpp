@@ -236,6 +236,49 @@ TEST(Int8Cache, WithinDerivedBound) {
   EXPECT_LE(max_abs_diff(o16, o32), 0.05 * vmax);
 }
 
+// An int8 cache's attention is the attention of its dequantised rows (scale ·
+// code, exact in float): against a float cache holding those rows it may differ
+// only by float rounding. Decoding steps (G·Lq <= 8 rows: the kernels read the
+// int8 rows themselves), a chunk of 3 queries per group of 4 (12 rows: tiles
+// dequantised and packed), and Dv = 40 (rows not a whole number of vectors:
+// dequantised), each against the float cache, contiguous and paged (blocks of 16).
+TEST(Int8Cache, EqualsFloatCacheOfItsDequantisedRows) {
+  const index_t Hq = 8, Hkv = 2, L = 700, D = 64;
+  for (index_t dv : {64, 40})
+    for (index_t lq : {1, 2, 3}) {
+      SCOPED_TRACE("dv=" + std::to_string(dv) + " lq=" + std::to_string(lq));
+      const auto k = random_tensor<float>(1, Hkv, L, D, 60);
+      const auto v = random_tensor<float>(1, Hkv, L, dv, 61);
+      attn::KVCache<std::int8_t> i8(1, Hkv, L + lq, D, dv);
+      i8.append(k.cview(), v.cview());
+      // The dequantised rows, exactly as the cache holds them.
+      Tensor<float> kd(1, Hkv, L, D), vd(1, Hkv, L, dv);
+      const auto codes_k = i8.keys(), codes_v = i8.values();
+      const auto sk = i8.key_scales(), sv = i8.value_scales();
+      for (index_t h = 0; h < Hkv; ++h)
+        for (index_t t = 0; t < L; ++t) {
+          for (index_t c = 0; c < D; ++c)
+            kd(0, h, t, c) = sk(0, h, t) * static_cast<float>(codes_k(0, h, t, c));
+          for (index_t c = 0; c < dv; ++c)
+            vd(0, h, t, c) = sv(0, h, t) * static_cast<float>(codes_v(0, h, t, c));
+        }
+      attn::KVCache<float> f32(1, Hkv, L + lq, D, dv);
+      f32.append(kd.cview(), vd.cview());
+      attn::PagedKVCache<std::int8_t> paged((L + 15) / 16 + 1, 16, Hkv, D, dv);
+      const index_t seq = paged.add_sequence();
+      paged.append(seq, k.cview(), v.cview());
+      const auto q = random_tensor<float>(1, Hq, lq, D, 62);
+      Tensor<float> o8(1, Hq, lq, dv), o32(1, Hq, lq, dv), op(1, Hq, lq, dv);
+      attn::cache_attention(q.cview(), i8, o8.view, attn::causal());
+      attn::cache_attention(q.cview(), f32, o32.view, attn::causal());
+      attn::paged_attention(q.cview(), paged, {seq}, op.view, attn::causal());
+      const double tol = tolerance<float>(D, L, max_abs(vd));
+      EXPECT_LE(max_abs_diff(o8, o32), tol);
+      EXPECT_TRUE(bitwise_equal(o8, op))
+          << "paged int8 differs from contiguous int8 by " << max_abs_diff(o8, op);
+    }
+}
+
 // ------------------------------------------------------------------ varlen --
 
 TEST(Varlen, EqualsOneCallPerSequence) {

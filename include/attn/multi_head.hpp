@@ -637,6 +637,8 @@ struct AttentionGrads {
 /// i.e. B·Lq·Hq·(D + Dv) + B·Lk·Hkv·(D + Dv) values plus lse. The inputs x
 /// (and memory) are not copied: backward takes them again. The backward adds
 /// dA, dq, dk, dv of the same sizes (and copies of strided inputs).
+/// forward_varlen(..., ctx) saves the same with B = 1 and Lq = Lk = the
+/// packed total, plus a copy of cu_seqlens.
 template <class T>
 class AttentionContext {
  public:
@@ -645,6 +647,10 @@ class AttentionContext {
   index_t batch() const { return batch_; }
   index_t q_length() const { return lq_; }
   index_t kv_length() const { return lk_; }
+  /// True when forward_varlen filled it (batch 1, lengths = the packed total).
+  bool varlen() const { return varlen_; }
+  /// The cu_seqlens of that forward (empty after a batched forward).
+  const std::vector<index_t>& cu_seqlens() const { return cu_; }
   /// The saved tensors, as logical [B, H, L, D] views (bshd buffers).
   Tensor4<const T> q() const { return bshd<const T>(ws_.q.data(), batch_, lq_, hq_, d_); }
   Tensor4<const T> k() const { return bshd<const T>(ws_.k.data(), batch_, lk_, hkv_, d_); }
@@ -671,7 +677,9 @@ class AttentionContext {
   std::vector<float> lse_;
   std::vector<T> dheads_, dq_, dk_, dvals_;             // backward: dA, dq, dk, dv
   std::vector<T> xbuf_, mbuf_, dobuf_, dxbuf_, dmbuf_;  // copies of strided views
+  std::vector<index_t> cu_;                             // cu_seqlens of a varlen forward
   bool saved_ = false;
+  bool varlen_ = false;          // filled by forward_varlen
   const void* layer_ = nullptr;  // the layer that saved it
   std::uint64_t version_ = 0;    // of that layer's weights
   std::optional<Rope> rope_;     // the RoPE of that forward
@@ -868,6 +876,8 @@ class AttentionProjections {
   void save_context(AttentionContext<T>& ctx, const MultiHeadConfig& c, index_t B, index_t lq,
                     index_t lk) const {
     ctx.saved_ = true;
+    ctx.varlen_ = false;
+    ctx.cu_.clear();
     ctx.layer_ = this;
     ctx.version_ = version_;
     ctx.rope_ = c.rope;
@@ -901,13 +911,16 @@ class AttentionProjections {
   /// The backward of both layers. x [B, Lq, d_model]; memory [B, Lk, d_kv_in]
   /// for cross attention, null for self-attention (keys and values then come
   /// from x); dout like the output; dx like x and dmemory like memory, each
-  /// null to skip. Every check runs before anything the caller sees is written.
+  /// null to skip. `cu` (self-attention only): the cu_seqlens of a varlen
+  /// forward, x [1, total, d_model]; the attention and RoPE then run per
+  /// sequence, the projections over all rows. Every check runs before
+  /// anything the caller sees is written.
   template <class Mask, class Mod>
   void backward_core(AttentionContext<T>& ctx, const TensorView<const T, 3>& x,
                      const TensorView<const T, 3>& memory, const TensorView<const T, 3>& dout,
                      const TensorView<T, 3>& dx, const TensorView<T, 3>& dmemory,
                      AttentionGrads<T>& g, const Mask& mask, const Mod& mod,
-                     const AttentionOptions& options) {
+                     const AttentionOptions& options, const std::vector<index_t>* cu = nullptr) {
     static_assert(is_mask_v<Mask>, "attn: the mask argument must be a mask policy (attn/mask.hpp)");
     static_assert(is_score_mod_v<Mod>,
                   "attn: the score_mod argument must be a score modifier (attn/score_mod.hpp)");
@@ -921,6 +934,11 @@ class AttentionProjections {
           "the layer's weights changed after the forward that filled ctx (weights "
           "version ",
           ctx.version_, " then ", version_, ")");
+    if (ctx.varlen_ && !cu)
+      detail::fail("ctx was filled by forward_varlen: call backward_varlen with its cu_seqlens");
+    if (cu && !ctx.varlen_)
+      detail::fail("ctx was filled by a batched forward: call backward, not backward_varlen");
+    if (cu) check_same_cu_seqlens(*cu, ctx.cu_);
     const index_t B = ctx.batch_, Lq = ctx.lq_, Lk = ctx.lk_;
     auto shape_is = [](const auto& v, const char* name, index_t b, index_t l, index_t w,
                        const char* what) {
@@ -959,9 +977,11 @@ class AttentionProjections {
       same(g.bv, bv_, "bv");
       same(g.bo, bo_, "bo");
     }
-    const AttentionShape shape = detail::layer_shape(c, B, Lq, Lk);
-    (void)mask.bind(shape);
-    (void)mod.bind(shape);
+    if (!cu) {  // a varlen call binds them per sequence, below
+      const AttentionShape shape = detail::layer_shape(c, B, Lq, Lk);
+      (void)mask.bind(shape);
+      (void)mod.bind(shape);
+    }
     // each output (dx, dmemory, the gradient matrices) against every input and each other
     const detail::InOutWeights<T> w = in_out_weights();
     auto gview = [](auto& m) {
@@ -1022,20 +1042,40 @@ class AttentionProjections {
                              dv = buf_rows(ctx.dvals_, M, nv);
     AttentionOptions o = options;
     o.lse = {};
-    attention_backward(ctx.q(), ctx.k(), ctx.v(), ctx.heads(), ctx.lse(),
-                       bshd<const T>(d_heads.data, B, Lq, c.q_heads, c.v_head_dim),
-                       bshd(dq.data, B, Lq, c.q_heads, c.head_dim),
-                       bshd(dk.data, B, Lk, c.kv_heads, c.head_dim),
-                       bshd(dv.data, B, Lk, c.kv_heads, c.v_head_dim), mask, mod, o);
+    if (cu) {
+      varlen_attention_backward(ctx, d_heads.data, dq.data, dk.data, dv.data, mask, mod, o);
+    } else {
+      attention_backward(ctx.q(), ctx.k(), ctx.v(), ctx.heads(), ctx.lse(),
+                         bshd<const T>(d_heads.data, B, Lq, c.q_heads, c.v_head_dim),
+                         bshd(dq.data, B, Lq, c.q_heads, c.head_dim),
+                         bshd(dk.data, B, Lk, c.kv_heads, c.head_dim),
+                         bshd(dv.data, B, Lk, c.kv_heads, c.v_head_dim), mask, mod, o);
+    }
 
-    // ---- RoPE backward: turn dq, dk back by -p·θ
+    // ---- RoPE backward: turn dq, dk back by -p·θ (positions restart per varlen sequence)
     if (ctx.rope_) {
       const Rope& r = *ctx.rope_;
-      ctx.ws_.rope.ensure(r, detail::check_rope(r, c.head_dim), r.offset, Lq);
-      detail::apply_rope_table(bshd(dq.data, B, Lq, c.q_heads, c.head_dim), ctx.ws_.rope, r.pairing,
-                               r.offset, nt, /*backward=*/true);
-      detail::apply_rope_table(bshd(dk.data, B, Lk, c.kv_heads, c.head_dim), ctx.ws_.rope,
-                               r.pairing, r.offset, nt, /*backward=*/true);
+      index_t longest = Lq;
+      if (cu) {
+        longest = 0;
+        for (std::size_t s = 0; s + 1 < cu->size(); ++s)
+          longest = std::max(longest, (*cu)[s + 1] - (*cu)[s]);
+      }
+      ctx.ws_.rope.ensure(r, detail::check_rope(r, c.head_dim), r.offset, longest);
+      auto unturn = [&](index_t b, index_t r0, index_t lq, index_t lk) {
+        detail::apply_rope_table(bshd(dq.data + r0 * nq, b, lq, c.q_heads, c.head_dim),
+                                 ctx.ws_.rope, r.pairing, r.offset, nt, /*backward=*/true);
+        detail::apply_rope_table(bshd(dk.data + r0 * nk, b, lk, c.kv_heads, c.head_dim),
+                                 ctx.ws_.rope, r.pairing, r.offset, nt, /*backward=*/true);
+      };
+      if (!cu) {
+        unturn(B, 0, Lq, Lk);
+      } else {
+        for (std::size_t s = 0; s + 1 < cu->size(); ++s) {
+          const index_t len = (*cu)[s + 1] - (*cu)[s];
+          if (len > 0) unturn(1, (*cu)[s], len, len);
+        }
+      }
     }
 
     // ---- parameter gradients: dWo = Aᵀ·dout, dWq = xᵀ·dq, dWk = srcᵀ·dk, dWv = srcᵀ·dv
@@ -1072,6 +1112,103 @@ class AttentionProjections {
       detail::gemm_abt(cref(dk), rows(wk_), t, false, nt);
       detail::gemm_abt(cref(dv), rows(wv_), t, true, nt);
       detail::copy_rows_out(t, dmemory);
+    }
+  }
+
+  /// cu_seqlens of a backward_varlen call against those its forward saved.
+  static void check_same_cu_seqlens(const std::vector<index_t>& cu,
+                                    const std::vector<index_t>& saved) {
+    if (cu.size() != saved.size())
+      detail::fail("cu_seqlens has ", cu.size(), " entries, but the forward that filled ctx had ",
+                   saved.size());
+    for (std::size_t s = 0; s < cu.size(); ++s)
+      if (cu[s] != saved[s])
+        detail::fail("cu_seqlens[", s, "] is ", cu[s], ", but the forward that filled ctx had ",
+                     saved[s]);
+  }
+
+  /// The attention backward of a varlen forward: one attention_backward per
+  /// sequence on its rows of the saved q, k, v, heads, lse and of dA, dq,
+  /// dk, dv (each its own [len, len] problem of batch 1, as the forward ran
+  /// it). Every sequence's call is checked before the first one writes. A
+  /// modifier's gradient outputs (dbias, a bias table) are written by each
+  /// call, so their sum over the sequences is kept aside (in double, in
+  /// sequence order) and written back at the end.
+  template <class Mask, class Mod>
+  void varlen_attention_backward(AttentionContext<T>& ctx, const T* dheads, T* dq, T* dk, T* dv,
+                                 const Mask& mask, const Mod& mod,
+                                 const AttentionOptions& o) const {
+    const MultiHeadConfig& c = cfg_;
+    const std::vector<index_t>& cu = ctx.cu_;
+    const index_t total = ctx.lq_, hq = c.q_heads, hkv = c.kv_heads, d = c.head_dim,
+                  dvd = c.v_head_dim;
+    const index_t nq = hq * d, nk = hkv * d, nv = hkv * dvd, no = hq * dvd;
+    const T* q = ctx.ws_.q.data();
+    const T* k = ctx.ws_.k.data();
+    const T* v = ctx.ws_.v.data();
+    const T* a = ctx.ws_.heads.data();
+    auto global = [&](index_t len) {
+      return detail::global_shape(detail::layer_shape(c, 1, len, len), o.positions);
+    };
+    int nonempty = 0;
+    for (std::size_t s = 0; s + 1 < cu.size(); ++s) nonempty += cu[s + 1] > cu[s] ? 1 : 0;
+    std::vector<double> sum;  // the modifier's gradient outputs, summed over sequences
+    int done = 0;
+    for (int pass = 0; pass < 2; ++pass) {  // 0: check every sequence, 1: run
+      for (std::size_t s = 0; s + 1 < cu.size(); ++s) {
+        const index_t r0 = cu[s], len = cu[s + 1] - cu[s];
+        if (len == 0) continue;
+        const Tensor4<const T> qs = bshd(q + r0 * nq, 1, len, hq, d);
+        const Tensor4<const T> ks = bshd(k + r0 * nk, 1, len, hkv, d);
+        const Tensor4<const T> vs = bshd(v + r0 * nv, 1, len, hkv, dvd);
+        const Tensor4<const T> as = bshd(a + r0 * no, 1, len, hq, dvd);
+        const TensorView<const float, 3> ls(ctx.lse_.data() + r0, {1, hq, len},
+                                            {hq * total, total, 1});
+        const Tensor4<const T> dos = bshd(dheads + r0 * no, 1, len, hq, dvd);
+        const Tensor4<T> dqs = bshd(dq + r0 * nq, 1, len, hq, d);
+        const Tensor4<T> dks = bshd(dk + r0 * nk, 1, len, hkv, d);
+        const Tensor4<T> dvs = bshd(dv + r0 * nv, 1, len, hkv, dvd);
+        if (pass == 0) {  // what attention_backward checks, without its work
+          AttentionOptions probe;
+          probe.positions = o.positions;
+          (void)detail::check_attention(qs, ks, vs, as, probe);
+          const AttentionShape g = global(len);
+          detail::check_backward(qs, ks, vs, as, ls, dos, dqs, dks, dvs, mask.bind(g), mod.bind(g),
+                                 o);
+          continue;
+        }
+        attention_backward(qs, ks, vs, as, ls, dos, dqs, dks, dvs, mask, mod, o);
+        if (nonempty < 2) continue;
+        std::size_t at = 0;
+        const bool first = done++ == 0;
+        detail::for_each_grad_view(mod.bind(global(len)), [&](const auto& gv, const char*) {
+          for (index_t i0 = 0; i0 < gv.extent(0); ++i0)
+            for (index_t i1 = 0; i1 < gv.extent(1); ++i1)
+              for (index_t i2 = 0; i2 < gv.extent(2); ++i2)
+                for (index_t i3 = 0; i3 < gv.extent(3); ++i3) {
+                  const double e = static_cast<double>(gv(i0, i1, i2, i3));
+                  if (first)
+                    sum.push_back(e);
+                  else
+                    sum[at++] += e;
+                }
+        });
+      }
+    }
+    if (sum.empty()) return;
+    std::size_t at = 0;  // the sums back into the modifier's gradient views, in the same order
+    for (std::size_t s = 0; s + 1 < cu.size(); ++s) {
+      const index_t len = cu[s + 1] - cu[s];
+      if (len == 0) continue;
+      detail::for_each_grad_view(mod.bind(global(len)), [&](const auto& gv, const char*) {
+        using G = std::remove_reference_t<decltype(gv(0, 0, 0, 0))>;
+        for (index_t i0 = 0; i0 < gv.extent(0); ++i0)
+          for (index_t i1 = 0; i1 < gv.extent(1); ++i1)
+            for (index_t i2 = 0; i2 < gv.extent(2); ++i2)
+              for (index_t i3 = 0; i3 < gv.extent(3); ++i3)
+                gv(i0, i1, i2, i3) = static_cast<G>(sum[at++]);
+      });
+      break;  // every sequence binds the same views
     }
   }
 
@@ -1268,27 +1405,78 @@ class MultiHeadAttention : public AttentionProjections<T> {
                       TensorView<T, 2> out, const Mask& mask = {}, const Mod& score_mod = {},
                       const AttentionOptions& options = {}) {
     const MultiHeadConfig c = detail::resolve_config(this->cfg_);
-    detail::check_view(x, "x");
-    const TensorView<const T, 3> x3 = detail::as_batch1(x);
-    const TensorView<T, 3> o3 = detail::as_batch1(out);
-    detail::check_self_attention(c, this->in_out_weights(), x3, o3, mask, score_mod, options,
-                                 &this->ws_, /*bind_policies=*/false);  // bound per sequence below
+    check_varlen(c, x, cu_seqlens, out, mask, score_mod, options, this->ws_);
+    detail::self_attention_varlen(c, this->packed(), detail::as_batch1(x), cu_seqlens,
+                                  detail::as_batch1(out), mask, score_mod, options, this->ws_);
+  }
+
+  /// Training forward of the varlen form: out as forward_varlen(x,
+  /// cu_seqlens, out, mask, score_mod, options), and `ctx` keeps what
+  /// backward_varlen needs (the saved tensors of AttentionContext over the
+  /// packed rows, lse [1, Hq, total], a copy of cu_seqlens). options.lse, if
+  /// set ([1, Hq, total]), also receives the lse.
+  template <class Mask, class Mod>
+  void forward_varlen(TensorView<const T, 2> x, const std::vector<index_t>& cu_seqlens,
+                      TensorView<T, 2> out, const Mask& mask, const Mod& score_mod,
+                      const AttentionOptions& options, AttentionContext<T>& ctx) {
+    const MultiHeadConfig c = detail::resolve_config(this->cfg_);
+    check_varlen(c, x, cu_seqlens, out, mask, score_mod, options, ctx.ws_);
+    if (!options.lse.is_null())
+      detail::check_no_overlap(options.lse, "options.lse", detail::buffer_view(ctx.lse_),
+                               "the context's lse");
+    detail::check_no_overlap(out, "out", detail::buffer_view(ctx.lse_), "the context's lse");
     const index_t total = x.extent(0);
-    detail::check_cu_seqlens(cu_seqlens, total);
-    if (!options.lse.is_null() &&
-        (options.lse.extent(0) != 1 || options.lse.extent(1) != c.q_heads ||
-         options.lse.extent(2) != total))
-      detail::fail("options.lse has shape ", detail::shape_str(options.lse), ", expected [1, ",
-                   c.q_heads, ", ", total, "] (packed rows)");
-    for (std::size_t s = 0; s + 1 < cu_seqlens.size(); ++s) {  // every sequence's mask binds
-      const index_t len = cu_seqlens[s + 1] - cu_seqlens[s];
-      if (len == 0) continue;
-      const AttentionShape sh = detail::layer_shape(c, 1, len, len);
-      (void)mask.bind(sh);
-      (void)score_mod.bind(sh);
+    const AttentionOptions o = Base::context_options(options, ctx, 1, c.q_heads, total);
+    detail::self_attention_varlen(c, this->packed(), detail::as_batch1(x), cu_seqlens,
+                                  detail::as_batch1(out), mask, score_mod, o, ctx.ws_);
+    Base::copy_lse(ctx, options);
+    this->save_context(ctx, c, 1, total, total);
+    ctx.cu_.assign(cu_seqlens.begin(), cu_seqlens.end());
+    ctx.varlen_ = true;
+  }
+
+  /// Gradients of the training forward_varlen that filled `ctx`, for dout =
+  /// dL/dout [total, d_model]: dx [total, d_model] (a null view skips it)
+  /// and the parameter gradients into `grads`, as backward() does for the
+  /// batched forward. cu_seqlens, x, mask, score_mod and options must be the
+  /// forward's (cu_seqlens and the weights are checked). The attention and
+  /// the RoPE backward run per sequence on its own [len, len] problem,
+  /// exactly as the forward ran them (positions restart per sequence); the
+  /// projections' gradients sum over all packed rows. A modifier's gradient
+  /// outputs (additive_bias's dbias, a relative-bias table) receive the sum
+  /// over the sequences. Bitwise identical for any options.num_threads.
+  /// Throws attn::Error before writing dx, grads or a modifier's gradients
+  /// if a shape is wrong, an output overlaps an input, or a sequence's mask
+  /// or modifier does not bind.
+  template <class Mask = NoMask, class Mod = NoScoreMod>
+  void backward_varlen(AttentionContext<T>& ctx, TensorView<const T, 2> x,
+                       const std::vector<index_t>& cu_seqlens, TensorView<const T, 2> dout,
+                       TensorView<T, 2> dx, AttentionGrads<T>& grads, const Mask& mask = {},
+                       const Mod& score_mod = {}, const AttentionOptions& options = {}) {
+    if (!ctx.empty() && ctx.varlen_) {  // the packed shapes, in their own words
+      const index_t total = ctx.lq_, dm = this->cfg_.d_model;
+      auto rows_are = [&](const auto& v, const char* name, const char* what) {
+        detail::check_view(v, name);
+        if (v.extent(0) != total || v.extent(1) != dm)
+          detail::fail(name, " has shape ", detail::shape_str(v), ", expected [", total, ", ", dm,
+                       "] (", what, ")");
+      };
+      rows_are(x, "x", "the forward's x: packed rows, d_model");
+      rows_are(dout, "dout", "the output's shape: packed rows, d_model");
+      if (!dx.is_null()) rows_are(dx, "dx", "x's shape: packed rows, d_model");
     }
-    detail::self_attention_varlen(c, this->packed(), x3, cu_seqlens, o3, mask, score_mod, options,
-                                  this->ws_);
+    this->backward_core(ctx, detail::as_batch1(x), TensorView<const T, 3>(),
+                        detail::as_batch1(dout),
+                        dx.is_null() ? TensorView<T, 3>() : detail::as_batch1(dx),
+                        TensorView<T, 3>(), grads, mask, score_mod, options, &cu_seqlens);
+  }
+  /// Same, without a score modifier.
+  template <class Mask, class = std::enable_if_t<is_mask_v<Mask>>>
+  void backward_varlen(AttentionContext<T>& ctx, TensorView<const T, 2> x,
+                       const std::vector<index_t>& cu_seqlens, TensorView<const T, 2> dout,
+                       TensorView<T, 2> dx, AttentionGrads<T>& grads, const Mask& mask,
+                       const AttentionOptions& options) {
+    backward_varlen(ctx, x, cu_seqlens, dout, dx, grads, mask, no_score_mod(), options);
   }
 
   /// Same, without a score modifier.
@@ -1335,6 +1523,33 @@ class MultiHeadAttention : public AttentionProjections<T> {
     detail::apply_layer_rope(c, qv, kv, L, this->ws_, options.num_threads);
     attn::attention_weights(Tensor4<const T>(qv), Tensor4<const T>(kv), weights, mask, score_mod,
                             options);
+  }
+
+ private:
+  /// Every check of a varlen forward (the policies bound per sequence).
+  template <class Mask, class Mod>
+  void check_varlen(const MultiHeadConfig& c, const TensorView<const T, 2>& x,
+                    const std::vector<index_t>& cu_seqlens, const TensorView<T, 2>& out,
+                    const Mask& mask, const Mod& score_mod, const AttentionOptions& options,
+                    const MultiHeadWorkspace<T>& ws) const {
+    detail::check_view(x, "x");
+    detail::check_self_attention(c, this->in_out_weights(), detail::as_batch1(x),
+                                 detail::as_batch1(out), mask, score_mod, options, &ws,
+                                 /*bind_policies=*/false);  // bound per sequence below
+    const index_t total = x.extent(0);
+    detail::check_cu_seqlens(cu_seqlens, total);
+    if (!options.lse.is_null() &&
+        (options.lse.extent(0) != 1 || options.lse.extent(1) != c.q_heads ||
+         options.lse.extent(2) != total))
+      detail::fail("options.lse has shape ", detail::shape_str(options.lse), ", expected [1, ",
+                   c.q_heads, ", ", total, "] (packed rows)");
+    for (std::size_t s = 0; s + 1 < cu_seqlens.size(); ++s) {  // every sequence's mask binds
+      const index_t len = cu_seqlens[s + 1] - cu_seqlens[s];
+      if (len == 0) continue;
+      const AttentionShape sh = detail::layer_shape(c, 1, len, len);
+      (void)mask.bind(sh);
+      (void)score_mod.bind(sh);
+    }
   }
 };
 

@@ -13,6 +13,10 @@
 //    heads of a group are the row blocks of one tile, so every key/value tile
 //    is read once for the whole group (Walk::run_heads);
 //  - otherwise one unit per (query head, tile of Br rows), as the forward.
+// A unit of at most SplitTraits::row_keys rows (a decoding step) reads each
+// key tile as rows with the score_rows kernel and its values in place: a
+// handful of rows per key cannot pay for transposing K into panels, which
+// took more time than the products and kept decoding off memory bandwidth.
 // When a call has fewer than SplitTraits::target_tasks units, the key range of
 // each stacked unit is cut into splits of a fixed length (a multiple of Bc,
 // at least SplitTraits::min_split): each split walks its keys into its own
@@ -48,6 +52,7 @@ struct SplitTraits {
   static constexpr index_t stack_rows = 64;    // rows of a stacked tile at most (G · query rows)
   static constexpr index_t target_tasks = 64;  // split keys while the call has fewer units
   static constexpr index_t min_split = 1024;   // keys per split at least
+  static constexpr index_t row_keys = 8;       // stacked rows at most that read keys as rows
   static_assert(stack_rows > 0 && target_tasks > 0 && min_split > 0, "positive constants");
 };
 
@@ -94,7 +99,17 @@ struct SegmentKV {
                     index_t& ld) const {
     return kv.template values<Acc>(batch, hk, k_begin + k0, rows, pack, ld);
   }
+  template <class F>
+  void key_runs(index_t, index_t hk, index_t k0, index_t rows, F&& f) const {
+    kv.key_runs(batch, hk, k_begin + k0, rows, f);
+  }
+  template <class F>
+  void value_runs(index_t, index_t hk, index_t k0, index_t rows, F&& f) const {
+    kv.value_runs(batch, hk, k_begin + k0, rows, f);
+  }
 };
+template <class KV>
+struct int8_rows_source<SegmentKV<KV>> : int8_rows_source<KV> {};
 
 /// Folds a sink logit into a normalised row (out[0..n), lse).
 template <class Acc>
@@ -229,7 +244,8 @@ void segment_forward(const TensorView<const Q, 4>& q, const KV& kv, const Tensor
           scale;
     sc.part.reset(rows);
     const SegmentKV<KV> skv{kv, sg.kv_batch, sg.k_begin, sg.k_len};
-    const Packed pkv(skv, ks, false, d, dv, bc, false, kv_heads);
+    Packed pkv(skv, ks, false, d, dv, bc, false, kv_heads);
+    pkv.rows = rows <= SplitTraits::row_keys;
     const Walk<Acc, Packed, Mask, Mod> walk{pkv, *sg.mask, *sg.mod, bc,        d,
                                             dv,  sg.k_pos, scale,   sg.dropout};
     const index_t k0 = u.splits == 1 ? u.k_begin : u.k_begin + task.split * u.split_len;

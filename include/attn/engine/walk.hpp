@@ -85,7 +85,9 @@ struct WalkScratch {
   std::vector<std::uint16_t> qb, pb, kb, vb;  // bf16 pairs: Q, P, one K / V tile
   AttentionStats stats;                       // this worker's share of the call's counters
 
-  RowMatrix<Acc> gather;  // one tile from a source that is not a strided view (kv/packed.hpp)
+  RowMatrix<Acc> gather;    // one tile from a source that is not a strided view (kv/packed.hpp)
+  RowMatrix<Acc> gather_v;  // its values, when keys are read as rows (PackedKV::rows)
+  std::vector<Int8Run> k_runs, v_runs;  // int8 sources: one tile's rows in runs
 
   template <class Src>
   WalkScratch(index_t br, index_t bc, const PackedKV<Acc, Src>& kv)
@@ -94,9 +96,13 @@ struct WalkScratch {
       // products 20% slower by cache aliasing.
       : lds((bc + 2 * PackedKV<Acc, Src>::tile_align - 1) / 32 * 32),
         s(static_cast<std::size_t>(br * lds)), row(static_cast<std::size_t>(kv.d)),
-        gather(kv.whole ? RowMatrix<Acc>()
-                        : kv.gather_buffer(bc + PackedKV<Acc, Src>::tile_align)) {
+        gather(kv.whole ? RowMatrix<Acc>() : kv.gather_buffer(bc + PackedKV<Acc, Src>::tile_align)),
+        gather_v(gather.rows(), gather.cols()) {
     const index_t keys = bc + PackedKV<Acc, Src>::tile_align;
+    if (int8_rows_source<Src>::value) {
+      k_runs.resize(static_cast<std::size_t>(keys));
+      v_runs.resize(static_cast<std::size_t>(keys));
+    }
     if (!kv.whole) {
       if (kv.bf16) {
         kb.resize(static_cast<std::size_t>(kv.tile_k_size(keys)));
@@ -166,6 +172,13 @@ struct Walk {
           kernels::avx512_bf16::score(m, cols, d, qb, kv.dpad, t.kb, s, lds, scale);
       }
 #endif
+    } else if (t.k8) {
+      for (index_t i = 0; i < t.k8_runs; ++i) {
+        const Int8Run& run = t.k8[i];
+        ks.score_rows_i8(m, run.n, d, qs + r0 * d, d, run.rows, d, run.scale, s + run.c0, lds);
+      }
+    } else if (t.ldk > 0) {
+      ks.score_rows(m, cols, d, qs + r0 * d, d, t.k, t.ldk, s, lds);
     } else {
       ks.score(m, cols, d, qs + r0 * d, d, t.k, s, lds);
     }
@@ -201,6 +214,15 @@ struct Walk {
           kernels::avx512_bf16::accumulate_pv(m, dvp, cols, pb, lds, t.vb, o, ldo);
       }
 #endif
+    } else if (t.v8) {  // P's columns times the values' scales, then O += P·V̂ run by run
+      for (index_t i = 0; i < t.v8_runs; ++i) {
+        const Int8Run& run = t.v8[i];
+        for (index_t r = 0; r < m; ++r) {
+          Acc* pr = s + r * lds + run.c0;
+          for (index_t c = 0; c < run.n; ++c) pr[c] *= static_cast<Acc>(run.scale[c]);
+        }
+        ks.pv_i8(m, dvp, run.n, s + run.c0, lds, run.rows, dv, o, ldo);
+      }
     } else {
       ks.pv(m, dvp, cols, s, lds, t.v, t.ldv, o, ldo);
     }
@@ -259,6 +281,9 @@ struct Walk {
       PackedTile<Acc> t;
       if (kv.whole) {
         t = kv.tile_at(b, hk, k0);
+      } else if (kv.rows) {
+        t = kv.load_rows(b, hk, k0, cols, KV::at(sc.v, 0), sc.gather, sc.gather_v, sc.k_runs.data(),
+                         sc.v_runs.data());
       } else {
         kv.pack(b, hk, k0, cols, sc.row.data(), KV::at(sc.k, 0), KV::at(sc.v, 0), KV::at(sc.kb, 0),
                 KV::at(sc.vb, 0), sc.gather);

@@ -121,6 +121,110 @@ void score(index_t rows, index_t cols, index_t d, const typename S::T* q, index_
                 std::make_integer_sequence<int, tile_rows<S>()>{});
 }
 
+// ------------------------------------------------ S = Q · Kᵀ, K as rows --
+
+/// Keys per block of score_rows: M × KB accumulators, KB key loads and one
+/// query load live in the registers (AVX-512: 4 × 4 + 5 of 32; AVX2: 4 × 2 + 3
+/// of 16).
+template <class S>
+constexpr int rows_keys() {
+  return S::regs >= 32 ? 4 : 2;
+}
+/// Query rows per block of score_rows.
+constexpr int rows_block = 4;
+
+/// A vector of S::lanes key or value elements of type E as S::T (int8 converted exactly).
+template <class S, class E>
+inline typename S::V load_as(const E* p) {
+  if constexpr (std::is_same<E, std::int8_t>::value)
+    return S::load_i8(p);
+  else
+    return S::load(p);
+}
+
+/// S[0:M, 0:KB] = Q[0:M, 0:d] · K[0:KB, 0:d]ᵀ with K rows at k (ldk): each score
+/// a vector dot product over d, reduced in a fixed order (S::reduce_add), then
+/// the d tail added element by element. int8 keys (E = int8_t) are converted in
+/// registers and each score is multiplied by its key's scale.
+template <class S, int M, int KB, class E>
+inline void score_rows_keys(index_t d, const typename S::T* q, index_t ldq, const E* k, index_t ldk,
+                            const float* kscale, typename S::T* s, index_t lds) {
+  using T = typename S::T;
+  using V = typename S::V;
+  constexpr int L = S::lanes;
+  V acc[M][KB];
+  ATTN_KERNEL_UNROLL
+  for (int i = 0; i < M; ++i) ATTN_KERNEL_UNROLL
+  for (int b = 0; b < KB; ++b) acc[i][b] = S::zero();
+  index_t p = 0;
+  for (; p + L <= d; p += L) {
+    V kv[KB];
+    ATTN_KERNEL_UNROLL
+    for (int b = 0; b < KB; ++b) kv[b] = load_as<S>(k + b * ldk + p);
+    ATTN_KERNEL_UNROLL
+    for (int i = 0; i < M; ++i) {
+      const V a = S::load(q + i * ldq + p);
+      ATTN_KERNEL_UNROLL
+      for (int b = 0; b < KB; ++b) acc[i][b] = S::fma(a, kv[b], acc[i][b]);
+    }
+  }
+  ATTN_KERNEL_UNROLL
+  for (int i = 0; i < M; ++i) ATTN_KERNEL_UNROLL
+  for (int b = 0; b < KB; ++b) {
+    T sum = S::reduce_add(acc[i][b]);
+    for (index_t t = p; t < d; ++t) sum += q[i * ldq + t] * static_cast<T>(k[b * ldk + t]);
+    if constexpr (std::is_same<E, std::int8_t>::value) sum *= static_cast<T>(kscale[b]);
+    s[i * lds + b] = sum;
+  }
+}
+
+/// All keys of one block of M rows: KB at a time, then one by one.
+template <class S, int M, class E>
+void score_rows_cols(index_t cols, index_t d, const typename S::T* q, index_t ldq, const E* k,
+                     index_t ldk, const float* kscale, typename S::T* s, index_t lds) {
+  constexpr int KB = rows_keys<S>();
+  const auto scale_at = [&](index_t j) { return kscale ? kscale + j : nullptr; };
+  index_t j = 0;
+  for (; j + KB <= cols; j += KB)
+    score_rows_keys<S, M, KB>(d, q, ldq, k + j * ldk, ldk, scale_at(j), s + j, lds);
+  for (; j < cols; ++j)
+    score_rows_keys<S, M, 1>(d, q, ldq, k + j * ldk, ldk, scale_at(j), s + j, lds);
+}
+
+template <class S, class E>
+void score_rows_impl(index_t rows, index_t cols, index_t d, const typename S::T* q, index_t ldq,
+                     const E* k, index_t ldk, const float* kscale, typename S::T* s, index_t lds) {
+  using Fn = void (*)(index_t, index_t, const typename S::T*, index_t, const E*, index_t,
+                      const float*, typename S::T*, index_t);
+  static constexpr Fn by_rows[] = {&score_rows_cols<S, 1, E>, &score_rows_cols<S, 2, E>,
+                                   &score_rows_cols<S, 3, E>, &score_rows_cols<S, 4, E>};
+  static_assert(sizeof(by_rows) / sizeof(by_rows[0]) == rows_block, "one entry per block size");
+  const RowBlocks blocks(rows, rows_block);
+  for (index_t i = 0, i0 = 0; i < blocks.count; ++i) {
+    const index_t m = blocks.size(i);
+    by_rows[m - 1](cols, d, q + i0 * ldq, ldq, k, ldk, kscale, s + i0 * lds, lds);
+    i0 += m;
+  }
+}
+
+/// S (rows × cols, lds) = Q (rows × d, ldq) · Kᵀ, K as rows (cols × d, ldk): no
+/// packing, for the few stacked query rows of a decoding step (the panel kernel
+/// needs K transposed into panels, which costs more than the products when
+/// only a handful of rows read each key).
+template <class S>
+void score_rows(index_t rows, index_t cols, index_t d, const typename S::T* q, index_t ldq,
+                const typename S::T* k, index_t ldk, typename S::T* s, index_t lds) {
+  score_rows_impl<S>(rows, cols, d, q, ldq, k, ldk, nullptr, s, lds);
+}
+
+/// The same with int8 key rows and a scale per key: S[i][j] = kscale[j] · Σ_p Q[i][p]·K̂[j][p].
+template <class S>
+void score_rows_i8(index_t rows, index_t cols, index_t d, const typename S::T* q, index_t ldq,
+                   const std::int8_t* k, index_t ldk, const float* kscale, typename S::T* s,
+                   index_t lds) {
+  score_rows_impl<S>(rows, cols, d, q, ldq, k, ldk, kscale, s, lds);
+}
+
 // ------------------------------------------------- online softmax sweep --
 
 /// exp(x) for x <= 0, exactly 0 below -87.3 (so exp(-inf) = 0), NaN for NaN:
@@ -201,12 +305,13 @@ void online_softmax(index_t rows, index_t cols, typename S::T* s, index_t lds, t
 
 // ------------------------------------------------------------ O += P · V --
 
-/// O[0:M, 0:NV·L] += P[0:M, 0:cols] · V[0:cols, 0:NV·L].
+/// O[0:M, 0:NV·L] += P[0:M, 0:cols] · V[0:cols, 0:NV·L] (V of element type E:
+/// S::T, or int8 converted in registers).
 /// AVX-512: 14 × 32 tile: 28 accumulators + 2 V loads + 1 P broadcast of 32 zmm.
 /// AVX2:     6 × 16 tile: 12 accumulators + 2 V loads + 1 P broadcast of 16 ymm.
-template <class S, int M, int NV>
-inline void pv_block(index_t cols, const typename S::T* p, index_t ldp, const typename S::T* v,
-                     index_t ldv, typename S::T* o, index_t ldo) {
+template <class S, int M, int NV, class E>
+inline void pv_block(index_t cols, const typename S::T* p, index_t ldp, const E* v, index_t ldv,
+                     typename S::T* o, index_t ldo) {
   using V = typename S::V;
   constexpr int L = S::lanes;
   V acc[M][NV];
@@ -216,10 +321,10 @@ inline void pv_block(index_t cols, const typename S::T* p, index_t ldp, const ty
   constexpr index_t ahead = 32;  // keys: ~400 cycles of FMAs at 13 rows, an L3 round trip
   for (index_t k = 0; k < cols; ++k) {
     if (k + ahead < cols)
-      prefetch_lines<static_cast<int>(NV * L * sizeof(typename S::T))>(v + (k + ahead) * ldv);
+      prefetch_lines<static_cast<int>(NV * L * sizeof(E))>(v + (k + ahead) * ldv);
     V b[NV];
     ATTN_KERNEL_UNROLL
-    for (int j = 0; j < NV; ++j) b[j] = S::load(v + k * ldv + j * L);
+    for (int j = 0; j < NV; ++j) b[j] = load_as<S>(v + k * ldv + j * L);
     ATTN_KERNEL_UNROLL
     for (int i = 0; i < M; ++i) {
       const V a = S::broadcast(p + i * ldp + k);
@@ -233,22 +338,22 @@ inline void pv_block(index_t cols, const typename S::T* p, index_t ldp, const ty
 }
 
 /// All column blocks of one block of M rows: two vectors at a time, then one.
-template <class S, int M>
-void pv_columns(index_t dvp, index_t cols, const typename S::T* p, index_t ldp,
-                const typename S::T* v, index_t ldv, typename S::T* o, index_t ldo) {
+template <class S, int M, class E>
+void pv_columns(index_t dvp, index_t cols, const typename S::T* p, index_t ldp, const E* v,
+                index_t ldv, typename S::T* o, index_t ldo) {
   constexpr int L = S::lanes;
   index_t j = 0;
   for (; j + 2 * L <= dvp; j += 2 * L) pv_block<S, M, 2>(cols, p, ldp, v + j, ldv, o + j, ldo);
   if (j < dvp) pv_block<S, M, 1>(cols, p, ldp, v + j, ldv, o + j, ldo);
 }
 
-template <class S, int... I>
+template <class S, class E, int... I>
 void pv_impl(index_t rows, index_t dvp, index_t cols, const typename S::T* p, index_t ldp,
-             const typename S::T* v, index_t ldv, typename S::T* o, index_t ldo,
+             const E* v, index_t ldv, typename S::T* o, index_t ldo,
              std::integer_sequence<int, I...>) {
-  using Fn = void (*)(index_t, index_t, const typename S::T*, index_t, const typename S::T*,
-                      index_t, typename S::T*, index_t);
-  static constexpr Fn by_rows[] = {&pv_columns<S, I + 1>...};  // [M - 1]
+  using Fn = void (*)(index_t, index_t, const typename S::T*, index_t, const E*, index_t,
+                      typename S::T*, index_t);
+  static constexpr Fn by_rows[] = {&pv_columns<S, I + 1, E>...};  // [M - 1]
   const RowBlocks blocks(rows, static_cast<index_t>(sizeof...(I)));
   for (index_t i = 0, i0 = 0; i < blocks.count; ++i) {
     const index_t m = blocks.size(i);
@@ -261,6 +366,14 @@ void pv_impl(index_t rows, index_t dvp, index_t cols, const typename S::T* p, in
 template <class S>
 void accumulate_pv(index_t rows, index_t dvp, index_t cols, const typename S::T* p, index_t ldp,
                    const typename S::T* v, index_t ldv, typename S::T* o, index_t ldo) {
+  pv_impl<S>(rows, dvp, cols, p, ldp, v, ldv, o, ldo,
+             std::make_integer_sequence<int, tile_rows<S>()>{});
+}
+
+/// The same with int8 value rows (their scales already folded into P's columns).
+template <class S>
+void accumulate_pv_i8(index_t rows, index_t dvp, index_t cols, const typename S::T* p, index_t ldp,
+                      const std::int8_t* v, index_t ldv, typename S::T* o, index_t ldo) {
   pv_impl<S>(rows, dvp, cols, p, ldp, v, ldv, o, ldo,
              std::make_integer_sequence<int, tile_rows<S>()>{});
 }

@@ -49,14 +49,27 @@ struct KernelSet {
   /// S (rows × panels·NR, lds) = Q (rows × d, ldq) · Kᵀ, K as ceil(cols/NR) panels.
   void (*score)(index_t rows, index_t cols, index_t d, const T* q, index_t ldq, const T* kp, T* s,
                 index_t lds);
+  /// S (rows × cols, lds) = Q (rows × d, ldq) · Kᵀ with K as rows (cols × d, ldk): for
+  /// a few query rows (decoding), where packing K into panels costs more than the products.
+  void (*score_rows)(index_t rows, index_t cols, index_t d, const T* q, index_t ldq, const T* k,
+                     index_t ldk, T* s, index_t lds);
+  /// score_rows on int8 key rows with a scale per key (8-bit caches):
+  /// S[i][j] = kscale[j] · Σ_p Q[i][p]·K̂[j][p].
+  void (*score_rows_i8)(index_t rows, index_t cols, index_t d, const T* q, index_t ldq,
+                        const std::int8_t* k, index_t ldk, const float* kscale, T* s, index_t lds);
   /// Online-softmax update of rows of S in place (S becomes P), of m, l and of O's rows.
   void (*softmax)(index_t rows, index_t cols, T* s, index_t lds, T* m, T* l, T* o, index_t ldo,
                   index_t dvp);
   /// O (rows × dvp, ldo) += P (rows × cols, ldp) · V (cols × dvp, ldv).
   void (*pv)(index_t rows, index_t dvp, index_t cols, const T* p, index_t ldp, const T* v,
              index_t ldv, T* o, index_t ldo);
+  /// pv on int8 value rows (dvp columns, converted in registers); their scales are already in P.
+  void (*pv_i8)(index_t rows, index_t dvp, index_t cols, const T* p, index_t ldp,
+                const std::int8_t* v, index_t ldv, T* o, index_t ldo);
   /// n IEEE halfs (as bits) to floats (F16C where the ISA has it).
   void (*half_to_float)(const std::uint16_t* src, float* dst, index_t n);
+  /// dst[i] = scale · src[i] for n int8 values (8-bit caches), the same bits on every ISA.
+  void (*i8_to_float)(const std::int8_t* src, float scale, float* dst, index_t n);
 };
 
 }  // namespace kernels

@@ -63,6 +63,12 @@ struct Portable {
   }
   static void store(T* p, const V& a) { std::memcpy(p, a.x, sizeof a.x); }
   static V broadcast(const T* p) { return set1(*p); }
+  /// N int8 values converted exactly.
+  static V load_i8(const std::int8_t* p) {
+    V r;
+    for (int i = 0; i < N; ++i) r.x[i] = static_cast<T>(p[i]);
+    return r;
+  }
   static V fma(const V& a, const V& b, const V& c) {
     V r;
     for (int i = 0; i < N; ++i) r.x[i] = a.x[i] * b.x[i] + c.x[i];
@@ -108,6 +114,11 @@ struct Portable {
         r.x[i] = std::exp(a.x[i]);
     }
     return r;
+  }
+  /// dst[i] = scale · src[i] for n int8 values (exact products rounded once: the
+  /// same bits on every instruction set).
+  static void i8_to_float(const std::int8_t* src, float scale, float* dst, index_t n) {
+    for (index_t i = 0; i < n; ++i) dst[i] = scale * static_cast<float>(src[i]);
   }
   /// n halfs (IEEE binary16 bits) to floats.
   static void half_to_float(const std::uint16_t* src, float* dst, index_t n) {

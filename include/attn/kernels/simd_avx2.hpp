@@ -19,6 +19,10 @@ struct Avx2F32 {
   static V load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, V a) { _mm256_storeu_ps(p, a); }
   static V broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static V load_i8(const std::int8_t* p) {
+    return _mm256_cvtepi32_ps(
+        _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
   static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
@@ -45,6 +49,16 @@ struct Avx2F32 {
   /// e where x >= lo or x is NaN, 0 elsewhere.
   static V zero_below(V e, V x, float lo) {
     return _mm256_and_ps(e, _mm256_cmp_ps(x, _mm256_set1_ps(lo), _CMP_NLT_UQ));
+  }
+  /// dst[i] = scale · src[i] for n int8 values.
+  static void i8_to_float(const std::int8_t* src, float scale, float* dst, index_t n) {
+    const __m256 vs = _mm256_set1_ps(scale);
+    index_t i = 0;
+    for (; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(dst + i,
+                       _mm256_mul_ps(vs, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                                             reinterpret_cast<const __m128i*>(src + i))))));
+    for (; i < n; ++i) dst[i] = scale * static_cast<float>(src[i]);
   }
   /// n halfs (IEEE binary16 bits) to floats.
   static void half_to_float(const std::uint16_t* src, float* dst, index_t n) {

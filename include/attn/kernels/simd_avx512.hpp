@@ -19,6 +19,10 @@ struct Avx512F32 {
   static V load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, V a) { _mm512_storeu_ps(p, a); }
   static V broadcast(const float* p) { return _mm512_set1_ps(*p); }
+  static V load_i8(const std::int8_t* p) {
+    return _mm512_cvtepi32_ps(
+        _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
   static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
@@ -48,6 +52,16 @@ struct Avx512F32 {
   /// e where x >= lo or x is NaN, 0 elsewhere.
   static V zero_below(V e, V x, float lo) {
     return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(lo), _CMP_NLT_UQ), e);
+  }
+  /// dst[i] = scale · src[i] for n int8 values.
+  static void i8_to_float(const std::int8_t* src, float scale, float* dst, index_t n) {
+    const __m512 vs = _mm512_set1_ps(scale);
+    index_t i = 0;
+    for (; i + 16 <= n; i += 16)
+      _mm512_storeu_ps(dst + i,
+                       _mm512_mul_ps(vs, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                                             reinterpret_cast<const __m128i*>(src + i))))));
+    for (; i < n; ++i) dst[i] = scale * static_cast<float>(src[i]);
   }
   /// n halfs (IEEE binary16 bits) to floats.
   static void half_to_float(const std::uint16_t* src, float* dst, index_t n) {

@@ -121,28 +121,46 @@ const KernelSet<T>& portable_set() {
                                 portable::k_panel<S>(),
                                 S::lanes,
                                 &portable::score<S>,
+                                &portable::score_rows<S>,
+                                &portable::score_rows_i8<S>,
                                 &portable::online_softmax<S>,
                                 &portable::accumulate_pv<S>,
-                                &Portable<float>::half_to_float};
+                                &portable::accumulate_pv_i8<S>,
+                                &Portable<float>::half_to_float,
+                                &Portable<float>::i8_to_float};
   return set;
 }
 
 #if ATTN_KERNELS_X86
 inline const KernelSet<float>& avx2_set() {
   using S = Avx2F32;
-  static const KernelSet<float> set{
-      Isa::avx2,        avx2::k_panel<S>(),       S::lanes,
-      &avx2::score<S>,  &avx2::online_softmax<S>, &avx2::accumulate_pv<S>,
-      &S::half_to_float};
+  static const KernelSet<float> set{Isa::avx2,
+                                    avx2::k_panel<S>(),
+                                    S::lanes,
+                                    &avx2::score<S>,
+                                    &avx2::score_rows<S>,
+                                    &avx2::score_rows_i8<S>,
+                                    &avx2::online_softmax<S>,
+                                    &avx2::accumulate_pv<S>,
+                                    &avx2::accumulate_pv_i8<S>,
+                                    &S::half_to_float,
+                                    &S::i8_to_float};
   return set;
 }
 
 inline const KernelSet<float>& avx512_set() {
   using S = Avx512F32;
-  static const KernelSet<float> set{
-      Isa::avx512,       avx512::k_panel<S>(),       S::lanes,
-      &avx512::score<S>, &avx512::online_softmax<S>, &avx512::accumulate_pv<S>,
-      &S::half_to_float};
+  static const KernelSet<float> set{Isa::avx512,
+                                    avx512::k_panel<S>(),
+                                    S::lanes,
+                                    &avx512::score<S>,
+                                    &avx512::score_rows<S>,
+                                    &avx512::score_rows_i8<S>,
+                                    &avx512::online_softmax<S>,
+                                    &avx512::accumulate_pv<S>,
+                                    &avx512::accumulate_pv_i8<S>,
+                                    &S::half_to_float,
+                                    &S::i8_to_float};
   return set;
 }
 #endif

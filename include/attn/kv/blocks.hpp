@@ -17,6 +17,7 @@
 // gives the same bits as a contiguous one holding the same tokens.
 #pragma once
 
+#include "attn/kernels/dispatch.hpp"
 #include "attn/kv/quant.hpp"
 #include "attn/tensor_view.hpp"
 
@@ -46,6 +47,16 @@ struct BlockKV {
   bool packs_values() const {
     return true;
   }
+  /// Keys (values) [k0, k0 + rows) of (s, hk) as runs that each lie in one block:
+  /// f(first column, count, first row, its scale) in key order (int8 pools).
+  template <class F>
+  void key_runs(index_t s, index_t hk, index_t k0, index_t rows, F&& f) const {
+    runs(k, k_scale, d, s, hk, k0, rows, f);
+  }
+  template <class F>
+  void value_runs(index_t s, index_t hk, index_t k0, index_t rows, F&& f) const {
+    runs(v, v_scale, dv, s, hk, k0, rows, f);
+  }
   template <class Acc>
   const Acc* keys(index_t s, index_t hk, index_t k0, index_t rows, RowMatrix<Acc>& pack,
                   index_t& ld) const {
@@ -71,25 +82,46 @@ struct BlockKV {
         return pool + row_ptr(k0) * dim;
       }
     }
-    for (index_t t = k0; t < k0 + rows;) {
-      const index_t run = std::min(k0 + rows, (t / bs + 1) * bs) - t;  // tokens left in t's block
-      const index_t r0 = row_ptr(t);
-      for (index_t i = 0; i < run; ++i) {
-        const T* src = pool + (r0 + i) * dim;
-        Acc* dst = pack.data() + (t - k0 + i) * dim;
-        if constexpr (is_quantized_v<T>) {
-          const Acc sc = static_cast<Acc>(scale[r0 + i]);
-          for (index_t c = 0; c < dim; ++c) dst[c] = sc * static_cast<Acc>(src[c]);
-        } else {
-          for (index_t c = 0; c < dim; ++c) dst[c] = static_cast<Acc>(src[c]);
-        }
-      }
-      t += run;
-    }
+    // int8 rows: the conversion of the instruction set the call runs (the same bits on each).
+    const auto i8_to_float = kernels::kernel_set<float>(active_isa()).i8_to_float;
+    (void)i8_to_float;
+    runs(pool, scale, dim, s, hk, k0, rows,
+         [&](index_t c0, index_t n, const T* first, const float* first_scale) {
+           for (index_t i = 0; i < n; ++i) {
+             const T* src = first + i * dim;
+             Acc* dst = pack.data() + (c0 + i) * dim;
+             if constexpr (is_quantized_v<T> && std::is_same<Acc, float>::value) {
+               i8_to_float(src, first_scale[i], dst, dim);
+             } else if constexpr (is_quantized_v<T>) {
+               const Acc sc = static_cast<Acc>(first_scale[i]);
+               for (index_t c = 0; c < dim; ++c) dst[c] = sc * static_cast<Acc>(src[c]);
+             } else {
+               (void)first_scale;
+               for (index_t c = 0; c < dim; ++c) dst[c] = static_cast<Acc>(src[c]);
+             }
+           }
+         });
     ld = dim;
     return pack.data();
   }
+
+  /// Rows [k0, k0 + rows) of (s, hk) in runs inside one block each (scales null
+  /// for pools that have none).
+  template <class F>
+  void runs(const T* pool, const float* scale, index_t dim, index_t s, index_t hk, index_t k0,
+            index_t rows, F&& f) const {
+    const index_t* table = tables[s];
+    for (index_t t = k0; t < k0 + rows;) {
+      const index_t run = std::min(k0 + rows, (t / bs + 1) * bs) - t;  // tokens left in t's block
+      const index_t r0 = (table[t / bs] * heads + hk) * bs + t % bs;
+      f(t - k0, run, pool + r0 * dim, scale ? scale + r0 : nullptr);
+      t += run;
+    }
+  }
 };
+
+template <>
+struct int8_rows_source<BlockKV<std::int8_t>> : std::true_type {};
 
 }  // namespace detail
 }  // namespace attn

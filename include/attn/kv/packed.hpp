@@ -21,6 +21,7 @@
 #include "attn/detail/parallel.hpp"
 #include "attn/kernels/dispatch.hpp"
 #include "attn/kernels/pack.hpp"
+#include "attn/kv/quant.hpp"
 #include "attn/kv/strided.hpp"
 #include "attn/tensor_view.hpp"
 
@@ -41,6 +42,11 @@ struct PackedTile {
   const std::uint16_t* kb = nullptr;  // bf16 pair panels
   const std::uint16_t* vb = nullptr;  // bf16 key pairs
   index_t ldv = 0;
+  index_t ldk = 0;  // > 0: k holds keys as rows (ld ldk) for the score_rows kernel, not panels
+  // int8 rows read by the kernels themselves (score_rows_i8, pv_i8), in runs of rows
+  const Int8Run* k8 = nullptr;
+  const Int8Run* v8 = nullptr;
+  index_t k8_runs = 0, v8_runs = 0;
 };
 
 /// What the packing knows of a source: strided views, or tiles on request.
@@ -73,14 +79,16 @@ struct PackedKV {
 
   const Src& src;
   const kernels::KernelSet<Acc>& ks;
-  bool bf16;         // products on bf16 pairs (avx512_bf16 kernels)
-  bool amx = false;  // and those on AMX tiles (amx_bf16 kernels, same layouts)
-  index_t d, dv;     // head dims
-  index_t dvp;       // padded Dv (kernels::padded_dv)
-  index_t dpad;      // bf16: D rounded up to even
-  index_t nr;        // keys per K panel
-  bool v_in_place;   // fp values read straight from the view
-  bool whole;        // packed once for the call (else per tile)
+  bool bf16;          // products on bf16 pairs (avx512_bf16 kernels)
+  bool amx = false;   // and those on AMX tiles (amx_bf16 kernels, same layouts)
+  index_t d, dv;      // head dims
+  index_t dvp;        // padded Dv (kernels::padded_dv)
+  index_t dpad;       // bf16: D rounded up to even
+  index_t nr;         // keys per K panel
+  bool v_in_place;    // fp values read straight from the view
+  bool whole;         // packed once for the call (else per tile)
+  bool rows = false;  // keys read as rows by score_rows (few query rows; sources that are
+                      // not strided views): no K panels; values in place when dv = dvp
   index_t kv_heads, k_slice, v_slice;
   std::vector<Acc> k, v;
   std::vector<std::uint16_t> kb, vb;
@@ -131,6 +139,50 @@ struct PackedKV {
       (void)gather;
       pack_strided(b, hk, k0, cols, row, kp, vp, kbp, vbp);
     }
+  }
+
+  /// Keys [k0, k0 + cols) of (b, hk) as rows for score_rows (in the source or
+  /// converted into `gk`), and values as rows: in place (or converted into `gv`)
+  /// when Dv needs no padding, else packed to `vp`. Sources that are not strided views.
+  /// int8 sources hand over their rows as runs (into k_runs, v_runs: room for
+  /// `cols` each) when Dv needs no padding: the kernels convert them in registers.
+  PackedTile<Acc> load_rows(index_t b, index_t hk, index_t k0, index_t cols, Acc* vp,
+                            RowMatrix<Acc>& gk, RowMatrix<Acc>& gv, Int8Run* k_runs,
+                            Int8Run* v_runs) const {
+    PackedTile<Acc> t;
+    if constexpr (int8_rows_source<Src>::value) {
+      if (dv == dvp) {
+        src.key_runs(b, hk, k0, cols,
+                     [&](index_t c0, index_t n, const std::int8_t* r, const float* sc) {
+                       k_runs[t.k8_runs++] = {c0, n, r, sc};
+                     });
+        src.value_runs(b, hk, k0, cols,
+                       [&](index_t c0, index_t n, const std::int8_t* r, const float* sc) {
+                         v_runs[t.v8_runs++] = {c0, n, r, sc};
+                       });
+        t.k8 = k_runs;
+        t.v8 = v_runs;
+        return t;
+      }
+    }
+    (void)k_runs, (void)v_runs;
+    if constexpr (!strided) {
+      index_t ld = 0;
+      t.k = src.template keys<Acc>(b, hk, k0, cols, gk, ld);
+      t.ldk = ld;
+      const Acc* vt = src.template values<Acc>(b, hk, k0, cols, gv, ld);
+      if (dv == dvp) {
+        t.v = vt;
+        t.ldv = ld;
+      } else {
+        kernels::pack_v(ks, vt, ld, index_t{1}, cols, dv, dvp, vp);
+        t.v = vp;
+        t.ldv = dvp;
+      }
+    } else {
+      (void)b, (void)hk, (void)k0, (void)cols, (void)vp, (void)gk, (void)gv;
+    }
+    return t;
   }
 
   void pack_strided(index_t b, index_t hk, index_t k0, index_t cols, Acc* row, Acc* kp, Acc* vp,

@@ -31,6 +31,19 @@ inline constexpr bool is_cache_type_v =
 template <class T>
 inline constexpr bool is_quantized_v = std::is_same<T, std::int8_t>::value;
 
+/// Sources whose key and value rows are int8 with a scale per row, handed to the
+/// walk as runs of rows (kv/blocks.hpp) so the kernels read the 8-bit rows themselves.
+template <class Src>
+struct int8_rows_source : std::false_type {};
+
+/// A run of int8 rows: tile columns [c0, c0 + n), rows at `rows` (ld = the row's
+/// dim), one scale per row.
+struct Int8Run {
+  index_t c0 = 0, n = 0;
+  const std::int8_t* rows = nullptr;
+  const float* scale = nullptr;
+};
+
 /// Writes row x[0..n) (stride sx) into dst[0..n) in the cache type; for int8
 /// also returns the row's scale (1 for the other types).
 template <class T, class U>
