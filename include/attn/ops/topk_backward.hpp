@@ -21,7 +21,10 @@
 // bitwise identical for any thread count (no atomics). A modifier's
 // gradient output broadcast over batches or KV heads (dbias, a bias table)
 // makes one task cover all of them, as in the dense backward. Work is
-// O(Lq·k_best·(D + Dv)) per query head plus zeroing dK, dV (Lk·(D + Dv)).
+// O(Lq·k_best·(D + Dv)) per query head plus zeroing dK, dV (Lk·(D + Dv)),
+// on B·Hkv tasks (one sequence of MQA runs on one thread). The time goes to
+// the scattered rows of K, V, dK, dV; sorting the (row, key) pairs by key so
+// that dK, dV are written in one ordered sweep was tried and was slower.
 #pragma once
 
 #include "attn/core/types.hpp"
