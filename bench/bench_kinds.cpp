@@ -4,6 +4,12 @@
 //                  against dense flash attention (x_baseline) and against the Q·Kᵀ half of
 //                  flash alone (qk_half: the same tiled products, nothing else; the
 //                  counter x_qk_half = qk_half time / this row's time)
+//   topk/..._backward  topk_attention_backward on the same shape, the forward (topk_k64) as
+//                  the baseline (x_baseline = forward time / backward time, bwd_over_fwd
+//                  its inverse): from the forward's saved indices, and recomputing the
+//                  selection (_reselect); write_dkdv is the floor of the first: storing
+//                  dK and dV (Lk rows each, zeros) alone, and x_write_floor = its time /
+//                  the row's time
 //   neighborhood/  7 × 7 neighbourhood attention on side × side grids, H = 1: dense flash
 //                  attention over the same tokens is the baseline at side 128; ns_per_pixel
 //                  shows the work is linear in the pixels
@@ -18,6 +24,8 @@
 
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -87,13 +95,40 @@ void bench_topk(benchmark::State& state, int path) {
   const auto k = attn::bhsd(p.k.data(), 1, kTopkHeads, kTopkLk, kDim);
   const auto v = attn::bhsd(p.v.data(), 1, kTopkHeads, kTopkLk, kDim);
   const auto out = attn::bhsd(p.out.data(), 1, kTopkHeads, kTopkLq, kDim);
+  // Backward rows: the forward's output and selection first, then dO -> dq, dk, dv.
+  std::vector<std::int64_t> idx;
+  std::vector<float> dout, dq, dk, dv;
+  attn::TopkOptions bwd(options());
+  if (path == 5) {
+    dk.resize(p.k.size());
+    dv.resize(p.v.size());
+  }
+  if (path == 3 || path == 4) {
+    idx.resize(static_cast<std::size_t>(kTopkHeads * kTopkLq * kBest));
+    bwd.indices = attn::TensorView<std::int64_t, 4>(idx.data(), {1, kTopkHeads, kTopkLq, kBest});
+    attn::topk_attention(q, k, v, out, kBest, bwd);
+    if (path == 4) bwd.indices = {};
+    dout = attn_bench::random_buffer(p.out.size(), 7);
+    dq.resize(p.q.size());
+    dk.resize(p.k.size());
+    dv.resize(p.v.size());
+  }
   const double t = attn_bench::timed_loop(state, [&] {
     if (path == 0)
       qk_half(p);
     else if (path == 1)
       attn::scaled_dot_product_attention(q, k, v, out, options());
-    else
+    else if (path == 2)
       attn::topk_attention(q, k, v, out, kBest, attn::TopkOptions(options()));
+    else if (path == 5) {
+      std::fill(dk.begin(), dk.end(), 0.f);
+      std::fill(dv.begin(), dv.end(), 0.f);
+    } else
+      attn::topk_attention_backward(
+          q, k, v, out, attn::bhsd(dout.data(), 1, kTopkHeads, kTopkLq, kDim),
+          attn::bhsd(dq.data(), 1, kTopkHeads, kTopkLq, kDim),
+          attn::bhsd(dk.data(), 1, kTopkHeads, kTopkLk, kDim),
+          attn::bhsd(dv.data(), 1, kTopkHeads, kTopkLk, kDim), kBest, bwd);
     benchmark::ClobberMemory();
   });
   const double qk_flops = 2.0 * kTopkHeads * kTopkLq * kTopkLk * kDim;
@@ -101,8 +136,26 @@ void bench_topk(benchmark::State& state, int path) {
   if (path == 1) attn_bench::record_time(state, "flash", t);
   if (path == 2) {
     attn_bench::set_ratio(state, "flash", t);
+    attn_bench::record_time(state, "topk_fwd", t);
     const double qk = attn_bench::baseline_seconds("qk_half");
     if (qk > 0 && t > 0) state.counters["x_qk_half"] = qk / t;
+  }
+  if (path == 5) {
+    attn_bench::record_time(state, "dkdv_write", t);
+    state.counters["GB_per_s"] = 4.0 * static_cast<double>(dk.size() + dv.size()) / t * 1e-9;
+    return;
+  }
+  if (path == 3 || path == 4) {
+    attn_bench::set_ratio(state, "topk_fwd", t);
+    const double fwd = attn_bench::baseline_seconds("topk_fwd");
+    if (fwd > 0 && t > 0) state.counters["bwd_over_fwd"] = t / fwd;
+    const double floor = attn_bench::baseline_seconds("dkdv_write");
+    if (floor > 0 && t > 0) state.counters["x_write_floor"] = floor / t;
+    // from saved indices: 4 products of k_best·D per row and head (score, dP, dq, dk) + dv
+    if (path == 3) {
+      attn_bench::set_gflops(state, 10.0 * kTopkHeads * kTopkLq * kBest * kDim, t, g_threads);
+      return;
+    }
   }
   attn_bench::set_gflops(state, path == 1 ? 2 * qk_flops : qk_flops, t, g_threads);
 }
@@ -184,9 +237,13 @@ int main(int argc, char** argv) {
       rest.push_back(argv[i]);
   }
   attn_bench::register_roofline_row(g_threads);
-  const char* topk_names[] = {"topk/qk_half/Lk:65536", "topk/flash/Lk:65536",
-                              "topk/topk_k64/Lk:65536"};
-  for (int path = 0; path < 3; ++path)
+  const char* topk_names[] = {"topk/qk_half/Lk:65536",
+                              "topk/flash/Lk:65536",
+                              "topk/topk_k64/Lk:65536",
+                              "topk/topk_k64_backward/Lk:65536",
+                              "topk/topk_k64_backward_reselect/Lk:65536",
+                              "topk/write_dkdv/Lk:65536"};
+  for (int path : {0, 1, 2, 5, 3, 4})  // the baselines before the rows that use them
     benchmark::RegisterBenchmark(topk_names[path], bench_topk, path)
         ->Unit(benchmark::kMillisecond)
         ->UseRealTime();

@@ -17,6 +17,7 @@
 #include "attn/ops/merge.hpp"
 #include "attn/ops/neighborhood.hpp"
 #include "attn/ops/topk.hpp"
+#include "attn/ops/topk_backward.hpp"
 #include "attn/ops/varlen.hpp"
 #include "attn/options.hpp"
 #include "attn/policy/dropout.hpp"

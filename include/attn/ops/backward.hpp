@@ -19,7 +19,7 @@ namespace attn {
 namespace detail {
 
 /// Every check of a backward call, before anything is written: the forward's
-/// shapes (q, k, v, out), lse [B, Hq, Lq], dout like out, dq like q, dk like k,
+/// shapes (q, k, v, out), lse [B, Hq, Lq] (unless null), dout like out, dq like q, dk like k,
 /// dv like v; each gradient output (dq, dk, dv and a modifier's dbias) is not
 /// self-overlapping and overlaps no input and no other output.
 template <class Q, class K, class V, class O, class L, class DO, class DQ, class DK, class DV,
@@ -40,10 +40,13 @@ AttentionShape check_backward(const TensorView<Q, 4>& q, const TensorView<K, 4>&
         fail(an, " has shape ", shape_str(a), ", expected ", shape_str(b), " (the shape of ", bn,
              ")");
   };
-  check_view(lse, "lse");
-  if (lse.extent(0) != s.batch || lse.extent(1) != s.q_heads || lse.extent(2) != s.lq)
-    fail("lse has shape ", shape_str(lse), ", expected [", s.batch, ", ", s.q_heads, ", ", s.lq,
-         "] (batch, q heads, Lq)");
+  const bool has_lse = !lse.is_null();  // null: a backward that needs none (top-k)
+  if (has_lse) {
+    check_view(lse, "lse");
+    if (lse.extent(0) != s.batch || lse.extent(1) != s.q_heads || lse.extent(2) != s.lq)
+      fail("lse has shape ", shape_str(lse), ", expected [", s.batch, ", ", s.q_heads, ", ", s.lq,
+           "] (batch, q heads, Lq)");
+  }
   same(dout, "dout", out, "out");
   same(dq, "dq", q, "q");
   same(dk, "dk", k, "k");
@@ -60,7 +63,7 @@ AttentionShape check_backward(const TensorView<Q, 4>& q, const TensorView<K, 4>&
     check_no_overlap(g, gn, k, "k");
     check_no_overlap(g, gn, v, "v");
     check_no_overlap(g, gn, out, "out");
-    check_no_overlap(g, gn, lse, "lse");
+    if (has_lse) check_no_overlap(g, gn, lse, "lse");
     check_no_overlap(g, gn, dout, "dout");
     for_each_view(mask,
                   [&](const auto& view, const char* name) { check_no_overlap(g, gn, view, name); });
@@ -119,6 +122,7 @@ void backward_entry(const TensorView<Q, 4>& q, const TensorView<K, 4>& k, const 
       global_shape(probe, opt.positions);  // policies see global positions
   const Mask bound_mask = mask.bind(global);
   const Mod bound_mod = mod.bind(global);
+  check_view(lse, "lse");  // check_backward lets a null lse pass (for backwards without one)
   const AttentionShape shape =
       check_backward(q, k, v, out, lse, dout, dq, dk, dv, bound_mask, bound_mod, opt);
   for_each_grad_view(bound_mod, [](const auto& g, const char*) {

@@ -149,6 +149,8 @@ struct TopkScratch {
 };
 
 /// The two passes. Arguments are checked; mask and mod are bound; kb <= Lk.
+/// A null `out` runs the selection alone (options.indices must then be set):
+/// what topk_attention_backward does when it is not given the forward's selection.
 template <class Acc, class Q, class K, class V, class O, class Mask, class Mod>
 void topk_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4>& k,
                   const TensorView<const V, 4>& v, const TensorView<O, 4>& out,
@@ -165,6 +167,7 @@ void topk_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4>&
   const index_t tasks = heads * q_tiles;
   const int threads = resolve_threads(opt.num_threads, tasks);
   const bool pack_k = !std::is_same<K, Acc>::value || k.stride(3) != 1;
+  const bool want_out = !out.is_null();
   const bool want_lse = !opt.lse.is_null(), want_idx = !opt.indices.is_null();
   // Each row appends the scores that beat its threshold to a buffer of cap = 2·kb + 32;
   // when it fills, the kb best are kept (nth_element, O(cap)) and the threshold
@@ -248,7 +251,6 @@ void topk_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4>&
     }
 
     // ---- output: softmax over the selected scores, V rows of the selected keys only
-    auto dst = matrix(out, b, h).middleRows(q0, rows);
     for (index_t r = 0; r < rows; ++r) {
       TopkCandidate<Acc>* sel = sc.cand.data() + r * cap;
       index_t n = sc.count[static_cast<std::size_t>(r)];
@@ -257,6 +259,10 @@ void topk_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4>&
         n = kb;
       }
       std::sort(sel, sel + n, better);  // best first, ties by lower key
+      if (want_idx)
+        for (index_t j = 0; j < opt.indices.extent(3); ++j)
+          opt.indices(b, h, q0 + r, j) = j < n ? static_cast<std::int64_t>(sel[j].key) : -1;
+      if (!want_out) continue;
       sc.o.setZero();
       Acc l = 0;
       const Acc m = n > 0 ? sel[0].score : Acc(0);
@@ -272,13 +278,10 @@ void topk_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4>&
           sc.o(c) += p * static_cast<Acc>(vrow[c * v.stride(3)]);
       }
       const Acc inv = n > 0 ? Acc(1) / l : Acc(0);  // a row with nothing selected gives zeros
-      dst.row(r) = (sc.o * inv).template cast<O>();
+      matrix(out, b, h).row(q0 + r) = (sc.o * inv).template cast<O>();
       if (want_lse)
         opt.lse(b, h, q0 + r) =
             n > 0 ? static_cast<float>(m + std::log(l)) : -std::numeric_limits<float>::infinity();
-      if (want_idx)
-        for (index_t j = 0; j < opt.indices.extent(3); ++j)
-          opt.indices(b, h, q0 + r, j) = j < n ? static_cast<std::int64_t>(sel[j].key) : -1;
     }
   };
 
@@ -317,6 +320,10 @@ void topk_attention(const TensorView<Q, 4>& q, const TensorView<K, 4>& k, const 
                 "attn: the score_mod argument must be a score modifier (attn/score_mod.hpp)");
   const AttentionShape shape = detail::check_attention(q, k, v, out, options);
   if (k_best < 1) detail::fail("k_best is ", k_best, ", must be >= 1");
+  if (options.dropout.enabled())
+    detail::fail("dropout.p is ", options.dropout.p, ", but top-k attention has no dropout");
+  if (!options.sinks.is_null())
+    detail::fail("sinks are given, but top-k attention has no attention sinks");
   if (!options.indices.is_null()) {
     const auto& ix = options.indices;
     if (ix.extent(0) != shape.batch || ix.extent(1) != shape.q_heads || ix.extent(2) != shape.lq ||

@@ -102,14 +102,36 @@ struct RelativeBias2d : ScoreModPolicy {
   /// table of query q at [at, at + n).
   template <class F>
   void for_each_run(index_t q, index_t k0, index_t cols, F&& f) const {
-    const index_t yq = q / grid_w, xq = q % grid_w;
+    for_each_run_at(q / grid_w, q % grid_w, k0 / grid_w, k0 % grid_w, cols, f);
+  }
+  /// The same with the grid positions given: query at (yq, xq), key k0 at
+  /// (yk, xk). The runs after the first start at column 0 of the next grid
+  /// row, so a tile needs no division past its first query and key.
+  template <class F>
+  void for_each_run_at(index_t yq, index_t xq, index_t yk, index_t xk, index_t cols, F&& f) const {
     index_t c = 0;
     while (c < cols) {
-      const index_t k = k0 + c, yk = k / grid_w, xk = k % grid_w;
       const index_t n = std::min(grid_w - xk, cols - c);
       // reversed slot (dy + gh - 1)·(2gw - 1) + (gw - 1 - dx) with dx = xq - xk: ascends with xk
       f(c, n, (yq - yk + grid_h - 1) * row_len + (grid_w - 1 - xq + xk));
       c += n;
+      xk = 0;
+      ++yk;
+    }
+  }
+  /// Calls f(r, c0, n, at) for the runs of each row r < rows of the tile at
+  /// (q0, k0): two divisions per tile, the query's grid position stepped per row.
+  template <class F>
+  void for_each_tile_run(index_t q0, index_t k0, index_t rows, index_t cols, F&& f) const {
+    index_t yq = q0 / grid_w, xq = q0 % grid_w;
+    const index_t yk = k0 / grid_w, xk = k0 % grid_w;
+    for (index_t r = 0; r < rows; ++r) {
+      for_each_run_at(yq, xq, yk, xk, cols,
+                      [&](index_t c0, index_t n, index_t at) { f(r, c0, n, at); });
+      if (++xq == grid_w) {
+        xq = 0;
+        ++yq;
+      }
     }
   }
 
@@ -117,13 +139,11 @@ struct RelativeBias2d : ScoreModPolicy {
   void apply_tile(index_t, index_t h, index_t q0, index_t k0, Acc* s, index_t ld, index_t rows,
                   index_t cols) const {
     const Acc* base = rev<Acc>(h);
-    for (index_t r = 0; r < rows; ++r) {
-      Acc* out = s + r * ld;
-      for_each_run(q0 + r, k0, cols, [&](index_t c0, index_t n, index_t at) {
-        const Acc* bias = base + at;
-        for (index_t c = 0; c < n; ++c) out[c0 + c] += bias[c];
-      });
-    }
+    for_each_tile_run(q0, k0, rows, cols, [&](index_t r, index_t c0, index_t n, index_t at) {
+      Acc* out = s + r * ld + c0;
+      const Acc* bias = base + at;
+      for (index_t c = 0; c < n; ++c) out[c] += bias[c];
+    });
   }
 
   /// Gradient output of the table (see with_table_grad), null: not wanted;
@@ -177,16 +197,13 @@ struct RelativeBias2d : ScoreModPolicy {
   template <class Acc>
   void accumulate_table_grad(index_t, index_t h, index_t q0, index_t k0, const Acc* ds, index_t ld,
                              index_t rows, index_t cols, double* dtable) const {
-    for (index_t r = 0; r < rows; ++r) {
-      const Acc* g = ds + r * ld;
-      for_each_run(q0 + r, k0, cols, [&](index_t c0, index_t n, index_t at) {
-        // reversed slot at + c is table row (dyi·row_len) + (row_len - 1 - (at + c) % row_len)
-        const index_t dyi = at / row_len, rx = at % row_len;
-        for (index_t c = 0; c < n; ++c)
-          dtable[(dyi * row_len + (row_len - 1 - (rx + c))) * heads + h] +=
-              static_cast<double>(g[c0 + c]);
-      });
-    }
+    for_each_tile_run(q0, k0, rows, cols, [&](index_t r, index_t c0, index_t n, index_t at) {
+      const Acc* g = ds + r * ld + c0;
+      // reversed slot at + c is table row (dyi·row_len) + (row_len - 1 - (at + c) % row_len)
+      const index_t dyi = at / row_len, rx = at % row_len;
+      for (index_t c = 0; c < n; ++c)
+        dtable[(dyi * row_len + (row_len - 1 - (rx + c))) * heads + h] += static_cast<double>(g[c]);
+    });
   }
 };
 
