@@ -45,6 +45,26 @@ struct RowBlocks {
 /// Asks for the cache line at `p` ahead of its use (a hint: never faults).
 inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
 
+/// Asks for the cache line at `p` into L2 (a hint: never faults). Streams from
+/// DRAM use it: an L1 prefetch holds one of the core's few line-fill buffers for
+/// the whole trip and stalls the core once they are all taken.
+inline void prefetch_l2(const void* p) { __builtin_prefetch(p, 0, 2); }
+
+/// Prefetches the n bytes from `p` into L2, one cache line at a time.
+inline void prefetch_bytes(const void* p, index_t n) {
+  const char* c = static_cast<const char*>(p);
+  for (index_t b = 0; b < n; b += 64) prefetch_l2(c + b);
+}
+
+/// Rows a kernel that streams a few query rows over rows of keys or values
+/// (score_rows, pv with few rows) prefetches ahead of the one it reads: about
+/// 4 KiB, the bytes a thread must have in flight to cover a DRAM round trip at
+/// its share of the bandwidth. The hardware prefetchers stop at 4 KiB pages,
+/// and a decoding tile of int8 rows (32 KiB) crosses eight of them.
+inline index_t stream_ahead(index_t row_bytes) {
+  return std::max<index_t>(4, 4096 / std::max<index_t>(row_bytes, 1));
+}
+
 /// Prefetches the `bytes` from `p` one cache line at a time.
 template <int Bytes>
 inline void prefetch_lines(const void* p) {
@@ -148,7 +168,8 @@ inline typename S::V load_as(const E* p) {
 /// registers and each score is multiplied by its key's scale.
 template <class S, int M, int KB, class E>
 inline void score_rows_keys(index_t d, const typename S::T* q, index_t ldq, const E* k, index_t ldk,
-                            const float* kscale, typename S::T* s, index_t lds) {
+                            const float* kscale, typename S::T* s, index_t lds, index_t ahead,
+                            bool pf) {
   using T = typename S::T;
   using V = typename S::V;
   constexpr int L = S::lanes;
@@ -159,6 +180,9 @@ inline void score_rows_keys(index_t d, const typename S::T* q, index_t ldq, cons
   index_t p = 0;
   for (; p + L <= d; p += L) {
     V kv[KB];
+    if (pf)  // the rows `ahead` keys on: one line per row per step of L floats
+      ATTN_KERNEL_UNROLL
+    for (int b = 0; b < KB; ++b) prefetch_l2(k + (b + ahead) * ldk + p);
     ATTN_KERNEL_UNROLL
     for (int b = 0; b < KB; ++b) kv[b] = load_as<S>(k + b * ldk + p);
     ATTN_KERNEL_UNROLL
@@ -184,11 +208,21 @@ void score_rows_cols(index_t cols, index_t d, const typename S::T* q, index_t ld
                      index_t ldk, const float* kscale, typename S::T* s, index_t lds) {
   constexpr int KB = rows_keys<S>();
   const auto scale_at = [&](index_t j) { return kscale ? kscale + j : nullptr; };
+  // Rows stream_ahead keys on are prefetched: inside the kernel's steps when a
+  // step of L elements is a whole line (float rows), else whole rows per block.
+  const index_t row_bytes = d * static_cast<index_t>(sizeof(E));
+  const index_t ahead = stream_ahead(row_bytes);
+  constexpr bool line_steps = S::lanes * sizeof(E) >= 64;
   index_t j = 0;
-  for (; j + KB <= cols; j += KB)
-    score_rows_keys<S, M, KB>(d, q, ldq, k + j * ldk, ldk, scale_at(j), s + j, lds);
+  for (; j + KB <= cols; j += KB) {
+    const bool pf = j + KB + ahead <= cols;
+    score_rows_keys<S, M, KB>(d, q, ldq, k + j * ldk, ldk, scale_at(j), s + j, lds, ahead,
+                              pf && line_steps);
+    if (pf && !line_steps)
+      for (int b = 0; b < KB; ++b) prefetch_bytes(k + (j + b + ahead) * ldk, row_bytes);
+  }
   for (; j < cols; ++j)
-    score_rows_keys<S, M, 1>(d, q, ldq, k + j * ldk, ldk, scale_at(j), s + j, lds);
+    score_rows_keys<S, M, 1>(d, q, ldq, k + j * ldk, ldk, scale_at(j), s + j, lds, 0, false);
 }
 
 template <class S, class E>
@@ -311,17 +345,24 @@ void online_softmax(index_t rows, index_t cols, typename S::T* s, index_t lds, t
 /// AVX2:     6 × 16 tile: 12 accumulators + 2 V loads + 1 P broadcast of 16 ymm.
 template <class S, int M, int NV, class E, bool TA>
 inline void pv_block(index_t cols, const typename S::T* p, index_t ldp, const E* v, index_t ldv,
-                     typename S::T* o, index_t ldo) {
+                     typename S::T* o, index_t ldo, index_t row_bytes) {
   using V = typename S::V;
   constexpr int L = S::lanes;
   V acc[M][NV];
   ATTN_KERNEL_UNROLL
   for (int i = 0; i < M; ++i) ATTN_KERNEL_UNROLL
   for (int j = 0; j < NV; ++j) acc[i][j] = S::load(o + i * ldo + j * L);
-  constexpr index_t ahead = 32;  // keys: ~400 cycles of FMAs at 13 rows, an L3 round trip
+  // Many rows: this block's columns 32 keys on (~400 cycles of FMAs at 13 rows, an
+  // L3 round trip). Few rows: whole rows (row_bytes, first column block only)
+  // stream_ahead keys on; the block's FMAs per key are too few to hide DRAM.
+  constexpr bool few = M <= rows_block;
+  const index_t ahead = few ? stream_ahead(row_bytes) : 32;
   for (index_t k = 0; k < cols; ++k) {
-    if (k + ahead < cols)
+    if (few) {
+      if (row_bytes > 0 && k + ahead < cols) prefetch_bytes(v + (k + ahead) * ldv, row_bytes);
+    } else if (k + ahead < cols) {
       prefetch_lines<static_cast<int>(NV * L * sizeof(E))>(v + (k + ahead) * ldv);
+    }
     V b[NV];
     ATTN_KERNEL_UNROLL
     for (int j = 0; j < NV; ++j) b[j] = load_as<S>(v + k * ldv + j * L);
@@ -344,10 +385,12 @@ template <class S, int M, class E, bool TA>
 void pv_columns(index_t dvp, index_t cols, const typename S::T* p, index_t ldp, const E* v,
                 index_t ldv, typename S::T* o, index_t ldo) {
   constexpr int L = S::lanes;
+  const index_t row_bytes = dvp * static_cast<index_t>(sizeof(E));  // prefetched by block 0
   index_t j = 0;
   for (; j + 2 * L <= dvp; j += 2 * L)
-    pv_block<S, M, 2, E, TA>(cols, p, ldp, v + j, ldv, o + j, ldo);
-  if (j < dvp) pv_block<S, M, 1, E, TA>(cols, p, ldp, v + j, ldv, o + j, ldo);
+    pv_block<S, M, 2, E, TA>(cols, p, ldp, v + j, ldv, o + j, ldo, j == 0 ? row_bytes : 0);
+  if (j < dvp)
+    pv_block<S, M, 1, E, TA>(cols, p, ldp, v + j, ldv, o + j, ldo, j == 0 ? row_bytes : 0);
 }
 
 template <class S, class E, bool TA, int... I>
