@@ -109,7 +109,7 @@ struct SegmentKV {
   }
 };
 template <class KV>
-struct int8_rows_source<SegmentKV<KV>> : int8_rows_source<KV> {};
+struct run_rows<SegmentKV<KV>> : run_rows<KV> {};
 
 /// Folds a sink logit into a normalised row (out[0..n), lse).
 template <class Acc>

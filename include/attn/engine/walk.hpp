@@ -87,7 +87,7 @@ struct WalkScratch {
 
   RowMatrix<Acc> gather;    // one tile from a source that is not a strided view (kv/packed.hpp)
   RowMatrix<Acc> gather_v;  // its values, when keys are read as rows (PackedKV::rows)
-  std::vector<Int8Run> k_runs, v_runs;  // int8 sources: one tile's rows in runs
+  std::vector<RowRun> k_runs, v_runs;  // caches: one tile's rows in runs, in place
 
   template <class Src>
   WalkScratch(index_t br, index_t bc, const PackedKV<Acc, Src>& kv)
@@ -99,7 +99,7 @@ struct WalkScratch {
         gather(kv.whole ? RowMatrix<Acc>() : kv.gather_buffer(bc + PackedKV<Acc, Src>::tile_align)),
         gather_v(gather.rows(), gather.cols()) {
     const index_t keys = bc + PackedKV<Acc, Src>::tile_align;
-    if (int8_rows_source<Src>::value) {
+    if (!std::is_void<run_rows_t<Src>>::value) {
       k_runs.resize(static_cast<std::size_t>(keys));
       v_runs.resize(static_cast<std::size_t>(keys));
     }
@@ -145,6 +145,16 @@ struct Walk {
             std::clamp<index_t>(g.end - k_pos, 0, kv.length())};
   }
 
+  /// Asks for a run's rows (dim elements each) into L2 before the kernels read
+  /// them: the kernels prefetch ahead inside a run only, and the blocks of a
+  /// paged cache lie anywhere in its pool.
+  static void prefetch_run(const RowRun& run, index_t dim, bool int8, index_t most = 1 << 30) {
+    const auto* p = static_cast<const char*>(run.rows);
+    const index_t bytes =
+        std::min(most, run.n * dim * (int8 ? index_t{1} : static_cast<index_t>(sizeof(Acc))));
+    for (index_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 2);
+  }
+
   /// Rows per group of a partial tile (run_heads).
   static constexpr index_t diag_rows = 64;
 
@@ -172,10 +182,17 @@ struct Walk {
           kernels::avx512_bf16::score(m, cols, d, qb, kv.dpad, t.kb, s, lds, scale);
       }
 #endif
-    } else if (t.k8) {
-      for (index_t i = 0; i < t.k8_runs; ++i) {
-        const Int8Run& run = t.k8[i];
-        ks.score_rows_i8(m, run.n, d, qs + r0 * d, d, run.rows, d, run.scale, s + run.c0, lds);
+    } else if (t.kr) {  // rows in place, run by run (the bits do not depend on the runs)
+      for (index_t i = 0; i < t.k_runs; ++i) {
+        const RowRun& run = t.kr[i];
+        if (i + 1 < t.k_runs) prefetch_run(t.kr[i + 1], d, t.int8);
+        if (i == 0) prefetch_run(t.vr[0], dv, t.int8, 4096);  // the first values, for O += P·V
+        if (t.int8)
+          ks.score_rows_i8(m, run.n, d, qs + r0 * d, d, static_cast<const std::int8_t*>(run.rows),
+                           d, run.scale, s + run.c0, lds);
+        else
+          ks.score_rows(m, run.n, d, qs + r0 * d, d, static_cast<const Acc*>(run.rows), d,
+                        s + run.c0, lds);
       }
     } else if (t.ldk > 0) {
       ks.score_rows(m, cols, d, qs + r0 * d, d, t.k, t.ldk, s, lds);
@@ -214,14 +231,20 @@ struct Walk {
           kernels::avx512_bf16::accumulate_pv(m, dvp, cols, pb, lds, t.vb, o, ldo);
       }
 #endif
-    } else if (t.v8) {  // P's columns times the values' scales, then O += P·V̂ run by run
-      for (index_t i = 0; i < t.v8_runs; ++i) {
-        const Int8Run& run = t.v8[i];
-        for (index_t r = 0; r < m; ++r) {
-          Acc* pr = s + r * lds + run.c0;
-          for (index_t c = 0; c < run.n; ++c) pr[c] *= static_cast<Acc>(run.scale[c]);
+    } else if (t.vr) {  // run by run; int8: P's columns times the values' scales first
+      for (index_t i = 0; i < t.v_runs; ++i) {
+        const RowRun& run = t.vr[i];
+        if (i + 1 < t.v_runs) prefetch_run(t.vr[i + 1], dv, t.int8);
+        if (t.int8) {
+          for (index_t r = 0; r < m; ++r) {
+            Acc* pr = s + r * lds + run.c0;
+            for (index_t c = 0; c < run.n; ++c) pr[c] *= static_cast<Acc>(run.scale[c]);
+          }
+          ks.pv_i8(m, dvp, run.n, s + run.c0, lds, static_cast<const std::int8_t*>(run.rows), dv, o,
+                   ldo);
+        } else {
+          ks.pv(m, dvp, run.n, s + run.c0, lds, static_cast<const Acc*>(run.rows), dv, o, ldo);
         }
-        ks.pv_i8(m, dvp, run.n, s + run.c0, lds, run.rows, dv, o, ldo);
       }
     } else {
       ks.pv(m, dvp, cols, s, lds, t.v, t.ldv, o, ldo);

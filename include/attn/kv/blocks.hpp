@@ -120,8 +120,10 @@ struct BlockKV {
   }
 };
 
-template <>
-struct int8_rows_source<BlockKV<std::int8_t>> : std::true_type {};
+template <class T>
+struct run_rows<BlockKV<T>> {
+  using type = T;
+};
 
 }  // namespace detail
 }  // namespace attn

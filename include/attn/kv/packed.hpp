@@ -43,10 +43,12 @@ struct PackedTile {
   const std::uint16_t* vb = nullptr;  // bf16 key pairs
   index_t ldv = 0;
   index_t ldk = 0;  // > 0: k holds keys as rows (ld ldk) for the score_rows kernel, not panels
-  // int8 rows read by the kernels themselves (score_rows_i8, pv_i8), in runs of rows
-  const Int8Run* k8 = nullptr;
-  const Int8Run* v8 = nullptr;
-  index_t k8_runs = 0, v8_runs = 0;
+                    // rows read in place in runs (RowRun): of Acc (score_rows, pv) or int8
+  // (score_rows_i8, pv_i8, the values' scales folded into P)
+  const RowRun* kr = nullptr;
+  const RowRun* vr = nullptr;
+  index_t k_runs = 0, v_runs = 0;
+  bool int8 = false;
 };
 
 /// What the packing knows of a source: strided views, or tiles on request.
@@ -144,24 +146,25 @@ struct PackedKV {
   /// Keys [k0, k0 + cols) of (b, hk) as rows for score_rows (in the source or
   /// converted into `gk`), and values as rows: in place (or converted into `gv`)
   /// when Dv needs no padding, else packed to `vp`. Sources that are not strided views.
-  /// int8 sources hand over their rows as runs (into k_runs, v_runs: room for
-  /// `cols` each) when Dv needs no padding: the kernels convert them in registers.
+  /// Caches whose rows are int8 or already Acc hand them over as runs in place
+  /// (into k_runs, v_runs: room for `cols` each) when Dv needs no padding: no
+  /// copy of the tile, and a paged cache reads every number as a contiguous one.
   PackedTile<Acc> load_rows(index_t b, index_t hk, index_t k0, index_t cols, Acc* vp,
-                            RowMatrix<Acc>& gk, RowMatrix<Acc>& gv, Int8Run* k_runs,
-                            Int8Run* v_runs) const {
+                            RowMatrix<Acc>& gk, RowMatrix<Acc>& gv, RowRun* k_runs,
+                            RowRun* v_runs) const {
     PackedTile<Acc> t;
-    if constexpr (int8_rows_source<Src>::value) {
+    using E = run_rows_t<Src>;
+    if constexpr (std::is_same<E, std::int8_t>::value || std::is_same<E, Acc>::value) {
       if (dv == dvp) {
-        src.key_runs(b, hk, k0, cols,
-                     [&](index_t c0, index_t n, const std::int8_t* r, const float* sc) {
-                       k_runs[t.k8_runs++] = {c0, n, r, sc};
-                     });
-        src.value_runs(b, hk, k0, cols,
-                       [&](index_t c0, index_t n, const std::int8_t* r, const float* sc) {
-                         v_runs[t.v8_runs++] = {c0, n, r, sc};
-                       });
-        t.k8 = k_runs;
-        t.v8 = v_runs;
+        src.key_runs(b, hk, k0, cols, [&](index_t c0, index_t n, const E* r, const float* sc) {
+          k_runs[t.k_runs++] = {c0, n, r, sc};
+        });
+        src.value_runs(b, hk, k0, cols, [&](index_t c0, index_t n, const E* r, const float* sc) {
+          v_runs[t.v_runs++] = {c0, n, r, sc};
+        });
+        t.kr = k_runs;
+        t.vr = v_runs;
+        t.int8 = std::is_same<E, std::int8_t>::value;
         return t;
       }
     }

@@ -31,16 +31,21 @@ inline constexpr bool is_cache_type_v =
 template <class T>
 inline constexpr bool is_quantized_v = std::is_same<T, std::int8_t>::value;
 
-/// Sources whose key and value rows are int8 with a scale per row, handed to the
-/// walk as runs of rows (kv/blocks.hpp) so the kernels read the 8-bit rows themselves.
+/// The element type of the rows a source hands the walk as runs of rows in
+/// place (kv/blocks.hpp: caches), so the kernels read them where they lie; void
+/// for sources that only hand over whole tiles.
 template <class Src>
-struct int8_rows_source : std::false_type {};
+struct run_rows {
+  using type = void;
+};
+template <class Src>
+using run_rows_t = typename run_rows<Src>::type;
 
-/// A run of int8 rows: tile columns [c0, c0 + n), rows at `rows` (ld = the row's
-/// dim), one scale per row.
-struct Int8Run {
+/// A run of rows in place: tile columns [c0, c0 + n), rows at `rows` (of the
+/// source's element type, ld = the row's dim), for int8 one scale per row.
+struct RowRun {
   index_t c0 = 0, n = 0;
-  const std::int8_t* rows = nullptr;
+  const void* rows = nullptr;
   const float* scale = nullptr;
 };
 
