@@ -13,9 +13,9 @@
 #pragma once
 
 #include "attn/detail/checks.hpp"
-#include "attn/detail/gemm.hpp"
 #include "attn/detail/parallel.hpp"
 #include "attn/engine/forward.hpp"
+#include "attn/kernels/dispatch.hpp"
 #include "attn/mask.hpp"
 #include "attn/options.hpp"
 #include "attn/score_mod.hpp"
@@ -65,10 +65,9 @@ AttentionShape check_weights(const TensorView<Q, 4>& q, const TensorView<K, 4>& 
 /// Per-worker scratch of attention_weights.
 template <class Acc>
 struct WeightsScratch {
-  RowMatrix<Acc> q, s, k;  // (Br, D) scaled queries, (Br, Lk) scores, (Lk, D) packed keys
-  TileGemm<Acc> qk;
+  RowMatrix<Acc> q, s, k;  // (Br, D) scaled queries, (Br, Lk) scores, (Lk, D) converted keys
   WeightsScratch(index_t br, index_t lk, index_t d, bool pack_k)
-      : q(br, d), s(br, lk), k(pack_k ? lk : 0, d), qk(br, lk, d) {}
+      : q(br, d), s(br, lk), k(pack_k ? lk : 0, d) {}
 };
 
 }  // namespace detail
@@ -114,6 +113,9 @@ void attention_weights(const TensorView<Q, 4>& q, const TensorView<K, 4>& k,
   const index_t heads = shape.batch * shape.q_heads;
   const index_t tasks = heads * q_tiles;
   const bool pack_k = !std::is_same<KT, Acc>::value || k.stride(3) != 1;
+  // The engine's row kernel (K read as rows, in place when it can be): no panels
+  // to pack for a diagnostic that reads each key once per query tile.
+  const kernels::KernelSet<Acc>& ks = kernels::kernel_set<Acc>(active_isa());
 
   auto make_scratch = [&] {
     return std::make_unique<detail::WeightsScratch<Acc>>(br, shape.lk, shape.d, pack_k);
@@ -139,8 +141,7 @@ void attention_weights(const TensorView<Q, 4>& q, const TensorView<K, 4>& k,
     if (cols > 0) {
       index_t ldk = 0;
       const Acc* kt = detail::load_tile<Acc>(kc, b, hk, kr.begin, cols, sc.k, ldk);
-      for (index_t r = 0; r < rows; ++r) std::fill(s + r * lds, s + r * lds + cols, Acc(0));
-      sc.qk.add_abt(rows, cols, shape.d, qs.data(), shape.d, kt, ldk, s, lds, Acc(1));
+      ks.score_rows(rows, cols, shape.d, qs.data(), shape.d, kt, ldk, s, lds);
       mod.apply_tile(b, h, q0, kr.begin, s, lds, rows, cols);
     }
 
