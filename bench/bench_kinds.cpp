@@ -2,9 +2,8 @@
 //
 //   topk/...       topk_attention (k_best = 64) over Lk = 65536 keys, Lq = 512, H = 2,
 //                  against dense flash attention (x_baseline) and against the Q·Kᵀ half of
-//                  flash alone (qk_half: K packed once into the score kernel's panels and
-//                  the same tiled score products, nothing else; the counter x_qk_half =
-//                  qk_half time / this row's time)
+//                  flash alone (qk_half: the same tiled products, nothing else; the
+//                  counter x_qk_half = qk_half time / this row's time)
 //   topk/..._backward  topk_attention_backward on the same shape, the forward (topk_k64) as
 //                  the baseline (x_baseline = forward time / backward time, bwd_over_fwd
 //                  its inverse): from the forward's saved indices, and recomputing the
@@ -60,22 +59,15 @@ attn::AttentionOptions options(attn::AttentionStats* stats = nullptr) {
 constexpr index_t kTopkHeads = 2, kTopkLq = 512, kTopkLk = 65536, kBest = 64;
 constexpr index_t kQkRows = 128, kQkCols = 256;  // the engine's default tiles
 
-/// The Q·Kᵀ half of flash attention alone, as the forward computes it: K packed
-/// once per head into the score kernel's panels, then per (head, query tile of
-/// 128) S = (scale·Q)·Kᵀ over key tiles of 256 with the dispatched score
-/// kernel, nothing else (no softmax, no P·V).
+/// The Q·Kᵀ half of flash attention alone: per (head, query tile of 128),
+/// S = (scale·Q)·Kᵀ over key tiles of 256 with the engine's tile product,
+/// nothing else (no softmax, no P·V).
 void qk_half(const Buffers& p) {
   constexpr index_t q_tiles = kTopkLq / kQkRows;
   const index_t br = kQkRows, bc = kQkCols;
-  using Src = attn::detail::StridedKV<float, float>;
-  const auto k = attn::bhsd<const float>(p.k.data(), 1, kTopkHeads, kTopkLk, kDim);
-  const auto v = attn::bhsd<const float>(p.v.data(), 1, kTopkHeads, kTopkLk, kDim);
-  const Src src{k, v};
-  const auto& ks = attn::kernels::kernel_set<float>(attn::active_isa());
-  attn::detail::PackedKV<float, Src> pk(src, ks, false, kDim, kDim, bc, true, kTopkHeads);
-  pk.pack_all(1, g_threads);
   struct Scratch {
-    attn::RowMatrix<float> q{kQkRows, kDim}, s{kQkRows, kQkCols + 32};
+    attn::RowMatrix<float> q{kQkRows, kDim}, s{kQkRows, kQkCols};
+    attn::detail::TileGemm<float> gemm{kQkRows, kQkCols, kDim};
     float sink = 0;
   };
   const index_t tasks = kTopkHeads * q_tiles;
@@ -88,8 +80,9 @@ void qk_half(const Buffers& p) {
                                                         kDim) *
                0.125f;
         for (index_t k0 = 0; k0 < kTopkLk; k0 += bc) {
-          ks.score(br, bc, kDim, sc.q.data(), kDim, pk.tile_at(0, h, k0).k, sc.s.data(),
-                   sc.s.cols());
+          sc.s.setZero();
+          sc.gemm.add_abt(br, bc, kDim, sc.q.data(), kDim, p.k.data() + (h * kTopkLk + k0) * kDim,
+                          kDim, sc.s.data(), bc, 1.f);
           sc.sink += sc.s(0, 0);
         }
       },

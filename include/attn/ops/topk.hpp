@@ -23,10 +23,8 @@
 
 #include "attn/detail/checks.hpp"
 #include "attn/detail/flash_engine.hpp"
+#include "attn/detail/gemm.hpp"
 #include "attn/detail/parallel.hpp"
-#include "attn/kernels/dispatch.hpp"
-#include "attn/kv/packed.hpp"
-#include "attn/kv/strided.hpp"
 #include "attn/mask.hpp"
 #include "attn/options.hpp"
 #include "attn/score_mod.hpp"
@@ -136,20 +134,18 @@ Acc topk_compact(TopkCandidate<Acc>* buf, index_t n, index_t kb, Acc* tmp) {
 
 template <class Acc>
 struct TopkScratch {
-  RowMatrix<Acc> q, s;                   // (Br, D) scaled queries, (Br, lds) scores
+  RowMatrix<Acc> q, s, k;  // (Br, D) scaled queries, (Br, Bc) scores, (Bc, D) packed keys
   std::vector<TopkCandidate<Acc>> cand;  // (Br, cap) candidates, row-major, in key order
   std::vector<Acc> tmp;                  // (cap) scores being partitioned
   std::vector<index_t> count;            // (Br) candidates held
   std::vector<Acc> threshold;  // (Br) score to beat: the k-th best after a compaction, else -inf
   Eigen::Matrix<Acc, 1, Eigen::Dynamic> o;  // (Dv) one output row
-  std::vector<Acc> row;                     // (D) one converted key row, for per-tile packing
-  std::vector<Acc> kp;                      // one packed key tile, when the call does not pack once
+  TileGemm<Acc> qk;
   AttentionStats stats;
-  TopkScratch(index_t br, index_t lds, index_t d, index_t dv, index_t cap, index_t tile_k)
-      : q(br, d), s(br, lds), cand(static_cast<std::size_t>(br * cap)),
+  TopkScratch(index_t br, index_t bc, index_t d, index_t dv, index_t cap, bool pack_k)
+      : q(br, d), s(br, bc), k(pack_k ? bc : 0, d), cand(static_cast<std::size_t>(br * cap)),
         tmp(static_cast<std::size_t>(cap)), count(static_cast<std::size_t>(br)),
-        threshold(static_cast<std::size_t>(br)), o(dv), row(static_cast<std::size_t>(d)),
-        kp(static_cast<std::size_t>(tile_k)) {}
+        threshold(static_cast<std::size_t>(br)), o(dv), qk(br, bc, d) {}
 };
 
 /// The two passes. Arguments are checked; mask and mod are bound; kb <= Lk.
@@ -170,6 +166,7 @@ void topk_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4>&
   const index_t heads = shape.batch * shape.q_heads;
   const index_t tasks = heads * q_tiles;
   const int threads = resolve_threads(opt.num_threads, tasks);
+  const bool pack_k = !std::is_same<K, Acc>::value || k.stride(3) != 1;
   const bool want_out = !out.is_null();
   const bool want_lse = !opt.lse.is_null(), want_idx = !opt.indices.is_null();
   // Each row appends the scores that beat its threshold to a buffer of cap = 2·kb + 32;
@@ -178,21 +175,8 @@ void topk_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4>&
   const index_t cap = 2 * kb + 32;
   const TopkBetter<Acc> better;
 
-  // S = Qs·Kᵀ on the engine's score kernel, K packed in its panels: once for the
-  // call when query tiles or GQA heads share the keys (as the forward does), else
-  // per tile. Tiles start on multiples of the panel alignment.
-  const kernels::KernelSet<Acc>& ks = kernels::kernel_set<Acc>(active_isa());
-  using Src = StridedKV<K, V>;
-  using Packed = PackedKV<Acc, Src>;
-  const Src src{k, v};
-  Packed pk(src, ks, false, shape.d, shape.dv, bc, q_tiles * (shape.q_heads / shape.kv_heads) > 1,
-            shape.kv_heads);
-  pk.pack_all(shape.batch, opt.num_threads);
-  const index_t lds = (bc + 2 * Packed::tile_align - 1) / 32 * 32;  // whole panels of any tile
-
   auto make_scratch = [&] {
-    return std::make_unique<TopkScratch<Acc>>(br, lds, shape.d, shape.dv, cap,
-                                              pk.whole ? 0 : pk.tile_k_size(bc));
+    return std::make_unique<TopkScratch<Acc>>(br, bc, shape.d, shape.dv, cap, pack_k);
   };
 
   auto run_task = [&](TopkScratch<Acc>& sc, index_t t) {
@@ -214,8 +198,7 @@ void topk_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4>&
     // call is global query q_pos + r, key k0 + c is global key k_pos + k0 + c.
     const index_t q_pos = opt.positions.q_offset + q0, k_pos = opt.positions.k_offset;
     const KeyRange g = mask.key_range(b, h, q_pos, q_pos + rows);
-    const index_t k_begin =
-        std::clamp<index_t>(g.begin - k_pos, 0, shape.lk) / Packed::tile_align * Packed::tile_align;
+    const index_t k_begin = std::clamp<index_t>(g.begin - k_pos, 0, shape.lk);
     const index_t k_end = std::clamp<index_t>(g.end - k_pos, 0, shape.lk);
     for (index_t k0 = k_begin; k0 < k_end; k0 += bc) {
       const index_t cols = std::min(bc, k_end - k0);
@@ -230,14 +213,12 @@ void topk_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4>&
       ++(kind == TileKind::full ? sc.stats.full_tiles : sc.stats.partial_tiles);
       sc.stats.scores += rows * cols;
 
-      const Acc* kt = sc.kp.data();
-      if (pk.whole)
-        kt = pk.tile_at(b, hk, k0).k;
-      else
-        kernels::pack_k(ks, k.data() + b * k.stride(0) + hk * k.stride(1) + k0 * k.stride(2),
-                        k.stride(2), k.stride(3), cols, d, sc.row.data(), sc.kp.data());
+      index_t ldk = 0;
+      const Acc* kt = load_tile<Acc>(k, b, hk, k0, cols, sc.k, ldk);
       Acc* s = sc.s.data();
-      ks.score(rows, cols, d, qs.data(), d, kt, s, lds);  // S = Qs·Kᵀ
+      const index_t lds = cols;
+      Eigen::Map<RowMatrix<Acc>>(s, rows, cols).setZero();
+      sc.qk.add_abt(rows, cols, d, qs.data(), d, kt, ldk, s, lds, Acc(1));  // S = Qs·Kᵀ
       mod.apply_tile(b, h, q_pos, gk0, s, lds, rows, cols);
       if (kind == TileKind::partial) mask_partial_tile(mask, b, h, q_pos, gk0, s, lds, rows, cols);
 
