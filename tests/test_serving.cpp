@@ -74,6 +74,34 @@ TEST(Decode, SplitKVMatchesReference) {
   }
 }
 
+// Decoding steps read K and V as rows in place; a view whose rows are all one row
+// (sequence stride 0, a broadcast) has a row stride of 0, which must still be
+// read as rows (a fuzz input found it taken for packed panels).
+TEST(Decode, BroadcastKeyAndValueRowsMatchReference) {
+  const index_t Hq = 2, Hkv = 1, Lk = 40;
+  for (index_t lq : {1, 3})
+    for (index_t d : {1, 5, 16}) {
+      SCOPED_TRACE("lq=" + std::to_string(lq) + " d=" + std::to_string(d));
+      const auto q = random_tensor<float>(1, Hq, lq, d, 70);
+      const auto one_k = random_tensor<float>(1, Hkv, 1, d, 71);
+      const auto one_v = random_tensor<float>(1, Hkv, 1, d, 72);
+      // [1, Hkv, Lk, d] views of a single row: stride 0 along the sequence.
+      const attn::TensorView<const float, 4> k(one_k.buf.data(), {1, Hkv, Lk, d}, {d, d, 0, 1});
+      const attn::TensorView<const float, 4> v(one_v.buf.data(), {1, Hkv, Lk, d}, {d, d, 0, 1});
+      Tensor<float> out(1, Hq, lq, d);
+      Tensor<double> ref(1, Hq, lq, d);
+      attn::masked_attention(q.cview(), k, v, out.view, attn::causal());
+      attn::reference::attention(q.cview(), k, v, ref.view, attn::causal());
+      // Every key is the same row, so every output row is that value row.
+      for (index_t h = 0; h < Hq; ++h)
+        for (index_t i = 0; i < lq; ++i)
+          for (index_t c = 0; c < d; ++c) {
+            EXPECT_NEAR(out(0, h, i, c), ref(0, h, i, c), tolerance<float>(d, Lk));
+            EXPECT_NEAR(ref(0, h, i, c), one_v(0, 0, 0, c), 1e-6);
+          }
+    }
+}
+
 TEST(Decode, BitwiseForAnyThreadCount) {
   const Problem p = make(2, 8, 2, 1, 5000, 64, 64);
   const Inputs<float> in(p, 3);

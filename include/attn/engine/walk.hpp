@@ -194,7 +194,7 @@ struct Walk {
           ks.score_rows(m, run.n, d, qs + r0 * d, d, static_cast<const Acc*>(run.rows), d,
                         s + run.c0, lds);
       }
-    } else if (t.ldk > 0) {
+    } else if (t.k_rows) {
       ks.score_rows(m, cols, d, qs + r0 * d, d, t.k, t.ldk, s, lds);
     } else {
       ks.score(m, cols, d, qs + r0 * d, d, t.k, s, lds);

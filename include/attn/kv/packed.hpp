@@ -42,8 +42,11 @@ struct PackedTile {
   const std::uint16_t* kb = nullptr;  // bf16 pair panels
   const std::uint16_t* vb = nullptr;  // bf16 key pairs
   index_t ldv = 0;
-  index_t ldk = 0;  // > 0: k holds keys as rows (ld ldk) for the score_rows kernel, not panels
-                    // rows read in place in runs (RowRun): of Acc (score_rows, pv) or int8
+  // k holds keys as rows (ld ldk, which may be 0 for a broadcast view) for the
+  // score_rows kernel, not panels
+  bool k_rows = false;
+  index_t ldk = 0;
+  // rows read in place in runs (RowRun): of Acc (score_rows, pv) or int8
   // (score_rows_i8, pv_i8, the values' scales folded into P)
   const RowRun* kr = nullptr;
   const RowRun* vr = nullptr;
@@ -172,6 +175,7 @@ struct PackedKV {
     if constexpr (!strided) {
       index_t ld = 0;
       t.k = src.template keys<Acc>(b, hk, k0, cols, gk, ld);
+      t.k_rows = true;
       t.ldk = ld;
       const Acc* vt = src.template values<Acc>(b, hk, k0, cols, gv, ld);
       if (dv == dvp) {
