@@ -385,8 +385,12 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         attn::TensorView<const float, 4>(in_copy.data() + w.k.offset, w.k.shape, w.k.strides);
     const auto v =
         attn::TensorView<const float, 4>(in_copy.data() + w.v.offset, w.v.shape, w.v.strides);
-    std::vector<double> ref(static_cast<std::size_t>(w.B * w.Hq * w.Lq * w.Dv));
-    const auto r = attn::bhsd(ref.data(), w.B, w.Hq, w.Lq, w.Dv);
+    // The accepted views' extents, not the decoded ones: mutations may change
+    // both q's and out's length (to a small value from the hostile table) and
+    // leave the call consistent.
+    const auto& os = w.out.shape;
+    std::vector<double> ref(static_cast<std::size_t>(os[0] * os[1] * os[2] * os[3]));
+    const auto r = attn::bhsd(ref.data(), os[0], os[1], os[2], os[3]);
     const auto bias_c = attn::additive_bias(attn::TensorView<const float, 4>(
         in_copy.data() + w.bias.offset, w.bias.shape, w.bias.strides));
     if ((w.entry == 0 || w.entry >= 6) && with_bias)
@@ -399,10 +403,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       attn::reference::attention(q, k, v, r, attn::block_sparse(layout), bias_c);
     else
       attn::reference::attention(q, k, v, r, attn::block_sparse(layout));
-    for (index_t b = 0; b < w.B; ++b)
-      for (index_t h = 0; h < w.Hq; ++h)
-        for (index_t i = 0; i < w.Lq; ++i)
-          for (index_t c = 0; c < w.Dv; ++c) {
+    for (index_t b = 0; b < os[0]; ++b)
+      for (index_t h = 0; h < os[1]; ++h)
+        for (index_t i = 0; i < os[2]; ++i)
+          for (index_t c = 0; c < os[3]; ++c) {
             const double x = at(w.arena, w.out, b, h, i, c), y = r(b, h, i, c);
             if (!(std::abs(x - y) <= 1e-4 * (1 + std::abs(y))))
               fail("output differs from the reference: " + std::to_string(x) + " vs " +
