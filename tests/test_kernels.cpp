@@ -267,7 +267,11 @@ TYPED_TEST(Kernels, PvMatchesDoubleLoop) {
   for (Isa isa : isas_for<T>()) {
     const KernelSet<T>& ks = attn::kernels::kernel_set<T>(isa);
     const index_t mr = ks.lanes == 16 ? 14 : 6;
-    for (index_t rows : around<T>(mr))
+    // Besides sizes around the register tile, 2-6 rows: the blocks of at most
+    // 6 (AVX-512) or 2 (AVX2) rows that take four vectors of V at a time.
+    auto row_counts = around<T>(mr);
+    row_counts.insert(row_counts.end(), {2, 3, 4, 6});
+    for (index_t rows : row_counts)
       for (index_t cols : {1, 13, 64, 257})
         for (index_t dv : {1, 15, 16, 17, 33, 64, 80, 111}) {
           SCOPED_TRACE(std::string(attn::isa_name(isa)) + " rows=" + std::to_string(rows) +

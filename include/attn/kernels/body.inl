@@ -380,13 +380,25 @@ inline void pv_block(index_t cols, const typename S::T* p, index_t ldp, const E*
   for (int j = 0; j < NV; ++j) S::store(o + i * ldo + j * L, acc[i][j]);
 }
 
-/// All column blocks of one block of M rows: two vectors at a time, then one.
+/// Vectors of V per block of M rows: four when the M × 4 accumulators, four V
+/// loads and a broadcast fit the registers (a few rows, as when decoding: each
+/// broadcast of P then feeds four FMAs, not two), else two.
+template <class S, int M>
+constexpr int pv_vectors() {
+  return M * 4 + 4 + 1 <= S::regs ? 4 : 2;
+}
+
+/// All column blocks of one block of M rows: pv_vectors at a time, then two, then one.
 template <class S, int M, class E, bool TA>
 void pv_columns(index_t dvp, index_t cols, const typename S::T* p, index_t ldp, const E* v,
                 index_t ldv, typename S::T* o, index_t ldo) {
   constexpr int L = S::lanes;
+  constexpr int NV = pv_vectors<S, M>();
   const index_t row_bytes = dvp * static_cast<index_t>(sizeof(E));  // prefetched by block 0
   index_t j = 0;
+  if constexpr (NV == 4)
+    for (; j + 4 * L <= dvp; j += 4 * L)
+      pv_block<S, M, 4, E, TA>(cols, p, ldp, v + j, ldv, o + j, ldo, j == 0 ? row_bytes : 0);
   for (; j + 2 * L <= dvp; j += 2 * L)
     pv_block<S, M, 2, E, TA>(cols, p, ldp, v + j, ldv, o + j, ldo, j == 0 ? row_bytes : 0);
   if (j < dvp)
