@@ -13,6 +13,8 @@
 //   decode/cache_f32      cache_attention on a KVCache<float> (baseline of the next two)
 //   decode/cache_int8     cache_attention on a KVCache<int8_t> (a quarter of the bytes)
 //   decode/paged_f32      paged_attention on a PagedKVCache<float>, blocks of 16
+//                         tokens (8 KiB per head of K), and paged_f32_b64 with blocks
+//                         of 64 (32 KiB): how the block size sets the paged cost
 //   varlen/padded         prefill of 8 sequences (100 ... 4000 tokens) as one padded
 //                         batch of the longest, causal + key_padding (baseline)
 //   varlen/packed         the same tokens through varlen_attention
@@ -206,7 +208,7 @@ void BM_cache(benchmark::State& state) {
 }
 
 void BM_paged(benchmark::State& state) {
-  const index_t n = state.range(0), bs = 16;
+  const index_t n = state.range(0), bs = state.range(1);
   attn::PagedKVCache<float> cache((n + bs - 1) / bs, bs, kHkv, kD);
   const index_t seq = cache.add_sequence();
   CacheDecode<float>::fill([&](const auto& k, const auto& v) { cache.append(seq, k, v); }, n);
@@ -273,7 +275,8 @@ int main(int argc, char** argv) {
     reg(("decode/masked" + s).c_str(), BM_masked)->Arg(lk);
     reg(("decode/cache_f32" + s).c_str(), BM_cache<float>)->Arg(lk);
     reg(("decode/cache_int8" + s).c_str(), BM_cache<std::int8_t>)->Arg(lk);
-    reg(("decode/paged_f32" + s).c_str(), BM_paged)->Arg(lk);
+    reg(("decode/paged_f32" + s).c_str(), BM_paged)->Args({lk, 16});
+    reg(("decode/paged_f32_b64" + s).c_str(), BM_paged)->Args({lk, 64});
   }
   reg("varlen/padded", BM_varlen_padded);
   reg("varlen/packed", BM_varlen_packed);
