@@ -23,6 +23,7 @@
 
 #include "attn/engine/partial.hpp"
 #include "attn/kernels/dispatch.hpp"
+#include "attn/kernels/prefetch.hpp"
 #include "attn/kv/packed.hpp"
 #include "attn/mask.hpp"
 #include "attn/options.hpp"
@@ -149,10 +150,9 @@ struct Walk {
   /// them: the kernels prefetch ahead inside a run only, and the blocks of a
   /// paged cache lie anywhere in its pool.
   static void prefetch_run(const RowRun& run, index_t dim, bool int8, index_t most = 1 << 30) {
-    const auto* p = static_cast<const char*>(run.rows);
-    const index_t bytes =
-        std::min(most, run.n * dim * (int8 ? index_t{1} : static_cast<index_t>(sizeof(Acc))));
-    for (index_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 2);
+    kernels::prefetch_bytes(
+        run.rows,
+        std::min(most, run.n * dim * (int8 ? index_t{1} : static_cast<index_t>(sizeof(Acc)))));
   }
 
   /// Rows per group of a partial tile (run_heads).

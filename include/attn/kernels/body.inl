@@ -45,17 +45,6 @@ struct RowBlocks {
 /// Asks for the cache line at `p` ahead of its use (a hint: never faults).
 inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
 
-/// Asks for the cache line at `p` into L2 (a hint: never faults). Streams from
-/// DRAM use it: an L1 prefetch holds one of the core's few line-fill buffers for
-/// the whole trip and stalls the core once they are all taken.
-inline void prefetch_l2(const void* p) { __builtin_prefetch(p, 0, 2); }
-
-/// Prefetches the n bytes from `p` into L2, one cache line at a time.
-inline void prefetch_bytes(const void* p, index_t n) {
-  const char* c = static_cast<const char*>(p);
-  for (index_t b = 0; b < n; b += 64) prefetch_l2(c + b);
-}
-
 /// Rows a kernel that streams a few query rows over rows of keys or values
 /// (score_rows, pv with few rows) prefetches ahead of the one it reads: about
 /// 4 KiB, the bytes a thread must have in flight to cover a DRAM round trip at

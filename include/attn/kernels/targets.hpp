@@ -9,6 +9,7 @@
 #pragma once
 
 #include "attn/kernels/kernel_set.hpp"
+#include "attn/kernels/prefetch.hpp"
 #include "attn/kernels/simd.hpp"
 
 #include <algorithm>

@@ -72,14 +72,10 @@ struct BlockKV {
   template <class Acc>
   const Acc* tile(const T* pool, const float* scale, index_t dim, index_t s, index_t hk, index_t k0,
                   index_t rows, RowMatrix<Acc>& pack, index_t& ld) const {
-    const index_t* table = tables[s];
-    auto row_ptr = [&](index_t t) {  // (pool row of token t of head hk)
-      return ((table[t / bs] * heads + hk) * bs + t % bs);
-    };
     if constexpr (std::is_same<T, Acc>::value) {
       if (k0 / bs == (k0 + rows - 1) / bs) {  // inside one block: in place
         ld = dim;
-        return pool + row_ptr(k0) * dim;
+        return pool + pool_row(s, hk, k0) * dim;
       }
     }
     // int8 rows: the conversion of the instruction set the call runs (the same bits on each).
@@ -105,15 +101,19 @@ struct BlockKV {
     return pack.data();
   }
 
+  /// The pool row of token t of sequence s, KV head hk.
+  index_t pool_row(index_t s, index_t hk, index_t t) const {
+    return (tables[s][t / bs] * heads + hk) * bs + t % bs;
+  }
+
   /// Rows [k0, k0 + rows) of (s, hk) in runs inside one block each (scales null
   /// for pools that have none).
   template <class F>
   void runs(const T* pool, const float* scale, index_t dim, index_t s, index_t hk, index_t k0,
             index_t rows, F&& f) const {
-    const index_t* table = tables[s];
     for (index_t t = k0; t < k0 + rows;) {
       const index_t run = std::min(k0 + rows, (t / bs + 1) * bs) - t;  // tokens left in t's block
-      const index_t r0 = (table[t / bs] * heads + hk) * bs + t % bs;
+      const index_t r0 = pool_row(s, hk, t);
       f(t - k0, run, pool + r0 * dim, scale ? scale + r0 : nullptr);
       t += run;
     }
