@@ -181,10 +181,20 @@ inline void score_rows_keys(index_t d, const typename S::T* q, index_t ldq, cons
       for (int b = 0; b < KB; ++b) acc[i][b] = S::fma(a, kv[b], acc[i][b]);
     }
   }
+  // Each score's lanes summed: S::lanes accumulators at a time into one vector
+  // (S::sum_lanes, far fewer shuffles than a reduction per score), the rest one
+  // by one.
+  constexpr int n = M * KB, grouped = n / L * L;
+  T sums[n];
+  const V* flat = &acc[0][0];  // acc[i][b] is flat[i·KB + b]
+  ATTN_KERNEL_UNROLL
+  for (int g = 0; g < grouped; g += L) S::store(sums + g, S::sum_lanes(flat + g));
+  ATTN_KERNEL_UNROLL
+  for (int g = grouped; g < n; ++g) sums[g] = S::reduce_add(flat[g]);
   ATTN_KERNEL_UNROLL
   for (int i = 0; i < M; ++i) ATTN_KERNEL_UNROLL
   for (int b = 0; b < KB; ++b) {
-    T sum = S::reduce_add(acc[i][b]);
+    T sum = sums[i * KB + b];
     for (index_t t = p; t < d; ++t) sum += q[i * ldq + t] * static_cast<T>(k[b * ldk + t]);
     if constexpr (std::is_same<E, std::int8_t>::value) sum *= static_cast<T>(kscale[b]);
     s[i * lds + b] = sum;

@@ -5,7 +5,9 @@
 //   S::T         element type            S::lanes  elements per vector
 //   S::regs      architectural vector registers (sizes the register tile)
 //   S::V         the vector;  zero, set1, load, store, broadcast, fma (a·b + c),
-//                add, sub, mul, max, reduce_add, reduce_max
+//                add, sub, mul, max, reduce_add, reduce_max; sum_lanes(x): the
+//                vector whose lane j is reduce_add(x[j]) for S::lanes vectors x
+//                (x86: adds over a transposition, each sum in a fixed order)
 //   exp support  pow2n(shifted) and zero_below(e, x, lo) for the float exp
 //                polynomial, or S::exp when the type has its own
 //
@@ -98,6 +100,11 @@ struct Portable {
     T s = a.x[0];
     for (int i = 1; i < N; ++i) s += a.x[i];
     return s;
+  }
+  static V sum_lanes(const V* x) {
+    V r;
+    for (int j = 0; j < N; ++j) r.x[j] = reduce_add(x[j]);
+    return r;
   }
   static T reduce_max(const V& a) {
     T s = a.x[0];

@@ -36,6 +36,26 @@ struct Avx512F32 {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
+  /// Lane j: the 16 lanes of x[j] summed (j < 16). Adds over a transposition:
+  /// pairs of vectors within 128-bit lanes, then pairs of pairs, then the four
+  /// 128-bit lanes in two steps; 45 instructions for 16 sums.
+  static V sum_lanes(const V* x) {
+    V t[8], u[4];
+    for (int i = 0; i < 8; ++i)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
+      t[i] = _mm512_add_ps(_mm512_unpacklo_ps(x[2 * i], x[2 * i + 1]),
+                           _mm512_unpackhi_ps(x[2 * i], x[2 * i + 1]));
+    for (int i = 0; i < 4; ++i) {  // per 128-bit lane: that lane's sums of x[4i ... 4i + 3]
+      const __m512d a = _mm512_castps_pd(t[2 * i]), b = _mm512_castps_pd(t[2 * i + 1]);
+      u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+                           _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    constexpr int even = _MM_SHUFFLE(2, 0, 2, 0), odd = _MM_SHUFFLE(3, 1, 3, 1);
+    const V w0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], even),
+                               _mm512_shuffle_f32x4(u[0], u[1], odd));
+    const V w1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], even),
+                               _mm512_shuffle_f32x4(u[2], u[3], odd));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, even), _mm512_shuffle_f32x4(w0, w1, odd));
+  }
   static float reduce_max(V a) {
     __m256 h = _mm256_max_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
     __m128 s = _mm_max_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
