@@ -18,6 +18,37 @@
 
 namespace attn {
 namespace reference {
+namespace detail_topk {
+
+/// One selectable key of a row: its modified score, its raw score scale·q·k.
+struct Entry {
+  double score, x;
+  index_t key;
+};
+
+/// Row i of (b, h): the keys the mask keeps whose modified score is neither
+/// -inf nor NaN, sorted by score, descending, ties by ascending key (a stable
+/// sort of the keys in index order), into `row`.
+template <class Q, class K, class Mask, class Mod>
+void select_row(const TensorView<Q, 4>& q, const TensorView<K, 4>& k, const AttentionShape& s,
+                const Mask& m, const Mod& mod, index_t qp, index_t kp, double scale, index_t b,
+                index_t h, index_t i, std::vector<Entry>& row) {
+  const index_t hk = s.kv_head(h);
+  row.clear();
+  for (index_t j = 0; j < s.lk; ++j) {
+    if (!m.keep(b, h, qp + i, kp + j)) continue;
+    double dot = 0;
+    for (index_t c = 0; c < s.d; ++c)
+      dot += static_cast<double>(q(b, h, i, c)) * static_cast<double>(k(b, hk, j, c));
+    const double score = mod(b, h, qp + i, kp + j, scale * dot);
+    if (score == -std::numeric_limits<double>::infinity() || std::isnan(score)) continue;
+    row.push_back({score, scale * dot, j});
+  }
+  std::stable_sort(row.begin(), row.end(),
+                   [](const Entry& x, const Entry& y) { return x.score > y.score; });
+}
+
+}  // namespace detail_topk
 
 /// Reference of topk_attention: per row, the scores scale·q·k → score_mod →
 /// mask in double; the selectable keys (kept, score neither -inf nor NaN)
@@ -37,34 +68,22 @@ void topk_attention(const TensorView<Q, 4>& q, const TensorView<K, 4>& k, const 
   const Mod mod = score_mod.bind(global);
   const index_t qp = opt.positions.q_offset, kp = opt.positions.k_offset;
   const double scale = opt.scale.value_or(1.0 / std::sqrt(static_cast<double>(s.d)));
-  const double neg_inf = -std::numeric_limits<double>::infinity();
-  std::vector<std::pair<double, index_t>> row;
+  std::vector<detail_topk::Entry> row;
   for (index_t b = 0; b < s.batch; ++b)
     for (index_t h = 0; h < s.q_heads; ++h) {
       const index_t hk = s.kv_head(h);
       for (index_t i = 0; i < s.lq; ++i) {
-        row.clear();
-        for (index_t j = 0; j < s.lk; ++j) {
-          if (!m.keep(b, h, qp + i, kp + j)) continue;
-          double dot = 0;
-          for (index_t c = 0; c < s.d; ++c)
-            dot += static_cast<double>(q(b, h, i, c)) * static_cast<double>(k(b, hk, j, c));
-          const double score = mod(b, h, qp + i, kp + j, scale * dot);
-          if (score == neg_inf || std::isnan(score)) continue;
-          row.emplace_back(score, j);
-        }
-        std::stable_sort(row.begin(), row.end(),
-                         [](const auto& x, const auto& y) { return x.first > y.first; });
+        detail_topk::select_row(q, k, s, m, mod, qp, kp, scale, b, h, i, row);
         const index_t n = std::min<index_t>(k_best, static_cast<index_t>(row.size()));
-        const double mx = n > 0 ? row[0].first : 0.0;
+        const double mx = n > 0 ? row[0].score : 0.0;
         double sum = 0;
         for (index_t j = 0; j < n; ++j)
-          sum += std::exp(row[static_cast<std::size_t>(j)].first - mx);
+          sum += std::exp(row[static_cast<std::size_t>(j)].score - mx);
         for (index_t c = 0; c < s.dv; ++c) {
           double acc = 0;
           for (index_t j = 0; j < n; ++j) {
             const auto& e = row[static_cast<std::size_t>(j)];
-            acc += std::exp(e.first - mx) / sum * static_cast<double>(v(b, hk, e.second, c));
+            acc += std::exp(e.score - mx) / sum * static_cast<double>(v(b, hk, e.key, c));
           }
           out(b, h, i, c) = static_cast<O>(acc);
         }
@@ -74,7 +93,7 @@ void topk_attention(const TensorView<Q, 4>& q, const TensorView<K, 4>& k, const 
         if (!indices.is_null())
           for (index_t j = 0; j < indices.extent(3); ++j)
             indices(b, h, i, j) =
-                j < n ? static_cast<std::int64_t>(row[static_cast<std::size_t>(j)].second) : -1;
+                j < n ? static_cast<std::int64_t>(row[static_cast<std::size_t>(j)].key) : -1;
       }
     }
 }
@@ -112,34 +131,18 @@ void topk_attention_backward(const TensorView<Q, 4>& q, const TensorView<K, 4>& 
   });
   const index_t qp = opt.positions.q_offset, kp = opt.positions.k_offset;
   const double scale = opt.scale.value_or(1.0 / std::sqrt(static_cast<double>(s.d)));
-  const double neg_inf = -std::numeric_limits<double>::infinity();
   const auto d = static_cast<std::size_t>(s.d), dvd = static_cast<std::size_t>(s.dv),
              lk = static_cast<std::size_t>(s.lk);
   std::vector<double> gk(static_cast<std::size_t>(s.batch * s.kv_heads) * lk * d),
       gv(static_cast<std::size_t>(s.batch * s.kv_heads) * lk * dvd);
-  struct Entry {
-    double score, x;  // modified score, raw score scale·q·k
-    index_t key;
-  };
-  std::vector<Entry> row;
+  std::vector<detail_topk::Entry> row;
   std::vector<double> p, dp;
   for (index_t b = 0; b < s.batch; ++b)
     for (index_t h = 0; h < s.q_heads; ++h) {
       const index_t hk = s.kv_head(h);
       const std::size_t kv = static_cast<std::size_t>(b * s.kv_heads + hk);
       for (index_t i = 0; i < s.lq; ++i) {
-        row.clear();
-        for (index_t j = 0; j < s.lk; ++j) {
-          if (!m.keep(b, h, qp + i, kp + j)) continue;
-          double dot = 0;
-          for (index_t c = 0; c < s.d; ++c)
-            dot += static_cast<double>(q(b, h, i, c)) * static_cast<double>(k(b, hk, j, c));
-          const double score = mod(b, h, qp + i, kp + j, scale * dot);
-          if (score == neg_inf || std::isnan(score)) continue;
-          row.push_back({score, scale * dot, j});
-        }
-        std::stable_sort(row.begin(), row.end(),
-                         [](const Entry& x, const Entry& y) { return x.score > y.score; });
+        detail_topk::select_row(q, k, s, m, mod, qp, kp, scale, b, h, i, row);
         const auto n =
             static_cast<std::size_t>(std::min<index_t>(k_best, static_cast<index_t>(row.size())));
         p.assign(n, 0.0);
