@@ -193,12 +193,16 @@ void paged_equals_contiguous(index_t lq) {
   const std::vector<index_t> ids = {p0, p1, p2};
   const auto q = random_tensor<float>(n, Hq, lq, D, 40);
   const std::vector<index_t> flat_ids = {0, 1, 2};
-  for (int variant = 0; variant < 2; ++variant) {
+  // One thread: the paged decode walks both KV groups of sequence 0's key
+  // splits tile by tile in one task (segments.hpp, `fuse`); two: one group per task.
+  for (int variant = 0; variant < 4; ++variant) {
+    SCOPED_TRACE(std::string("threads ") + std::to_string(1 + variant / 2));
     Tensor<float> a(n, Hq, lq, Dv), b(n, Hq, lq, Dv);
     std::vector<float> la(static_cast<std::size_t>(n * Hq * lq)), lb(la.size());
     attn::AttentionOptions opt;
+    opt.num_threads = 1 + variant / 2;
     opt.lse = attn::TensorView<float, 3>(la.data(), {n, Hq, lq});
-    if (variant == 0) {
+    if (variant % 2 == 0) {
       attn::cache_attention(q.cview(), flat, flat_ids, a.view, attn::causal(), attn::no_score_mod(),
                             opt);
       opt.lse = attn::TensorView<float, 3>(lb.data(), {n, Hq, lq});

@@ -22,7 +22,9 @@
 // at least SplitTraits::min_split): each split walks its keys into its own
 // partial result (normalised out, lse), and the splits are merged by their
 // log-sum-exp in split order (merge_row), so the result does not depend on
-// the thread count. Tasks run longest first.
+// the thread count. Tasks run longest first. When the source's blocks are
+// shorter than a tile (a paged cache), one task walks the same split of
+// several KV groups tile by tile, reading each block's heads close together.
 //
 // A per-head sink logit (AttentionOptions::sinks) joins each row's softmax
 // denominator only, as a partial result with lse = sink and output 0:
@@ -42,6 +44,8 @@
 #include <cmath>
 #include <limits>
 #include <memory>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace attn {
@@ -53,6 +57,7 @@ struct SplitTraits {
   static constexpr index_t target_tasks = 64;  // split keys while the call has fewer units
   static constexpr index_t min_split = 1024;   // keys per split at least
   static constexpr index_t row_keys = 8;       // stacked rows at most that read keys as rows
+  static constexpr index_t max_fuse = 16;      // split units walked together by one task at most
   static_assert(stack_rows > 0 && target_tasks > 0 && min_split > 0, "positive constants");
 };
 
@@ -110,6 +115,20 @@ struct SegmentKV {
 };
 template <class KV>
 struct run_rows<SegmentKV<KV>> : run_rows<KV> {};
+
+/// Keys per block of a source read through block tables (kv/blocks.hpp); other
+/// sources hold each head's keys in one run.
+template <class KV, class = void>
+struct has_block_size : std::false_type {};
+template <class KV>
+struct has_block_size<KV, std::void_t<decltype(std::declval<const KV&>().bs)>> : std::true_type {};
+template <class KV>
+index_t block_keys(const KV& kv) {
+  if constexpr (has_block_size<KV>::value)
+    return kv.bs;
+  else
+    return std::numeric_limits<index_t>::max();
+}
 
 /// Folds a sink logit into a normalised row (out[0..n), lse).
 template <class Acc>
@@ -190,22 +209,49 @@ void segment_forward(const TensorView<const Q, 4>& q, const KV& kv, const Tensor
     }
   }
 
-  // ---- tasks: (unit, split), longest first ---------------------------------------------------
+  // ---- tasks: (units, split), longest first -------------------------------------------------
+  // Split units of one segment with the same keys and splits (the KV groups of
+  // a decoding step) are walked together, `fuse` groups per task, tile by
+  // tile: each key tile of every group is read before the next tile, so a
+  // task reads a paged cache's blocks whole ([Hkv, bs, D] each) instead of
+  // one head's 8 KiB slice of each. Each group's arithmetic is unchanged, so
+  // the bits do not depend on `fuse`, which may follow the thread count: it
+  // leaves at least 4 tasks per thread.
   struct Task {
     index_t unit, split;
     index_t work;
+    index_t count;  // units unit, unit + 1, ... walked together
+  };
+  index_t unfused = 0;
+  for (const Unit& u : units) unfused += u.splits;
+  const int threads = resolve_threads(opt.num_threads, std::max<index_t>(unfused, 1));
+  const index_t fuse =
+      block_keys(kv) < bc  // one head's tile spans blocks (contiguous heads stream better alone)
+          ? std::clamp<index_t>(unfused / (4 * static_cast<index_t>(threads)), 1,
+                                SplitTraits::max_fuse)
+          : 1;
+  auto same_keys = [&](const Unit& a, const Unit& b) {
+    return a.seg == b.seg && a.splits > 1 && b.splits == a.splits && a.k_begin == b.k_begin &&
+           a.k_end == b.k_end && a.split_len == b.split_len;
   };
   std::vector<Task> tasks;
-  for (index_t ui = 0; ui < n_units; ++ui) {
+  for (index_t ui = 0; ui < n_units;) {
     const Unit& u = units[static_cast<std::size_t>(ui)];
+    index_t count = 1;
+    while (count < fuse && ui + count < n_units &&
+           same_keys(u, units[static_cast<std::size_t>(ui + count)]))
+      ++count;
     for (index_t sp = 0; sp < u.splits; ++sp) {
       const index_t k0 = u.splits == 1 ? u.k_begin : u.k_begin + sp * u.split_len;
       const index_t k1 = u.splits == 1 ? u.k_end : std::min(u.k_end, k0 + u.split_len);
-      tasks.push_back({ui, sp, u.heads * u.n * std::max<index_t>(k1 - k0, 1)});
+      tasks.push_back({ui, sp, count * u.heads * u.n * std::max<index_t>(k1 - k0, 1), count});
     }
+    ui += count;
   }
   std::stable_sort(tasks.begin(), tasks.end(),
                    [](const Task& a, const Task& b) { return a.work > b.work; });
+  index_t max_count = 1;
+  for (const Task& t : tasks) max_count = std::max(max_count, t.count);
 
   // Partial results of split units: normalised out (rows, Dv) and lse per split.
   std::vector<Acc> part_out(static_cast<std::size_t>(slots * max_rows * dv));
@@ -215,14 +261,16 @@ void segment_forward(const TensorView<const Q, 4>& q, const KV& kv, const Tensor
   const SegmentKV<KV> any_segment{kv, 0, 0, 0};
   const Packed layout(any_segment, ks, false, d, dv, bc, false, kv_heads);
   struct Scratch {
-    RowMatrix<Acc> q;
-    Partial<Acc> part;
+    RowMatrix<Acc> q;                // (count · rows, D): each unit's rows, scaled
+    std::vector<Partial<Acc>> part;  // one per unit of a task
     WalkScratch<Acc> walk;
     Eigen::Matrix<Acc, 1, Eigen::Dynamic> row;
-    Scratch(index_t rows, index_t bc_, const Packed& pk)
-        : q(rows, pk.d), part(rows, pk.dv, pk.dvp), walk(rows, bc_, pk), row(pk.dv) {}
+    Scratch(index_t rows, index_t count, index_t bc_, const Packed& pk)
+        : q(count * rows, pk.d),
+          part(static_cast<std::size_t>(count), Partial<Acc>(rows, pk.dv, pk.dvp)),
+          walk(rows, bc_, pk), row(pk.dv) {}
   };
-  auto make_scratch = [&] { return std::make_unique<Scratch>(max_rows, bc, layout); };
+  auto make_scratch = [&] { return std::make_unique<Scratch>(max_rows, max_count, bc, layout); };
 
   // Writes a finished row (normalised, in Acc) of unit u: sink, then out and lse.
   auto finish_row = [&](const Unit& u, index_t r, Acc* row, Acc lse) {
@@ -235,39 +283,55 @@ void segment_forward(const TensorView<const Q, 4>& q, const KV& kv, const Tensor
 
   auto run_task = [&](Scratch& sc, index_t t) {
     const Task& task = tasks[static_cast<std::size_t>(t)];
-    const Unit& u = units[static_cast<std::size_t>(task.unit)];
-    const Seg& sg = segs[static_cast<std::size_t>(u.seg)];
-    const index_t rows = u.heads * u.n;
-    for (index_t g = 0; g < u.heads; ++g)  // (rows, D): head g's rows, scaled
-      sc.q.middleRows(g * u.n, u.n) =
-          matrix(q, sg.q_batch, u.h0 + g).middleRows(sg.q_begin + u.q0, u.n).template cast<Acc>() *
-          scale;
-    sc.part.reset(rows);
+    const Unit& first = units[static_cast<std::size_t>(task.unit)];
+    const Seg& sg = segs[static_cast<std::size_t>(first.seg)];
+    const index_t rows = first.heads * first.n;
+    for (index_t ui = 0; ui < task.count; ++ui) {
+      const Unit& u = units[static_cast<std::size_t>(task.unit + ui)];
+      for (index_t g = 0; g < u.heads; ++g)  // (rows, D): head g's rows, scaled
+        sc.q.middleRows(ui * rows + g * u.n, u.n) =
+            matrix(q, sg.q_batch, u.h0 + g).middleRows(sg.q_begin + u.q0, u.n).template cast<Acc>() *
+            scale;
+      sc.part[static_cast<std::size_t>(ui)].reset(rows);
+    }
     const SegmentKV<KV> skv{kv, sg.kv_batch, sg.k_begin, sg.k_len};
     Packed pkv(skv, ks, false, d, dv, bc, false, kv_heads);
     pkv.rows = rows <= SplitTraits::row_keys;
     const Walk<Acc, Packed, Mask, Mod> walk{pkv, *sg.mask, *sg.mod, bc,        d,
                                             dv,  sg.k_pos, scale,   sg.dropout};
-    const index_t k0 = u.splits == 1 ? u.k_begin : u.k_begin + task.split * u.split_len;
-    const index_t k1 = u.splits == 1 ? u.k_end : std::min(u.k_end, k0 + u.split_len);
-    walk.run_heads(sc.walk, sc.part, sg.mask_batch, u.h0, u.heads, u.h0 / group, sg.q_pos + u.q0,
-                   sc.q.data(), k0, k1);
-    for (index_t r = 0; r < rows; ++r) {
-      if (u.splits == 1) {
-        sc.part.write_row(r, sc.row);
-        finish_row(u, r, sc.row.data(), sc.part.lse(r));
-      } else {
-        const index_t at = (u.slot + task.split) * max_rows + r;
-        Eigen::Map<Eigen::Matrix<Acc, 1, Eigen::Dynamic>> dst(&part_out[at * dv], dv);
-        sc.part.write_row(r, dst);
-        part_lse[static_cast<std::size_t>(at)] = sc.part.lse(r);
+    const index_t k0 =
+        first.splits == 1 ? first.k_begin : first.k_begin + task.split * first.split_len;
+    const index_t k1 = first.splits == 1 ? first.k_end : std::min(first.k_end, k0 + first.split_len);
+    auto walk_unit = [&](index_t ui, index_t from, index_t to) {
+      const Unit& u = units[static_cast<std::size_t>(task.unit + ui)];
+      walk.run_heads(sc.walk, sc.part[static_cast<std::size_t>(ui)], sg.mask_batch, u.h0, u.heads,
+                     u.h0 / group, sg.q_pos + u.q0, sc.q.data() + ui * rows * d, from, to);
+    };
+    if (task.count == 1)
+      walk_unit(0, k0, k1);
+    else  // tile by tile, every unit (the same grid from k0 as one walk over [k0, k1))
+      for (index_t kt = k0; kt < k1; kt += bc)
+        for (index_t ui = 0; ui < task.count; ++ui) walk_unit(ui, kt, std::min(k1, kt + bc));
+    for (index_t ui = 0; ui < task.count; ++ui) {
+      const Unit& u = units[static_cast<std::size_t>(task.unit + ui)];
+      const Partial<Acc>& part = sc.part[static_cast<std::size_t>(ui)];
+      for (index_t r = 0; r < rows; ++r) {
+        if (u.splits == 1) {
+          part.write_row(r, sc.row);
+          finish_row(u, r, sc.row.data(), part.lse(r));
+        } else {
+          const index_t at = (u.slot + task.split) * max_rows + r;
+          Eigen::Map<Eigen::Matrix<Acc, 1, Eigen::Dynamic>> dst(&part_out[at * dv], dv);
+          part.write_row(r, dst);
+          part_lse[static_cast<std::size_t>(at)] = part.lse(r);
+        }
       }
     }
   };
 
   if (opt.stats) *opt.stats = AttentionStats{};
   const index_t n_tasks = static_cast<index_t>(tasks.size());
-  parallel_tasks(n_tasks, resolve_threads(opt.num_threads, n_tasks), make_scratch, run_task,
+  parallel_tasks(n_tasks, std::min<index_t>(threads, n_tasks), make_scratch, run_task,
                  [&](const Scratch& sc) { sc.walk.add_to(opt.stats); });
   if (slots == 0) return;
 
