@@ -15,6 +15,8 @@
 //   decode/paged_f32      paged_attention on a PagedKVCache<float>, blocks of 16
 //                         tokens (8 KiB per head of K), and paged_f32_b64 with blocks
 //                         of 64 (32 KiB): how the block size sets the paged cost
+//   decode/paged_f32_2seq two sequences of Lk / 2 tokens, blocks of 16 alternating
+//                         in the pool, decoded in one call (the same bytes)
 //   varlen/padded         prefill of 8 sequences (100 ... 4000 tokens) as one padded
 //                         batch of the longest, causal + key_padding (baseline)
 //   varlen/packed         the same tokens through varlen_attention
@@ -222,6 +224,31 @@ void BM_paged(benchmark::State& state) {
   set_bandwidth(state, static_cast<double>(cache.bytes()), t);
 }
 
+/// Two sequences of n / 2 tokens whose blocks alternate in the pool (appended
+/// block by block in turn, as a server interleaves its sequences), decoded in
+/// one call: the same bytes as one contiguous sequence of n tokens.
+void BM_paged_interleaved(benchmark::State& state) {
+  const index_t n = state.range(0), bs = state.range(1), half = n / 2;
+  attn::PagedKVCache<float> cache(2 * ((half + bs - 1) / bs), bs, kHkv, kD);
+  const index_t s0 = cache.add_sequence(), s1 = cache.add_sequence();
+  const std::vector<float> kb = random_buffer(static_cast<std::size_t>(kHkv * bs * kD), 2),
+                           vb = random_buffer(kb.size(), 3);
+  for (index_t t = 0; t < half; t += bs)
+    for (const index_t seq : {s0, s1}) {
+      const index_t c = std::min(bs, half - t);
+      cache.append(seq, attn::bhsd<const float>(kb.data(), 1, kHkv, c, kD),
+                   attn::bhsd<const float>(vb.data(), 1, kHkv, c, kD));
+    }
+  const std::vector<float> qb = random_buffer(static_cast<std::size_t>(2 * kHq * kD), 1);
+  std::vector<float> ob(qb.size());
+  const auto q = attn::bhsd<const float>(qb.data(), 2, kHq, 1, kD);
+  const auto o = attn::bhsd(ob.data(), 2, kHq, 1, kD);
+  const double t =
+      timed_loop(state, [&] { attn::paged_attention(q, cache, {s0, s1}, o, attn::causal()); });
+  set_ratio(state, key("cache", n), t);
+  set_bandwidth(state, static_cast<double>(cache.bytes()), t);
+}
+
 // ------------------------------------------------------------------ varlen --
 
 constexpr index_t kVarHq = 8, kVarHkv = 2, kVarD = 64;
@@ -277,6 +304,7 @@ int main(int argc, char** argv) {
     reg(("decode/cache_int8" + s).c_str(), BM_cache<std::int8_t>)->Arg(lk);
     reg(("decode/paged_f32" + s).c_str(), BM_paged)->Args({lk, 16});
     reg(("decode/paged_f32_b64" + s).c_str(), BM_paged)->Args({lk, 64});
+    reg(("decode/paged_f32_2seq" + s).c_str(), BM_paged_interleaved)->Args({lk, 16});
   }
   reg("varlen/padded", BM_varlen_padded);
   reg("varlen/packed", BM_varlen_packed);
