@@ -7,9 +7,11 @@
 
 #include <attn/attn.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -380,6 +382,117 @@ TEST(Sinks, MatchReferenceWithExtraLogit) {
     attn::masked_attention(in.q.view, in.k.view, in.v.view, out.view, attn::causal(), opt);
     expect_close(out, ref, lse, lse_ref, tolerance<float>(p.D, p.Lk, max_abs(in.v)));
   }
+}
+
+// Gradients of a forward with sinks against central differences of the fp64
+// reference, for L = Σ out ∘ W: dsinks from sinks_backward, dq, dk, dv from
+// attention_backward given the sink forward's out and lse. The library works
+// in double except lse, stored as float: exp(s − lse) then moves by a factor
+// within e^{±|lse|·2^-24}, so each gradient is within about |lse|·2^-24 of its
+// size, relative; the bound allows 2^-18·(1 + max|lse|) of (1 + |g|), and
+// central differences with ε = 1e-5 add ε² times the third derivative (under
+// 1e-8 here), and dsinks (float) one float rounding, 2^-24 relative.
+TEST(Sinks, GradientsMatchFiniteDifferences) {
+  const index_t B = 2, Hq = 4, Hkv = 2, Lq = 3, Lk = 5, D = 4, Dv = 3;
+  const auto q = attn_test::to_double(random_tensor<float>(B, Hq, Lq, D, 80));
+  const auto k = attn_test::to_double(random_tensor<float>(B, Hkv, Lk, D, 81));
+  const auto v = attn_test::to_double(random_tensor<float>(B, Hkv, Lk, Dv, 82));
+  const auto w = attn_test::to_double(random_tensor<float>(B, Hq, Lq, Dv, 83));
+  const std::vector<float> sinks = {-std::numeric_limits<float>::infinity(), 0.5f, -0.25f, 1.0f};
+  const std::vector<double> sinks_d(sinks.begin(), sinks.end());
+  const auto mask = attn::causal();  // bottom-right: every row sees at least 3 keys
+  auto loss = [&](const Tensor<double>& qq, const Tensor<double>& kk, const Tensor<double>& vv,
+                  const std::vector<double>& sk) {
+    Tensor<double> o(B, Hq, Lq, Dv);
+    attn::reference::attention_with_sinks(qq.cview(), kk.cview(), vv.cview(), o.view, sk, mask);
+    double l = 0;
+    for (index_t b = 0; b < B; ++b)
+      for (index_t h = 0; h < Hq; ++h)
+        for (index_t i = 0; i < Lq; ++i)
+          for (index_t c = 0; c < Dv; ++c) l += o(b, h, i, c) * w(b, h, i, c);
+    return l;
+  };
+  // The library's forward and gradients.
+  Tensor<double> out(B, Hq, Lq, Dv), dq(B, Hq, Lq, D), dk(B, Hkv, Lk, D), dv(B, Hkv, Lk, Dv);
+  std::vector<float> lse(static_cast<std::size_t>(B * Hq * Lq)), dsinks(sinks.size());
+  attn::AttentionOptions opt;
+  opt.sinks = attn::TensorView<const float, 1>(sinks.data(), {Hq});
+  opt.lse = attn::TensorView<float, 3>(lse.data(), {B, Hq, Lq});
+  attn::masked_attention(q.cview(), k.cview(), v.cview(), out.view, mask, opt);
+  const attn::TensorView<const float, 3> lse_view(lse.data(), {B, Hq, Lq});
+  attn::attention_backward(q.cview(), k.cview(), v.cview(), out.cview(), lse_view, w.cview(),
+                           dq.view, dk.view, dv.view, mask);
+  attn::sinks_backward(out.cview(), lse_view, w.cview(), opt.sinks,
+                       attn::TensorView<float, 1>(dsinks.data(), {Hq}));
+  double lse_max = 0;
+  for (float x : lse) lse_max = std::max(lse_max, std::abs(double(x)));
+  const double eps = 1e-5, rel = std::ldexp(1.0, -18) * (1 + lse_max);
+  auto expect_fd = [&](double got, double fd, const std::string& what) {
+    EXPECT_NEAR(got, fd, rel * (1 + std::abs(fd)) + 1e-8) << what;
+  };
+  EXPECT_EQ(dsinks[0], 0.0f);  // no sink, no gradient
+  for (index_t h = 1; h < Hq; ++h) {
+    auto plus = sinks_d, minus = sinks_d;
+    plus[static_cast<std::size_t>(h)] += eps;
+    minus[static_cast<std::size_t>(h)] -= eps;
+    const double fd = (loss(q, k, v, plus) - loss(q, k, v, minus)) / (2 * eps);
+    EXPECT_GT(std::abs(fd), 1e-3) << "the sink of head " << h << " should matter";
+    expect_fd(dsinks[static_cast<std::size_t>(h)], fd, "dsinks " + std::to_string(h));
+  }
+  // which: 0 perturbs q, 1 k, 2 v
+  auto check_all = [&](Tensor<double> x, const Tensor<double>& grad, int which, const char* name) {
+    for (index_t a = 0; a < x.extent(0); ++a)
+      for (index_t b = 0; b < x.extent(1); ++b)
+        for (index_t i = 0; i < x.extent(2); ++i)
+          for (index_t c = 0; c < x.extent(3); ++c) {
+            const double keep = x(a, b, i, c);
+            auto at = [&](double val) {
+              x(a, b, i, c) = val;
+              return which == 0   ? loss(x, k, v, sinks_d)
+                     : which == 1 ? loss(q, x, v, sinks_d)
+                                  : loss(q, k, x, sinks_d);
+            };
+            const double fd = (at(keep + eps) - at(keep - eps)) / (2 * eps);
+            x(a, b, i, c) = keep;
+            expect_fd(grad(a, b, i, c), fd, name);
+          }
+  };
+  check_all(q, dq, 0, "dq");
+  check_all(k, dk, 1, "dk");
+  check_all(v, dv, 2, "dv");
+}
+
+TEST(Sinks, BackwardRefusesBadViewsAndWritesNothing) {
+  std::vector<double> o(2 * 3 * 2), d(o.size());
+  std::vector<float> lse(6), sinks = {0.f, 1.f}, ds = {7.f, 7.f, 7.f};
+  const attn::TensorView<const double, 4> out(o.data(), {1, 2, 3, 2}), dout(d.data(), {1, 2, 3, 2});
+  const attn::TensorView<const float, 3> l(lse.data(), {1, 2, 3});
+  const attn::TensorView<const float, 1> s(sinks.data(), {2});
+  auto error_of = [](auto&& f) {
+    try {
+      f();
+    } catch (const attn::Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_NE(error_of([&] {
+              attn::sinks_backward(out, l, dout, s, attn::TensorView<float, 1>(ds.data(), {3}));
+            }).find("dsinks has 3 entries, expected one per query head (2)"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] {
+              attn::sinks_backward(out, attn::TensorView<const float, 3>(lse.data(), {1, 2, 2}),
+                                   dout, s, attn::TensorView<float, 1>(ds.data(), {2}));
+            }).find("lse has shape [1, 2, 2], expected [1, 2, 3]"),
+            std::string::npos);
+  // dsinks aliasing lse
+  EXPECT_NE(error_of([&] {
+              attn::sinks_backward(out, l, dout, s, attn::TensorView<float, 1>(lse.data(), {2}));
+            }).find("dsinks overlaps lse"),
+            std::string::npos);
+  EXPECT_EQ(ds[0], 7.f);
+  EXPECT_EQ(ds[1], 7.f);
+  EXPECT_EQ(lse[0], 0.f);
 }
 
 // A row that sees no key gets zeros and lse = sink (the sink takes all the weight).

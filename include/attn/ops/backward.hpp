@@ -13,6 +13,8 @@
 #include "attn/sparse.hpp"
 #include "attn/tensor_view.hpp"
 
+#include <cmath>
+#include <limits>
 #include <type_traits>
 
 namespace attn {
@@ -223,6 +225,62 @@ void sparse_attention_backward(const TensorView<Q, 4>& q, const TensorView<K, 4>
   m.layout = &layout;
   m.inner = mask;
   detail::backward_entry(q, k, v, out, lse, dout, dq, dk, dv, m, score_mod, opt);
+}
+
+/// Gradient of the loss with respect to the per-head sink logits of a forward
+/// run with options.sinks (serving.md, "Attention sinks"):
+///
+///   dsinks[h] = -Σ_b Σ_i exp(sinks[h] - lse[b, h, i]) · Σ_c dout[b, h, i, c] · out[b, h, i, c]
+///
+/// (the sink's probability times its value 0 minus the row's D_i = dout_i · out_i).
+/// `out` and `lse` are what that forward wrote: its lse includes the sink, so
+/// attention_backward given them computes dq, dk and dv of the sink forward
+/// as they are. A head without a sink (-inf) gets 0. Sums in double, rows in
+/// order: the same bits on every call. dsinks [Hq] must not overlap an input.
+template <class O, class L, class DO>
+void sinks_backward(const TensorView<O, 4>& out, const TensorView<L, 3>& lse,
+                    const TensorView<DO, 4>& dout, const TensorView<const float, 1>& sinks,
+                    const TensorView<float, 1>& dsinks) {
+  static_assert(std::is_same<std::remove_cv_t<L>, float>::value ||
+                    std::is_same<std::remove_cv_t<L>, double>::value,
+                "attn: lse is float (what the forward writes) or double");
+  detail::check_view(out, "out");
+  detail::check_view(lse, "lse");
+  detail::check_view(dout, "dout");
+  detail::check_view(sinks, "sinks");
+  detail::check_view(dsinks, "dsinks");
+  const index_t batch = out.extent(0), heads = out.extent(1), lq = out.extent(2),
+                dv = out.extent(3);
+  if (lse.extent(0) != batch || lse.extent(1) != heads || lse.extent(2) != lq)
+    detail::fail("lse has shape ", detail::shape_str(lse), ", expected [", batch, ", ", heads,
+                 ", ", lq, "] (the first three extents of out)");
+  for (int i = 0; i < 4; ++i)
+    if (dout.extent(i) != out.extent(i))
+      detail::fail("dout has shape ", detail::shape_str(dout), ", expected ",
+                   detail::shape_str(out), " (the shape of out)");
+  detail::check_sinks(sinks, heads);
+  if (dsinks.extent(0) != heads)
+    detail::fail("dsinks has ", dsinks.extent(0), " entries, expected one per query head (",
+                 heads, ")");
+  detail::check_not_self_overlapping(dsinks, "dsinks");
+  detail::check_no_overlap(dsinks, "dsinks", out, "out");
+  detail::check_no_overlap(dsinks, "dsinks", lse, "lse");
+  detail::check_no_overlap(dsinks, "dsinks", dout, "dout");
+  detail::check_no_overlap(dsinks, "dsinks", sinks, "sinks");
+  for (index_t h = 0; h < heads; ++h) {
+    const double sink = static_cast<double>(sinks(h));
+    double g = 0;
+    if (sink != -std::numeric_limits<double>::infinity())
+      for (index_t b = 0; b < batch; ++b)
+        for (index_t i = 0; i < lq; ++i) {
+          double d = 0;  // D_i = dout_i · out_i
+          for (index_t c = 0; c < dv; ++c)
+            d += static_cast<double>(dout(b, h, i, c)) * static_cast<double>(out(b, h, i, c));
+          // lse >= sink always (the sink is one of its terms), so the exponent is <= 0.
+          g -= std::exp(sink - static_cast<double>(lse(b, h, i))) * d;
+        }
+    dsinks(h) = static_cast<float>(g);
+  }
 }
 
 }  // namespace attn
