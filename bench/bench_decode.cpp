@@ -243,8 +243,9 @@ void BM_paged_interleaved(benchmark::State& state) {
   std::vector<float> ob(qb.size());
   const auto q = attn::bhsd<const float>(qb.data(), 2, kHq, 1, kD);
   const auto o = attn::bhsd(ob.data(), 2, kHq, 1, kD);
-  const double t =
-      timed_loop(state, [&] { attn::paged_attention(q, cache, {s0, s1}, o, attn::causal()); });
+  const double t = timed_loop(state, [&] {
+    attn::paged_attention(q, cache, {s0, s1}, o, attn::causal());
+  });
   set_ratio(state, key("cache", n), t);
   set_bandwidth(state, static_cast<double>(cache.bytes()), t);
 }

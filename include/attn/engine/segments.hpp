@@ -289,9 +289,10 @@ void segment_forward(const TensorView<const Q, 4>& q, const KV& kv, const Tensor
     for (index_t ui = 0; ui < task.count; ++ui) {
       const Unit& u = units[static_cast<std::size_t>(task.unit + ui)];
       for (index_t g = 0; g < u.heads; ++g)  // (rows, D): head g's rows, scaled
-        sc.q.middleRows(ui * rows + g * u.n, u.n) =
-            matrix(q, sg.q_batch, u.h0 + g).middleRows(sg.q_begin + u.q0, u.n).template cast<Acc>() *
-            scale;
+        sc.q.middleRows(ui * rows + g * u.n, u.n) = matrix(q, sg.q_batch, u.h0 + g)
+                                                        .middleRows(sg.q_begin + u.q0, u.n)
+                                                        .template cast<Acc>() *
+                                                    scale;
       sc.part[static_cast<std::size_t>(ui)].reset(rows);
     }
     const SegmentKV<KV> skv{kv, sg.kv_batch, sg.k_begin, sg.k_len};
@@ -301,7 +302,8 @@ void segment_forward(const TensorView<const Q, 4>& q, const KV& kv, const Tensor
                                             dv,  sg.k_pos, scale,   sg.dropout};
     const index_t k0 =
         first.splits == 1 ? first.k_begin : first.k_begin + task.split * first.split_len;
-    const index_t k1 = first.splits == 1 ? first.k_end : std::min(first.k_end, k0 + first.split_len);
+    const index_t k1 =
+        first.splits == 1 ? first.k_end : std::min(first.k_end, k0 + first.split_len);
     auto walk_unit = [&](index_t ui, index_t from, index_t to) {
       const Unit& u = units[static_cast<std::size_t>(task.unit + ui)];
       walk.run_heads(sc.walk, sc.part[static_cast<std::size_t>(ui)], sg.mask_batch, u.h0, u.heads,

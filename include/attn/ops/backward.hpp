@@ -252,16 +252,16 @@ void sinks_backward(const TensorView<O, 4>& out, const TensorView<L, 3>& lse,
   const index_t batch = out.extent(0), heads = out.extent(1), lq = out.extent(2),
                 dv = out.extent(3);
   if (lse.extent(0) != batch || lse.extent(1) != heads || lse.extent(2) != lq)
-    detail::fail("lse has shape ", detail::shape_str(lse), ", expected [", batch, ", ", heads,
-                 ", ", lq, "] (the first three extents of out)");
+    detail::fail("lse has shape ", detail::shape_str(lse), ", expected [", batch, ", ", heads, ", ",
+                 lq, "] (the first three extents of out)");
   for (int i = 0; i < 4; ++i)
     if (dout.extent(i) != out.extent(i))
       detail::fail("dout has shape ", detail::shape_str(dout), ", expected ",
                    detail::shape_str(out), " (the shape of out)");
   detail::check_sinks(sinks, heads);
   if (dsinks.extent(0) != heads)
-    detail::fail("dsinks has ", dsinks.extent(0), " entries, expected one per query head (",
-                 heads, ")");
+    detail::fail("dsinks has ", dsinks.extent(0), " entries, expected one per query head (", heads,
+                 ")");
   detail::check_not_self_overlapping(dsinks, "dsinks");
   detail::check_no_overlap(dsinks, "dsinks", out, "out");
   detail::check_no_overlap(dsinks, "dsinks", lse, "lse");
