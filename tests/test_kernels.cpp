@@ -206,6 +206,46 @@ TYPED_TEST(Kernels, ScoreRowsInt8MatchesDoubleLoop) {
   }
 }
 
+/// score_rows and score_rows_i8 give each score the same bits however the keys
+/// are cut into calls: a cache hands its keys over in runs (one per block of a
+/// paged cache, one per tile of a contiguous one), and a paged cache must equal
+/// the contiguous one bit for bit. A key in a block of rows_keys keys is summed
+/// with S::sum_lanes, a tail key with S::reduce_add: the two must agree.
+TYPED_TEST(Kernels, ScoreRowsBitsDoNotDependOnTheRuns) {
+  using T = TypeParam;
+  for (Isa isa : isas_for<T>()) {
+    const KernelSet<T>& ks = attn::kernels::kernel_set<T>(isa);
+    for (index_t rows : {1, 2, 3, 4, 5, 8})
+      for (index_t d : std::vector<index_t>{7, ks.lanes, 2 * ks.lanes + 3, 64, 128}) {
+        SCOPED_TRACE(std::string(attn::isa_name(isa)) + " rows=" + std::to_string(rows) +
+                     " d=" + std::to_string(d));
+        const index_t cols = 37, ldk = d + 2;
+        const auto q = random_vec<T>(static_cast<std::size_t>(rows * d), 41);
+        const auto k = random_vec<T>(static_cast<std::size_t>(cols * ldk), 42);
+        const auto k8 = random_codes(static_cast<std::size_t>(cols * ldk), 43);
+        std::vector<float> scale(static_cast<std::size_t>(cols));
+        for (index_t j = 0; j < cols; ++j) scale[j] = std::ldexp(0.75f + 0.01f * j, int(j % 5) - 2);
+        for (index_t run : {1, 2, 3, 5, 16}) {  // runs of `run` keys against one call
+          std::vector<T> whole(static_cast<std::size_t>(rows * cols)), runs(whole.size());
+          std::vector<T> whole8(whole.size()), runs8(whole.size());
+          ks.score_rows(rows, cols, d, q.data(), d, k.data(), ldk, whole.data(), cols);
+          ks.score_rows_i8(rows, cols, d, q.data(), d, k8.data(), ldk, scale.data(), whole8.data(),
+                           cols);
+          for (index_t j = 0; j < cols; j += run) {
+            const index_t n = std::min(run, cols - j);
+            ks.score_rows(rows, n, d, q.data(), d, k.data() + j * ldk, ldk, runs.data() + j, cols);
+            ks.score_rows_i8(rows, n, d, q.data(), d, k8.data() + j * ldk, ldk, scale.data() + j,
+                             runs8.data() + j, cols);
+          }
+          ASSERT_EQ(std::memcmp(whole.data(), runs.data(), whole.size() * sizeof(T)), 0)
+              << "runs of " << run;
+          ASSERT_EQ(std::memcmp(whole8.data(), runs8.data(), whole8.size() * sizeof(T)), 0)
+              << "int8, runs of " << run;
+        }
+      }
+  }
+}
+
 /// pv_i8: O += P·V̂ with int8 value rows converted in registers, every row and column block.
 TYPED_TEST(Kernels, PvInt8MatchesDoubleLoop) {
   using T = TypeParam;

@@ -28,11 +28,15 @@ struct Avx2F32 {
   static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
   static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  /// The lanes summed in sum_lanes' order: within each 128-bit lane
+  /// (x0 + x2) + (x1 + x3), then lane 0 + lane 1. One score must get the same
+  /// bits from either, since which one a score takes depends on where a run
+  /// of keys starts.
   static float reduce_add(V a) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
+    const V pairs = _mm256_add_ps(a, _mm256_permute_ps(a, _MM_SHUFFLE(1, 0, 3, 2)));
+    const V lanes = _mm256_add_ps(pairs, _mm256_permute_ps(pairs, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm_cvtss_f32(
+        _mm_add_ss(_mm256_castps256_ps128(lanes), _mm256_extractf128_ps(lanes, 1)));
   }
   /// Lane j: the 8 lanes of x[j] summed (j < 8). Adds over a transposition:
   /// pairs of vectors within 128-bit lanes, then pairs of pairs, then the two

@@ -28,13 +28,17 @@ struct Avx512F32 {
   static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
   static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
   static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  /// The lanes summed in sum_lanes' order: within each 128-bit lane
+  /// (x0 + x2) + (x1 + x3), then (lane 0 + lane 1) + (lane 2 + lane 3). One
+  /// score must get the same bits from either, since which one a score takes
+  /// depends on where a run of keys starts.
   static float reduce_add(V a) {
-    // Fixed pairwise order (halves, then quarters ...), the same on every call.
-    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
+    const V pairs = _mm512_add_ps(a, _mm512_permute_ps(a, _MM_SHUFFLE(1, 0, 3, 2)));
+    const V lanes = _mm512_add_ps(pairs, _mm512_permute_ps(pairs, _MM_SHUFFLE(2, 3, 0, 1)));
+    const V halves =
+        _mm512_add_ps(lanes, _mm512_shuffle_f32x4(lanes, lanes, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm512_cvtss_f32(
+        _mm512_add_ps(halves, _mm512_shuffle_f32x4(halves, halves, _MM_SHUFFLE(1, 0, 3, 2))));
   }
   /// Lane j: the 16 lanes of x[j] summed (j < 16). Adds over a transposition:
   /// pairs of vectors within 128-bit lanes, then pairs of pairs, then the four
