@@ -195,7 +195,8 @@ inline void score_rows_keys(index_t d, const typename S::T* q, index_t ldq, cons
   for (int i = 0; i < M; ++i) ATTN_KERNEL_UNROLL
   for (int b = 0; b < KB; ++b) {
     T sum = sums[i * KB + b];
-    for (index_t t = p; t < d; ++t) sum += q[i * ldq + t] * static_cast<T>(k[b * ldk + t]);
+    for (index_t t = p; t < d; ++t)
+      sum = S::mul_add(q[i * ldq + t], static_cast<T>(k[b * ldk + t]), sum);
     if constexpr (std::is_same<E, std::int8_t>::value) sum *= static_cast<T>(kscale[b]);
     s[i * lds + b] = sum;
   }

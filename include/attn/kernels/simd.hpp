@@ -71,9 +71,20 @@ struct Portable {
     for (int i = 0; i < N; ++i) r.x[i] = static_cast<T>(p[i]);
     return r;
   }
+  /// a·b + c rounded once where the target has FMA, twice where it has none:
+  /// never left to the compiler, which may fuse a·b + c in one inlined copy
+  /// and not in another (GCC with -march=native), and then a score's bits
+  /// would depend on which copy computed it (keys in a block or in a tail).
+  static T mul_add(T a, T b, T c) {
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+    return std::fma(a, b, c);
+#else
+    return a * b + c;
+#endif
+  }
   static V fma(const V& a, const V& b, const V& c) {
     V r;
-    for (int i = 0; i < N; ++i) r.x[i] = a.x[i] * b.x[i] + c.x[i];
+    for (int i = 0; i < N; ++i) r.x[i] = mul_add(a.x[i], b.x[i], c.x[i]);
     return r;
   }
   static V add(const V& a, const V& b) {
