@@ -48,7 +48,7 @@ fi
 build() {
   local extra=()
   if [[ $1 == fuzz_dist ]]; then extra=("${mpi_compile[@]}" "${mpi_link[@]}"); fi
-  "$cxx" -std=c++17 -g -O1 -fno-omit-frame-pointer \
+  "$cxx" -std=c++17 -g1 -O1 -fno-omit-frame-pointer \
     -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
     -Wall -Wextra -Wpedantic "${omp[@]}" \
     -I"$root/include" -I"$eigen" \
