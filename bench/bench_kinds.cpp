@@ -2,8 +2,11 @@
 //
 //   topk/...       topk_attention (k_best = 64) over Lk = 65536 keys, Lq = 512, H = 2,
 //                  against dense flash attention (x_baseline) and against the Q·Kᵀ half of
-//                  flash alone (qk_half: the same tiled products, nothing else; the
-//                  counter x_qk_half = qk_half time / this row's time)
+//                  flash alone (qk_half: the same tiles through Eigen's GEMM, K packed
+//                  per tile, nothing else; the counter x_qk_half = qk_half time / this
+//                  row's time), and against qk_engine: the same products as the engine
+//                  runs them now (K packed once per call, attn's score kernel;
+//                  x_qk_engine)
 //   topk/..._backward  topk_attention_backward on the same shape, the forward (topk_k64) as
 //                  the baseline (x_baseline = forward time / backward time, bwd_over_fwd
 //                  its inverse): from the forward's saved indices, and recomputing the
@@ -89,6 +92,59 @@ void qk_half(const Buffers& p) {
       [](Scratch& sc) { benchmark::DoNotOptimize(sc.sink); });
 }
 
+/// The Q·Kᵀ half as the engine runs this shape since it has its own kernels: each
+/// head's K packed once into the score kernel's panels (in parallel, 1024 keys
+/// per task, into a buffer allocated per call, as the engine packs a call whose
+/// query tiles share keys), then per (head, query tile of 128) S = (scale·Q)·Kᵀ
+/// over key tiles of 256 with the engine's score kernel; nothing else (no
+/// softmax, no P·V).
+void qk_engine(const Buffers& p) {
+  const attn::kernels::KernelSet<float>& ks = attn::kernels::kernel_set<float>(attn::active_isa());
+  const index_t nr = ks.k_panel, lds = (kQkCols + nr - 1) / nr * nr;
+  const index_t slice = attn::kernels::packed_k_size(kTopkLk, kDim, static_cast<int>(nr));
+  std::vector<float> kpack(static_cast<std::size_t>(kTopkHeads * slice));
+  constexpr index_t chunk = 1024, chunks = kTopkLk / chunk;
+  struct Row {
+    std::vector<float> row = std::vector<float>(kDim);
+  };
+  attn::detail::parallel_tasks(
+      kTopkHeads * chunks, attn::detail::resolve_threads(g_threads, kTopkHeads * chunks),
+      [] { return std::make_unique<Row>(); },
+      [&](Row& sc, index_t t) {
+        const index_t h = t / chunks, k0 = t % chunks * chunk;
+        attn::kernels::pack_k(ks, p.k.data() + (h * kTopkLk + k0) * kDim, kDim, index_t{1}, chunk,
+                              kDim, sc.row.data(), kpack.data() + h * slice + k0 * kDim);
+      },
+      [](const Row&) {});
+
+  constexpr index_t q_tiles = kTopkLq / kQkRows;
+  const index_t br = kQkRows, bc = kQkCols;
+  struct Scratch {
+    attn::RowMatrix<float> q{kQkRows, kDim}, s;
+    float sink = 0;
+  };
+  const index_t tasks = kTopkHeads * q_tiles;
+  attn::detail::parallel_tasks(
+      tasks, attn::detail::resolve_threads(g_threads, tasks),
+      [&] {
+        auto sc = std::make_unique<Scratch>();
+        sc->s.resize(kQkRows, lds);
+        return sc;
+      },
+      [&](Scratch& sc, index_t t) {
+        const index_t h = t % kTopkHeads, q0 = (t / kTopkHeads) * br;
+        sc.q = Eigen::Map<const attn::RowMatrix<float>>(p.q.data() + (h * kTopkLq + q0) * kDim, br,
+                                                        kDim) *
+               0.125f;
+        for (index_t k0 = 0; k0 < kTopkLk; k0 += bc) {
+          ks.score(br, bc, kDim, sc.q.data(), kDim, kpack.data() + h * slice + k0 * kDim,
+                   sc.s.data(), lds);
+          sc.sink += sc.s(0, 0);
+        }
+      },
+      [](Scratch& sc) { benchmark::DoNotOptimize(sc.sink); });
+}
+
 void bench_topk(benchmark::State& state, int path) {
   Buffers p(kTopkHeads, kTopkLq, kTopkLk);
   const auto q = attn::bhsd(p.q.data(), 1, kTopkHeads, kTopkLq, kDim);
@@ -116,6 +172,8 @@ void bench_topk(benchmark::State& state, int path) {
   const double t = attn_bench::timed_loop(state, [&] {
     if (path == 0)
       qk_half(p);
+    else if (path == 6)
+      qk_engine(p);
     else if (path == 1)
       attn::scaled_dot_product_attention(q, k, v, out, options());
     else if (path == 2)
@@ -133,12 +191,15 @@ void bench_topk(benchmark::State& state, int path) {
   });
   const double qk_flops = 2.0 * kTopkHeads * kTopkLq * kTopkLk * kDim;
   if (path == 0) attn_bench::record_time(state, "qk_half", t);
+  if (path == 6) attn_bench::record_time(state, "qk_engine", t);
   if (path == 1) attn_bench::record_time(state, "flash", t);
   if (path == 2) {
     attn_bench::set_ratio(state, "flash", t);
     attn_bench::record_time(state, "topk_fwd", t);
     const double qk = attn_bench::baseline_seconds("qk_half");
     if (qk > 0 && t > 0) state.counters["x_qk_half"] = qk / t;
+    const double qe = attn_bench::baseline_seconds("qk_engine");
+    if (qe > 0 && t > 0) state.counters["x_qk_engine"] = qe / t;
   }
   if (path == 5) {
     attn_bench::record_time(state, "dkdv_write", t);
@@ -242,8 +303,9 @@ int main(int argc, char** argv) {
                               "topk/topk_k64/Lk:65536",
                               "topk/topk_k64_backward/Lk:65536",
                               "topk/topk_k64_backward_reselect/Lk:65536",
-                              "topk/write_dkdv/Lk:65536"};
-  for (int path : {0, 1, 2, 5, 3, 4})  // the baselines before the rows that use them
+                              "topk/write_dkdv/Lk:65536",
+                              "topk/qk_engine/Lk:65536"};
+  for (int path : {0, 6, 1, 2, 5, 3, 4})  // the baselines before the rows that use them
     benchmark::RegisterBenchmark(topk_names[path], bench_topk, path)
         ->Unit(benchmark::kMillisecond)
         ->UseRealTime();
