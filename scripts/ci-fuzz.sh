@@ -6,7 +6,8 @@
 # $OUT_DIR as crash-*). Prints one summary line per target at the end.
 #
 #   scripts/ci-fuzz.sh [seconds] [target...]   (default 60 s each, every target;
-#                                               FUZZ_JOBS workers, default 1)
+#                                               FUZZ_JOBS workers, default 1;
+#                                               FUZZ_WERROR=1: warnings are errors)
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -50,7 +51,7 @@ build() {
   if [[ $1 == fuzz_dist ]]; then extra=("${mpi_compile[@]}" "${mpi_link[@]}"); fi
   "$cxx" -std=c++17 -g1 -O1 -fno-omit-frame-pointer \
     -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
-    -Wall -Wextra -Wpedantic "${omp[@]}" \
+    -Wall -Wextra -Wpedantic ${FUZZ_WERROR:+-Werror} "${omp[@]}" \
     -I"$root/include" -I"$eigen" \
     "$root/fuzz/$1.cpp" "${extra[@]}" -o "$out_dir/$1" 2>"$out_dir/$1.build.log" ||
     { cat "$out_dir/$1.build.log"; return 1; }
