@@ -102,7 +102,8 @@ void qk_engine(const Buffers& p) {
   const attn::kernels::KernelSet<float>& ks = attn::kernels::kernel_set<float>(attn::active_isa());
   const index_t nr = ks.k_panel, lds = (kQkCols + nr - 1) / nr * nr;
   const index_t slice = attn::kernels::packed_k_size(kTopkLk, kDim, static_cast<int>(nr));
-  std::vector<float> kpack(static_cast<std::size_t>(kTopkHeads * slice));
+  attn::detail::PackStore<float> kpack;
+  kpack.resize(static_cast<std::size_t>(kTopkHeads * slice));
   constexpr index_t chunk = 1024, chunks = kTopkLk / chunk;
   struct Row {
     std::vector<float> row = std::vector<float>(kDim);

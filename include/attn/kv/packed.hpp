@@ -27,12 +27,51 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
+#include <new>
 #include <type_traits>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 namespace attn {
 namespace detail {
+
+/// The storage of a call's packed keys and values. Left uninitialised (the
+/// pack writes every element it holds), and, from 4 MiB on, aligned to 2 MiB
+/// and advised for transparent huge pages on Linux: the first touch of a
+/// 32 MiB pack then takes 16 page faults instead of 8192, which cost more
+/// than packing it on the VMs measured (bench_kinds, topk/qk_engine).
+template <class T>
+class PackStore {
+ public:
+  void resize(std::size_t n) {
+    data_.reset();
+    size_ = n;
+    if (n == 0) return;
+    const std::size_t bytes = n * sizeof(T);
+    const std::size_t align = bytes >= (std::size_t{4} << 20) ? std::size_t{2} << 20 : 64;
+    void* p = std::aligned_alloc(align, (bytes + align - 1) / align * align);
+    if (!p) throw std::bad_alloc();
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    if (align > 64) madvise(p, (bytes + align - 1) / align * align, MADV_HUGEPAGE);  // a hint
+#endif
+    data_.reset(static_cast<T*>(p));
+  }
+  T* data() const { return data_.get(); }
+  bool empty() const { return size_ == 0; }
+  std::size_t size() const { return size_; }
+
+ private:
+  struct Free {
+    void operator()(T* p) const { std::free(p); }
+  };
+  std::unique_ptr<T, Free> data_;
+  std::size_t size_ = 0;
+};
 
 /// Where the packed keys and values of one tile are.
 template <class Acc>
@@ -95,8 +134,8 @@ struct PackedKV {
   bool rows = false;  // keys read as rows by score_rows (few query rows; sources that are
                       // not strided views): no K panels; values in place when dv = dvp
   index_t kv_heads, k_slice, v_slice;
-  std::vector<Acc> k, v;
-  std::vector<std::uint16_t> kb, vb;
+  PackStore<Acc> k, v;  // the call's packs (when `whole`)
+  PackStore<std::uint16_t> kb, vb;
 
   /// kv_heads: Hkv of the source (packs of a whole call are per (batch, KV head)).
   PackedKV(const Src& s, const kernels::KernelSet<Acc>& kset, bool use_bf16, index_t d_,
