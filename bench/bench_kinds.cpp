@@ -62,6 +62,13 @@ attn::AttentionOptions options(attn::AttentionStats* stats = nullptr) {
 constexpr index_t kTopkHeads = 2, kTopkLq = 512, kTopkLk = 65536, kBest = 64;
 constexpr index_t kQkRows = 128, kQkCols = 256;  // the engine's default tiles
 
+/// Rows [q0, q0 + kQkRows) of head h's queries times the scale 1/sqrt(kDim).
+void scaled_query_tile(const Buffers& p, index_t h, index_t q0, attn::RowMatrix<float>& q) {
+  q = Eigen::Map<const attn::RowMatrix<float>>(p.q.data() + (h * kTopkLq + q0) * kDim, kQkRows,
+                                               kDim) *
+      0.125f;
+}
+
 /// The Q·Kᵀ half of flash attention alone: per (head, query tile of 128),
 /// S = (scale·Q)·Kᵀ over key tiles of 256 with the engine's tile product,
 /// nothing else (no softmax, no P·V).
@@ -79,9 +86,7 @@ void qk_half(const Buffers& p) {
       [] { return std::make_unique<Scratch>(); },
       [&](Scratch& sc, index_t t) {
         const index_t h = t % kTopkHeads, q0 = (t / kTopkHeads) * br;
-        sc.q = Eigen::Map<const attn::RowMatrix<float>>(p.q.data() + (h * kTopkLq + q0) * kDim, br,
-                                                        kDim) *
-               0.125f;
+        scaled_query_tile(p, h, q0, sc.q);
         for (index_t k0 = 0; k0 < kTopkLk; k0 += bc) {
           sc.s.setZero();
           sc.gemm.add_abt(br, bc, kDim, sc.q.data(), kDim, p.k.data() + (h * kTopkLk + k0) * kDim,
@@ -134,9 +139,7 @@ void qk_engine(const Buffers& p) {
       },
       [&](Scratch& sc, index_t t) {
         const index_t h = t % kTopkHeads, q0 = (t / kTopkHeads) * br;
-        sc.q = Eigen::Map<const attn::RowMatrix<float>>(p.q.data() + (h * kTopkLq + q0) * kDim, br,
-                                                        kDim) *
-               0.125f;
+        scaled_query_tile(p, h, q0, sc.q);
         for (index_t k0 = 0; k0 < kTopkLk; k0 += bc) {
           ks.score(br, bc, kDim, sc.q.data(), kDim, kpack.data() + h * slice + k0 * kDim,
                    sc.s.data(), lds);
