@@ -68,6 +68,13 @@ TYPED_TEST(Kernels, ScoreMatchesDoubleLoop) {
           std::vector<T> row(static_cast<std::size_t>(d)),
               kp(static_cast<std::size_t>(attn::kernels::packed_k_size(cols, d, ks.k_panel)));
           attn::kernels::pack_k(ks, k.data(), 1, cols, cols, d, row.data(), kp.data());
+          {  // the same keys as contiguous rows (the pack's fast path for full panels)
+            std::vector<T> rows_k(k.size()), kp_rows(kp.size(), T(-1));
+            for (index_t j = 0; j < cols; ++j)
+              for (index_t p = 0; p < d; ++p) rows_k[j * d + p] = k[p * cols + j];
+            attn::kernels::pack_k(ks, rows_k.data(), d, 1, cols, d, row.data(), kp_rows.data());
+            ASSERT_EQ(kp_rows, kp) << "contiguous and strided sources pack differently";
+          }
           const index_t panels = (cols + ks.k_panel - 1) / ks.k_panel;
           const index_t lds = panels * ks.k_panel + 3;
           std::vector<T> s(static_cast<std::size_t>(rows * lds), T(-7));
