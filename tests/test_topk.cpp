@@ -134,6 +134,66 @@ TEST(TopkDouble, ModifiersAndDefaultTiles) {
   expect_topk_matches(gin, g, 30, attn::neighborhood({12, 13}, 5));  // k_best > the 25 visible
 }
 
+// Default tiles past 512 query rows: 256-row tiles (topk_default_block_q), a
+// tail tile of 8 rows, against the reference; integer inputs, so float is exact
+// and ties are many. The tile count shows which tiles ran: 2 heads × 3 query
+// tiles × 5 key tiles (it would be 2 × 5 × 5 with 128 rows).
+TYPED_TEST(Topk, WideDefaultTiles) {
+  using T = TypeParam;
+  const Problem p = make(1, 2, 1, 520, 1100, 8, 8);
+  const Inputs<T> in = integer_inputs<T>(p, 17);
+  attn::TopkOptions opt;
+  opt.scale = 1.0;
+  for (index_t kb : {index_t(1), index_t(64)}) {
+    expect_topk_matches(in, p, kb, attn::no_mask(), attn::no_score_mod(), opt);
+    expect_topk_matches(in, p, kb, attn::causal(), attn::no_score_mod(), opt);
+  }
+  attn::AttentionStats stats;
+  opt.stats = &stats;
+  Tensor<T> out(p.B, p.Hq, p.Lq, p.Dv);
+  attn::topk_attention(in.q.view, in.k.view, in.v.view, out.view, 8, opt);
+  EXPECT_EQ(stats.full_tiles + stats.partial_tiles, 2 * 3 * 5);
+}
+
+// Scores that only the order of floating-point values tells apart: +0 and -0
+// (equal, so the lower key wins), subnormals of both signs, -inf and NaN (never
+// selectable), long runs of one value. Lk is several times the candidate
+// buffer, so each row's buffer is cut back many times with such values at its
+// k-th place (k_best = 200: more than the positive scores, so the k-th best is
+// a zero of either sign); the reference sorts in double.
+TYPED_TEST(Topk, SignedZerosSubnormalsAndRunsOfTies) {
+  using T = TypeParam;
+  const double sub = 1e-40;  // subnormal in float, normal in double: the order is the same
+  const double table[] = {0.0,
+                          -0.0,
+                          -std::numeric_limits<double>::infinity(),
+                          std::numeric_limits<double>::quiet_NaN(),
+                          1.5,
+                          1.5,
+                          -1e30,
+                          sub,
+                          -sub,
+                          3.0,
+                          -0.0,
+                          0.0,
+                          1.5};
+  const auto pattern = attn::custom_score_mod(
+      [&table](index_t, index_t h, index_t q, index_t k, auto s) -> decltype(s) {
+        // Keys past 400 score 0 (+0 or -0) only: every later buffer fills with ties.
+        const std::size_t i = static_cast<std::size_t>(k < 400            ? (k * 7 + q * 3 + h) % 13
+                                                       : (k + q) % 2 == 0 ? 0
+                                                                          : 1);
+        return static_cast<decltype(s)>(table[i]);
+      });
+  const Problem p = make(1, 2, 1, 9, 1500, 8, 8);
+  const Inputs<T> in(p, 21);
+  attn::TopkOptions opt;
+  opt.block_q = 4;
+  opt.block_k = 64;
+  for (index_t kb : {index_t(1), index_t(2), index_t(7), index_t(40), index_t(200)})
+    expect_topk_matches(in, p, kb, attn::no_mask(), pattern, opt);
+}
+
 // k_best >= Lk selects every visible key: softmax attention.
 TYPED_TEST(Topk, AllKeysEqualsSoftmaxAttention) {
   using T = TypeParam;

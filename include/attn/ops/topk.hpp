@@ -6,10 +6,11 @@
 //   selection   for each key tile the mask does not rule out:
 //                 S = mask(score_mod(scale · Qs · K[k0:k0+Bc]ᵀ))       (Br, Bc)
 //                 each row appends the (score, key) pairs that beat its
-//                 current k-th best to a buffer of 2·k_best + 32; a full
-//                 buffer is cut back to its k_best best (nth_element), which
-//                 raises the threshold, so after the first tiles almost every
-//                 score costs one vectorised comparison
+//                 current k-th best to a buffer of about 2·k_best + 32; a
+//                 full buffer is cut back to its k_best best (a branch-free
+//                 bitwise search for the k-th best), which raises the
+//                 threshold, so after the first tiles almost every score
+//                 costs one vectorised comparison
 //   output      for each row: p = softmax(selected scores),
 //                 out = Σ p_j · V[j] over the selected j only            (Dv)
 //
@@ -39,6 +40,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <type_traits>
@@ -110,43 +112,169 @@ struct TopkBetter {
   }
 };
 
-/// Keeps the kb best of buf[0, n) (n > kb) in buf[0, kb), in their order, and
-/// returns the kb-th best score. buf holds candidates in increasing key order,
-/// so among scores equal to the kb-th best the first ones are the lower keys;
-/// the filter is stable, so the order holds afterwards. `tmp` has room for n.
+/// Unsigned integers whose order is the order of the floating-point scores of
+/// type Acc (for every value but NaN, which never enters a selection).
 template <class Acc>
-Acc topk_compact(TopkCandidate<Acc>* buf, index_t n, index_t kb, Acc* tmp) {
-  for (index_t i = 0; i < n; ++i) tmp[i] = buf[i].score;
-  std::nth_element(tmp, tmp + (kb - 1), tmp + n, std::greater<Acc>());
-  const Acc tau = tmp[kb - 1];  // the kb-th best score
-  index_t above = 0;
-  for (index_t i = 0; i < n; ++i) above += buf[i].score > tau ? 1 : 0;
-  index_t ties = kb - above;  // scores equal to tau that fit, lowest keys first
-  index_t kept = 0;
-  for (index_t i = 0; i < n; ++i) {  // branch-free stable filter
-    const bool tie = buf[i].score == tau && ties > 0;
-    ties -= tie ? 1 : 0;
-    buf[kept] = buf[i];
-    kept += (buf[i].score > tau || tie) ? 1 : 0;
+using TopkOrderedBits = std::conditional_t<sizeof(Acc) == 4, std::uint32_t, std::uint64_t>;
+
+/// x as an ordered integer: a ≤ b iff ordered(a) ≤ ordered(b), and a == b iff
+/// ordered(a) == ordered(b) (-0 is first made +0). The sign bit flips for
+/// positive numbers and every bit flips for negative ones.
+template <class Acc>
+TopkOrderedBits<Acc> topk_ordered(Acc x) {
+  using U = TopkOrderedBits<Acc>;
+  static_assert(sizeof(U) == sizeof(Acc), "one integer per score");
+  constexpr U top = U(1) << (8 * sizeof(U) - 1);
+  const Acc canonical = x + Acc(0);  // -0 + 0 = +0 under round-to-nearest
+  U b;
+  std::memcpy(&b, &canonical, sizeof b);
+  return (b & top) ? U(~b) : U(b | top);
+}
+
+/// The score whose ordered integer is u (the inverse of topk_ordered).
+template <class Acc>
+Acc topk_from_ordered(TopkOrderedBits<Acc> u) {
+  using U = TopkOrderedBits<Acc>;
+  constexpr U top = U(1) << (8 * sizeof(U) - 1);
+  const U b = (u & top) ? U(u ^ top) : U(~u);
+  Acc x;
+  std::memcpy(&x, &b, sizeof x);
+  return x;
+}
+
+/// Candidates compared at once by the counts of topk_compact; a row's
+/// candidate buffer is padded to a multiple of it.
+inline constexpr index_t kTopkCountBlock = 16;
+
+/// How many of u[0, n) are ≥ t; n is a multiple of kTopkCountBlock. The fixed
+/// inner trip count lets the compiler turn each block into a few vector
+/// compares and adds, with one horizontal sum at the end and no branches.
+template <class U>
+index_t topk_count_at_least(const U* u, index_t n, U t) {
+  U lanes[kTopkCountBlock] = {};
+  for (index_t i = 0; i < n; i += kTopkCountBlock)
+    for (index_t j = 0; j < kTopkCountBlock; ++j) lanes[j] += u[i + j] >= t ? U(1) : U(0);
+  U count = 0;
+  for (index_t j = 0; j < kTopkCountBlock; ++j) count += lanes[j];
+  return static_cast<index_t>(count);
+}
+
+/// The same for 32-bit integers (float scores), with the compare-and-count
+/// instructions of the widest ISA the translation unit is compiled for: the
+/// compiler otherwise sums the lanes one by one after every count.
+inline index_t topk_count_at_least(const std::uint32_t* u, index_t n, std::uint32_t t) {
+#if defined(__AVX512F__)
+  const __m512i vt = _mm512_set1_epi32(static_cast<int>(t));
+  index_t count = 0;
+  for (index_t i = 0; i < n; i += 16)
+    count += __builtin_popcount(
+        _mm512_cmpge_epu32_mask(_mm512_loadu_si512(reinterpret_cast<const void*>(u + i)), vt));
+  return count;
+#elif defined(__AVX2__)
+  const __m256i vt = _mm256_set1_epi32(static_cast<int>(t));
+  index_t count = 0;
+  for (index_t i = 0; i < n; i += 8) {  // u ≥ t iff max(u, t) == u
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + i));
+    count += __builtin_popcount(static_cast<unsigned>(
+        _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_max_epu32(x, vt), x)))));
   }
-  return tau;
+  return count;
+#else
+  return topk_count_at_least<std::uint32_t>(u, n, t);
+#endif
+}
+
+/// Keeps the kb best of the n > kb candidates (u[i], key[i]) in the first kb
+/// places, in their order, and returns the kb-th best as an ordered integer.
+/// Candidates are held in increasing key order, so among the scores equal to
+/// the kb-th best the first ones are the lower keys; the filter is stable, so
+/// the order holds afterwards. u has room for n rounded up to a multiple of
+/// kTopkCountBlock; every u[i] is ≥ 1 (topk_ordered of a score that is not NaN).
+///
+/// The kb-th best is found bit by bit, from the top bit down: the largest t
+/// with at least kb integers ≥ t is the kb-th largest. Each step is one
+/// branch-free count over the buffer (a selection algorithm such as
+/// nth_element mispredicts on about half its comparisons of random scores).
+template <class U>
+U topk_compact(U* u, index_t* key, index_t n, index_t kb) {
+  const index_t padded = (n + kTopkCountBlock - 1) / kTopkCountBlock * kTopkCountBlock;
+  U lo = u[0], hi = u[0];
+  for (index_t i = 1; i < n; ++i) {
+    lo = std::min(lo, u[i]);
+    hi = std::max(hi, u[i]);
+  }
+  for (index_t i = n; i < padded; ++i) u[i] = 0;  // below every t tried (t ≥ lo ≥ 1)
+  // The kb-th best lies in [lo, hi], so it has their common leading bits: the
+  // search starts below them (random scores share sign and most of the exponent).
+  int bit = 8 * static_cast<int>(sizeof(U)) - 1;
+  while (bit >= 0 && ((lo ^ hi) >> bit) == 0) --bit;
+  U t = bit >= 0 ? U(lo & ~((U(2) << bit) - 1)) : lo;  // (U(2) << 63 wraps to 0: t = 0)
+  for (; bit >= 0; --bit) {
+    const U c = t | (U(1) << bit);
+    if (topk_count_at_least(u, padded, c) >= kb) t = c;
+  }
+  index_t kept = 0;
+  if (topk_count_at_least(u, padded, t) == kb) {  // no tie crosses the cut (the usual case)
+    for (index_t i = 0; i < n; ++i) {             // branch-free stable filter
+      const U ui = u[i];
+      const index_t ki = key[i];
+      u[kept] = ui;
+      key[kept] = ki;
+      kept += static_cast<index_t>(ui >= t);
+    }
+    return t;
+  }
+  // Scores equal to the kb-th best that fit, lowest keys first.
+  index_t ties = kb - topk_count_at_least(u, padded, U(t + 1));
+  for (index_t i = 0; i < n; ++i) {  // branch-free stable filter
+    const U ui = u[i];
+    const index_t ki = key[i];
+    const index_t tie = static_cast<index_t>(ui == t) & static_cast<index_t>(ties > 0);
+    ties -= tie;
+    u[kept] = ui;
+    key[kept] = ki;
+    kept += static_cast<index_t>(ui > t) | tie;
+  }
+  return t;
 }
 
 template <class Acc>
 struct TopkScratch {
+  using U = TopkOrderedBits<Acc>;
   RowMatrix<Acc> q, s, k;  // (Br, D) scaled queries, (Br, Bc) scores, (Bc, D) packed keys
-  std::vector<TopkCandidate<Acc>> cand;  // (Br, cap) candidates, row-major, in key order
-  std::vector<Acc> tmp;                  // (cap) scores being partitioned
-  std::vector<index_t> count;            // (Br) candidates held
+  // (Br, cap padded) candidates, row-major, in key order: scores as ordered integers, keys
+  std::vector<U> u;
+  std::vector<index_t> key;
+  std::vector<TopkCandidate<Acc>> sel;  // (kb) one row's selection, to be sorted best first
+  std::vector<index_t> count;           // (Br) candidates held
   std::vector<Acc> threshold;  // (Br) score to beat: the k-th best after a compaction, else -inf
   Eigen::Matrix<Acc, 1, Eigen::Dynamic> o;  // (Dv) one output row
   TileGemm<Acc> qk;
   AttentionStats stats;
-  TopkScratch(index_t br, index_t bc, index_t d, index_t dv, index_t cap, bool pack_k)
-      : q(br, d), s(br, bc), k(pack_k ? bc : 0, d), cand(static_cast<std::size_t>(br * cap)),
-        tmp(static_cast<std::size_t>(cap)), count(static_cast<std::size_t>(br)),
-        threshold(static_cast<std::size_t>(br)), o(dv), qk(br, bc, d) {}
+  TopkScratch(index_t br, index_t bc, index_t d, index_t dv, index_t cap, index_t kb, bool pack_k)
+      : q(br, d), s(br, bc), k(pack_k ? bc : 0, d), u(static_cast<std::size_t>(br * cap)),
+        key(static_cast<std::size_t>(br * cap)), sel(static_cast<std::size_t>(kb)),
+        count(static_cast<std::size_t>(br)), threshold(static_cast<std::size_t>(br)), o(dv),
+        qk(br, bc, d) {}
 };
+
+/// Rows per query tile of top-k when TopkOptions::block_q is 0: 256 where a
+/// head has at least two such tiles and a tile in the middle of the queries
+/// sees at least 1024 keys, else 128. The selection pass runs Eigen's GEMM
+/// per (query tile, key tile), which packs the key tile for every query tile,
+/// so taller tiles pack each key once for twice the rows: at Lq 512, Lk 65536,
+/// D 64, 2 heads, top-k took 1.25-1.26x the Q·Kᵀ half with 256 rows against
+/// 1.34 with 128 (paired runs, 2 threads, Emerald Rapids). Unlike the
+/// engine's rule (default_block_q) it asks for no minimum number of tasks. It
+/// depends on the shape and mask only, never on the thread count.
+template <class Mask>
+index_t topk_default_block_q(const AttentionShape& shape, const Mask& mask, index_t q_offset) {
+  constexpr index_t wide = TileTraits::block_q_wide;
+  if (shape.lq < 2 * wide) return TileTraits::block_q;
+  const index_t q0 = q_offset + shape.lq / 2 / wide * wide;
+  const KeyRange keys = mask.key_range(0, 0, q0, std::min(q0 + wide, q_offset + shape.lq));
+  return keys.end - keys.begin >= 4 * wide ? wide : TileTraits::block_q;
+}
 
 /// The two passes. Arguments are checked; mask and mod are bound; kb <= Lk.
 /// A null `out` runs the selection alone (options.indices must then be set):
@@ -159,7 +287,9 @@ void topk_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4>&
   constexpr Acc neg_inf = -std::numeric_limits<Acc>::infinity();
   const Acc scale =
       static_cast<Acc>(opt.scale.value_or(1.0 / std::sqrt(static_cast<double>(shape.d))));
-  const index_t br = std::min(opt.block_q > 0 ? opt.block_q : TileTraits::block_q, shape.lq);
+  const index_t br = std::min(
+      opt.block_q > 0 ? opt.block_q : topk_default_block_q(shape, mask, opt.positions.q_offset),
+      shape.lq);
   const index_t bc = std::min(opt.block_k > 0 ? opt.block_k : TileTraits::block_k, shape.lk);
   const index_t kb = std::min(k_best, shape.lk);
   const index_t q_tiles = (shape.lq + br - 1) / br;
@@ -169,14 +299,15 @@ void topk_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4>&
   const bool pack_k = !std::is_same<K, Acc>::value || k.stride(3) != 1;
   const bool want_out = !out.is_null();
   const bool want_lse = !opt.lse.is_null(), want_idx = !opt.indices.is_null();
-  // Each row appends the scores that beat its threshold to a buffer of cap = 2·kb + 32;
-  // when it fills, the kb best are kept (nth_element, O(cap)) and the threshold
+  // Each row appends the scores that beat its threshold to a buffer of cap ≥ 2·kb + 32;
+  // when it fills, the kb best are kept (topk_compact, O(cap)) and the threshold
   // rises to the kb-th best. Amortised O(1) per candidate, no heap upkeep.
-  const index_t cap = 2 * kb + 32;
+  const index_t cap = (2 * kb + 32 + kTopkCountBlock - 1) / kTopkCountBlock * kTopkCountBlock;
   const TopkBetter<Acc> better;
+  using U = TopkOrderedBits<Acc>;
 
   auto make_scratch = [&] {
-    return std::make_unique<TopkScratch<Acc>>(br, bc, shape.d, shape.dv, cap, pack_k);
+    return std::make_unique<TopkScratch<Acc>>(br, bc, shape.d, shape.dv, cap, kb, pack_k);
   };
 
   auto run_task = [&](TopkScratch<Acc>& sc, index_t t) {
@@ -224,7 +355,8 @@ void topk_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4>&
 
       for (index_t r = 0; r < rows; ++r) {
         const Acc* row = s + r * lds;
-        TopkCandidate<Acc>* buf = sc.cand.data() + r * cap;
+        U* ubuf = sc.u.data() + r * cap;
+        index_t* kbuf = sc.key.data() + r * cap;
         index_t n = sc.count[static_cast<std::size_t>(r)];
         Acc thr = sc.threshold[static_cast<std::size_t>(r)];
         // Appends key k0 + c if it beats the threshold (an equal score never displaces a kept
@@ -232,48 +364,84 @@ void topk_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4>&
         // kb-th best becomes the score to beat.
         auto offer = [&](index_t c) {
           if (!(row[c] > thr)) return;
-          buf[n++] = {row[c], k0 + c};
+          ubuf[n] = topk_ordered(row[c]);
+          kbuf[n++] = k0 + c;
           if (n == cap) {
-            thr = topk_compact(buf, cap, kb, sc.tmp.data());
+            thr = topk_from_ordered<Acc>(topk_compact(ubuf, kbuf, cap, kb));
             n = kb;
           }
         };
+        auto offer_chunk = [&](index_t c0, std::uint32_t hits) {
+          for (; hits != 0; hits &= hits - 1) offer(c0 + __builtin_ctz(hits));
+        };
+        // Which scores beat the threshold? One vector compare per chunk (NaN never does),
+        // and one branch per four chunks: after the first tiles, hits are rare.
         index_t c0 = 0;
-        for (; c0 + kTopkChunk <= cols; c0 += kTopkChunk) {
-          // Which scores of the chunk beat the threshold? (one vector compare; NaN never does)
-          for (std::uint32_t hits = greater_mask16(row + c0, thr); hits != 0; hits &= hits - 1)
-            offer(c0 + __builtin_ctz(hits));
+        for (; c0 + 4 * kTopkChunk <= cols; c0 += 4 * kTopkChunk) {
+          const std::uint32_t m0 = greater_mask16(row + c0, thr);
+          const std::uint32_t m1 = greater_mask16(row + c0 + kTopkChunk, thr);
+          const std::uint32_t m2 = greater_mask16(row + c0 + 2 * kTopkChunk, thr);
+          const std::uint32_t m3 = greater_mask16(row + c0 + 3 * kTopkChunk, thr);
+          if ((m0 | m1 | m2 | m3) == 0) continue;
+          offer_chunk(c0, m0);  // offer() compares again: a compaction may raise thr
+          offer_chunk(c0 + kTopkChunk, m1);
+          offer_chunk(c0 + 2 * kTopkChunk, m2);
+          offer_chunk(c0 + 3 * kTopkChunk, m3);
         }
+        for (; c0 + kTopkChunk <= cols; c0 += kTopkChunk)
+          offer_chunk(c0, greater_mask16(row + c0, thr));
         for (index_t c = c0; c < cols; ++c) offer(c);
         sc.count[static_cast<std::size_t>(r)] = n;
         sc.threshold[static_cast<std::size_t>(r)] = thr;
       }
     }
 
-    // ---- output: softmax over the selected scores, V rows of the selected keys only
+    // ---- each row's selection, best first (ties by lower key), back into its buffer
     for (index_t r = 0; r < rows; ++r) {
-      TopkCandidate<Acc>* sel = sc.cand.data() + r * cap;
+      U* ubuf = sc.u.data() + r * cap;
+      index_t* kbuf = sc.key.data() + r * cap;
       index_t n = sc.count[static_cast<std::size_t>(r)];
       if (n > kb) {
-        topk_compact(sel, n, kb, sc.tmp.data());
+        topk_compact(ubuf, kbuf, n, kb);
         n = kb;
       }
-      std::sort(sel, sel + n, better);  // best first, ties by lower key
+      TopkCandidate<Acc>* sel = sc.sel.data();
+      for (index_t j = 0; j < n; ++j) sel[j] = {topk_from_ordered<Acc>(ubuf[j]), kbuf[j]};
+      std::sort(sel, sel + n, better);
+      for (index_t j = 0; j < n; ++j) {
+        ubuf[j] = topk_ordered(sel[j].score);
+        kbuf[j] = sel[j].key;
+      }
+      sc.count[static_cast<std::size_t>(r)] = n;
       if (want_idx)
         for (index_t j = 0; j < opt.indices.extent(3); ++j)
-          opt.indices(b, h, q0 + r, j) = j < n ? static_cast<std::int64_t>(sel[j].key) : -1;
-      if (!want_out) continue;
+          opt.indices(b, h, q0 + r, j) = j < n ? static_cast<std::int64_t>(kbuf[j]) : -1;
+    }
+    if (!want_out) return;
+
+    // ---- output: softmax over the selected scores, V rows of the selected keys only.
+    // The selected rows are scattered over V: those of row r + 1 are fetched while row r
+    // is summed.
+    const V* vbase = v.data() + b * v.stride(0) + hk * v.stride(1);
+    auto fetch = [&](index_t r) {
+      const index_t* kbuf = sc.key.data() + r * cap;
+      for (index_t j = 0; j < sc.count[static_cast<std::size_t>(r)]; ++j)
+        for (index_t c = 0; c < shape.dv; c += 64 / static_cast<index_t>(sizeof(V)))
+          __builtin_prefetch(vbase + kbuf[j] * v.stride(2) + c * v.stride(3));
+    };
+    if (rows > 0) fetch(0);
+    for (index_t r = 0; r < rows; ++r) {
+      if (r + 1 < rows) fetch(r + 1);
+      const U* ubuf = sc.u.data() + r * cap;
+      const index_t* kbuf = sc.key.data() + r * cap;
+      const index_t n = sc.count[static_cast<std::size_t>(r)];
       sc.o.setZero();
       Acc l = 0;
-      const Acc m = n > 0 ? sel[0].score : Acc(0);
-      const V* vbase = v.data() + b * v.stride(0) + hk * v.stride(1);
-      for (index_t j = 0; j < n; ++j)  // the selected rows are scattered over V: fetch them all
-        for (index_t c = 0; c < shape.dv; c += 64 / static_cast<index_t>(sizeof(V)))
-          __builtin_prefetch(vbase + sel[j].key * v.stride(2) + c * v.stride(3));
+      const Acc m = n > 0 ? topk_from_ordered<Acc>(ubuf[0]) : Acc(0);
       for (index_t j = 0; j < n; ++j) {
-        const Acc p = std::exp(sel[j].score - m);  // exp(s_j - max)
+        const Acc p = std::exp(topk_from_ordered<Acc>(ubuf[j]) - m);  // exp(s_j - max)
         l += p;
-        const V* vrow = vbase + sel[j].key * v.stride(2);
+        const V* vrow = vbase + kbuf[j] * v.stride(2);
         for (index_t c = 0; c < shape.dv; ++c)
           sc.o(c) += p * static_cast<Acc>(vrow[c * v.stride(3)]);
       }
