@@ -7,6 +7,10 @@
 //                  row's time), and against qk_engine: the same products as the engine
 //                  runs them now (K packed once per call, attn's score kernel;
 //                  x_qk_engine)
+//   topk/paired    qk_half, qk_engine and top-k timed call by call in one loop (in
+//                  alternating order); the counters topk_over_qk_half and
+//                  topk_over_qk_engine are the medians of the per-iteration ratios
+//                  (the row's time is the three together)
 //   topk/..._backward  topk_attention_backward on the same shape, the forward (topk_k64) as
 //                  the baseline (x_baseline = forward time / backward time, bwd_over_fwd
 //                  its inverse): from the forward's saved indices, and recomputing the
@@ -15,10 +19,14 @@
 //                  the row's time
 //   neighborhood/  7 × 7 neighbourhood attention on side × side grids, H = 1: dense flash
 //                  attention over the same tokens is the baseline at side 128; ns_per_pixel
-//                  shows the work is linear in the pixels
+//                  shows the work is linear in the pixels; neighborhood/paired/128 times
+//                  dense and 7 × 7 at side 128 call by call (dense_over_na: the median of
+//                  the per-iteration ratios)
 //   bias/          dense attention at N = 2048, H = 4 with no bias (the baseline), T5
 //                  bias, 2-D relative bias (32 × 64 grid) and ALiBi: x_baseline is the
-//                  bias's cost factor (1 = free)
+//                  bias's cost factor (1 = free); bias/paired times no bias, T5 and 2-D
+//                  bias call by call (t5_over_none, rel2d_over_none: medians of the
+//                  per-iteration ratios, 1 = free)
 //
 //   bench_kinds [--threads=T] [Google Benchmark flags]
 #include "bench_support.hpp"
@@ -28,6 +36,8 @@
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
+#include <array>
+#include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -225,16 +235,82 @@ void bench_topk(benchmark::State& state, int path) {
   attn_bench::set_gflops(state, path == 1 ? 2 * qk_flops : qk_flops, t, g_threads);
 }
 
+/// The paired rows: each iteration calls call(0), ..., call(N - 1), timed one by
+/// one, in alternating order (forward, then backward, so no call always runs
+/// first), and the result holds every iteration's times. On a shared machine
+/// the speed drifts between rows run one after another; the calls of one
+/// iteration share the drift.
+template <int N, class F>
+std::vector<std::array<double, N>> paired_times(benchmark::State& state, F&& call) {
+  std::vector<std::array<double, N>> times;
+  bool forward = true;
+  for (auto _ : state) {
+    std::array<double, N> t{};
+    for (int i = 0; i < N; ++i) {
+      const int which = forward ? i : N - 1 - i;
+      const auto t0 = std::chrono::steady_clock::now();
+      call(which);
+      benchmark::ClobberMemory();
+      t[static_cast<std::size_t>(which)] =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    }
+    forward = !forward;
+    times.push_back(t);
+  }
+  return times;
+}
+
+/// The median over iterations of times[num] / times[den].
+template <std::size_t N>
+double median_ratio(const std::vector<std::array<double, N>>& times, std::size_t num,
+                    std::size_t den) {
+  std::vector<double> r;
+  for (const auto& t : times) r.push_back(t[num] / t[den]);
+  if (r.empty()) return 0.0;
+  std::nth_element(r.begin(), r.begin() + static_cast<std::ptrdiff_t>(r.size() / 2), r.end());
+  return r[r.size() / 2];
+}
+
+/// Top-k against the two Q·Kᵀ rows call by call (paired_times): qk_half,
+/// qk_engine and topk_k64; the counters are the medians of top-k's time over each.
+void bench_topk_paired(benchmark::State& state) {
+  Buffers p(kTopkHeads, kTopkLq, kTopkLk);
+  const auto q = attn::bhsd(p.q.data(), 1, kTopkHeads, kTopkLq, kDim);
+  const auto k = attn::bhsd(p.k.data(), 1, kTopkHeads, kTopkLk, kDim);
+  const auto v = attn::bhsd(p.v.data(), 1, kTopkHeads, kTopkLk, kDim);
+  const auto out = attn::bhsd(p.out.data(), 1, kTopkHeads, kTopkLq, kDim);
+  const auto times = paired_times<3>(state, [&](int which) {
+    if (which == 0)
+      qk_half(p);
+    else if (which == 1)
+      qk_engine(p);
+    else
+      attn::topk_attention(q, k, v, out, kBest, attn::TopkOptions(options()));
+  });
+  state.counters["topk_over_qk_half"] = median_ratio(times, 2, 0);
+  state.counters["topk_over_qk_engine"] = median_ratio(times, 2, 1);
+}
+
 // ------------------------------------------------------------- neighbourhood --
 
+/// One head over a side × side grid of tokens and its 7 × 7 neighbourhood.
+struct Grid {
+  index_t n;
+  Buffers p;
+  attn::TensorView<float, 4> q, k, v, out;
+  attn::Neighborhood nb;
+  explicit Grid(index_t side)
+      : n(side * side), p(1, n, n), q(attn::bhsd(p.q.data(), 1, 1, n, kDim)),
+        k(attn::bhsd(p.k.data(), 1, 1, n, kDim)), v(attn::bhsd(p.v.data(), 1, 1, n, kDim)),
+        out(attn::bhsd(p.out.data(), 1, 1, n, kDim)), nb(attn::neighborhood({side, side}, 7)) {}
+};
+
 void bench_neighborhood(benchmark::State& state, bool dense) {
-  const index_t side = state.range(0), n = side * side;
-  Buffers p(1, n, n);
-  const auto q = attn::bhsd(p.q.data(), 1, 1, n, kDim);
-  const auto k = attn::bhsd(p.k.data(), 1, 1, n, kDim);
-  const auto v = attn::bhsd(p.v.data(), 1, 1, n, kDim);
-  const auto out = attn::bhsd(p.out.data(), 1, 1, n, kDim);
-  const attn::Neighborhood nb = attn::neighborhood({side, side}, 7);
+  const index_t side = state.range(0);
+  Grid g(side);
+  const index_t n = g.n;
+  const auto &q = g.q, &k = g.k, &v = g.v, &out = g.out;
+  const attn::Neighborhood& nb = g.nb;
   attn::AttentionStats stats;
   const double t = attn_bench::timed_loop(state, [&] {
     if (dense)
@@ -252,11 +328,28 @@ void bench_neighborhood(benchmark::State& state, bool dense) {
   state.counters["ns_per_pixel"] = t * 1e9 / static_cast<double>(n);
 }
 
+/// Neighbourhood attention against dense over the same tokens call by call
+/// (paired_times), side 128: dense_over_na is the median of dense time /
+/// neighbourhood time.
+void bench_neighborhood_paired(benchmark::State& state) {
+  Grid g(128);
+  const auto times = paired_times<2>(state, [&](int which) {
+    if (which == 0)
+      attn::scaled_dot_product_attention(g.q, g.k, g.v, g.out, options());
+    else
+      attn::neighborhood_attention(g.q, g.k, g.v, g.out, g.nb, options());
+  });
+  state.counters["dense_over_na"] = median_ratio(times, 0, 1);
+}
+
 // --------------------------------------------------------------------- bias --
 
 constexpr index_t kBiasHeads = 4, kGridH = 32, kGridW = 64, kBiasN = kGridH * kGridW;
 
-void bench_bias(benchmark::State& state, int which) {
+/// Calls f(run), where run(which) is dense attention at N = 2048 with no bias
+/// (0), T5 bias (1), 2-D bias (2) or ALiBi (3).
+template <class F>
+void with_bias_inputs(F&& f) {
   Buffers p(kBiasHeads, kBiasN, kBiasN);
   const auto q = attn::bhsd(p.q.data(), 1, kBiasHeads, kBiasN, kDim);
   const auto k = attn::bhsd(p.k.data(), 1, kBiasHeads, kBiasN, kDim);
@@ -268,7 +361,7 @@ void bench_bias(benchmark::State& state, int which) {
   const auto t5 = attn::t5_bias(t5_table, 32, 128, true);
   const auto rel = attn::relative_bias_2d(table_2d, kGridH, kGridW);
   const auto alibi = attn::alibi(attn::alibi_slopes(kBiasHeads));
-  const double t = attn_bench::timed_loop(state, [&] {
+  f([&](int which) {
     switch (which) {
       case 0:
         attn::masked_attention(q, k, v, out, attn::no_mask(), options());
@@ -282,13 +375,31 @@ void bench_bias(benchmark::State& state, int which) {
       default:
         attn::masked_attention(q, k, v, out, attn::no_mask(), alibi, options());
     }
-    benchmark::ClobberMemory();
   });
-  if (which == 0)
-    attn_bench::record_time(state, "bias", t);
-  else
-    attn_bench::set_ratio(state, "bias", t);
-  attn_bench::set_gflops(state, 4.0 * kBiasHeads * kBiasN * kBiasN * kDim, t, g_threads);
+}
+
+void bench_bias(benchmark::State& state, int which) {
+  with_bias_inputs([&](const auto& run) {
+    const double t = attn_bench::timed_loop(state, [&] {
+      run(which);
+      benchmark::ClobberMemory();
+    });
+    if (which == 0)
+      attn_bench::record_time(state, "bias", t);
+    else
+      attn_bench::set_ratio(state, "bias", t);
+    attn_bench::set_gflops(state, 4.0 * kBiasHeads * kBiasN * kBiasN * kDim, t, g_threads);
+  });
+}
+
+/// The biases against no bias call by call (paired_times): no bias, T5 and 2-D
+/// bias; the counters are the medians of bias time / no-bias time (1 = free).
+void bench_bias_paired(benchmark::State& state) {
+  with_bias_inputs([&](const auto& run) {
+    const auto times = paired_times<3>(state, run);
+    state.counters["t5_over_none"] = median_ratio(times, 1, 0);
+    state.counters["rel2d_over_none"] = median_ratio(times, 2, 0);
+  });
 }
 
 }  // namespace
@@ -313,6 +424,14 @@ int main(int argc, char** argv) {
     benchmark::RegisterBenchmark(topk_names[path], bench_topk, path)
         ->Unit(benchmark::kMillisecond)
         ->UseRealTime();
+  benchmark::RegisterBenchmark("topk/paired/Lk:65536", bench_topk_paired)
+      ->Unit(benchmark::kMillisecond)
+      ->UseRealTime()
+      ->MinTime(2.0);
+  benchmark::RegisterBenchmark("neighborhood/paired/128", bench_neighborhood_paired)
+      ->Unit(benchmark::kMillisecond)
+      ->UseRealTime()
+      ->MinTime(3.0);
   benchmark::RegisterBenchmark("neighborhood/dense", bench_neighborhood, true)
       ->Arg(128)
       ->Unit(benchmark::kMillisecond)
@@ -321,6 +440,7 @@ int main(int argc, char** argv) {
       ->Arg(64)
       ->Arg(128)
       ->Arg(256)
+      ->Arg(512)
       ->Unit(benchmark::kMillisecond)
       ->UseRealTime();
   const char* bias_names[] = {"bias/none/N:2048", "bias/t5/N:2048", "bias/rel2d/N:2048",
@@ -329,6 +449,10 @@ int main(int argc, char** argv) {
     benchmark::RegisterBenchmark(bias_names[which], bench_bias, which)
         ->Unit(benchmark::kMillisecond)
         ->UseRealTime();
+  benchmark::RegisterBenchmark("bias/paired/N:2048", bench_bias_paired)
+      ->Unit(benchmark::kMillisecond)
+      ->UseRealTime()
+      ->MinTime(2.0);
   int n = static_cast<int>(rest.size());
   benchmark::Initialize(&n, rest.data());
   benchmark::RunSpecifiedBenchmarks();
