@@ -637,8 +637,8 @@ struct AttentionGrads {
 /// i.e. B·Lq·Hq·(D + Dv) + B·Lk·Hkv·(D + Dv) values plus lse. The inputs x
 /// (and memory) are not copied: backward takes them again. The backward adds
 /// dA, dq, dk, dv of the same sizes (and copies of strided inputs).
-/// forward_varlen(..., ctx) saves the same with B = 1 and Lq = Lk = the
-/// packed total, plus a copy of cu_seqlens.
+/// forward_varlen(..., ctx) saves the same with B = 1 and Lq, Lk the
+/// packed totals of the queries and keys, plus copies of their cu_seqlens.
 template <class T>
 class AttentionContext {
  public:
@@ -647,10 +647,13 @@ class AttentionContext {
   index_t batch() const { return batch_; }
   index_t q_length() const { return lq_; }
   index_t kv_length() const { return lk_; }
-  /// True when forward_varlen filled it (batch 1, lengths = the packed total).
+  /// True when forward_varlen filled it (batch 1, lengths = the packed totals).
   bool varlen() const { return varlen_; }
-  /// The cu_seqlens of that forward (empty after a batched forward).
+  /// The query cu_seqlens of that forward (empty after a batched forward).
   const std::vector<index_t>& cu_seqlens() const { return cu_; }
+  /// Its key cu_seqlens: the memory's for cross attention, cu_seqlens() for
+  /// self-attention.
+  const std::vector<index_t>& cu_seqlens_k() const { return cu_k_; }
   /// The saved tensors, as logical [B, H, L, D] views (bshd buffers).
   Tensor4<const T> q() const { return bshd<const T>(ws_.q.data(), batch_, lq_, hq_, d_); }
   Tensor4<const T> k() const { return bshd<const T>(ws_.k.data(), batch_, lk_, hkv_, d_); }
@@ -677,7 +680,7 @@ class AttentionContext {
   std::vector<float> lse_;
   std::vector<T> dheads_, dq_, dk_, dvals_;             // backward: dA, dq, dk, dv
   std::vector<T> xbuf_, mbuf_, dobuf_, dxbuf_, dmbuf_;  // copies of strided views
-  std::vector<index_t> cu_;                             // cu_seqlens of a varlen forward
+  std::vector<index_t> cu_, cu_k_;                      // cu_seqlens of a varlen forward
   bool saved_ = false;
   bool varlen_ = false;          // filled by forward_varlen
   const void* layer_ = nullptr;  // the layer that saved it
@@ -878,6 +881,7 @@ class AttentionProjections {
     ctx.saved_ = true;
     ctx.varlen_ = false;
     ctx.cu_.clear();
+    ctx.cu_k_.clear();
     ctx.layer_ = this;
     ctx.version_ = version_;
     ctx.rope_ = c.rope;
@@ -911,16 +915,18 @@ class AttentionProjections {
   /// The backward of both layers. x [B, Lq, d_model]; memory [B, Lk, d_kv_in]
   /// for cross attention, null for self-attention (keys and values then come
   /// from x); dout like the output; dx like x and dmemory like memory, each
-  /// null to skip. `cu` (self-attention only): the cu_seqlens of a varlen
-  /// forward, x [1, total, d_model]; the attention and RoPE then run per
-  /// sequence, the projections over all rows. Every check runs before
-  /// anything the caller sees is written.
+  /// null to skip. `cu`: the cu_seqlens of a varlen forward, x [1, total,
+  /// d_model]; `cu_k` those of its memory [1, total_k, d_kv_in] (cross
+  /// attention; self-attention passes none, its keys are x's rows). The
+  /// attention and RoPE then run per sequence, the projections over all
+  /// rows. Every check runs before anything the caller sees is written.
   template <class Mask, class Mod>
   void backward_core(AttentionContext<T>& ctx, const TensorView<const T, 3>& x,
                      const TensorView<const T, 3>& memory, const TensorView<const T, 3>& dout,
                      const TensorView<T, 3>& dx, const TensorView<T, 3>& dmemory,
                      AttentionGrads<T>& g, const Mask& mask, const Mod& mod,
-                     const AttentionOptions& options, const std::vector<index_t>* cu = nullptr) {
+                     const AttentionOptions& options, const std::vector<index_t>* cu = nullptr,
+                     const std::vector<index_t>* cu_k = nullptr) {
     static_assert(is_mask_v<Mask>, "attn: the mask argument must be a mask policy (attn/mask.hpp)");
     static_assert(is_score_mod_v<Mod>,
                   "attn: the score_mod argument must be a score modifier (attn/score_mod.hpp)");
@@ -938,7 +944,8 @@ class AttentionProjections {
       detail::fail("ctx was filled by forward_varlen: call backward_varlen with its cu_seqlens");
     if (cu && !ctx.varlen_)
       detail::fail("ctx was filled by a batched forward: call backward, not backward_varlen");
-    if (cu) check_same_cu_seqlens(*cu, ctx.cu_);
+    if (cu) check_same_cu_seqlens(*cu, ctx.cu_, "cu_seqlens");
+    if (cu_k) check_same_cu_seqlens(*cu_k, ctx.cu_k_, "cu_seqlens_k");
     const index_t B = ctx.batch_, Lq = ctx.lq_, Lk = ctx.lk_;
     auto shape_is = [](const auto& v, const char* name, index_t b, index_t l, index_t w,
                        const char* what) {
@@ -1117,29 +1124,32 @@ class AttentionProjections {
 
   /// cu_seqlens of a backward_varlen call against those its forward saved.
   static void check_same_cu_seqlens(const std::vector<index_t>& cu,
-                                    const std::vector<index_t>& saved) {
+                                    const std::vector<index_t>& saved, const char* name) {
     if (cu.size() != saved.size())
-      detail::fail("cu_seqlens has ", cu.size(), " entries, but the forward that filled ctx had ",
+      detail::fail(name, " has ", cu.size(), " entries, but the forward that filled ctx had ",
                    saved.size());
     for (std::size_t s = 0; s < cu.size(); ++s)
       if (cu[s] != saved[s])
-        detail::fail("cu_seqlens[", s, "] is ", cu[s], ", but the forward that filled ctx had ",
+        detail::fail(name, "[", s, "] is ", cu[s], ", but the forward that filled ctx had ",
                      saved[s]);
   }
 
   /// The attention backward of a varlen forward: one attention_backward per
-  /// sequence on its rows of the saved q, k, v, heads, lse and of dA, dq,
-  /// dk, dv (each its own [len, len] problem of batch 1, as the forward ran
-  /// it). Every sequence's call is checked before the first one writes. A
-  /// modifier's gradient outputs (dbias, a bias table) are written by each
-  /// call, so their sum over the sequences is kept aside (in double, in
-  /// sequence order) and written back at the end.
+  /// sequence on its rows of the saved q, heads, lse and of dA, dq (query
+  /// rows, ctx.cu_) and of the saved k, v and dk, dv (key rows, ctx.cu_k_),
+  /// each its own [len_q, len_k] problem of batch 1, as the forward ran it.
+  /// A sequence with queries but no keys gets dq = 0 there, one with keys
+  /// but no queries dk = dv = 0. Every sequence's call is checked before the
+  /// first one writes. A modifier's gradient outputs (dbias, a bias table)
+  /// are written by each call, so their sum over the sequences is kept aside
+  /// (in double, in sequence order) and written back at the end.
   template <class Mask, class Mod>
   void varlen_attention_backward(AttentionContext<T>& ctx, const T* dheads, T* dq, T* dk, T* dv,
                                  const Mask& mask, const Mod& mod,
                                  const AttentionOptions& o) const {
     const MultiHeadConfig& c = cfg_;
     const std::vector<index_t>& cu = ctx.cu_;
+    const std::vector<index_t>& cuk = ctx.cu_k_;
     const index_t total = ctx.lq_, hq = c.q_heads, hkv = c.kv_heads, d = c.head_dim,
                   dvd = c.v_head_dim;
     const index_t nq = hq * d, nk = hkv * d, nv = hkv * dvd, no = hq * dvd;
@@ -1147,32 +1157,55 @@ class AttentionProjections {
     const T* k = ctx.ws_.k.data();
     const T* v = ctx.ws_.v.data();
     const T* a = ctx.ws_.heads.data();
-    auto global = [&](index_t len) {
-      return detail::global_shape(detail::layer_shape(c, 1, len, len), o.positions);
+    auto global = [&](index_t lq, index_t lk) {
+      return detail::global_shape(detail::layer_shape(c, 1, lq, lk), o.positions);
     };
+    auto runs = [&](std::size_t s) { return cu[s + 1] > cu[s] && cuk[s + 1] > cuk[s]; };
     int nonempty = 0;
-    for (std::size_t s = 0; s + 1 < cu.size(); ++s) nonempty += cu[s + 1] > cu[s] ? 1 : 0;
+    for (std::size_t s = 0; s + 1 < cu.size(); ++s) nonempty += runs(s) ? 1 : 0;
+    if (nonempty == 0) {                          // no scores anywhere: every gradient here is zero
+      const auto bound = mod.bind(global(1, 1));  // bound (and checked) before any write
+      std::fill(dq, dq + total * nq, T(0));
+      std::fill(dk, dk + ctx.lk_ * nk, T(0));
+      std::fill(dv, dv + ctx.lk_ * nv, T(0));
+      detail::for_each_grad_view(bound, [&](const auto& gv, const char*) {
+        using G = std::remove_reference_t<decltype(gv(0, 0, 0, 0))>;
+        for (index_t i0 = 0; i0 < gv.extent(0); ++i0)
+          for (index_t i1 = 0; i1 < gv.extent(1); ++i1)
+            for (index_t i2 = 0; i2 < gv.extent(2); ++i2)
+              for (index_t i3 = 0; i3 < gv.extent(3); ++i3) gv(i0, i1, i2, i3) = G(0);
+      });
+      return;
+    }
     std::vector<double> sum;  // the modifier's gradient outputs, summed over sequences
     int done = 0;
     for (int pass = 0; pass < 2; ++pass) {  // 0: check every sequence, 1: run
       for (std::size_t s = 0; s + 1 < cu.size(); ++s) {
         const index_t r0 = cu[s], len = cu[s + 1] - cu[s];
-        if (len == 0) continue;
+        const index_t k0 = cuk[s], klen = cuk[s + 1] - cuk[s];
+        if (!runs(s)) {  // no scores: the gradient of the rows it has is zero
+          if (pass == 1) {
+            std::fill(dq + r0 * nq, dq + (r0 + len) * nq, T(0));
+            std::fill(dk + k0 * nk, dk + (k0 + klen) * nk, T(0));
+            std::fill(dv + k0 * nv, dv + (k0 + klen) * nv, T(0));
+          }
+          continue;
+        }
         const Tensor4<const T> qs = bshd(q + r0 * nq, 1, len, hq, d);
-        const Tensor4<const T> ks = bshd(k + r0 * nk, 1, len, hkv, d);
-        const Tensor4<const T> vs = bshd(v + r0 * nv, 1, len, hkv, dvd);
+        const Tensor4<const T> ks = bshd(k + k0 * nk, 1, klen, hkv, d);
+        const Tensor4<const T> vs = bshd(v + k0 * nv, 1, klen, hkv, dvd);
         const Tensor4<const T> as = bshd(a + r0 * no, 1, len, hq, dvd);
         const TensorView<const float, 3> ls(ctx.lse_.data() + r0, {1, hq, len},
                                             {hq * total, total, 1});
         const Tensor4<const T> dos = bshd(dheads + r0 * no, 1, len, hq, dvd);
         const Tensor4<T> dqs = bshd(dq + r0 * nq, 1, len, hq, d);
-        const Tensor4<T> dks = bshd(dk + r0 * nk, 1, len, hkv, d);
-        const Tensor4<T> dvs = bshd(dv + r0 * nv, 1, len, hkv, dvd);
+        const Tensor4<T> dks = bshd(dk + k0 * nk, 1, klen, hkv, d);
+        const Tensor4<T> dvs = bshd(dv + k0 * nv, 1, klen, hkv, dvd);
         if (pass == 0) {  // what attention_backward checks, without its work
           AttentionOptions probe;
           probe.positions = o.positions;
           (void)detail::check_attention(qs, ks, vs, as, probe);
-          const AttentionShape g = global(len);
+          const AttentionShape g = global(len, klen);
           detail::check_backward(qs, ks, vs, as, ls, dos, dqs, dks, dvs, mask.bind(g), mod.bind(g),
                                  o);
           continue;
@@ -1181,7 +1214,7 @@ class AttentionProjections {
         if (nonempty < 2) continue;
         std::size_t at = 0;
         const bool first = done++ == 0;
-        detail::for_each_grad_view(mod.bind(global(len)), [&](const auto& gv, const char*) {
+        detail::for_each_grad_view(mod.bind(global(len, klen)), [&](const auto& gv, const char*) {
           for (index_t i0 = 0; i0 < gv.extent(0); ++i0)
             for (index_t i1 = 0; i1 < gv.extent(1); ++i1)
               for (index_t i2 = 0; i2 < gv.extent(2); ++i2)
@@ -1198,16 +1231,16 @@ class AttentionProjections {
     if (sum.empty()) return;
     std::size_t at = 0;  // the sums back into the modifier's gradient views, in the same order
     for (std::size_t s = 0; s + 1 < cu.size(); ++s) {
-      const index_t len = cu[s + 1] - cu[s];
-      if (len == 0) continue;
-      detail::for_each_grad_view(mod.bind(global(len)), [&](const auto& gv, const char*) {
-        using G = std::remove_reference_t<decltype(gv(0, 0, 0, 0))>;
-        for (index_t i0 = 0; i0 < gv.extent(0); ++i0)
-          for (index_t i1 = 0; i1 < gv.extent(1); ++i1)
-            for (index_t i2 = 0; i2 < gv.extent(2); ++i2)
-              for (index_t i3 = 0; i3 < gv.extent(3); ++i3)
-                gv(i0, i1, i2, i3) = static_cast<G>(sum[at++]);
-      });
+      if (!runs(s)) continue;
+      detail::for_each_grad_view(mod.bind(global(cu[s + 1] - cu[s], cuk[s + 1] - cuk[s])),
+                                 [&](const auto& gv, const char*) {
+                                   using G = std::remove_reference_t<decltype(gv(0, 0, 0, 0))>;
+                                   for (index_t i0 = 0; i0 < gv.extent(0); ++i0)
+                                     for (index_t i1 = 0; i1 < gv.extent(1); ++i1)
+                                       for (index_t i2 = 0; i2 < gv.extent(2); ++i2)
+                                         for (index_t i3 = 0; i3 < gv.extent(3); ++i3)
+                                           gv(i0, i1, i2, i3) = static_cast<G>(sum[at++]);
+                                 });
       break;  // every sequence binds the same views
     }
   }
@@ -1432,6 +1465,7 @@ class MultiHeadAttention : public AttentionProjections<T> {
     Base::copy_lse(ctx, options);
     this->save_context(ctx, c, 1, total, total);
     ctx.cu_.assign(cu_seqlens.begin(), cu_seqlens.end());
+    ctx.cu_k_ = ctx.cu_;
     ctx.varlen_ = true;
   }
 
