@@ -14,7 +14,10 @@
 #pragma once
 
 #include "attn/multi_head.hpp"
+#include "attn/ops/varlen.hpp"
 
+#include <algorithm>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -53,7 +56,7 @@ void check_cross(const MultiHeadConfig& c, const InOutWeights<T>& w,
                  const TensorView<const T, 3>& x, const TensorView<T, 3>& out,
                  const TensorView<const T, 3>& memory, index_t mem_batch, index_t mem_len,
                  const Mask& mask, const Mod& mod, const AttentionOptions& opt,
-                 const MultiHeadWorkspace<T>* ws) {
+                 const MultiHeadWorkspace<T>* ws, bool bind_policies = true) {
   static_assert(is_mask_v<Mask>, "attn: the mask argument must be a mask policy (attn/mask.hpp)");
   static_assert(is_score_mod_v<Mod>,
                 "attn: the score_mod argument must be a score modifier (attn/score_mod.hpp)");
@@ -62,6 +65,7 @@ void check_cross(const MultiHeadConfig& c, const InOutWeights<T>& w,
     fail("x has batch ", x.extent(0), ", but the memory has batch ", mem_batch);
   check_output(out, x, c.d_model);
   check_layer_outputs<T>(out, opt, x, memory, w, mask, mod, ws);
+  if (!bind_policies) return;
   const AttentionShape s = layer_shape(c, x.extent(0), x.extent(1), mem_len);
   (void)mask.bind(s);
   (void)mod.bind(s);
@@ -78,6 +82,83 @@ void cross_attention_forward(const MultiHeadConfig& c, const PackedProjections<T
   const T* q = project_q(c, p, x, ws, opt.num_threads);  // [B·Lq, Hq·D] = [B, Lq, Hq, D]
   attend_and_project_out<T>(c, p, bshd<const T>(q, B, L, c.q_heads, c.head_dim), k, v, out, mask,
                             mod, opt, ws);
+}
+
+/// Every check of a varlen cross-attention call: x and out [total_q,
+/// d_model], memory [total_k, d_kv_in], cu_seqlens_q / cu_seqlens_k of
+/// n + 1 offsets each, options.lse [1, Hq, total_q], and the policies bound
+/// per sequence to its own [len_q, len_k] problem.
+template <class T, class Mask, class Mod>
+void check_cross_varlen(const MultiHeadConfig& c, const InOutWeights<T>& w,
+                        const TensorView<const T, 2>& x, const std::vector<index_t>& cu_q,
+                        const TensorView<const T, 2>& memory, const std::vector<index_t>& cu_k,
+                        const TensorView<T, 2>& out, const Mask& mask, const Mod& mod,
+                        const AttentionOptions& opt, const MultiHeadWorkspace<T>* ws) {
+  check_view(x, "x");
+  check_view(memory, "memory");
+  check_view(out, "out");
+  const index_t tq = x.extent(0), tk = memory.extent(0);
+  check_sequence(as_batch1(memory), "memory", c.d_kv_in, "d_kv_in");
+  check_cross(c, w, as_batch1(x), as_batch1(out), as_batch1(memory), 1, tk, mask, mod, opt, ws,
+              /*bind_policies=*/false);  // bound per sequence below
+  check_cu_seqlens(cu_q, tq, "cu_seqlens_q");
+  check_cu_seqlens(cu_k, tk, "cu_seqlens_k");
+  if (cu_q.size() != cu_k.size())
+    fail("cu_seqlens_q has ", cu_q.size(), " entries, cu_seqlens_k ", cu_k.size(),
+         "; both need n + 1 (one query and one memory sequence each)");
+  if (!opt.lse.is_null() &&
+      (opt.lse.extent(0) != 1 || opt.lse.extent(1) != c.q_heads || opt.lse.extent(2) != tq))
+    fail("options.lse has shape ", shape_str(opt.lse), ", expected [1, ", c.q_heads, ", ", tq,
+         "] (packed query rows)");
+  for (std::size_t s = 0; s + 1 < cu_q.size(); ++s) {  // every sequence's policies bind
+    const index_t lq = cu_q[s + 1] - cu_q[s], lk = cu_k[s + 1] - cu_k[s];
+    if (lq == 0 || lk == 0) continue;
+    const AttentionShape sh = layer_shape(c, 1, lq, lk);
+    (void)mask.bind(sh);
+    (void)mod.bind(sh);
+  }
+}
+
+/// Cross attention over packed sequences on checked arguments: q projected
+/// over all rows, attention per sequence (query rows [cu_q[s], cu_q[s+1])
+/// against memory rows [cu_k[s], cu_k[s+1]) of the projected k, v, its own
+/// [len_q, len_k] problem), the output projection over all rows. A sequence
+/// with queries but no memory rows sees no key: zeros before the output
+/// projection, lse −inf.
+template <class T, class Mask, class Mod>
+void cross_attention_varlen(const MultiHeadConfig& c, const PackedProjections<T>& p,
+                            const TensorView<const T, 3>& x, const std::vector<index_t>& cu_q,
+                            const T* k, const T* v, const std::vector<index_t>& cu_k,
+                            const TensorView<T, 3>& out, const Mask& mask, const Mod& mod,
+                            const AttentionOptions& opt, MultiHeadWorkspace<T>& ws) {
+  const index_t total = x.extent(1);
+  const index_t nq = c.q_heads * c.head_dim, nk = c.kv_heads * c.head_dim,
+                nv = c.kv_heads * c.v_head_dim, no = c.q_heads * c.v_head_dim;
+  const T* q = project_q(c, p, x, ws, opt.num_threads);  // [total, Hq·D]
+  T* heads = grow(ws.heads, total * no);
+  for (std::size_t s = 0; s + 1 < cu_q.size(); ++s) {
+    const index_t r0 = cu_q[s], len = cu_q[s + 1] - cu_q[s];
+    const index_t k0 = cu_k[s], klen = cu_k[s + 1] - cu_k[s];
+    if (len == 0) continue;
+    if (klen == 0) {  // nothing to attend to
+      std::fill(heads + r0 * no, heads + (r0 + len) * no, T(0));
+      if (!opt.lse.is_null())
+        for (index_t h = 0; h < c.q_heads; ++h)
+          for (index_t i = 0; i < len; ++i)
+            opt.lse(0, h, r0 + i) = -std::numeric_limits<float>::infinity();
+      continue;
+    }
+    AttentionOptions o = opt;
+    if (!opt.lse.is_null())  // columns [r0, r0 + len) of lse [1, Hq, total]
+      o.lse = TensorView<float, 3>(opt.lse.data() + r0 * opt.lse.stride(2), {1, c.q_heads, len},
+                                   opt.lse.strides());
+    masked_attention(bshd<const T>(q + r0 * nq, 1, len, c.q_heads, c.head_dim),
+                     bshd<const T>(k + k0 * nk, 1, klen, c.kv_heads, c.head_dim),
+                     bshd<const T>(v + k0 * nv, 1, klen, c.kv_heads, c.v_head_dim),
+                     bshd(heads + r0 * no, index_t{1}, len, c.q_heads, c.v_head_dim), mask, mod, o);
+  }
+  project_packed(TensorView<const T, 3>(rows_view(heads, index_t{1}, total, no)), p.o, p.bo, out,
+                 opt.num_threads);
 }
 
 /// A config for cross attention must not ask for RoPE.
@@ -249,6 +330,123 @@ class CrossAttention : public AttentionProjections<T> {
                 TensorView<const T, 3> dout, TensorView<T, 3> dx, TensorView<T, 3> dmemory,
                 AttentionGrads<T>& grads, const Mask& mask, const AttentionOptions& options) {
     backward(ctx, x, memory, dout, dx, dmemory, grads, mask, no_score_mod(), options);
+  }
+
+  /// Cross attention over variable-length sequences packed back to back
+  /// (FlashAttention's varlen form): sequence s has query rows
+  /// [cu_seqlens_q[s], cu_seqlens_q[s+1]) of x and out [total_q, d_model]
+  /// and memory rows [cu_seqlens_k[s], cu_seqlens_k[s+1]) of memory
+  /// [total_k, d_kv_in] (both start at 0 and end at their totals; empty
+  /// sequences allowed on either side). No padding rows are projected or
+  /// attended. Each sequence is its own [len_q, len_k] problem: the mask and
+  /// score_mod are bound with batch 1 and those lengths (a view-based policy
+  /// must broadcast over them). Query rows of a sequence with no memory rows
+  /// see no key (out = bo there, lse −inf). options.lse, if set, is [1, Hq,
+  /// total_q]. Equal to one forward per sequence.
+  template <class Mask = NoMask, class Mod = NoScoreMod>
+  void forward_varlen(TensorView<const T, 2> x, const std::vector<index_t>& cu_seqlens_q,
+                      TensorView<const T, 2> memory, const std::vector<index_t>& cu_seqlens_k,
+                      TensorView<T, 2> out, const Mask& mask = {}, const Mod& score_mod = {},
+                      const AttentionOptions& options = {}) {
+    const MultiHeadConfig& c = this->cfg_;
+    detail::check_cross_varlen(c, this->in_out_weights(), x, cu_seqlens_q, memory, cu_seqlens_k,
+                               out, mask, score_mod, options, &this->ws_);
+    detail::project_kv(c, this->packed(), detail::as_batch1(memory), this->ws_.k, this->ws_.v,
+                       options.num_threads);
+    detail::cross_attention_varlen(c, this->packed(), detail::as_batch1(x), cu_seqlens_q,
+                                   this->ws_.k.data(), this->ws_.v.data(), cu_seqlens_k,
+                                   detail::as_batch1(out), mask, score_mod, options, this->ws_);
+  }
+  /// Training forward of the varlen form: out as forward_varlen above, and
+  /// `ctx` keeps what backward_varlen needs (the saved tensors of
+  /// AttentionContext over the packed rows, lse [1, Hq, total_q], copies of
+  /// both cu_seqlens). options.lse, if set, also receives the lse.
+  template <class Mask, class Mod>
+  void forward_varlen(TensorView<const T, 2> x, const std::vector<index_t>& cu_seqlens_q,
+                      TensorView<const T, 2> memory, const std::vector<index_t>& cu_seqlens_k,
+                      TensorView<T, 2> out, const Mask& mask, const Mod& score_mod,
+                      const AttentionOptions& options, AttentionContext<T>& ctx) {
+    const MultiHeadConfig& c = this->cfg_;
+    detail::check_cross_varlen(c, this->in_out_weights(), x, cu_seqlens_q, memory, cu_seqlens_k,
+                               out, mask, score_mod, options, &ctx.ws_);
+    if (!options.lse.is_null())
+      detail::check_no_overlap(options.lse, "options.lse", detail::buffer_view(ctx.lse_),
+                               "the context's lse");
+    detail::check_no_overlap(out, "out", detail::buffer_view(ctx.lse_), "the context's lse");
+    const index_t tq = x.extent(0), tk = memory.extent(0);
+    const AttentionOptions o = Base::context_options(options, ctx, 1, c.q_heads, tq);
+    detail::project_kv(c, this->packed(), detail::as_batch1(memory), ctx.ws_.k, ctx.ws_.v,
+                       options.num_threads);
+    detail::cross_attention_varlen(c, this->packed(), detail::as_batch1(x), cu_seqlens_q,
+                                   ctx.ws_.k.data(), ctx.ws_.v.data(), cu_seqlens_k,
+                                   detail::as_batch1(out), mask, score_mod, o, ctx.ws_);
+    Base::copy_lse(ctx, options);
+    this->save_context(ctx, c, 1, tq, tk);
+    ctx.cu_.assign(cu_seqlens_q.begin(), cu_seqlens_q.end());
+    ctx.cu_k_.assign(cu_seqlens_k.begin(), cu_seqlens_k.end());
+    ctx.varlen_ = true;
+  }
+  /// Same, without a score modifier.
+  template <class Mask, class = std::enable_if_t<is_mask_v<Mask>>>
+  void forward_varlen(TensorView<const T, 2> x, const std::vector<index_t>& cu_seqlens_q,
+                      TensorView<const T, 2> memory, const std::vector<index_t>& cu_seqlens_k,
+                      TensorView<T, 2> out, const Mask& mask, const AttentionOptions& options) {
+    forward_varlen(x, cu_seqlens_q, memory, cu_seqlens_k, out, mask, no_score_mod(), options);
+  }
+
+  /// Gradients of the training forward_varlen that filled `ctx`, for dout =
+  /// dL/dout [total_q, d_model]: dx [total_q, d_model] (from q only),
+  /// dmemory [total_k, d_kv_in] (from k and v; a null view skips either),
+  /// and the parameter gradients into `grads`, as backward() does for the
+  /// batched forward. The cu_seqlens, x, memory, mask, score_mod and options
+  /// must be the forward's (both cu_seqlens and the weights are checked).
+  /// The attention backward runs per sequence on its own [len_q, len_k]
+  /// problem; the projections' gradients sum over all packed rows; a
+  /// modifier's gradient outputs receive the sum over the sequences.
+  /// Bitwise identical for any options.num_threads. Throws attn::Error
+  /// before writing dx, dmemory, grads or a modifier's gradients if a shape
+  /// is wrong, an output overlaps an input, or a sequence's mask or modifier
+  /// does not bind.
+  template <class Mask = NoMask, class Mod = NoScoreMod>
+  void backward_varlen(AttentionContext<T>& ctx, TensorView<const T, 2> x,
+                       const std::vector<index_t>& cu_seqlens_q, TensorView<const T, 2> memory,
+                       const std::vector<index_t>& cu_seqlens_k, TensorView<const T, 2> dout,
+                       TensorView<T, 2> dx, TensorView<T, 2> dmemory, AttentionGrads<T>& grads,
+                       const Mask& mask = {}, const Mod& score_mod = {},
+                       const AttentionOptions& options = {}) {
+    if (!ctx.empty() && ctx.varlen_) {  // the packed shapes, in their own words
+      const index_t tq = ctx.lq_, tk = ctx.lk_;
+      auto rows_are = [&](const auto& v, const char* name, index_t rows, index_t w,
+                          const char* what) {
+        detail::check_view(v, name);
+        if (v.extent(0) != rows || v.extent(1) != w)
+          detail::fail(name, " has shape ", detail::shape_str(v), ", expected [", rows, ", ", w,
+                       "] (", what, ")");
+      };
+      const index_t dm = this->cfg_.d_model, dk = this->cfg_.d_kv_in;
+      rows_are(x, "x", tq, dm, "the forward's x: packed query rows, d_model");
+      rows_are(memory, "memory", tk, dk, "the forward's memory: packed rows, d_kv_in");
+      rows_are(dout, "dout", tq, dm, "the output's shape: packed query rows, d_model");
+      if (!dx.is_null()) rows_are(dx, "dx", tq, dm, "x's shape: packed query rows, d_model");
+      if (!dmemory.is_null())
+        rows_are(dmemory, "dmemory", tk, dk, "memory's shape: packed rows, d_kv_in");
+    }
+    detail::check_view(memory, "memory");
+    this->backward_core(ctx, detail::as_batch1(x), detail::as_batch1(memory),
+                        detail::as_batch1(dout),
+                        dx.is_null() ? TensorView<T, 3>() : detail::as_batch1(dx),
+                        dmemory.is_null() ? TensorView<T, 3>() : detail::as_batch1(dmemory), grads,
+                        mask, score_mod, options, &cu_seqlens_q, &cu_seqlens_k);
+  }
+  /// Same, without a score modifier.
+  template <class Mask, class = std::enable_if_t<is_mask_v<Mask>>>
+  void backward_varlen(AttentionContext<T>& ctx, TensorView<const T, 2> x,
+                       const std::vector<index_t>& cu_seqlens_q, TensorView<const T, 2> memory,
+                       const std::vector<index_t>& cu_seqlens_k, TensorView<const T, 2> dout,
+                       TensorView<T, 2> dx, TensorView<T, 2> dmemory, AttentionGrads<T>& grads,
+                       const Mask& mask, const AttentionOptions& options) {
+    backward_varlen(ctx, x, cu_seqlens_q, memory, cu_seqlens_k, dout, dx, dmemory, grads, mask,
+                    no_score_mod(), options);
   }
 
   /// Fills weights [B, Hq, Lq, Lk] with each head's softmax probabilities of
