@@ -70,8 +70,13 @@ def setup(venv):
         sys.exit("compare_peers: the venv must live outside the repository")
     subprocess.check_call([sys.executable, "-m", "venv", venv])
     pip = os.path.join(venv, "bin", "pip")
-    # The CPU wheel of torch (the default one pulls CUDA libraries).
-    subprocess.check_call([pip, "install", "--index-url", "https://download.pytorch.org/whl/cpu", "torch"])
+    # The CPU wheel of torch (the default one pulls CUDA libraries). Where
+    # PyTorch's own index cannot be reached (a machine that sees only PyPI),
+    # PyPI's torch: the same CPU kernels, with CUDA libraries (~3 GB) unused.
+    cpu = [pip, "install", "--index-url", "https://download.pytorch.org/whl/cpu", "torch"]
+    if subprocess.call(cpu) != 0:
+        print("compare_peers: PyTorch's CPU index failed; installing torch from PyPI", flush=True)
+        subprocess.check_call([pip, "install", "torch"])
     subprocess.check_call([pip, "install"] + PACKAGES)
 
 
