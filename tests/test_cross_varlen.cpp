@@ -4,7 +4,7 @@
 // parameter gradients summed), sequences with no queries or no memory rows,
 // central finite differences in double, bitwise determinism across thread
 // counts, and argument errors with nothing written.
-#include "support.hpp"
+#include "layer_grads.hpp"
 
 #include <attn/cross.hpp>
 
@@ -19,16 +19,6 @@
 namespace {
 
 using namespace attn_test;
-using MatD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-using VecD = Eigen::VectorXd;
-
-MatD random_mat(index_t r, index_t c, std::mt19937& gen, double sd) {
-  std::normal_distribution<double> dist(0.0, sd);
-  MatD m(r, c);
-  for (index_t i = 0; i < m.size(); ++i) m.data()[i] = dist(gen);
-  return m;
-}
-
 /// GQA, Dv != D, a memory narrower than d_model.
 attn::MultiHeadConfig config() {
   attn::MultiHeadConfig c;
@@ -39,57 +29,6 @@ attn::MultiHeadConfig config() {
   c.head_dim = 4;
   c.v_head_dim = 3;
   return attn::detail::resolve_config(c);
-}
-
-/// Parameters in double, loaded into layers of either type.
-struct Params {
-  MatD w[4];  // wq, wk, wv, wo
-  VecD b[4];  // bq, bk, bv, bo
-  Params(const attn::MultiHeadConfig& c, std::uint32_t seed) {
-    std::mt19937 gen(seed);
-    w[0] = random_mat(c.d_model, c.q_heads * c.head_dim, gen, 1.0 / std::sqrt(c.d_model));
-    w[1] = random_mat(c.d_kv_in, c.kv_heads * c.head_dim, gen, 1.0 / std::sqrt(c.d_kv_in));
-    w[2] = random_mat(c.d_kv_in, c.kv_heads * c.v_head_dim, gen, 1.0 / std::sqrt(c.d_kv_in));
-    w[3] = random_mat(c.q_heads * c.v_head_dim, c.d_model, gen,
-                      1.0 / std::sqrt(static_cast<double>(c.q_heads * c.v_head_dim)));
-    for (int i = 0; i < 4; ++i) b[i] = random_mat(w[i].cols(), 1, gen, 0.3);
-  }
-  template <class T>
-  void load(attn::CrossAttention<T>& l) const {
-    l.set_wq(w[0].cast<T>().eval());
-    l.set_wk(w[1].cast<T>().eval());
-    l.set_wv(w[2].cast<T>().eval());
-    l.set_wo(w[3].cast<T>().eval());
-    l.set_bq(b[0].cast<T>().eval());
-    l.set_bk(b[1].cast<T>().eval());
-    l.set_bv(b[2].cast<T>().eval());
-    l.set_bo(b[3].cast<T>().eval());
-  }
-  double* data(int i) { return i < 4 ? w[i].data() : b[i - 4].data(); }
-  index_t size(int i) const { return i < 4 ? w[i].size() : b[i - 4].size(); }
-};
-
-const char* const kNames[] = {"dWq", "dWk", "dWv", "dWo", "dbq", "dbk", "dbv", "dbo"};
-
-std::vector<double> random_rows(index_t rows, index_t w, std::uint32_t seed) {
-  std::mt19937 gen(seed);
-  std::normal_distribution<double> dist(0.0, 1.0);
-  std::vector<double> v(static_cast<std::size_t>(rows * w));
-  for (double& e : v) e = dist(gen);
-  return v;
-}
-
-template <class T>
-std::vector<T> cast(const std::vector<double>& v) {
-  return std::vector<T>(v.begin(), v.end());
-}
-template <class T>
-attn::TensorView<const T, 2> rows2(const std::vector<T>& v, index_t rows, index_t w) {
-  return attn::TensorView<const T, 2>(v.data(), {rows, w});
-}
-template <class T>
-attn::TensorView<T, 2> rows2(std::vector<T>& v, index_t rows, index_t w) {
-  return attn::TensorView<T, 2>(v.data(), {rows, w});
 }
 
 /// One problem: packed queries x, packed memory m, the output's cotangent r.
@@ -110,26 +49,10 @@ struct Result {
   std::vector<double> out, lse, dx, dm, p[8];
 };
 
-template <class T>
-void collect(const attn::AttentionGrads<T>& g, Result& r) {
-  auto put = [](const auto& m, std::vector<double>& v) {
-    v.assign(static_cast<std::size_t>(m.size()), 0.0);
-    for (index_t i = 0; i < m.size(); ++i) v[static_cast<std::size_t>(i)] = m.data()[i];
-  };
-  put(g.wq, r.p[0]);
-  put(g.wk, r.p[1]);
-  put(g.wv, r.p[2]);
-  put(g.wo, r.p[3]);
-  put(g.bq, r.p[4]);
-  put(g.bk, r.p[5]);
-  put(g.bv, r.p[6]);
-  put(g.bo, r.p[7]);
-}
-
 /// forward_varlen with a context (and options.lse), then backward_varlen, in
 /// T; `reuse`, if given, is the layer's context (kept between calls).
 template <class T, class Mask, class Mod>
-Result varlen_step(const attn::MultiHeadConfig& c, const Params& w, const Packed& pk,
+Result varlen_step(const attn::MultiHeadConfig& c, const LayerParams& w, const Packed& pk,
                    const Mask& mask, const Mod& mod, attn::AttentionOptions opt = {},
                    attn::AttentionContext<T>* reuse = nullptr) {
   const index_t tq = pk.cq.back(), tk = pk.ck.back(), dm = c.d_model, dk = c.d_kv_in;
@@ -154,7 +77,7 @@ Result varlen_step(const attn::MultiHeadConfig& c, const Params& w, const Packed
   res.lse.assign(lse.begin(), lse.end());
   res.dx.assign(dx.begin(), dx.end());
   res.dm.assign(dmem.begin(), dmem.end());
-  collect(g, res);
+  collect_grads(g, res.p);
   return res;
 }
 
@@ -165,7 +88,7 @@ Result varlen_step(const attn::MultiHeadConfig& c, const Params& w, const Packed
 /// dx = 0, and dout's rows still reach dbo (out = A·Wo + bo with A = 0). A
 /// sequence with memory and no queries leaves dmemory = 0.
 template <class T, class Mask, class Mod>
-Result per_sequence_step(const attn::MultiHeadConfig& c, const Params& w, const Packed& pk,
+Result per_sequence_step(const attn::MultiHeadConfig& c, const LayerParams& w, const Packed& pk,
                          const Mask& mask, const Mod& mod, attn::AttentionOptions opt = {}) {
   const index_t dm = c.d_model, dk = c.d_kv_in, hq = c.q_heads, tq = pk.cq.back();
   const std::vector<T> x = cast<T>(pk.x), m = cast<T>(pk.m), r = cast<T>(pk.r);
@@ -218,27 +141,11 @@ Result per_sequence_step(const attn::MultiHeadConfig& c, const Params& w, const 
         res.lse[static_cast<std::size_t>(h * tq + q0 + i)] =
             lse[static_cast<std::size_t>(h * lq + i)];
     Result one;
-    collect(g, one);
+    collect_grads(g, one.p);
     for (int i = 0; i < 8; ++i)
       for (std::size_t j = 0; j < one.p[i].size(); ++j) res.p[i][j] += one.p[i][j];
   }
   return res;
-}
-
-/// Largest error of `got` against `want` relative to max(max|want|, 1);
-/// infinities must match exactly.
-double worst(const std::vector<double>& got, const std::vector<double>& want) {
-  EXPECT_EQ(got.size(), want.size());
-  double err = 0, ref = 0;
-  for (std::size_t i = 0; i < std::min(got.size(), want.size()); ++i) {
-    if (std::isinf(want[i]) || std::isinf(got[i])) {
-      if (got[i] != want[i]) return std::numeric_limits<double>::infinity();
-      continue;
-    }
-    err = std::max(err, std::abs(got[i] - want[i]));
-    ref = std::max(ref, std::abs(want[i]));
-  }
-  return err / std::max(ref, 1.0);
 }
 
 void expect_close(const Result& got, const Result& want, double tol, const std::string& what,
@@ -250,7 +157,7 @@ void expect_close(const Result& got, const Result& want, double tol, const std::
   EXPECT_LE(worst(got.dx, want.dx), tol) << what << ": dx";
   EXPECT_LE(worst(got.dm, want.dm), tol) << what << ": dmemory";
   for (int i = 0; i < 8; ++i)
-    EXPECT_LE(worst(got.p[i], want.p[i]), tol) << what << ": " << kNames[i];
+    EXPECT_LE(worst(got.p[i], want.p[i]), tol) << what << ": " << kGradNames[i];
 }
 
 // ------------------------------------------------------ against per-sequence --
@@ -268,7 +175,7 @@ template <class T>
 void check_against_per_sequence() {
   const attn::MultiHeadConfig c = config();
   const Packed pk(c, {0, 5, 5, 12, 15, 32, 36}, {0, 9, 15, 16, 16, 36, 38}, 21);
-  const Params w(c, 22);
+  const LayerParams w(c, 22);
   const double tol = 4.0 * static_cast<double>(pk.cq.back() + pk.ck.back()) * eps<T>();
   const std::string tn = sizeof(T) == 4 ? "float" : "double";
   expect_close(varlen_step<T>(c, w, pk, attn::causal(), attn::no_score_mod()),
@@ -294,7 +201,7 @@ TEST(CrossVarlen, DoubleEqualsPerSequenceLayer) { check_against_per_sequence<dou
 // memory boundaries by one row moves the output far past its tolerance.
 TEST(CrossVarlen, PerSequenceCheckSeesTheMemoryBoundaries) {
   const attn::MultiHeadConfig c = config();
-  const Params w(c, 23);
+  const LayerParams w(c, 23);
   const Packed a(c, {0, 6, 13}, {0, 8, 17}, 24);
   Packed b = a;
   b.ck = {0, 9, 17};
@@ -307,7 +214,7 @@ TEST(CrossVarlen, PerSequenceCheckSeesTheMemoryBoundaries) {
 // The inference forward_varlen writes what the training one does.
 TEST(CrossVarlen, InferenceForwardEqualsTrainingForward) {
   const attn::MultiHeadConfig c = config();
-  const Params w(c, 25);
+  const LayerParams w(c, 25);
   const Packed pk(c, {0, 4, 4, 11}, {0, 3, 9, 9}, 26);
   const index_t tq = pk.cq.back(), tk = pk.ck.back();
   const std::vector<float> x = cast<float>(pk.x), m = cast<float>(pk.m);
@@ -323,7 +230,7 @@ TEST(CrossVarlen, InferenceForwardEqualsTrainingForward) {
 // ------------------------------------------------------ finite differences --
 
 /// L = Σ out ∘ r of the inference forward_varlen, in double.
-double loss(const attn::MultiHeadConfig& c, const Params& w, const Packed& pk) {
+double loss(const attn::MultiHeadConfig& c, const LayerParams& w, const Packed& pk) {
   const index_t tq = pk.cq.back(), tk = pk.ck.back();
   std::vector<double> out(pk.x.size());
   attn::CrossAttention<double> layer(c);
@@ -345,11 +252,11 @@ double loss(const attn::MultiHeadConfig& c, const Params& w, const Packed& pk) {
 TEST(CrossVarlen, MatchesFiniteDifferences) {
   const attn::MultiHeadConfig c = config();
   const Packed p0(c, {0, 3, 3, 5, 9}, {0, 4, 6, 6, 11}, 27);
-  const Params w0(c, 28);
+  const LayerParams w0(c, 28);
   const Result got = varlen_step<double>(c, w0, p0, attn::causal(), attn::no_score_mod());
   const double h = 1e-5;
   Result fd;
-  auto central = [&](double& e, const Params& w, const Packed& pk) {
+  auto central = [&](double& e, const LayerParams& w, const Packed& pk) {
     const double keep = e;
     e = keep + h;
     const double up = loss(c, w, pk);
@@ -361,7 +268,7 @@ TEST(CrossVarlen, MatchesFiniteDifferences) {
   Packed pk = p0;
   for (double& e : pk.x) fd.dx.push_back(central(e, w0, pk));
   for (double& e : pk.m) fd.dm.push_back(central(e, w0, pk));
-  Params w = w0;
+  LayerParams w = w0;
   for (int i = 0; i < 8; ++i)
     for (index_t j = 0; j < w.size(i); ++j) fd.p[i].push_back(central(w.data(i)[j], w, p0));
   expect_close(got, fd, 16.0 * eps<float>(), "finite differences", /*forward=*/false);
@@ -374,7 +281,7 @@ TEST(CrossVarlen, MatchesFiniteDifferences) {
 
 TEST(CrossVarlen, BitwiseIdenticalForAnyThreadCount) {
   const attn::MultiHeadConfig c = config();
-  const Params w(c, 29);
+  const LayerParams w(c, 29);
   const Packed pk(c, {0, 40, 41, 90}, {0, 70, 75, 150}, 30);
   Result first;
   for (int threads : {1, 2, 3}) {
@@ -391,7 +298,7 @@ TEST(CrossVarlen, BitwiseIdenticalForAnyThreadCount) {
     EXPECT_EQ(r.dx, first.dx) << threads << " threads";
     EXPECT_EQ(r.dm, first.dm) << threads << " threads";
     for (int i = 0; i < 8; ++i)
-      EXPECT_EQ(r.p[i], first.p[i]) << threads << " threads, " << kNames[i];
+      EXPECT_EQ(r.p[i], first.p[i]) << threads << " threads, " << kGradNames[i];
   }
 }
 
@@ -399,7 +306,7 @@ TEST(CrossVarlen, BitwiseIdenticalForAnyThreadCount) {
 // without memory must not leave the previous step's gradient rows in them.
 TEST(CrossVarlen, ReusedContextLeavesNoStaleRows) {
   const attn::MultiHeadConfig c = config();
-  const Params w(c, 33);
+  const LayerParams w(c, 33);
   const Packed full(c, {0, 4, 9, 12}, {0, 5, 8, 14}, 34);
   Packed gaps = full;
   gaps.cq = {0, 4, 4, 12};  // sequence 1: memory rows 5..7, no queries
@@ -412,7 +319,7 @@ TEST(CrossVarlen, ReusedContextLeavesNoStaleRows) {
   const Result fresh = varlen_step<float>(c, w, gaps, attn::no_mask(), attn::no_score_mod());
   EXPECT_EQ(reused.dx, fresh.dx);
   EXPECT_EQ(reused.dm, fresh.dm);
-  for (int i = 0; i < 8; ++i) EXPECT_EQ(reused.p[i], fresh.p[i]) << kNames[i];
+  for (int i = 0; i < 8; ++i) EXPECT_EQ(reused.p[i], fresh.p[i]) << kGradNames[i];
   for (index_t i = 5 * c.d_kv_in; i < 8 * c.d_kv_in; ++i)
     EXPECT_EQ(reused.dm[static_cast<std::size_t>(i)], 0.0);
   for (index_t i = 4 * c.d_model; i < 12 * c.d_model; ++i)
@@ -436,7 +343,7 @@ void expect_error_contains(F&& f, const std::string& part) {
 
 TEST(CrossVarlen, BadArgumentsThrowBeforeWriting) {
   const attn::MultiHeadConfig c = config();
-  const Params w(c, 31);
+  const LayerParams w(c, 31);
   const Packed pk(c, {0, 3, 7}, {0, 5, 6}, 32);
   const index_t tq = 7, tk = 6, dm = c.d_model, dk = c.d_kv_in;
   std::vector<float> x = cast<float>(pk.x), m = cast<float>(pk.m);

@@ -2,7 +2,7 @@
 // against central finite differences of the layer's own forward in double,
 // float against double, GradMode::accumulate, bitwise determinism across
 // thread counts, strided inputs and outputs, and argument errors.
-#include "support.hpp"
+#include "layer_grads.hpp"
 
 #include <attn/cross.hpp>
 #include <attn/multi_head.hpp>
@@ -18,55 +18,6 @@
 namespace {
 
 using namespace attn_test;
-using MatD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-using VecD = Eigen::VectorXd;
-
-MatD random_mat(index_t r, index_t c, std::mt19937& gen, double sd) {
-  std::normal_distribution<double> dist(0.0, sd);
-  MatD m(r, c);
-  for (index_t i = 0; i < m.size(); ++i) m.data()[i] = dist(gen);
-  return m;
-}
-
-/// Parameters of a layer in double, loaded into layers of either type.
-struct Params {
-  MatD wq, wk, wv, wo;
-  VecD bq, bk, bv, bo;
-  Params(const attn::MultiHeadConfig& c, std::uint32_t seed) {
-    std::mt19937 gen(seed);
-    const double sq = 1.0 / std::sqrt(static_cast<double>(c.d_model)),
-                 sk = 1.0 / std::sqrt(static_cast<double>(c.d_kv_in));
-    wq = random_mat(c.d_model, c.q_heads * c.head_dim, gen, sq);
-    wk = random_mat(c.d_kv_in, c.kv_heads * c.head_dim, gen, sk);
-    wv = random_mat(c.d_kv_in, c.kv_heads * c.v_head_dim, gen, sk);
-    wo = random_mat(c.q_heads * c.v_head_dim, c.d_model, gen,
-                    1.0 / std::sqrt(static_cast<double>(c.q_heads * c.v_head_dim)));
-    bq = random_mat(wq.cols(), 1, gen, 0.3);
-    bk = random_mat(wk.cols(), 1, gen, 0.3);
-    bv = random_mat(wv.cols(), 1, gen, 0.3);
-    bo = random_mat(wo.cols(), 1, gen, 0.3);
-  }
-  template <class T>
-  void load(attn::AttentionProjections<T>& l) const {
-    l.set_wq(wq.cast<T>().eval());
-    l.set_wk(wk.cast<T>().eval());
-    l.set_wv(wv.cast<T>().eval());
-    l.set_wo(wo.cast<T>().eval());
-    l.set_bq(bq.cast<T>().eval());
-    l.set_bk(bk.cast<T>().eval());
-    l.set_bv(bv.cast<T>().eval());
-    l.set_bo(bo.cast<T>().eval());
-  }
-  /// Every parameter, in a fixed order, with a name.
-  std::vector<std::pair<const char*, double*>> entries(std::vector<index_t>& sizes) {
-    std::vector<std::pair<const char*, double*>> r{
-        {"wq", wq.data()}, {"wk", wk.data()}, {"wv", wv.data()}, {"wo", wo.data()},
-        {"bq", bq.data()}, {"bk", bk.data()}, {"bv", bv.data()}, {"bo", bo.data()}};
-    sizes = {wq.size(), wk.size(), wv.size(), wo.size(),
-             bq.size(), bk.size(), bv.size(), bo.size()};
-    return r;
-  }
-};
 
 /// A [B, L, w] buffer whose rows lie `pad` elements apart beyond w (a strided view).
 template <class T>
@@ -107,15 +58,6 @@ Seq<T> cast_seq(const Seq<double>& s) {
   return r;
 }
 
-/// Largest |a - b| over the entries of two gradient sets, and the largest |b|.
-struct Diff {
-  double err = 0, ref = 0;
-  void add(double a, double b) {
-    err = std::max(err, std::abs(a - b));
-    ref = std::max(ref, std::abs(b));
-  }
-};
-
 /// One layer setup: self-attention over x [B, Lq, d_model], or cross
 /// attention of x over memory [B, Lk, d_kv_in].
 struct Problem {
@@ -132,7 +74,7 @@ struct Grads {
 
 /// The forward (no context) of the layer in double: L = Σ out ∘ r.
 template <class Mask>
-double loss(const Problem& pr, const Params& w, const Seq<double>& x, const Seq<double>& mem,
+double loss(const Problem& pr, const LayerParams& w, const Seq<double>& x, const Seq<double>& mem,
             const Seq<double>& r, const Mask& mask) {
   Seq<double> out(pr.B, pr.Lq, pr.cfg.d_model);
   attn::AttentionOptions one;
@@ -153,18 +95,7 @@ double loss(const Problem& pr, const Params& w, const Seq<double>& x, const Seq<
 
 template <class T>
 void collect(const attn::AttentionGrads<T>& g, Grads& r) {
-  auto put = [](const auto& m, std::vector<double>& v) {
-    v.assign(static_cast<std::size_t>(m.size()), 0.0);
-    for (index_t i = 0; i < m.size(); ++i) v[static_cast<std::size_t>(i)] = m.data()[i];
-  };
-  put(g.wq, r.p[0]);
-  put(g.wk, r.p[1]);
-  put(g.wv, r.p[2]);
-  put(g.wo, r.p[3]);
-  put(g.bq, r.p[4]);
-  put(g.bk, r.p[5]);
-  put(g.bv, r.p[6]);
-  put(g.bo, r.p[7]);
+  collect_grads(g, r.p);
 }
 
 template <class T>
@@ -178,7 +109,7 @@ std::vector<double> flat(const Seq<T>& s) {
 
 /// Forward with a context, then backward, in T (inputs given in double).
 template <class T, class Mask>
-Grads layer_grads(const Problem& pr, const Params& w, const Seq<double>& x64,
+Grads layer_grads(const Problem& pr, const LayerParams& w, const Seq<double>& x64,
                   const Seq<double>& mem64, const Seq<double>& r64, const Mask& mask,
                   attn::AttentionOptions opt = {}) {
   const Seq<T> x = cast_seq<T>(x64), mem = cast_seq<T>(mem64), r = cast_seq<T>(r64);
@@ -207,7 +138,7 @@ Grads layer_grads(const Problem& pr, const Params& w, const Seq<double>& x64,
 
 /// Central differences of L with step h for every entry of x, memory and the parameters.
 template <class Mask>
-Grads finite_differences(const Problem& pr, const Params& w0, const Seq<double>& x0,
+Grads finite_differences(const Problem& pr, const LayerParams& w0, const Seq<double>& x0,
                          const Seq<double>& mem0, const Seq<double>& r, const Mask& mask) {
   const double h = 1e-5;
   Grads res;
@@ -229,12 +160,10 @@ Grads finite_differences(const Problem& pr, const Params& w0, const Seq<double>&
   };
   res.dx = seq_fd(x0, false);
   if (pr.cross) res.dmem = seq_fd(mem0, true);
-  Params w = w0;
-  std::vector<index_t> sizes;
-  const auto entries = w.entries(sizes);
-  for (std::size_t e = 0; e < entries.size(); ++e) {
-    double* p = entries[e].second;
-    for (index_t i = 0; i < sizes[e]; ++i) {
+  LayerParams w = w0;
+  for (int e = 0; e < 8; ++e) {
+    double* p = w.data(e);
+    for (index_t i = 0; i < w.size(e); ++i) {
       const double keep = p[i];
       p[i] = keep + h;
       const double up = loss(pr, w, x0, mem0, r, mask);
@@ -245,16 +174,6 @@ Grads finite_differences(const Problem& pr, const Params& w0, const Seq<double>&
     }
   }
   return res;
-}
-
-const char* const kNames[] = {"dWq", "dWk", "dWv", "dWo", "dbq", "dbk", "dbv", "dbo"};
-
-/// Largest error of `got` against `want` relative to max(|want|, 1), per tensor.
-double worst(const std::vector<double>& got, const std::vector<double>& want) {
-  EXPECT_EQ(got.size(), want.size());
-  Diff d;
-  for (std::size_t i = 0; i < std::min(got.size(), want.size()); ++i) d.add(got[i], want[i]);
-  return d.err / std::max(d.ref, 1.0);
 }
 
 /// Every gradient of `got` within tol of `want` (relative to max(|want|, 1)).
@@ -268,7 +187,7 @@ void expect_close(const Grads& got, const Grads& want, double tol, const std::st
     EXPECT_LE(worst(got.dmem, want.dmem), tol) << what << ": dmemory";
   }
   for (int i = 0; i < 8; ++i)
-    EXPECT_LE(worst(got.p[i], want.p[i]), tol) << what << ": " << kNames[i];
+    EXPECT_LE(worst(got.p[i], want.p[i]), tol) << what << ": " << kGradNames[i];
 }
 
 // The double path reads the forward's lse in float (as every attention
@@ -298,7 +217,7 @@ TEST(LayerBackward, MultiHeadGqaRopeCausalMatchesFiniteDifferences) {
   Problem pr;
   pr.cfg = self_config();
   pr.B = 2, pr.Lq = pr.Lk = 6, pr.pad = 3;  // strided x and dx
-  const Params w(pr.cfg, 1);
+  const LayerParams w(pr.cfg, 1);
   const Seq<double> x = random_seq<double>(pr.B, pr.Lq, pr.cfg.d_model, 2, pr.pad);
   const Seq<double> r = random_seq<double>(pr.B, pr.Lq, pr.cfg.d_model, 3);
   const Seq<double> none(0, 0, 0);
@@ -323,7 +242,7 @@ TEST(LayerBackward, CrossPaddingMatchesFiniteDifferences) {
   pr.cfg = attn::detail::resolve_config(c);
   pr.cross = true;
   pr.B = 2, pr.Lq = 4, pr.Lk = 7, pr.pad = 2;
-  const Params w(pr.cfg, 4);
+  const LayerParams w(pr.cfg, 4);
   const Seq<double> x = random_seq<double>(pr.B, pr.Lq, c.d_model, 5, pr.pad);
   const Seq<double> mem = random_seq<double>(pr.B, pr.Lk, c.d_kv_in, 6, pr.pad);
   const Seq<double> r = random_seq<double>(pr.B, pr.Lq, c.d_model, 7);
@@ -345,7 +264,7 @@ TEST(LayerBackward, FiniteDifferenceCheckCatchesWrongGradients) {
   c.d_model = 16;
   c.d_kv_in = 0;
   pr.cfg = attn::detail::resolve_config(c);
-  const Params w(pr.cfg, 8);
+  const LayerParams w(pr.cfg, 8);
   const Seq<double> x = random_seq<double>(pr.B, pr.Lq, c.d_model, 9);
   const Seq<double> r = random_seq<double>(pr.B, pr.Lq, c.d_model, 10);
   const Seq<double> none(0, 0, 0);
@@ -374,7 +293,7 @@ TEST(LayerBackward, FloatAgreesWithDouble) {
   Problem pr;
   pr.cfg = self_config();
   pr.B = 2, pr.Lq = pr.Lk = 37;
-  const Params w(pr.cfg, 11);
+  const LayerParams w(pr.cfg, 11);
   const Seq<double> x = random_seq<double>(pr.B, pr.Lq, pr.cfg.d_model, 12);
   const Seq<double> r = random_seq<double>(pr.B, pr.Lq, pr.cfg.d_model, 13);
   const Seq<double> none(0, 0, 0);
@@ -388,7 +307,7 @@ TEST(LayerBackward, FloatAgreesWithDouble) {
   cr.cfg = attn::detail::resolve_config(c);
   cr.cross = true;
   cr.B = 2, cr.Lq = 19, cr.Lk = 41;
-  const Params wc(cr.cfg, 14);
+  const LayerParams wc(cr.cfg, 14);
   const Seq<double> xc = random_seq<double>(cr.B, cr.Lq, c.d_model, 15);
   const Seq<double> mc = random_seq<double>(cr.B, cr.Lk, c.d_kv_in, 16);
   const Seq<double> rc = random_seq<double>(cr.B, cr.Lq, c.d_model, 17);
@@ -442,7 +361,7 @@ TEST(LayerBackward, BitwiseIdenticalForAnyThreadCount) {
   c.rope = rope;
   pr.cfg = attn::detail::resolve_config(c);
   pr.B = 2, pr.Lq = pr.Lk = 300;
-  const Params w(pr.cfg, 21);
+  const LayerParams w(pr.cfg, 21);
   const Seq<double> x = random_seq<double>(pr.B, pr.Lq, c.d_model, 22);
   const Seq<double> r = random_seq<double>(pr.B, pr.Lq, c.d_model, 23);
   const Seq<double> none(0, 0, 0);
@@ -454,7 +373,7 @@ TEST(LayerBackward, BitwiseIdenticalForAnyThreadCount) {
     const Grads many = layer_grads<float>(pr, w, x, none, r, attn::causal(), o);
     EXPECT_EQ(many.dx, one.dx) << t << " threads";
     for (int i = 0; i < 8; ++i)
-      EXPECT_EQ(many.p[i], one.p[i]) << kNames[i] << ", " << t << " threads";
+      EXPECT_EQ(many.p[i], one.p[i]) << kGradNames[i] << ", " << t << " threads";
   }
 }
 
@@ -463,7 +382,7 @@ TEST(LayerBackward, BitwiseIdenticalForAnyThreadCount) {
 TEST(LayerBackward, AccumulateAddsToGradients) {
   const attn::MultiHeadConfig c = self_config();
   attn::MultiHeadAttention<double> layer(c);
-  Params(c, 31).load(layer);
+  LayerParams(c, 31).load(layer);
   const index_t B = 2, L = 9;
   const Seq<double> x = random_seq<double>(B, L, c.d_model, 32);
   const Seq<double> r = random_seq<double>(B, L, c.d_model, 33);
@@ -497,7 +416,7 @@ TEST(LayerBackward, NullInputGradientsAreSkipped) {
   attn::MultiHeadConfig c;
   c.d_model = 8, c.q_heads = 2, c.d_kv_in = 6;
   attn::CrossAttention<float> cross(c);
-  Params(attn::detail::resolve_config(c), 61).load(cross);
+  LayerParams(attn::detail::resolve_config(c), 61).load(cross);
   const Seq<float> x = random_seq<float>(2, 3, 8, 62), mem = random_seq<float>(2, 5, 6, 63),
                    r = random_seq<float>(2, 3, 8, 64);
   Seq<float> out(2, 3, 8), dx(2, 3, 8), dm(2, 5, 6), dx1(2, 3, 8), dm1(2, 5, 6);
@@ -531,8 +450,8 @@ std::string message(F&& f) {
 TEST(LayerBackward, ErrorsBeforeWriting) {
   const attn::MultiHeadConfig c = self_config();
   attn::MultiHeadAttention<double> layer(c), other(c);
-  Params(c, 41).load(layer);
-  Params(c, 41).load(other);
+  LayerParams(c, 41).load(layer);
+  LayerParams(c, 41).load(other);
   const index_t B = 2, L = 5;
   Seq<double> x = random_seq<double>(B, L, c.d_model, 42);
   const Seq<double> r = random_seq<double>(B, L, c.d_model, 43);

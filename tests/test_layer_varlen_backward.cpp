@@ -4,7 +4,7 @@
 // concatenated), against central finite differences in double, GradMode::
 // accumulate, a relative-bias table's gradient summed over sequences,
 // bitwise determinism across thread counts, and argument errors.
-#include "support.hpp"
+#include "layer_grads.hpp"
 
 #include <attn/multi_head.hpp>
 #include <attn/policy/t5_bias.hpp>
@@ -19,96 +19,17 @@
 namespace {
 
 using namespace attn_test;
-using MatD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-using VecD = Eigen::VectorXd;
-
-MatD random_mat(index_t r, index_t c, std::mt19937& gen, double sd) {
-  std::normal_distribution<double> dist(0.0, sd);
-  MatD m(r, c);
-  for (index_t i = 0; i < m.size(); ++i) m.data()[i] = dist(gen);
-  return m;
-}
-
-/// Parameters of a layer in double, loaded into layers of either type.
-struct Params {
-  MatD w[4];  // wq, wk, wv, wo
-  VecD b[4];  // bq, bk, bv, bo
-  Params(const attn::MultiHeadConfig& c, std::uint32_t seed) {
-    std::mt19937 gen(seed);
-    const double s = 1.0 / std::sqrt(static_cast<double>(c.d_model));
-    w[0] = random_mat(c.d_model, c.q_heads * c.head_dim, gen, s);
-    w[1] = random_mat(c.d_model, c.kv_heads * c.head_dim, gen, s);
-    w[2] = random_mat(c.d_model, c.kv_heads * c.v_head_dim, gen, s);
-    w[3] = random_mat(c.q_heads * c.v_head_dim, c.d_model, gen,
-                      1.0 / std::sqrt(static_cast<double>(c.q_heads * c.v_head_dim)));
-    for (int i = 0; i < 4; ++i) b[i] = random_mat(w[i].cols(), 1, gen, 0.3);
-  }
-  template <class T>
-  void load(attn::MultiHeadAttention<T>& l) const {
-    l.set_wq(w[0].cast<T>().eval());
-    l.set_wk(w[1].cast<T>().eval());
-    l.set_wv(w[2].cast<T>().eval());
-    l.set_wo(w[3].cast<T>().eval());
-    l.set_bq(b[0].cast<T>().eval());
-    l.set_bk(b[1].cast<T>().eval());
-    l.set_bv(b[2].cast<T>().eval());
-    l.set_bo(b[3].cast<T>().eval());
-  }
-  /// Every parameter in a fixed order: wq, wk, wv, wo, bq, bk, bv, bo.
-  double* data(int i) { return i < 4 ? w[i].data() : b[i - 4].data(); }
-  index_t size(int i) const { return i < 4 ? w[i].size() : b[i - 4].size(); }
-};
-
-const char* const kNames[] = {"dWq", "dWk", "dWv", "dWo", "dbq", "dbk", "dbv", "dbo"};
-
-std::vector<double> random_rows(index_t rows, index_t w, std::uint32_t seed) {
-  std::mt19937 gen(seed);
-  std::normal_distribution<double> dist(0.0, 1.0);
-  std::vector<double> v(static_cast<std::size_t>(rows * w));
-  for (double& e : v) e = dist(gen);
-  return v;
-}
-
-template <class T>
-std::vector<T> cast(const std::vector<double>& v) {
-  return std::vector<T>(v.begin(), v.end());
-}
-
 /// Gradients in double: dx (packed rows) and the eight parameter gradients.
 struct Grads {
   std::vector<double> dx, p[8];
 };
 
-template <class T>
-void collect(const attn::AttentionGrads<T>& g, Grads& r) {
-  auto put = [](const auto& m, std::vector<double>& v) {
-    v.assign(static_cast<std::size_t>(m.size()), 0.0);
-    for (index_t i = 0; i < m.size(); ++i) v[static_cast<std::size_t>(i)] = m.data()[i];
-  };
-  put(g.wq, r.p[0]);
-  put(g.wk, r.p[1]);
-  put(g.wv, r.p[2]);
-  put(g.wo, r.p[3]);
-  put(g.bq, r.p[4]);
-  put(g.bk, r.p[5]);
-  put(g.bv, r.p[6]);
-  put(g.bo, r.p[7]);
-}
-
-template <class T>
-attn::TensorView<const T, 2> rows2(const std::vector<T>& v, index_t rows, index_t w) {
-  return attn::TensorView<const T, 2>(v.data(), {rows, w});
-}
-template <class T>
-attn::TensorView<T, 2> rows2(std::vector<T>& v, index_t rows, index_t w) {
-  return attn::TensorView<T, 2>(v.data(), {rows, w});
-}
-
 /// forward_varlen with a context, then backward_varlen, in T.
 template <class T, class Mask, class Mod>
-Grads varlen_grads(const attn::MultiHeadConfig& c, const Params& w, const std::vector<index_t>& cu,
-                   const std::vector<double>& x64, const std::vector<double>& r64, const Mask& mask,
-                   const Mod& mod, const attn::AttentionOptions& opt = {}) {
+Grads varlen_grads(const attn::MultiHeadConfig& c, const LayerParams& w,
+                   const std::vector<index_t>& cu, const std::vector<double>& x64,
+                   const std::vector<double>& r64, const Mask& mask, const Mod& mod,
+                   const attn::AttentionOptions& opt = {}) {
   const index_t total = cu.back(), dm = c.d_model;
   const std::vector<T> x = cast<T>(x64), r = cast<T>(r64);
   std::vector<T> out(x.size()), dx(x.size());
@@ -122,14 +43,14 @@ Grads varlen_grads(const attn::MultiHeadConfig& c, const Params& w, const std::v
                         mask, mod, opt);
   Grads res;
   res.dx.assign(dx.begin(), dx.end());
-  collect(g, res);
+  collect_grads(g, res.p);
   return res;
 }
 
 /// The batched forward + backward on each sequence alone (batch 1): dx rows
 /// concatenated, parameter gradients summed over the sequences (in double).
 template <class T, class Mask, class Mod>
-Grads per_sequence_grads(const attn::MultiHeadConfig& c, const Params& w,
+Grads per_sequence_grads(const attn::MultiHeadConfig& c, const LayerParams& w,
                          const std::vector<index_t>& cu, const std::vector<double>& x64,
                          const std::vector<double>& r64, const Mask& mask, const Mod& mod,
                          const attn::AttentionOptions& opt = {}) {
@@ -152,7 +73,7 @@ Grads per_sequence_grads(const attn::MultiHeadConfig& c, const Params& w,
     for (index_t i = 0; i < len * dm; ++i)
       res.dx[static_cast<std::size_t>(r0 * dm + i)] = dx[static_cast<std::size_t>(i)];
     Grads one;
-    collect(g, one);
+    collect_grads(g, one.p);
     for (int i = 0; i < 8; ++i) {
       if (res.p[i].empty()) res.p[i].assign(one.p[i].size(), 0.0);
       for (std::size_t j = 0; j < one.p[i].size(); ++j) res.p[i][j] += one.p[i][j];
@@ -161,24 +82,13 @@ Grads per_sequence_grads(const attn::MultiHeadConfig& c, const Params& w,
   return res;
 }
 
-/// Largest error of `got` against `want` relative to max(max|want|, 1).
-double worst(const std::vector<double>& got, const std::vector<double>& want) {
-  EXPECT_EQ(got.size(), want.size());
-  double err = 0, ref = 0;
-  for (std::size_t i = 0; i < std::min(got.size(), want.size()); ++i) {
-    err = std::max(err, std::abs(got[i] - want[i]));
-    ref = std::max(ref, std::abs(want[i]));
-  }
-  return err / std::max(ref, 1.0);
-}
-
 void expect_close(const Grads& got, const Grads& want, double tol, const std::string& what) {
   double m = worst(got.dx, want.dx);
   for (int i = 0; i < 8; ++i) m = std::max(m, worst(got.p[i], want.p[i]));
   std::printf("%s: largest relative error %.3g (tolerance %.3g)\n", what.c_str(), m, tol);
   EXPECT_LE(worst(got.dx, want.dx), tol) << what << ": dx";
   for (int i = 0; i < 8; ++i)
-    EXPECT_LE(worst(got.p[i], want.p[i]), tol) << what << ": " << kNames[i];
+    EXPECT_LE(worst(got.p[i], want.p[i]), tol) << what << ": " << kGradNames[i];
 }
 
 /// GQA, Dv != D, RoPE with an offset: every piece of the chain.
@@ -211,7 +121,7 @@ void check_against_per_sequence() {
   const attn::MultiHeadConfig c = small_config();
   const std::vector<index_t> cu{0, 5, 5, 12, 13, 30};
   const index_t total = cu.back();
-  const Params w(c, 1);
+  const LayerParams w(c, 1);
   const std::vector<double> x = random_rows(total, c.d_model, 2),
                             r = random_rows(total, c.d_model, 3);
   const double tol = 4.0 * static_cast<double>(total) * eps<T>();
@@ -245,7 +155,7 @@ TEST(LayerVarlenBackward, DoubleEqualsPerSequenceBackward) { check_against_per_s
 TEST(LayerVarlenBackward, PerSequenceCheckSeesPositions) {
   const attn::MultiHeadConfig c = small_config();
   const std::vector<index_t> cu{0, 6, 13}, one{0, 13};
-  const Params w(c, 4);
+  const LayerParams w(c, 4);
   const std::vector<double> x = random_rows(13, c.d_model, 5), r = random_rows(13, c.d_model, 6);
   const Grads split = varlen_grads<double>(c, w, cu, x, r, attn::no_mask(), attn::no_score_mod());
   const Grads joined = varlen_grads<double>(c, w, one, x, r, attn::no_mask(), attn::no_score_mod());
@@ -257,7 +167,7 @@ TEST(LayerVarlenBackward, PerSequenceCheckSeesPositions) {
 
 /// L = Σ out ∘ r of the layer's inference forward_varlen, in double.
 template <class Mask>
-double loss(const attn::MultiHeadConfig& c, const Params& w, const std::vector<index_t>& cu,
+double loss(const attn::MultiHeadConfig& c, const LayerParams& w, const std::vector<index_t>& cu,
             const std::vector<double>& x, const std::vector<double>& r, const Mask& mask) {
   const index_t total = cu.back();
   std::vector<double> out(x.size());
@@ -280,7 +190,7 @@ TEST(LayerVarlenBackward, MatchesFiniteDifferences) {
   const attn::MultiHeadConfig c = small_config();
   const std::vector<index_t> cu{0, 3, 3, 7, 8};
   const index_t total = cu.back();
-  const Params w0(c, 7);
+  const LayerParams w0(c, 7);
   const std::vector<double> x0 = random_rows(total, c.d_model, 8),
                             r = random_rows(total, c.d_model, 9);
   for (attn::RopePairing pairing :
@@ -300,7 +210,7 @@ TEST(LayerVarlenBackward, MatchesFiniteDifferences) {
       x[i] = keep;
       fd.dx.push_back((up - dn) / (2 * h));
     }
-    Params w = w0;
+    LayerParams w = w0;
     for (int e = 0; e < 8; ++e)
       for (index_t i = 0; i < w.size(e); ++i) {
         double* p = w.data(e) + i;
@@ -325,7 +235,7 @@ TEST(LayerVarlenBackward, BiasTableGradientSumsOverSequences) {
   attn::MultiHeadConfig c = small_config();
   const std::vector<index_t> cu{0, 9, 10, 26};
   const index_t total = cu.back(), nb = 8;
-  const Params w(c, 11);
+  const LayerParams w(c, 11);
   const std::vector<double> x = random_rows(total, c.d_model, 12),
                             r = random_rows(total, c.d_model, 13);
   const std::vector<double> table = random_rows(nb, c.q_heads, 14);
@@ -354,7 +264,7 @@ TEST(LayerVarlenBackward, AccumulateAddsToGradients) {
   const std::vector<index_t> cu{0, 4, 11};
   const index_t total = cu.back(), dm = c.d_model;
   attn::MultiHeadAttention<double> layer(c);
-  Params(c, 21).load(layer);
+  LayerParams(c, 21).load(layer);
   const std::vector<double> x = random_rows(total, dm, 22), r = random_rows(total, dm, 23);
   std::vector<double> out(x.size()), dx(x.size());
   attn::AttentionContext<double> ctx;
@@ -386,7 +296,7 @@ TEST(LayerVarlenBackward, BitwiseIdenticalForAnyThreadCount) {
   c = attn::detail::resolve_config(c);
   const std::vector<index_t> cu{0, 130, 131, 131, 300, 365};
   const index_t total = cu.back();
-  const Params w(c, 31);
+  const LayerParams w(c, 31);
   const std::vector<double> x = random_rows(total, c.d_model, 32),
                             r = random_rows(total, c.d_model, 33);
   attn::AttentionOptions o;
@@ -397,7 +307,7 @@ TEST(LayerVarlenBackward, BitwiseIdenticalForAnyThreadCount) {
     const Grads many = varlen_grads<float>(c, w, cu, x, r, attn::causal(), attn::no_score_mod(), o);
     EXPECT_EQ(many.dx, one.dx) << t << " threads";
     for (int i = 0; i < 8; ++i)
-      EXPECT_EQ(many.p[i], one.p[i]) << kNames[i] << ", " << t << " threads";
+      EXPECT_EQ(many.p[i], one.p[i]) << kGradNames[i] << ", " << t << " threads";
   }
 }
 
@@ -416,7 +326,7 @@ std::string message(F&& f) {
 TEST(LayerVarlenBackward, ErrorsBeforeWriting) {
   const attn::MultiHeadConfig c = small_config();
   attn::MultiHeadAttention<double> layer(c);
-  Params(c, 41).load(layer);
+  LayerParams(c, 41).load(layer);
   const std::vector<index_t> cu{0, 2, 5};
   const index_t total = 5, dm = c.d_model;
   std::vector<double> x = random_rows(total, dm, 42);
