@@ -308,6 +308,173 @@ TEST(KernelsInt8, ToFloatIsTheRoundedProduct) {
   }
 }
 
+// ------------------------------------------- int8 rows in integer products --
+
+/// int16 values in [-limit, limit], the extremes among them.
+std::vector<std::int16_t> random_q16(std::size_t n, std::uint32_t seed, int limit) {
+  std::mt19937 gen(seed);
+  std::uniform_int_distribution<int> dist(-limit, limit);
+  std::vector<std::int16_t> v(n);
+  for (auto& x : v) x = static_cast<std::int16_t>(dist(gen));
+  if (n > 1) v[0] = static_cast<std::int16_t>(limit), v[1] = static_cast<std::int16_t>(-limit);
+  return v;
+}
+
+/// score_rows_q16: the int32 sums are exact, so each score is exactly
+/// float(Σ q̂·k̂) · qscale · kscale, rounded as written, on every ISA: every row
+/// and key block and tail, depth tails, runs, and the largest depth (516) at
+/// which int16_limit keeps ±32767 · ±127 sums in range (all extremes aligned).
+TEST(KernelsInt8, ScoreRowsQ16IsTheExactSumScaled) {
+  for (Isa isa : attn::supported_isas()) {
+    const KernelSet<float>& ks = attn::kernels::kernel_set<float>(isa);
+    for (index_t rows : {1, 3, 4, 5, 8})
+      for (index_t cols : {1, 3, 4, 5, 33})
+        for (index_t d :
+             std::vector<index_t>{1, 7, 2 * ks.lanes, 2 * ks.lanes + 1, 111, 128, 516}) {
+          SCOPED_TRACE(std::string(attn::isa_name(isa)) + " rows=" + std::to_string(rows) +
+                       " cols=" + std::to_string(cols) + " d=" + std::to_string(d));
+          const int limit = attn::kernels::portable::int16_limit(d);
+          ASSERT_EQ(limit, 32767);
+          const index_t ldq = d + 1, ldk = d + 3, lds = cols + 1;
+          auto q = random_q16(static_cast<std::size_t>(rows * ldq), 31, limit);
+          auto k = random_codes(static_cast<std::size_t>(cols * ldk), 32);
+          if (d == 516)  // the largest sums: every product +32767·127 in row 0 against key 0
+            for (index_t p = 0; p < d; ++p) q[p] = 32767, k[p] = 127;
+          std::vector<float> qscale(static_cast<std::size_t>(rows)),
+              kscale(static_cast<std::size_t>(cols));
+          for (index_t i = 0; i < rows; ++i) qscale[i] = std::ldexp(0.9f + 0.01f * i, -15);
+          for (index_t j = 0; j < cols; ++j)
+            kscale[j] = std::ldexp(0.75f + 0.01f * j, int(j % 7) - 3);
+          std::vector<float> s(static_cast<std::size_t>(rows * lds), -7.0f), runs(s);
+          ks.score_rows_q16(rows, cols, d, q.data(), ldq, qscale.data(), k.data(), ldk,
+                            kscale.data(), s.data(), lds);
+          for (index_t j = 0; j < cols; j += 3)  // the same keys in runs of three
+            ks.score_rows_q16(rows, std::min<index_t>(3, cols - j), d, q.data(), ldq, qscale.data(),
+                              k.data() + j * ldk, ldk, kscale.data() + j, runs.data() + j, lds);
+          for (index_t i = 0; i < rows; ++i) {
+            for (index_t j = 0; j < cols; ++j) {
+              std::int64_t sum = 0;
+              for (index_t p = 0; p < d; ++p)
+                sum += std::int64_t{q[i * ldq + p]} * std::int64_t{k[j * ldk + p]};
+              ASSERT_LT(std::abs(sum), std::int64_t{1} << 31);
+              const float want = static_cast<float>(sum) * qscale[i] * kscale[j];
+              ASSERT_EQ(s[i * lds + j], want) << "i=" << i << " j=" << j << " sum=" << sum;
+              ASSERT_EQ(runs[i * lds + j], want) << "runs, i=" << i << " j=" << j;
+            }
+            ASSERT_EQ(s[i * lds + cols], -7.0f) << "wrote past cols";
+          }
+        }
+  }
+}
+
+/// pv_q16 + pv_q16_finish: A += Ŵ·V̂ in int32, exact, so with rowscale 1 and O = 0
+/// each output is the exact sum rounded once to float. Every row block, every
+/// width a multiple of the lanes (blocks of 4, 2 and 1 vectors), odd key counts
+/// (the last key paired with zeros), keys fed in runs of odd lengths into the
+/// same sums, and ±32767 · ±127 at every key of the largest tile int16_limit allows.
+TEST(KernelsInt8, PvQ16IsTheExactSum) {
+  for (Isa isa : attn::supported_isas()) {
+    const KernelSet<float>& ks = attn::kernels::kernel_set<float>(isa);
+    const index_t L = ks.lanes;
+    for (index_t rows : {1, 2, 3, 4, 5, 8})
+      for (index_t cols : {1, 2, 13, 256, 516})
+        for (index_t dv : {L, 2 * L, 3 * L, 4 * L, 5 * L, 8 * L}) {
+          SCOPED_TRACE(std::string(attn::isa_name(isa)) + " rows=" + std::to_string(rows) +
+                       " cols=" + std::to_string(cols) + " dv=" + std::to_string(dv));
+          const int limit = attn::kernels::portable::int16_limit(cols);
+          ASSERT_EQ(limit, 32767);
+          const index_t ldw = cols + 3, ldv = dv + 5, lda = dv + 7, ldo = dv + 16;
+          auto w = random_q16(static_cast<std::size_t>(rows * ldw), 33, limit);
+          for (index_t i = 0; i < rows; ++i) w[i * ldw + cols] = 0;  // quantize_rows' padding
+          auto v = random_codes(static_cast<std::size_t>(cols * ldv), 34);
+          if (cols == 516)
+            for (index_t kk = 0; kk < cols; ++kk) w[kk] = -32767, v[kk * ldv] = 127;
+          for (index_t run : {cols, index_t{3}, index_t{5}}) {
+            std::vector<std::int32_t> a(static_cast<std::size_t>(rows * lda), 0);
+            for (index_t j = 0; j < cols; j += run)
+              ks.pv_q16(rows, dv, std::min(run, cols - j), w.data() + j, ldw, v.data() + j * ldv,
+                        ldv, a.data(), lda);
+            std::vector<float> rowscale(static_cast<std::size_t>(rows), 1.0f);
+            std::vector<float> o(static_cast<std::size_t>(rows * ldo), 0.0f);
+            for (index_t i = 0; i < rows; ++i) o[i * ldo + dv] = -3.0f;
+            ks.pv_q16_finish(rows, dv, a.data(), lda, rowscale.data(), o.data(), ldo);
+            for (index_t i = 0; i < rows; ++i) {
+              for (index_t c = 0; c < dv; ++c) {
+                std::int64_t sum = 0;
+                for (index_t kk = 0; kk < cols; ++kk)
+                  sum += std::int64_t{w[i * ldw + kk]} * std::int64_t{v[kk * ldv + c]};
+                ASSERT_EQ(o[i * ldo + c], static_cast<float>(sum))
+                    << "runs of " << run << " i=" << i << " c=" << c;
+              }
+              ASSERT_EQ(o[i * ldo + dv], -3.0f) << "wrote past dv";
+            }
+          }
+        }
+  }
+}
+
+/// quantize_rows: rowscale = max|x| / limit, each value within half a step
+/// (plus the float rounding of x·limit/max), the largest at ±limit, an
+/// all-zero row all zeros with scale 0, the odd padding 0, the same int16 on
+/// every ISA (float products rounded to nearest even everywhere), and a row
+/// with inf or NaN refused. scale_columns multiplies columns by their scale.
+TEST(KernelsInt8, QuantizeRowsRoundsToTheNearestStep) {
+  const index_t rows = 5, cols = 37, ldx = 40, ldd = 40;
+  auto x = random_vec<float>(static_cast<std::size_t>(rows * ldx), 35, 3.0);
+  for (index_t c = 0; c < cols; ++c) x[2 * ldx + c] = 0.0f;  // an all-zero row
+  x[3 * ldx + 17] = -1e30f;                                  // one value far beyond the rest
+  std::vector<float> colscale(static_cast<std::size_t>(cols));
+  for (index_t c = 0; c < cols; ++c) colscale[c] = 0.5f + 0.125f * c;
+  std::vector<std::int16_t> first;
+  for (Isa isa : attn::supported_isas()) {
+    SCOPED_TRACE(attn::isa_name(isa));
+    const KernelSet<float>& ks = attn::kernels::kernel_set<float>(isa);
+    auto xs = x;
+    ks.scale_columns(rows, cols, xs.data(), ldx, colscale.data());
+    for (index_t i = 0; i < rows; ++i)
+      for (index_t c = 0; c < ldx; ++c)
+        ASSERT_EQ(xs[i * ldx + c], c < cols ? x[i * ldx + c] * colscale[c] : x[i * ldx + c]);
+    for (int limit : {32767, 1000}) {
+      std::vector<std::int16_t> dst(static_cast<std::size_t>(rows * ldd), 99);
+      std::vector<float> scale(static_cast<std::size_t>(rows), -1.0f);
+      ASSERT_TRUE(
+          ks.quantize_rows(rows, cols, xs.data(), ldx, limit, dst.data(), ldd, scale.data()));
+      for (index_t i = 0; i < rows; ++i) {
+        double most = 0;
+        for (index_t c = 0; c < cols; ++c) most = std::max(most, std::abs(double(xs[i * ldx + c])));
+        ASSERT_EQ(scale[i], static_cast<float>(most) / static_cast<float>(limit));
+        for (index_t c = 0; c < cols; ++c) {
+          const double xv = xs[i * ldx + c], q = dst[i * ldd + c];
+          ASSERT_LE(std::abs(q), limit);
+          if (most == 0) {
+            ASSERT_EQ(q, 0);
+            continue;
+          }
+          ASSERT_LE(std::abs(xv / scale[i] - q), 0.5 + 1e-6 * limit) << "i=" << i << " c=" << c;
+          if (std::abs(xv) == most) {
+            ASSERT_EQ(std::abs(q), limit);
+          }
+        }
+        ASSERT_EQ(dst[i * ldd + cols], 0) << "padding of an odd row";
+        ASSERT_EQ(dst[i * ldd + cols + 1], 99) << "wrote past the padding";
+      }
+      if (limit == 32767) {
+        if (first.empty()) first = dst;
+        ASSERT_EQ(dst, first) << "int16 differ from " << attn::isa_name(attn::supported_isas()[0]);
+      }
+    }
+    for (float bad : {std::numeric_limits<float>::infinity(), std::nanf("")}) {
+      auto xb = xs;
+      xb[4 * ldx + 30] = bad;
+      std::vector<std::int16_t> dst(static_cast<std::size_t>(rows * ldd));
+      std::vector<float> scale(static_cast<std::size_t>(rows));
+      ASSERT_FALSE(
+          ks.quantize_rows(rows, cols, xb.data(), ldx, 32767, dst.data(), ldd, scale.data()))
+          << bad;
+    }
+  }
+}
+
 /// O += P·V for every row tail and every padded width.
 TYPED_TEST(Kernels, PvMatchesDoubleLoop) {
   using T = TypeParam;

@@ -446,6 +446,250 @@ void accumulate_pv_i8(index_t rows, index_t dvp, index_t cols, const typename S:
                                  std::make_integer_sequence<int, tile_rows<S>()>{});
 }
 
+// ------------------------------------------------ int8 rows in integers --
+//
+// An 8-bit cache's rows are codes x̂ in [-127, 127] with a float scale per row.
+// Queries, and the probabilities that multiply values, are rounded to int16
+// with a scale per row (quantize_rows); an int16 times a widened code is summed
+// in int32 two products at a time (S::madd). Integer sums are exact, so they do
+// not depend on the instruction set, on the order of the sums or on how a
+// paged cache cuts a tile into runs. Per 2L codes and query row this is one
+// madd where float products take two conversions and two FMAs per 2L codes.
+
+/// Keeps a row's int32 sum of n products of int16 and int8 codes from overflowing:
+/// the largest int16 magnitude to round to, 32767 up to n = 516.
+inline int int16_limit(index_t n) {
+  const std::int64_t most = std::numeric_limits<std::int32_t>::max() / (127 * std::max<index_t>(n, 1));
+  return static_cast<int>(std::max<std::int64_t>(1, std::min<std::int64_t>(32767, most)));
+}
+
+/// x[i][c] *= colscale[c]: an int8 cache's value scales folded into P's columns.
+template <class S>
+void scale_columns(index_t rows, index_t cols, float* x, index_t ldx, const float* colscale) {
+  constexpr int L = S::lanes;
+  for (index_t i = 0; i < rows; ++i) {
+    float* row = x + i * ldx;
+    index_t c = 0;
+    for (; c + L <= cols; c += L) S::store(row + c, S::mul(S::load(row + c), S::load(colscale + c)));
+    for (; c < cols; ++c) row[c] *= colscale[c];
+  }
+}
+
+/// For each row i: rowscale[i] = max_c |x[i][c]| / limit and dst[i][c] =
+/// round(x[i][c] / rowscale[i]) (0 for an all-zero row). Returns false, with
+/// dst and rowscale unspecified, when a value is not finite. dst rows hold
+/// cols rounded up to even, the padding 0.
+template <class S>
+bool quantize_rows(index_t rows, index_t cols, const float* x, index_t ldx, int limit,
+                   std::int16_t* dst, index_t ldd, float* rowscale) {
+  using V = typename S::V;
+  constexpr int L = S::lanes;
+  for (index_t i = 0; i < rows; ++i) {
+    const float* row = x + i * ldx;
+    V vmax = S::zero(), vsum = S::zero();  // vsum is not finite iff a value is not
+    index_t c = 0;
+    for (; c + L <= cols; c += L) {
+      const V a = S::abs(S::load(row + c));
+      vmax = S::max(vmax, a);
+      vsum = S::add(vsum, a);
+    }
+    float most = S::reduce_max(vmax), sum = S::reduce_add(vsum);
+    for (; c < cols; ++c) {
+      most = std::max(most, std::fabs(row[c]));
+      sum += std::fabs(row[c]);
+    }
+    if (!std::isfinite(sum) || !std::isfinite(most)) return false;
+    rowscale[i] = most / static_cast<float>(limit);
+    std::int16_t* out = dst + i * ldd;
+    const V f = S::set1(most > 0 ? static_cast<float>(limit) / most : 0.0f);
+    for (c = 0; c + L <= cols; c += L) S::round_to_i16(out + c, S::mul(S::load(row + c), f));
+    alignas(64) float tail[L] = {};
+    alignas(64) std::int16_t rounded[L];
+    for (index_t t = c; t < cols; ++t) tail[t - c] = row[t];
+    S::round_to_i16(rounded, S::mul(S::load(tail), f));
+    for (index_t t = c; t < cols; ++t) out[t] = rounded[t - c];
+    if (cols % 2) out[cols] = 0;
+  }
+  return true;
+}
+
+/// S[0:M, 0:KB] = qscale[i] · kscale[b] · Σ_p Q̂[i][p]·K̂[b][p] (int32 sums).
+template <class S, int M, int KB>
+inline void score_q16_keys(index_t d, const std::int16_t* q, index_t ldq, const float* qscale,
+                           const std::int8_t* k, index_t ldk, const float* kscale, float* s,
+                           index_t lds) {
+  using I = typename S::I;
+  constexpr int L = S::lanes, P = 2 * L;
+  I acc[M][KB];
+  ATTN_KERNEL_UNROLL
+  for (int i = 0; i < M; ++i) ATTN_KERNEL_UNROLL
+  for (int b = 0; b < KB; ++b) acc[i][b] = S::izero();
+  index_t p = 0;
+  for (; p + P <= d; p += P) {
+    I kv[KB];
+    ATTN_KERNEL_UNROLL
+    for (int b = 0; b < KB; ++b) kv[b] = S::widen_i8(k + b * ldk + p);
+    ATTN_KERNEL_UNROLL
+    for (int i = 0; i < M; ++i) {
+      const I a = S::load_i16(q + i * ldq + p);
+      ATTN_KERNEL_UNROLL
+      for (int b = 0; b < KB; ++b) acc[i][b] = S::madd(acc[i][b], a, kv[b]);
+    }
+  }
+  constexpr int n = M * KB, grouped = n / L * L;
+  std::int32_t sums[n];
+  const I* flat = &acc[0][0];
+  ATTN_KERNEL_UNROLL
+  for (int g = 0; g < grouped; g += L) S::istore(sums + g, S::sum_lanes_i(flat + g));
+  ATTN_KERNEL_UNROLL
+  for (int g = grouped; g < n; ++g) sums[g] = S::reduce_add_i(flat[g]);
+  if (p < d)  // the depth tail, element by element
+    for (int i = 0; i < M; ++i)
+      for (int b = 0; b < KB; ++b)
+        for (index_t t = p; t < d; ++t) sums[i * KB + b] += q[i * ldq + t] * k[b * ldk + t];
+  ATTN_KERNEL_UNROLL
+  for (int i = 0; i < M; ++i) ATTN_KERNEL_UNROLL
+  for (int b = 0; b < KB; ++b)
+    s[i * lds + b] = static_cast<float>(sums[i * KB + b]) * qscale[i] * kscale[b];
+}
+
+/// All keys of one block of M rows: rows_keys at a time, then one by one; whole
+/// rows prefetched stream_ahead keys on, as score_rows does for int8 rows.
+template <class S, int M>
+void score_q16_cols(index_t cols, index_t d, const std::int16_t* q, index_t ldq,
+                    const float* qscale, const std::int8_t* k, index_t ldk, const float* kscale,
+                    float* s, index_t lds) {
+  constexpr int KB = rows_keys<S>();
+  const index_t ahead = stream_ahead(d);
+  index_t j = 0;
+  for (; j + KB <= cols; j += KB) {
+    score_q16_keys<S, M, KB>(d, q, ldq, qscale, k + j * ldk, ldk, kscale + j, s + j, lds);
+    if (j + KB + ahead <= cols)
+      for (int b = 0; b < KB; ++b) prefetch_bytes(k + (j + b + ahead) * ldk, d);
+  }
+  for (; j < cols; ++j)
+    score_q16_keys<S, M, 1>(d, q, ldq, qscale, k + j * ldk, ldk, kscale + j, s + j, lds);
+}
+
+/// S (rows × cols, lds) = qscale[i] · kscale[j] · Σ_p Q̂[i][p]·K̂[j][p]: int16
+/// query rows (quantize_rows) against int8 key rows, sums in int32. d ≤ 516
+/// keeps the sums of int16_limit(d)-bounded queries in range.
+template <class S>
+void score_rows_q16(index_t rows, index_t cols, index_t d, const std::int16_t* q, index_t ldq,
+                    const float* qscale, const std::int8_t* k, index_t ldk, const float* kscale,
+                    float* s, index_t lds) {
+  using Fn = void (*)(index_t, index_t, const std::int16_t*, index_t, const float*,
+                      const std::int8_t*, index_t, const float*, float*, index_t);
+  static constexpr Fn by_rows[] = {&score_q16_cols<S, 1>, &score_q16_cols<S, 2>,
+                                   &score_q16_cols<S, 3>, &score_q16_cols<S, 4>};
+  static_assert(sizeof(by_rows) / sizeof(by_rows[0]) == rows_block, "one entry per block size");
+  const RowBlocks blocks(rows, rows_block);
+  for (index_t i = 0, i0 = 0; i < blocks.count; ++i) {
+    const index_t m = blocks.size(i);
+    by_rows[m - 1](cols, d, q + i0 * ldq, ldq, qscale + i0, k, ldk, kscale, s + i0 * lds, lds);
+    i0 += m;
+  }
+}
+
+/// A[0:M, NX·L columns] += W[0:M, 0:cols] · V̂[0:cols, same columns], two keys
+/// per madd: value rows k and k + 1 paired element by element, W's pair
+/// (w[k], w[k+1]) broadcast. A keeps each 2L columns in pair_rows2's order
+/// (NX even), or an L-column block in element order (NX = 1). An odd last key
+/// pairs with a row of zeros (and W's padding 0).
+template <class S, int M, int NX>
+inline void pv_q16_block(index_t cols, const std::int16_t* w, index_t ldw, const std::int8_t* v,
+                         index_t ldv, std::int32_t* a, index_t lda, index_t row_bytes) {
+  using I = typename S::I;
+  constexpr int L = S::lanes;
+  static_assert(NX == 1 || NX % 2 == 0, "whole pairs of vectors, or one");
+  alignas(64) static const std::int8_t zeros[NX * L] = {};
+  I acc[M][NX];
+  ATTN_KERNEL_UNROLL
+  for (int i = 0; i < M; ++i) ATTN_KERNEL_UNROLL
+  for (int j = 0; j < NX; ++j) acc[i][j] = S::iload(a + i * lda + j * L);
+  const index_t ahead = stream_ahead(row_bytes);
+  for (index_t k = 0; k < cols; k += 2) {
+    if (row_bytes > 0 && k + ahead + 1 < cols) {
+      prefetch_bytes(v + (k + ahead) * ldv, row_bytes);
+      prefetch_bytes(v + (k + ahead + 1) * ldv, row_bytes);
+    }
+    const std::int8_t* r0 = v + k * ldv;
+    const std::int8_t* r1 = k + 1 < cols ? r0 + ldv : zeros;
+    I x[NX];
+    if constexpr (NX == 1) {
+      x[0] = S::pair_rows(r0, r1);
+    } else {
+      ATTN_KERNEL_UNROLL
+      for (int j = 0; j < NX; j += 2)
+        S::pair_rows2(r0 + j * L, r1 + j * L, x[j], x[j + 1]);
+    }
+    ATTN_KERNEL_UNROLL
+    for (int i = 0; i < M; ++i) {
+      const I pw = S::broadcast_pair(w + i * ldw + k);
+      ATTN_KERNEL_UNROLL
+      for (int j = 0; j < NX; ++j) acc[i][j] = S::madd(acc[i][j], pw, x[j]);
+    }
+  }
+  ATTN_KERNEL_UNROLL
+  for (int i = 0; i < M; ++i) ATTN_KERNEL_UNROLL
+  for (int j = 0; j < NX; ++j) S::istore(a + i * lda + j * L, acc[i][j]);
+}
+
+/// All column blocks of one block of M rows: pv_vectors at a time, then two, then one.
+template <class S, int M>
+void pv_q16_columns(index_t dv, index_t cols, const std::int16_t* w, index_t ldw,
+                    const std::int8_t* v, index_t ldv, std::int32_t* a, index_t lda) {
+  constexpr int L = S::lanes;
+  index_t j = 0;
+  if constexpr (pv_vectors<S, M>() == 4)
+    for (; j + 4 * L <= dv; j += 4 * L)
+      pv_q16_block<S, M, 4>(cols, w, ldw, v + j, ldv, a + j, lda, j == 0 ? dv : 0);
+  for (; j + 2 * L <= dv; j += 2 * L)
+    pv_q16_block<S, M, 2>(cols, w, ldw, v + j, ldv, a + j, lda, j == 0 ? dv : 0);
+  if (j < dv) pv_q16_block<S, M, 1>(cols, w, ldw, v + j, ldv, a + j, lda, j == 0 ? dv : 0);
+}
+
+/// A (rows × dv int32, lda; pv_q16_finish's order) += Ŵ (rows × cols int16,
+/// ldw, rows padded to even with 0) · V̂ (cols × dv int8 codes, ldv); dv a
+/// multiple of L. Sums stay exact while Σ |ŵ|·127 over a row's keys < 2^31
+/// (int16_limit(cols) bounds Ŵ).
+template <class S>
+void pv_q16(index_t rows, index_t dv, index_t cols, const std::int16_t* w, index_t ldw,
+            const std::int8_t* v, index_t ldv, std::int32_t* a, index_t lda) {
+  using Fn = void (*)(index_t, index_t, const std::int16_t*, index_t, const std::int8_t*, index_t,
+                      std::int32_t*, index_t);
+  static constexpr Fn by_rows[] = {&pv_q16_columns<S, 1>, &pv_q16_columns<S, 2>,
+                                   &pv_q16_columns<S, 3>, &pv_q16_columns<S, 4>};
+  const RowBlocks blocks(rows, rows_block);
+  for (index_t i = 0, i0 = 0; i < blocks.count; ++i) {
+    const index_t m = blocks.size(i);
+    by_rows[m - 1](dv, cols, w + i0 * ldw, ldw, v, ldv, a + i0 * lda, lda);
+    i0 += m;
+  }
+}
+
+/// O[i][c] += rowscale[i] · A[i][c] for the sums of pv_q16 (in its order).
+template <class S>
+void pv_q16_finish(index_t rows, index_t dv, const std::int32_t* a, index_t lda,
+                   const float* rowscale, float* o, index_t ldo) {
+  using I = typename S::I;
+  using V = typename S::V;
+  constexpr int L = S::lanes;
+  for (index_t i = 0; i < rows; ++i) {
+    const std::int32_t* ar = a + i * lda;
+    float* orow = o + i * ldo;
+    const V f = S::set1(rowscale[i]);
+    index_t j = 0;
+    for (; j + 2 * L <= dv; j += 2 * L) {
+      I e0, e1;
+      S::unpair2(S::iload(ar + j), S::iload(ar + j + L), e0, e1);
+      S::store(orow + j, S::fma(S::to_float(e0), f, S::load(orow + j)));
+      S::store(orow + j + L, S::fma(S::to_float(e1), f, S::load(orow + j + L)));
+    }
+    if (j < dv) S::store(orow + j, S::fma(S::to_float(S::iload(ar + j)), f, S::load(orow + j)));
+  }
+}
+
 }  // namespace ATTN_KERNEL_NS
 }  // namespace kernels
 }  // namespace attn

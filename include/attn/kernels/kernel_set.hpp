@@ -70,6 +70,24 @@ struct KernelSet {
   /// pv on int8 value rows (dvp columns, converted in registers); their scales are already in P.
   void (*pv_i8)(index_t rows, index_t dvp, index_t cols, const T* p, index_t ldp,
                 const std::int8_t* v, index_t ldv, T* o, index_t ldo);
+  // 8-bit caches in integer products (body.inl, "int8 rows in integers"); on
+  // float rows whatever T is (the walk takes them for float accumulation only).
+  /// x[i][c] *= colscale[c] (rows × cols, ldx).
+  void (*scale_columns)(index_t rows, index_t cols, float* x, index_t ldx, const float* colscale);
+  /// Rows of x rounded to int16 with a scale per row: |dst| ≤ limit; false if a value is not
+  /// finite.
+  bool (*quantize_rows)(index_t rows, index_t cols, const float* x, index_t ldx, int limit,
+                        std::int16_t* dst, index_t ldd, float* rowscale);
+  /// S[i][j] = qscale[i] · kscale[j] · Σ_p Q̂[i][p]·K̂[j][p], int16 queries, int8 keys, int32 sums.
+  void (*score_rows_q16)(index_t rows, index_t cols, index_t d, const std::int16_t* q, index_t ldq,
+                         const float* qscale, const std::int8_t* k, index_t ldk,
+                         const float* kscale, float* s, index_t lds);
+  /// A (rows × dv int32) += Ŵ (rows × cols int16) · V̂ (cols × dv int8), A in the kernel's order.
+  void (*pv_q16)(index_t rows, index_t dv, index_t cols, const std::int16_t* w, index_t ldw,
+                 const std::int8_t* v, index_t ldv, std::int32_t* a, index_t lda);
+  /// O[i][c] += rowscale[i] · A[i][c] for pv_q16's sums.
+  void (*pv_q16_finish)(index_t rows, index_t dv, const std::int32_t* a, index_t lda,
+                        const float* rowscale, float* o, index_t ldo);
   /// n IEEE halfs (as bits) to floats (F16C where the ISA has it).
   void (*half_to_float)(const std::uint16_t* src, float* dst, index_t n);
   /// dst[i] = scale · src[i] for n int8 values (8-bit caches), the same bits on every ISA.

@@ -133,6 +133,87 @@ struct Portable {
     }
     return r;
   }
+  static V abs(const V& a) {
+    V r;
+    for (int i = 0; i < N; ++i) r.x[i] = std::fabs(a.x[i]);
+    return r;
+  }
+
+  // Integer products on 8-bit caches (body.inl, "int8 rows in integers"): I
+  // holds N int32 sums in x[0, N), or 2N int16 values (as int32) taken as N pairs.
+  struct I {
+    std::int32_t x[2 * N];
+  };
+  static I izero() {
+    I r{};
+    return r;
+  }
+  static I iload(const std::int32_t* p) {
+    I r{};
+    std::memcpy(r.x, p, N * sizeof(std::int32_t));
+    return r;
+  }
+  static void istore(std::int32_t* p, const I& a) { std::memcpy(p, a.x, N * sizeof(std::int32_t)); }
+  static I load_i16(const std::int16_t* p) {
+    I r;
+    for (int i = 0; i < 2 * N; ++i) r.x[i] = p[i];
+    return r;
+  }
+  static I widen_i8(const std::int8_t* p) {
+    I r;
+    for (int i = 0; i < 2 * N; ++i) r.x[i] = p[i];
+    return r;
+  }
+  static I madd(const I& acc, const I& a, const I& b) {
+    I r = acc;
+    for (int l = 0; l < N; ++l) r.x[l] += a.x[2 * l] * b.x[2 * l] + a.x[2 * l + 1] * b.x[2 * l + 1];
+    return r;
+  }
+  static I broadcast_pair(const std::int16_t* p) {
+    I r;
+    for (int l = 0; l < N; ++l) {
+      r.x[2 * l] = p[0];
+      r.x[2 * l + 1] = p[1];
+    }
+    return r;
+  }
+  static I pair_rows(const std::int8_t* r0, const std::int8_t* r1) {
+    I r;
+    for (int c = 0; c < N; ++c) {
+      r.x[2 * c] = r0[c];
+      r.x[2 * c + 1] = r1[c];
+    }
+    return r;
+  }
+  static void pair_rows2(const std::int8_t* r0, const std::int8_t* r1, I& x0, I& x1) {
+    x0 = pair_rows(r0, r1);
+    x1 = pair_rows(r0 + N, r1 + N);
+  }
+  static void unpair2(const I& x0, const I& x1, I& e0, I& e1) {
+    e0 = x0;
+    e1 = x1;
+  }
+  static V to_float(const I& a) {
+    V r;
+    for (int i = 0; i < N; ++i) r.x[i] = static_cast<T>(a.x[i]);
+    return r;
+  }
+  static std::int32_t reduce_add_i(const I& a) {
+    std::int32_t s = 0;
+    for (int i = 0; i < N; ++i) s += a.x[i];
+    return s;
+  }
+  static I sum_lanes_i(const I* x) {
+    I r{};
+    for (int j = 0; j < N; ++j) r.x[j] = reduce_add_i(x[j]);
+    return r;
+  }
+  /// The N lanes of x rounded to the nearest integer (ties to even, as the x86
+  /// conversions in the default rounding mode), as int16; |x| < 32768.
+  static void round_to_i16(std::int16_t* p, const V& x) {
+    for (int i = 0; i < N; ++i) p[i] = static_cast<std::int16_t>(std::nearbyint(x.x[i]));
+  }
+
   /// dst[i] = scale · src[i] for n int8 values (exact products rounded once: the
   /// same bits on every instruction set).
   static void i8_to_float(const std::int8_t* src, float scale, float* dst, index_t n) {

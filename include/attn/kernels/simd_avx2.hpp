@@ -84,6 +84,77 @@ struct Avx2F32 {
                                              reinterpret_cast<const __m128i*>(src + i))))));
     for (; i < n; ++i) dst[i] = scale * static_cast<float>(src[i]);
   }
+  static V abs(V a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+
+  // Integer products on 8-bit caches (body.inl, "int8 rows in integers"): I holds
+  // 8 int32 sums, or 16 int16 values taken as 8 pairs.
+  using I = __m256i;
+  static I izero() { return _mm256_setzero_si256(); }
+  static I iload(const std::int32_t* p) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  }
+  static void istore(std::int32_t* p, I a) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), a);
+  }
+  static I load_i16(const std::int16_t* p) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  }
+  /// 16 int8 values widened to int16.
+  static I widen_i8(const std::int8_t* p) {
+    return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  /// Lane l of acc plus a[2l]·b[2l] + a[2l+1]·b[2l+1] (int16 products, int32 sums).
+  static I madd(I acc, I a, I b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
+  /// The int16 pair at p in every lane.
+  static I broadcast_pair(const std::int16_t* p) {
+    std::int32_t x;
+    std::memcpy(&x, p, sizeof x);
+    return _mm256_set1_epi32(x);
+  }
+  /// Elements 0..7 of rows r0 and r1 as pairs: lane c holds (r0[c], r1[c]).
+  static I pair_rows(const std::int8_t* r0, const std::int8_t* r1) {
+    return _mm256_cvtepi8_epi16(
+        _mm_unpacklo_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r0)),
+                          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(r1))));
+  }
+  /// Elements 0..15 of rows r0 and r1 as pairs in two vectors (x0: 0-7, x1: 8-15).
+  static void pair_rows2(const std::int8_t* r0, const std::int8_t* r1, I& x0, I& x1) {
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r0));
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r1));
+    x0 = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(a, b));
+    x1 = _mm256_cvtepi8_epi16(_mm_unpackhi_epi8(a, b));
+  }
+  static void unpair2(I x0, I x1, I& e0, I& e1) {
+    e0 = x0;
+    e1 = x1;
+  }
+  static V to_float(I a) { return _mm256_cvtepi32_ps(a); }
+  static std::int32_t reduce_add_i(I a) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm_cvtsi128_si32(s);
+  }
+  /// Lane j: the 8 lanes of x[j] summed (sum_lanes' transposition on int32).
+  static I sum_lanes_i(const I* x) {
+    I t[4], u[2];
+    for (int i = 0; i < 4; ++i)
+      t[i] = _mm256_add_epi32(_mm256_unpacklo_epi32(x[2 * i], x[2 * i + 1]),
+                              _mm256_unpackhi_epi32(x[2 * i], x[2 * i + 1]));
+    for (int i = 0; i < 2; ++i)
+      u[i] = _mm256_add_epi32(_mm256_unpacklo_epi64(t[2 * i], t[2 * i + 1]),
+                              _mm256_unpackhi_epi64(t[2 * i], t[2 * i + 1]));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(u[0], u[1], 0x20),
+                            _mm256_permute2x128_si256(u[0], u[1], 0x31));
+  }
+  /// The 8 lanes of x rounded to the nearest integer (ties to even), as int16;
+  /// |x| < 32768.
+  static void round_to_i16(std::int16_t* p, V x) {
+    const __m256i n = _mm256_cvtps_epi32(x);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                     _mm_packs_epi32(_mm256_castsi256_si128(n), _mm256_extracti128_si256(n, 1)));
+  }
+
   /// n halfs (IEEE binary16 bits) to floats.
   static void half_to_float(const std::uint16_t* src, float* dst, index_t n) {
     index_t i = 0;

@@ -91,6 +91,71 @@ struct Avx512F32 {
                                              reinterpret_cast<const __m128i*>(src + i))))));
     for (; i < n; ++i) dst[i] = scale * static_cast<float>(src[i]);
   }
+  static V abs(V a) { return _mm512_abs_ps(a); }
+
+  // Integer products on 8-bit caches (body.inl, "int8 rows in integers"): I holds
+  // 16 int32 sums, or 32 int16 values taken as 16 pairs.
+  using I = __m512i;
+  static I izero() { return _mm512_setzero_si512(); }
+  static I iload(const std::int32_t* p) { return _mm512_loadu_si512(p); }
+  static void istore(std::int32_t* p, I a) { _mm512_storeu_si512(p, a); }
+  static I load_i16(const std::int16_t* p) { return _mm512_loadu_si512(p); }
+  /// 32 int8 values widened to int16.
+  static I widen_i8(const std::int8_t* p) {
+    return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  /// Lane l of acc plus a[2l]·b[2l] + a[2l+1]·b[2l+1] (int16 products, int32 sums).
+  static I madd(I acc, I a, I b) { return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b)); }
+  /// The int16 pair at p in every lane.
+  static I broadcast_pair(const std::int16_t* p) {
+    std::int32_t x;
+    std::memcpy(&x, p, sizeof x);
+    return _mm512_set1_epi32(x);
+  }
+  /// Elements 0..15 of rows r0 and r1 as pairs: lane c holds (r0[c], r1[c]).
+  static I pair_rows(const std::int8_t* r0, const std::int8_t* r1) {
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r0));
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r1));
+    return _mm512_cvtepi8_epi16(_mm256_set_m128i(_mm_unpackhi_epi8(a, b), _mm_unpacklo_epi8(a, b)));
+  }
+  /// Elements 0..31 of rows r0 and r1 as pairs in two vectors, in the order
+  /// the 256-bit unpacks leave them (x0: elements 0-7 and 16-23, x1: 8-15 and
+  /// 24-31); unpair2 puts sums in that order back in element order.
+  static void pair_rows2(const std::int8_t* r0, const std::int8_t* r1, I& x0, I& x1) {
+    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0));
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r1));
+    x0 = _mm512_cvtepi8_epi16(_mm256_unpacklo_epi8(a, b));
+    x1 = _mm512_cvtepi8_epi16(_mm256_unpackhi_epi8(a, b));
+  }
+  static void unpair2(I x0, I x1, I& e0, I& e1) {
+    e0 = _mm512_inserti64x4(x0, _mm512_castsi512_si256(x1), 1);
+    e1 = _mm512_inserti64x4(x1, _mm512_extracti64x4_epi64(x0, 1), 0);
+  }
+  static V to_float(I a) { return _mm512_cvtepi32_ps(a); }
+  static std::int32_t reduce_add_i(I a) { return _mm512_reduce_add_epi32(a); }
+  /// Lane j: the 16 lanes of x[j] summed (sum_lanes' transposition on int32).
+  static I sum_lanes_i(const I* x) {
+    I t[8], u[4];
+    for (int i = 0; i < 8; ++i)
+      t[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(x[2 * i], x[2 * i + 1]),
+                              _mm512_unpackhi_epi32(x[2 * i], x[2 * i + 1]));
+    for (int i = 0; i < 4; ++i)
+      u[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(t[2 * i], t[2 * i + 1]),
+                              _mm512_unpackhi_epi64(t[2 * i], t[2 * i + 1]));
+    constexpr int even = _MM_SHUFFLE(2, 0, 2, 0), odd = _MM_SHUFFLE(3, 1, 3, 1);
+    const I w0 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[0], u[1], even),
+                                  _mm512_shuffle_i32x4(u[0], u[1], odd));
+    const I w1 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[2], u[3], even),
+                                  _mm512_shuffle_i32x4(u[2], u[3], odd));
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(w0, w1, even), _mm512_shuffle_i32x4(w0, w1, odd));
+  }
+  /// The 16 lanes of x rounded to the nearest integer (ties to even), as int16;
+  /// |x| < 32768.
+  static void round_to_i16(std::int16_t* p, V x) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                        _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(x)));
+  }
+
   /// n halfs (IEEE binary16 bits) to floats.
   static void half_to_float(const std::uint16_t* src, float* dst, index_t n) {
     index_t i = 0;

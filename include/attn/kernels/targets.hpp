@@ -128,6 +128,11 @@ const KernelSet<T>& portable_set() {
                                 &portable::accumulate_pv<S>,
                                 &portable::accumulate_pv_t<S>,
                                 &portable::accumulate_pv_i8<S>,
+                                &portable::scale_columns<Portable<float>>,
+                                &portable::quantize_rows<Portable<float>>,
+                                &portable::score_rows_q16<Portable<float>>,
+                                &portable::pv_q16<Portable<float>>,
+                                &portable::pv_q16_finish<Portable<float>>,
                                 &Portable<float>::half_to_float,
                                 &Portable<float>::i8_to_float};
   return set;
@@ -146,6 +151,11 @@ inline const KernelSet<float>& avx2_set() {
                                     &avx2::accumulate_pv<S>,
                                     &avx2::accumulate_pv_t<S>,
                                     &avx2::accumulate_pv_i8<S>,
+                                    &avx2::scale_columns<S>,
+                                    &avx2::quantize_rows<S>,
+                                    &avx2::score_rows_q16<S>,
+                                    &avx2::pv_q16<S>,
+                                    &avx2::pv_q16_finish<S>,
                                     &S::half_to_float,
                                     &S::i8_to_float};
   return set;
@@ -163,6 +173,11 @@ inline const KernelSet<float>& avx512_set() {
                                     &avx512::accumulate_pv<S>,
                                     &avx512::accumulate_pv_t<S>,
                                     &avx512::accumulate_pv_i8<S>,
+                                    &avx512::scale_columns<S>,
+                                    &avx512::quantize_rows<S>,
+                                    &avx512::score_rows_q16<S>,
+                                    &avx512::pv_q16<S>,
+                                    &avx512::pv_q16_finish<S>,
                                     &S::half_to_float,
                                     &S::i8_to_float};
   return set;
