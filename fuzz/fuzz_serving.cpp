@@ -381,10 +381,29 @@ void attend(Caches<T>& c, Plan& p, Bytes& in, const Mask& mask, const Mod& mod) 
     const float* li = lse.data() + i * p.q_heads * lq;
     const std::string what = "cache_attention of sequence " + std::to_string(s) + " (" +
                              std::to_string(len) + " tokens)";
+    // int8 decoding runs in integers (kernels/body.inl, tests/test_serving.cpp):
+    // a query rounded to int16 steps of max|q|/32767 moves a score by at most
+    // δ = |scale|·D·max|q|·max|k̂|/65534, and a tile's weights rounded to steps of
+    // 1/32767 of their row's largest move out by at most Bc·max|v̂|/65534.
+    auto abs_max = [](const std::vector<double>& x) {
+      double m = 0;
+      for (double e : x) m = std::max(m, std::abs(e));
+      return m;
+    };
+    const double km_max = abs_max(km), vm_max = abs_max(vm);
+    const double bc = p.opt.block_k > 0 ? static_cast<double>(p.opt.block_k) : 256.0;
     expect_reference(
         qi, attn::bhsd<const double>(km.data(), 1, p.kv_heads, len, p.d),
         attn::bhsd<const double>(vm.data(), 1, p.kv_heads, len, p.dv), oi, li, mask, mod, p,
-        [](index_t, index_t) { return 0.0; }, what);
+        [&](index_t h, index_t row) -> double {
+          if constexpr (!std::is_same<T, std::int8_t>::value) return 0.0;
+          double qm = 0;
+          for (index_t c2 = 0; c2 < p.d; ++c2)
+            qm = std::max(qm, std::abs(static_cast<double>(qi(0, h, row, c2))));
+          const double delta = std::abs(scale_of(p)) * p.d * qm * km_max / 65534.0;
+          return std::expm1(2 * delta) * vm_max + bc * vm_max / 65534.0;
+        },
+        what);
     // tests/test_serving.cpp's bound: each stored element is off by r·max|x| of
     // its row (int8) or r·|x| (rounding), so a score moves by at most
     // Δ = scale·‖q‖₁·kmax·r and out by (e^{2Δ} − 1)·vmax + vmax·r.

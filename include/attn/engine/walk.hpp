@@ -90,6 +90,14 @@ struct WalkScratch {
   RowMatrix<Acc> gather_v;  // its values, when keys are read as rows (PackedKV::rows)
   std::vector<RowRun> k_runs, v_runs;  // caches: one tile's rows in runs, in place
 
+  // int8 caches with float accumulation: integer products (body.inl)
+  std::vector<std::int16_t> q16, w16;  // (Br, D) queries, (Br, ldw) P times the values' scales
+  std::vector<float> qscale, wscale;   // their scales per row
+  std::vector<std::int32_t> acc;       // (Br, Dv) int32 sums of one tile's P·V
+  index_t ldq16 = 0, ldw = 0;          // even: quantize_rows pads odd rows with a 0
+  bool q16_done = false;               // q16 holds this walk's query rows (run_heads resets it)
+  bool q16_ok = false;                 // and they were finite
+
   template <class Src>
   WalkScratch(index_t br, index_t bc, const PackedKV<Acc, Src>& kv)
       // S rows 32 floats longer than the tile (whole panels from a tile start rounded down),
@@ -103,6 +111,15 @@ struct WalkScratch {
     if (!std::is_void<run_rows_t<Src>>::value) {
       k_runs.resize(static_cast<std::size_t>(keys));
       v_runs.resize(static_cast<std::size_t>(keys));
+    }
+    if (std::is_same<run_rows_t<Src>, std::int8_t>::value && std::is_same<Acc, float>::value) {
+      ldw = (lds + 2) / 2 * 2;  // even, and one past a tile's columns
+      ldq16 = (kv.d + 1) / 2 * 2;
+      q16.resize(static_cast<std::size_t>(br * ldq16));
+      w16.resize(static_cast<std::size_t>(br * ldw));
+      qscale.resize(static_cast<std::size_t>(br));
+      wscale.resize(static_cast<std::size_t>(br));
+      acc.resize(static_cast<std::size_t>(br * kv.dv));
     }
     if (!kv.whole) {
       if (kv.bf16) {
@@ -171,6 +188,20 @@ struct Walk {
     Acc* s = sc.s.data() + r0 * lds;
     Acc* o = part.o.data() + r0 * ldo;
 
+    // int8 rows with float accumulation: integer products, the walk's query
+    // rows rounded to int16 at its first tile (float products if one is not finite).
+    bool int_products = false;
+    if constexpr (std::is_same<Acc, float>::value) {
+      if (t.int8) {
+        if (!sc.q16_done) {
+          sc.q16_ok = ks.quantize_rows(part.rows, d, qs, d, kernels::portable::int16_limit(d),
+                                       sc.q16.data(), sc.ldq16, sc.qscale.data());
+          sc.q16_done = true;
+        }
+        int_products = sc.q16_ok;
+      }
+    }
+
     // S = Qs · Kᵀ                                                            (m, cols)
     if (kv.bf16) {
 #if ATTN_KERNELS_X86
@@ -187,7 +218,12 @@ struct Walk {
         const RowRun& run = t.kr[i];
         if (i + 1 < t.k_runs) prefetch_run(t.kr[i + 1], d, t.int8);
         if (i == 0) prefetch_run(t.vr[0], dv, t.int8, 4096);  // the first values, for O += P·V
-        if (t.int8)
+        if (int_products) {
+          if constexpr (std::is_same<Acc, float>::value)
+            ks.score_rows_q16(m, run.n, d, sc.q16.data() + r0 * sc.ldq16, sc.ldq16,
+                              sc.qscale.data() + r0, static_cast<const std::int8_t*>(run.rows), d,
+                              run.scale, s + run.c0, lds);
+        } else if (t.int8)
           ks.score_rows_i8(m, run.n, d, qs + r0 * d, d, static_cast<const std::int8_t*>(run.rows),
                            d, run.scale, s + run.c0, lds);
         else
@@ -232,20 +268,41 @@ struct Walk {
       }
 #endif
     } else if (t.vr) {  // run by run; int8: P's columns times the values' scales first
+      if (t.int8)
+        for (index_t i = 0; i < t.v_runs; ++i) {
+          const RowRun& run = t.vr[i];
+          if constexpr (std::is_same<Acc, float>::value) {
+            ks.scale_columns(m, run.n, s + run.c0, lds, run.scale);
+          } else {
+            for (index_t r = 0; r < m; ++r) {
+              Acc* pr = s + r * lds + run.c0;
+              for (index_t c = 0; c < run.n; ++c) pr[c] *= static_cast<Acc>(run.scale[c]);
+            }
+          }
+        }
+      // Integer sums over the whole tile, then one float update of O per row.
+      bool q16_pv = false;
+      if constexpr (std::is_same<Acc, float>::value)
+        q16_pv = int_products &&
+                 ks.quantize_rows(m, cols, s, lds, kernels::portable::int16_limit(cols),
+                                  sc.w16.data() + r0 * sc.ldw, sc.ldw, sc.wscale.data() + r0);
+      std::int32_t* acc = q16_pv ? sc.acc.data() + r0 * dv : nullptr;
+      if (acc) std::fill(acc, acc + m * dv, 0);
       for (index_t i = 0; i < t.v_runs; ++i) {
         const RowRun& run = t.vr[i];
         if (i + 1 < t.v_runs) prefetch_run(t.vr[i + 1], dv, t.int8);
-        if (t.int8) {
-          for (index_t r = 0; r < m; ++r) {
-            Acc* pr = s + r * lds + run.c0;
-            for (index_t c = 0; c < run.n; ++c) pr[c] *= static_cast<Acc>(run.scale[c]);
-          }
+        if (acc) {
+          ks.pv_q16(m, dv, run.n, sc.w16.data() + r0 * sc.ldw + run.c0, sc.ldw,
+                    static_cast<const std::int8_t*>(run.rows), dv, acc, dv);
+        } else if (t.int8) {
           ks.pv_i8(m, dvp, run.n, s + run.c0, lds, static_cast<const std::int8_t*>(run.rows), dv, o,
                    ldo);
         } else {
           ks.pv(m, dvp, run.n, s + run.c0, lds, static_cast<const Acc*>(run.rows), dv, o, ldo);
         }
       }
+      if constexpr (std::is_same<Acc, float>::value)
+        if (acc) ks.pv_q16_finish(m, dv, acc, dv, sc.wscale.data() + r0, o, ldo);
     } else {
       ks.pv(m, dvp, cols, s, lds, t.v, t.ldv, o, ldo);
     }
@@ -270,6 +327,7 @@ struct Walk {
     const index_t rows = part.rows, dvp = kv.dvp;
     const index_t n = rows / heads;  // query rows per head
     const index_t q_end = q_pos + n;
+    sc.q16_done = false;  // new query rows
     for (index_t k0 = k_begin; k0 < k_end; k0 += bc) {
       if constexpr (has_next_key<Mask>::value) {
         // Jump whole tiles (the grid stays k_begin + n·Bc) to the one holding the next visible key.
