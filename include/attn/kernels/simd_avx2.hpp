@@ -45,18 +45,30 @@ struct Avx2F32 {
   /// Lane j: the 8 lanes of x[j] summed (j < 8). Adds over a transposition:
   /// pairs of vectors within 128-bit lanes, then pairs of pairs, then the two
   /// 128-bit lanes; 21 instructions for 8 sums.
-  static V sum_lanes(const V* x) {
+  static V sum_lanes(const V* x) { return transpose_sum<AddF32>(x); }
+  /// sum_lanes' adds over a transposition, with Add::add on lanes held as V's
+  /// bits (float, or int32 for sum_lanes_i).
+  struct AddF32 {
+    static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  };
+  struct AddI32 {
+    static V add(V a, V b) {
+      return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(a), _mm256_castps_si256(b)));
+    }
+  };
+  template <class Add>
+  static V transpose_sum(const V* x) {
     V t[4], u[2];
     for (int i = 0; i < 4; ++i)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
-      t[i] = _mm256_add_ps(_mm256_unpacklo_ps(x[2 * i], x[2 * i + 1]),
-                           _mm256_unpackhi_ps(x[2 * i], x[2 * i + 1]));
+      t[i] = Add::add(_mm256_unpacklo_ps(x[2 * i], x[2 * i + 1]),
+                      _mm256_unpackhi_ps(x[2 * i], x[2 * i + 1]));
     for (int i = 0; i < 2; ++i) {  // per 128-bit lane: that lane's sums of x[4i ... 4i + 3]
       const __m256d a = _mm256_castps_pd(t[2 * i]), b = _mm256_castps_pd(t[2 * i + 1]);
-      u[i] = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(a, b)),
-                           _mm256_castpd_ps(_mm256_unpackhi_pd(a, b)));
+      u[i] = Add::add(_mm256_castpd_ps(_mm256_unpacklo_pd(a, b)),
+                      _mm256_castpd_ps(_mm256_unpackhi_pd(a, b)));
     }
-    return _mm256_add_ps(_mm256_permute2f128_ps(u[0], u[1], 0x20),
-                         _mm256_permute2f128_ps(u[0], u[1], 0x31));
+    return Add::add(_mm256_permute2f128_ps(u[0], u[1], 0x20),
+                    _mm256_permute2f128_ps(u[0], u[1], 0x31));
   }
   static float reduce_max(V a) {
     __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -137,15 +149,9 @@ struct Avx2F32 {
   }
   /// Lane j: the 8 lanes of x[j] summed (sum_lanes' transposition on int32).
   static I sum_lanes_i(const I* x) {
-    I t[4], u[2];
-    for (int i = 0; i < 4; ++i)
-      t[i] = _mm256_add_epi32(_mm256_unpacklo_epi32(x[2 * i], x[2 * i + 1]),
-                              _mm256_unpackhi_epi32(x[2 * i], x[2 * i + 1]));
-    for (int i = 0; i < 2; ++i)
-      u[i] = _mm256_add_epi32(_mm256_unpacklo_epi64(t[2 * i], t[2 * i + 1]),
-                              _mm256_unpackhi_epi64(t[2 * i], t[2 * i + 1]));
-    return _mm256_add_epi32(_mm256_permute2x128_si256(u[0], u[1], 0x20),
-                            _mm256_permute2x128_si256(u[0], u[1], 0x31));
+    V v[8];
+    for (int i = 0; i < 8; ++i) v[i] = _mm256_castsi256_ps(x[i]);
+    return _mm256_castps_si256(transpose_sum<AddI32>(v));
   }
   /// The 8 lanes of x rounded to the nearest integer (ties to even), as int16;
   /// |x| < 32768.

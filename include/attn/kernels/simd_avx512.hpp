@@ -47,22 +47,34 @@ struct Avx512F32 {
   /// Lane j: the 16 lanes of x[j] summed (j < 16). Adds over a transposition:
   /// pairs of vectors within 128-bit lanes, then pairs of pairs, then the four
   /// 128-bit lanes in two steps; 45 instructions for 16 sums.
-  static V sum_lanes(const V* x) {
+  static V sum_lanes(const V* x) { return transpose_sum<AddF32>(x); }
+  /// sum_lanes' adds over a transposition, with Add::add on lanes held as V's
+  /// bits (float, or int32 for sum_lanes_i).
+  struct AddF32 {
+    static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  };
+  struct AddI32 {
+    static V add(V a, V b) {
+      return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(a), _mm512_castps_si512(b)));
+    }
+  };
+  template <class Add>
+  static V transpose_sum(const V* x) {
     V t[8], u[4];
     for (int i = 0; i < 8; ++i)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
-      t[i] = _mm512_add_ps(_mm512_unpacklo_ps(x[2 * i], x[2 * i + 1]),
-                           _mm512_unpackhi_ps(x[2 * i], x[2 * i + 1]));
+      t[i] = Add::add(_mm512_unpacklo_ps(x[2 * i], x[2 * i + 1]),
+                      _mm512_unpackhi_ps(x[2 * i], x[2 * i + 1]));
     for (int i = 0; i < 4; ++i) {  // per 128-bit lane: that lane's sums of x[4i ... 4i + 3]
       const __m512d a = _mm512_castps_pd(t[2 * i]), b = _mm512_castps_pd(t[2 * i + 1]);
-      u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
-                           _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+      u[i] = Add::add(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+                      _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
     }
     constexpr int even = _MM_SHUFFLE(2, 0, 2, 0), odd = _MM_SHUFFLE(3, 1, 3, 1);
-    const V w0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], even),
-                               _mm512_shuffle_f32x4(u[0], u[1], odd));
-    const V w1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], even),
-                               _mm512_shuffle_f32x4(u[2], u[3], odd));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, even), _mm512_shuffle_f32x4(w0, w1, odd));
+    const V w0 =
+        Add::add(_mm512_shuffle_f32x4(u[0], u[1], even), _mm512_shuffle_f32x4(u[0], u[1], odd));
+    const V w1 =
+        Add::add(_mm512_shuffle_f32x4(u[2], u[3], even), _mm512_shuffle_f32x4(u[2], u[3], odd));
+    return Add::add(_mm512_shuffle_f32x4(w0, w1, even), _mm512_shuffle_f32x4(w0, w1, odd));
   }
   static float reduce_max(V a) {
     __m256 h = _mm256_max_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
@@ -135,19 +147,9 @@ struct Avx512F32 {
   static std::int32_t reduce_add_i(I a) { return _mm512_reduce_add_epi32(a); }
   /// Lane j: the 16 lanes of x[j] summed (sum_lanes' transposition on int32).
   static I sum_lanes_i(const I* x) {
-    I t[8], u[4];
-    for (int i = 0; i < 8; ++i)
-      t[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(x[2 * i], x[2 * i + 1]),
-                              _mm512_unpackhi_epi32(x[2 * i], x[2 * i + 1]));
-    for (int i = 0; i < 4; ++i)
-      u[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(t[2 * i], t[2 * i + 1]),
-                              _mm512_unpackhi_epi64(t[2 * i], t[2 * i + 1]));
-    constexpr int even = _MM_SHUFFLE(2, 0, 2, 0), odd = _MM_SHUFFLE(3, 1, 3, 1);
-    const I w0 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[0], u[1], even),
-                                  _mm512_shuffle_i32x4(u[0], u[1], odd));
-    const I w1 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[2], u[3], even),
-                                  _mm512_shuffle_i32x4(u[2], u[3], odd));
-    return _mm512_add_epi32(_mm512_shuffle_i32x4(w0, w1, even), _mm512_shuffle_i32x4(w0, w1, odd));
+    V v[16];
+    for (int i = 0; i < 16; ++i) v[i] = _mm512_castsi512_ps(x[i]);
+    return _mm512_castps_si512(transpose_sum<AddI32>(v));
   }
   /// The 16 lanes of x rounded to the nearest integer (ties to even), as int16;
   /// |x| < 32768.
