@@ -131,31 +131,14 @@ void cross_attention_varlen(const MultiHeadConfig& c, const PackedProjections<T>
                             const T* k, const T* v, const std::vector<index_t>& cu_k,
                             const TensorView<T, 3>& out, const Mask& mask, const Mod& mod,
                             const AttentionOptions& opt, MultiHeadWorkspace<T>& ws) {
-  const index_t total = x.extent(1);
-  const index_t nq = c.q_heads * c.head_dim, nk = c.kv_heads * c.head_dim,
-                nv = c.kv_heads * c.v_head_dim, no = c.q_heads * c.v_head_dim;
+  const index_t total = x.extent(1), no = c.q_heads * c.v_head_dim;
   const T* q = project_q(c, p, x, ws, opt.num_threads);  // [total, Hq·D]
   T* heads = grow(ws.heads, total * no);
   for (std::size_t s = 0; s + 1 < cu_q.size(); ++s) {
     const index_t r0 = cu_q[s], len = cu_q[s + 1] - cu_q[s];
-    const index_t k0 = cu_k[s], klen = cu_k[s + 1] - cu_k[s];
-    if (len == 0) continue;
-    if (klen == 0) {  // nothing to attend to
-      std::fill(heads + r0 * no, heads + (r0 + len) * no, T(0));
-      if (!opt.lse.is_null())
-        for (index_t h = 0; h < c.q_heads; ++h)
-          for (index_t i = 0; i < len; ++i)
-            opt.lse(0, h, r0 + i) = -std::numeric_limits<float>::infinity();
-      continue;
-    }
-    AttentionOptions o = opt;
-    if (!opt.lse.is_null())  // columns [r0, r0 + len) of lse [1, Hq, total]
-      o.lse = TensorView<float, 3>(opt.lse.data() + r0 * opt.lse.stride(2), {1, c.q_heads, len},
-                                   opt.lse.strides());
-    masked_attention(bshd<const T>(q + r0 * nq, 1, len, c.q_heads, c.head_dim),
-                     bshd<const T>(k + k0 * nk, 1, klen, c.kv_heads, c.head_dim),
-                     bshd<const T>(v + k0 * nv, 1, klen, c.kv_heads, c.v_head_dim),
-                     bshd(heads + r0 * no, index_t{1}, len, c.q_heads, c.v_head_dim), mask, mod, o);
+    if (len > 0)
+      attend_packed_sequence(c, q, k, v, r0, len, cu_k[s], cu_k[s + 1] - cu_k[s], heads, mask, mod,
+                             opt);
   }
   project_packed(TensorView<const T, 3>(rows_view(heads, index_t{1}, total, no)), p.o, p.bo, out,
                  opt.num_threads);

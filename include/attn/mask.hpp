@@ -81,6 +81,17 @@ template <class P, class F>
 void for_each_grad_view(const P& policy, F&& f) {
   if constexpr (has_grad_views<P>::value) policy.for_each_grad_view(f);
 }
+/// Calls f(element) for every element of every gradient output of a score
+/// modifier, views in for_each_grad_view's order, each in row-major order.
+template <class P, class F>
+void for_each_grad_element(const P& policy, F&& f) {
+  for_each_grad_view(policy, [&](const auto& gv, const char*) {
+    for (index_t i0 = 0; i0 < gv.extent(0); ++i0)
+      for (index_t i1 = 0; i1 < gv.extent(1); ++i1)
+        for (index_t i2 = 0; i2 < gv.extent(2); ++i2)
+          for (index_t i3 = 0; i3 < gv.extent(3); ++i3) f(gv(i0, i1, i2, i3));
+  });
+}
 /// Neither the output nor lse may overlap a view the policy reads.
 template <class P, class O>
 void check_policy_views(const P& policy, const TensorView<O, 4>& out,

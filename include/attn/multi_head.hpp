@@ -522,6 +522,35 @@ TensorView<T, 3> as_batch1(const TensorView<T, 2>& v) {
                           {v.extent(0) * v.stride(0), v.stride(0), v.stride(1)});
 }
 
+/// Attention of one packed sequence: query rows [r0, r0 + len) of q (rows of
+/// Hq·D) against key and value rows [k0, k0 + klen) of k and v (rows of
+/// Hkv·D, Hkv·Dv), into rows [r0, r0 + len) of heads (rows of Hq·Dv) and
+/// columns [r0, r0 + len) of opt.lse ([1, Hq, total]), as a call of batch 1.
+/// No key rows: zeros, lse −inf.
+template <class T, class Mask, class Mod>
+void attend_packed_sequence(const MultiHeadConfig& c, const T* q, const T* k, const T* v,
+                            index_t r0, index_t len, index_t k0, index_t klen, T* heads,
+                            const Mask& mask, const Mod& mod, const AttentionOptions& opt) {
+  const index_t nq = c.q_heads * c.head_dim, nk = c.kv_heads * c.head_dim,
+                nv = c.kv_heads * c.v_head_dim, no = c.q_heads * c.v_head_dim;
+  if (klen == 0) {  // nothing to attend to
+    std::fill(heads + r0 * no, heads + (r0 + len) * no, T(0));
+    if (!opt.lse.is_null())
+      for (index_t h = 0; h < c.q_heads; ++h)
+        for (index_t i = 0; i < len; ++i)
+          opt.lse(0, h, r0 + i) = -std::numeric_limits<float>::infinity();
+    return;
+  }
+  AttentionOptions o = opt;
+  if (!opt.lse.is_null())
+    o.lse = TensorView<float, 3>(opt.lse.data() + r0 * opt.lse.stride(2), {1, c.q_heads, len},
+                                 opt.lse.strides());
+  masked_attention(bshd<const T>(q + r0 * nq, 1, len, c.q_heads, c.head_dim),
+                   bshd<const T>(k + k0 * nk, 1, klen, c.kv_heads, c.head_dim),
+                   bshd<const T>(v + k0 * nv, 1, klen, c.kv_heads, c.v_head_dim),
+                   bshd(heads + r0 * no, index_t{1}, len, c.q_heads, c.v_head_dim), mask, mod, o);
+}
+
 /// Self-attention over packed sequences on checked arguments: the
 /// projections over all rows at once, attention per sequence (its own
 /// [len, len] problem), the output projection over all rows.
@@ -532,7 +561,7 @@ void self_attention_varlen(const MultiHeadConfig& c, const PackedProjections<T>&
                            const AttentionOptions& opt, MultiHeadWorkspace<T>& ws) {
   const index_t total = x.extent(1);
   const index_t nq = c.q_heads * c.head_dim, nk = c.kv_heads * c.head_dim,
-                nv = c.kv_heads * c.v_head_dim, no = c.q_heads * c.v_head_dim;
+                no = c.q_heads * c.v_head_dim;
   T* q = project_q(c, p, x, ws, opt.num_threads);  // [total, Hq·D]
   project_kv(c, p, x, ws.k, ws.v, opt.num_threads);
   if (c.rope) {  // every sequence's positions, before the first one's lse is written
@@ -546,14 +575,10 @@ void self_attention_varlen(const MultiHeadConfig& c, const PackedProjections<T>&
     if (len == 0) continue;
     const Tensor4<T> qs = bshd(q + r0 * nq, index_t{1}, len, c.q_heads, c.head_dim);
     const Tensor4<T> ks = bshd(ws.k.data() + r0 * nk, index_t{1}, len, c.kv_heads, c.head_dim);
-    const Tensor4<T> vs = bshd(ws.v.data() + r0 * nv, index_t{1}, len, c.kv_heads, c.v_head_dim);
     apply_layer_rope(c, qs, ks, len, ws, opt.num_threads);  // positions restart per sequence
-    AttentionOptions o = opt;
-    if (!opt.lse.is_null())  // columns [r0, r0 + len) of lse [1, Hq, total]
-      o.lse = TensorView<float, 3>(opt.lse.data() + r0 * opt.lse.stride(2), {1, c.q_heads, len},
-                                   opt.lse.strides());
-    masked_attention(Tensor4<const T>(qs), Tensor4<const T>(ks), Tensor4<const T>(vs),
-                     bshd(heads + r0 * no, index_t{1}, len, c.q_heads, c.v_head_dim), mask, mod, o);
+    attend_packed_sequence(c, static_cast<const T*>(q), static_cast<const T*>(ws.k.data()),
+                           static_cast<const T*>(ws.v.data()), r0, len, r0, len, heads, mask, mod,
+                           opt);
   }
   project_packed(TensorView<const T, 3>(rows_view(heads, index_t{1}, total, no)), p.o, p.bo, out,
                  opt.num_threads);
@@ -1168,13 +1193,8 @@ class AttentionProjections {
       std::fill(dq, dq + total * nq, T(0));
       std::fill(dk, dk + ctx.lk_ * nk, T(0));
       std::fill(dv, dv + ctx.lk_ * nv, T(0));
-      detail::for_each_grad_view(bound, [&](const auto& gv, const char*) {
-        using G = std::remove_reference_t<decltype(gv(0, 0, 0, 0))>;
-        for (index_t i0 = 0; i0 < gv.extent(0); ++i0)
-          for (index_t i1 = 0; i1 < gv.extent(1); ++i1)
-            for (index_t i2 = 0; i2 < gv.extent(2); ++i2)
-              for (index_t i3 = 0; i3 < gv.extent(3); ++i3) gv(i0, i1, i2, i3) = G(0);
-      });
+      detail::for_each_grad_element(bound,
+                                    [](auto& e) { e = std::remove_reference_t<decltype(e)>(0); });
       return;
     }
     std::vector<double> sum;  // the modifier's gradient outputs, summed over sequences
@@ -1214,17 +1234,11 @@ class AttentionProjections {
         if (nonempty < 2) continue;
         std::size_t at = 0;
         const bool first = done++ == 0;
-        detail::for_each_grad_view(mod.bind(global(len, klen)), [&](const auto& gv, const char*) {
-          for (index_t i0 = 0; i0 < gv.extent(0); ++i0)
-            for (index_t i1 = 0; i1 < gv.extent(1); ++i1)
-              for (index_t i2 = 0; i2 < gv.extent(2); ++i2)
-                for (index_t i3 = 0; i3 < gv.extent(3); ++i3) {
-                  const double e = static_cast<double>(gv(i0, i1, i2, i3));
-                  if (first)
-                    sum.push_back(e);
-                  else
-                    sum[at++] += e;
-                }
+        detail::for_each_grad_element(mod.bind(global(len, klen)), [&](const auto& e) {
+          if (first)
+            sum.push_back(static_cast<double>(e));
+          else
+            sum[at++] += static_cast<double>(e);
         });
       }
     }
@@ -1232,15 +1246,9 @@ class AttentionProjections {
     std::size_t at = 0;  // the sums back into the modifier's gradient views, in the same order
     for (std::size_t s = 0; s + 1 < cu.size(); ++s) {
       if (!runs(s)) continue;
-      detail::for_each_grad_view(mod.bind(global(cu[s + 1] - cu[s], cuk[s + 1] - cuk[s])),
-                                 [&](const auto& gv, const char*) {
-                                   using G = std::remove_reference_t<decltype(gv(0, 0, 0, 0))>;
-                                   for (index_t i0 = 0; i0 < gv.extent(0); ++i0)
-                                     for (index_t i1 = 0; i1 < gv.extent(1); ++i1)
-                                       for (index_t i2 = 0; i2 < gv.extent(2); ++i2)
-                                         for (index_t i3 = 0; i3 < gv.extent(3); ++i3)
-                                           gv(i0, i1, i2, i3) = static_cast<G>(sum[at++]);
-                                 });
+      detail::for_each_grad_element(
+          mod.bind(global(cu[s + 1] - cu[s], cuk[s + 1] - cuk[s])),
+          [&](auto& e) { e = static_cast<std::remove_reference_t<decltype(e)>>(sum[at++]); });
       break;  // every sequence binds the same views
     }
   }
