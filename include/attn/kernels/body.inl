@@ -572,8 +572,8 @@ void score_q16_cols(index_t cols, index_t d, const std::int16_t* q, index_t ldq,
 }
 
 /// S (rows × cols, lds) = qscale[i] · kscale[j] · Σ_p Q̂[i][p]·K̂[j][p]: int16
-/// query rows (quantize_rows) against int8 key rows, sums in int32. d ≤ 516
-/// keeps the sums of int16_limit(d)-bounded queries in range.
+/// query rows (quantize_rows) against int8 key rows, sums in int32, which stay
+/// in range for queries bounded by int16_limit(d) (32767 up to d = 516).
 template <class S>
 void score_rows_q16(index_t rows, index_t cols, index_t d, const std::int16_t* q, index_t ldq,
                     const float* qscale, const std::int8_t* k, index_t ldk, const float* kscale,
