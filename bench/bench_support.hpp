@@ -217,14 +217,17 @@ inline double fma_loop_portable(long iters) {
 }
 #undef ATTN_BENCH_KEEP
 
-/// GFLOP/s of `loop` run on `threads` threads at once (0: all): best of 5
-/// rounds of about 0.1 s (other processes only ever slow a round down).
+/// GFLOP/s of `loop` run on `threads` threads at once (0: all): best of 7
+/// rounds of 10 million iterations (about 20 ms for 512-bit FMAs at 4 GHz,
+/// 40 ms for 256-bit ones). Other processes and the hypervisor only ever slow
+/// a round down; rounds of 4 ms (as before) let one busy 30 ms stretch halve
+/// the ceiling a whole run was compared with.
 template <class Loop>
 double measure_peak(Loop loop, int threads) {
   const int n = threads > 0 ? threads : max_threads();
-  const long iters = 2'000'000;
+  const long iters = 10'000'000;
   double best = 0;
-  for (int rep = 0; rep < 5; ++rep) {
+  for (int rep = 0; rep < 7; ++rep) {
     double flops = 0;
     const auto start = std::chrono::steady_clock::now();
 #ifdef _OPENMP
