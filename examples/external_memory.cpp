@@ -75,7 +75,8 @@ int main(int argc, char** argv) {
   // Local context: causal window of 128 keys, with its log-sum-exp.
   attn::AttentionOptions local;
   local.num_threads = threads;
-  local.lse = attn::TensorView<float, 3>(lse.data(), {1, kHeads, kContext});
+  const attn::TensorView<float, 3> L(lse.data(), {1, kHeads, kContext});
+  local.lse = L;
   auto t0 = std::chrono::steady_clock::now();
   attn::sliding_window_attention(Q, K, V, O, attn::window(kWindow - 1, 0), local);
   const double t_local = seconds_since(t0);
@@ -83,6 +84,7 @@ int main(int argc, char** argv) {
   // Memory: the 32 best entries of the bank per query, with their indices and log-sum-exp.
   attn::TopkOptions mem;
   mem.num_threads = threads;
+  const attn::TensorView<const float, 3> LM(lse_mem.data(), {1, kHeads, kContext});
   mem.lse = attn::TensorView<float, 3>(lse_mem.data(), {1, kHeads, kContext});
   mem.indices = attn::TensorView<std::int64_t, 4>(chosen.data(), {1, kHeads, kContext, kBest});
   t0 = std::chrono::steady_clock::now();
@@ -90,8 +92,7 @@ int main(int argc, char** argv) {
   const double t_topk = seconds_since(t0);
 
   // Softmax over (window ∪ chosen memory entries): merge the two results by lse.
-  attn::merge_partials(O, local.lse, attn::TensorView<const float, 4>(OM),
-                       attn::TensorView<const float, 3>(mem.lse), threads);
+  attn::merge_partials(O, L, attn::TensorView<const float, 4>(OM), LM, threads);
 
   std::printf("context %ld tokens, window %ld, memory bank %ld entries, k_best %ld, H %ld, D %ld\n",
               static_cast<long>(kContext), static_cast<long>(kWindow), static_cast<long>(kBank),

@@ -265,14 +265,15 @@ TYPED_TEST(Backward, BlockSparseAndWindowForms) {
                            attn::no_score_mod(), fo);
     Grads<TypeParam> g(p), r(p);
     attn::sparse_attention_backward(in.q.view, in.k.view, in.v.view, out.view,
-                                    attn::TensorView<const float, 3>(fo.lse), dout.view, g.dq.view,
-                                    g.dk.view, g.dv.view, layout, attn::causal());
+                                    attn::TensorView<const float, 3>(fo.lse.float_view()),
+                                    dout.view, g.dq.view, g.dk.view, g.dv.view, layout,
+                                    attn::causal());
     attn::masked_attention(in.q.view, in.k.view, in.v.view, out.view,
                            attn::block_sparse(layout) & attn::causal(), fo);
     attn::attention_backward(in.q.view, in.k.view, in.v.view, out.view,
-                             attn::TensorView<const float, 3>(fo.lse), dout.view, r.dq.view,
-                             r.dk.view, r.dv.view, attn::block_sparse(layout) & attn::causal(),
-                             tiles(16, 16));
+                             attn::TensorView<const float, 3>(fo.lse.float_view()), dout.view,
+                             r.dq.view, r.dk.view, r.dv.view,
+                             attn::block_sparse(layout) & attn::causal(), tiles(16, 16));
     const double tol = grad_tolerance<float>(p, max_abs(r.dq) + max_abs(r.dk) + max_abs(r.dv));
     EXPECT_LE(max_abs_diff(g.dq, r.dq), tol);
     EXPECT_LE(max_abs_diff(g.dk, r.dk), tol);
@@ -439,8 +440,8 @@ void expect_bitwise_across_threads(const Mod& mod, attn::AttentionOptions opt) {
     runs.emplace_back(p);
     auto& g = runs.back();
     attn::attention_backward(in.q.view, in.k.view, in.v.view, out.view,
-                             attn::TensorView<const float, 3>(fo.lse), dout.view, g.dq.view,
-                             g.dk.view, g.dv.view, attn::causal(), mod, o);
+                             attn::TensorView<const float, 3>(fo.lse.float_view()), dout.view,
+                             g.dq.view, g.dk.view, g.dv.view, attn::causal(), mod, o);
   }
   for (std::size_t i = 1; i < runs.size(); ++i) {
     EXPECT_EQ(0, std::memcmp(runs[0].dq.buf.data(), runs[i].dq.buf.data(),

@@ -462,7 +462,7 @@ TEST(Hostile, OutputsThatAliasWhatTheCallReads) {
        [&](W& w) {
          attn::AttentionOptions o;
          o.lse = w.lse();
-         o.stats = reinterpret_cast<attn::AttentionStats*>(o.lse.data());
+         o.stats = reinterpret_cast<attn::AttentionStats*>(o.lse.float_view().data());
          attn::sparse_attention(w.q(), w.k(), w.v(), w.out(), grid, o);
        },
        "stats overlaps lse"},

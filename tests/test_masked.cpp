@@ -197,7 +197,7 @@ TYPED_TEST(Masked, FullyMaskedRowsGiveZerosAndMinusInfinityLse) {
     for (index_t h = 0; h < p.Hq; ++h)
       for (index_t i = 0; i < p.Lq; ++i) {
         const bool empty = b == 1 || i + (p.Lk - p.Lq) < 0;
-        const float l = opt.lse(b, h, i);
+        const float l = opt.lse.float_view()(b, h, i);
         if (empty) {
           EXPECT_TRUE(std::isinf(l) && l < 0) << b << ' ' << h << ' ' << i;
           for (index_t c = 0; c < p.Dv; ++c) EXPECT_EQ(out(b, h, i, c), TypeParam(0));

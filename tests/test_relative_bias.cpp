@@ -283,8 +283,9 @@ void expect_backward_table_grad(const Problem& p, index_t rows, const Make& make
     bo.num_threads = t == 0 ? 1 : 3;
     const attn::TensorView<double, 2> g(got[t].data(), {rows, p.Hq});
     attn::attention_backward(in.q.view, in.k.view, in.v.view, out.cview(),
-                             attn::TensorView<const float, 3>(fo.lse), dout.cview(), dq.view,
-                             dk.view, dv.view, mask, make_mod(table).with_table_grad(g), bo);
+                             attn::TensorView<const float, 3>(fo.lse.float_view()), dout.cview(),
+                             dq.view, dk.view, dv.view, mask, make_mod(table).with_table_grad(g),
+                             bo);
   }
   EXPECT_EQ(got[0], got[1]) << "bitwise across thread counts";
   // Each entry sums many dS terms, each with the engine's relative error (a

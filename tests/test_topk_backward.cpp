@@ -218,8 +218,8 @@ TYPED_TEST(TopkBackward, AllKeysEqualsDenseBackward) {
     attn::masked_attention(in.q.view, in.k.view, in.v.view, out.view, attn::causal(), mod, opt);
     Grads<T> dense(p, p.layout);
     attn::attention_backward(in.q.cview(), in.k.cview(), in.v.cview(), out.cview(),
-                             attn::TensorView<const float, 3>(opt.lse), dout.cview(), dense.dq.view,
-                             dense.dk.view, dense.dv.view, attn::causal(), mod);
+                             attn::TensorView<const float, 3>(opt.lse.float_view()), dout.cview(),
+                             dense.dq.view, dense.dk.view, dense.dv.view, attn::causal(), mod);
     const Grads<double> r = reference_grads(in, dout, p, p.Lk, attn::causal(), mod, {});
     expect_grads_close(g, r, p, p.Lk);
     // The dense backward takes P from the float lse its forward wrote, so it

@@ -450,7 +450,7 @@ class CrossAttention : public AttentionProjections<T> {
     detail::check_view(weights, "weights");
     detail::check_not_self_overlapping(weights, "weights");
     AttentionOptions probe = options;  // weights is the output here
-    probe.lse = TensorView<float, 3>();
+    probe.lse = {};
     detail::check_layer_outputs<T>(weights, probe, x, TensorView<const T, 3>(),
                                    this->in_out_weights(), mask, score_mod, &this->ws_);
     for (const auto& [view, name] :

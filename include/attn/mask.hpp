@@ -94,8 +94,7 @@ void for_each_grad_element(const P& policy, F&& f) {
 }
 /// Neither the output nor lse may overlap a view the policy reads.
 template <class P, class O>
-void check_policy_views(const P& policy, const TensorView<O, 4>& out,
-                        const TensorView<float, 3>& lse) {
+void check_policy_views(const P& policy, const TensorView<O, 4>& out, const LseView& lse) {
   for_each_view(policy, [&](const auto& view, const char* name) {
     check_no_overlap(out, "out", view, name);
     if (!lse.is_null()) check_no_overlap(lse, "lse", view, name);

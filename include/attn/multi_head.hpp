@@ -282,7 +282,7 @@ void check_layer_outputs(const TensorView<O, RO>& out, const AttentionOptions& o
                          const TensorView<const T, 3>& x, const TensorView<const T, 3>& memory,
                          const InOutWeights<T>& w, const Mask& mask, const Mod& mod,
                          const MultiHeadWorkspace<T>* ws) {
-  const TensorView<float, 3>& lse = opt.lse;
+  const LseView& lse = opt.lse;
   const TensorView<const AttentionStats, 1> stats =
       opt.stats ? TensorView<const AttentionStats, 1>(opt.stats, {1})
                 : TensorView<const AttentionStats, 1>();
@@ -538,13 +538,11 @@ void attend_packed_sequence(const MultiHeadConfig& c, const T* q, const T* k, co
     if (!opt.lse.is_null())
       for (index_t h = 0; h < c.q_heads; ++h)
         for (index_t i = 0; i < len; ++i)
-          opt.lse(0, h, r0 + i) = -std::numeric_limits<float>::infinity();
+          opt.lse.set(0, h, r0 + i, -std::numeric_limits<double>::infinity());
     return;
   }
   AttentionOptions o = opt;
-  if (!opt.lse.is_null())
-    o.lse = TensorView<float, 3>(opt.lse.data() + r0 * opt.lse.stride(2), {1, c.q_heads, len},
-                                 opt.lse.strides());
+  if (!opt.lse.is_null()) o.lse = opt.lse.columns(r0, len);
   masked_attention(bshd<const T>(q + r0 * nq, 1, len, c.q_heads, c.head_dim),
                    bshd<const T>(k + k0 * nk, 1, klen, c.kv_heads, c.head_dim),
                    bshd<const T>(v + k0 * nv, 1, klen, c.kv_heads, c.v_head_dim),
@@ -658,7 +656,7 @@ struct AttentionGrads {
 /// allocate nothing. Saved by forward(..., ctx):
 ///   q [B, Lq, Hq, D] and k [B, Lk, Hkv, D] after RoPE, v [B, Lk, Hkv, Dv],
 ///   the heads' output A [B, Lq, Hq, Dv] (before the output projection),
-///   lse [B, Hq, Lq] (float, as the forward writes it),
+///   lse [B, Hq, Lq] (lse_type: double for a double layer, float otherwise),
 /// i.e. B·Lq·Hq·(D + Dv) + B·Lk·Hkv·(D + Dv) values plus lse. The inputs x
 /// (and memory) are not copied: backward takes them again. The backward adds
 /// dA, dq, dk, dv of the same sizes (and copies of strided inputs).
@@ -684,8 +682,10 @@ class AttentionContext {
   Tensor4<const T> k() const { return bshd<const T>(ws_.k.data(), batch_, lk_, hkv_, d_); }
   Tensor4<const T> v() const { return bshd<const T>(ws_.v.data(), batch_, lk_, hkv_, dv_); }
   Tensor4<const T> heads() const { return bshd<const T>(ws_.heads.data(), batch_, lq_, hq_, dv_); }
-  TensorView<const float, 3> lse() const {
-    return TensorView<const float, 3>(lse_.data(), {batch_, hq_, lq_});
+  /// The accumulation type: a double layer keeps its lse in double.
+  using lse_type = detail::accum_t<T>;
+  TensorView<const lse_type, 3> lse() const {
+    return TensorView<const lse_type, 3>(lse_.data(), {batch_, hq_, lq_});
   }
   /// Bytes held (saved tensors and backward scratch).
   std::size_t bytes() const {
@@ -693,7 +693,7 @@ class AttentionContext {
     for (const std::vector<T>* b : {&ws_.q, &ws_.k, &ws_.v, &ws_.heads, &dheads_, &dq_, &dk_,
                                     &dvals_, &xbuf_, &mbuf_, &dobuf_, &dxbuf_, &dmbuf_})
       n += b->capacity() * sizeof(T);
-    return n + lse_.capacity() * sizeof(float);
+    return n + lse_.capacity() * sizeof(lse_type);
   }
 
  private:
@@ -702,7 +702,7 @@ class AttentionContext {
   friend class CrossAttention<T>;
 
   MultiHeadWorkspace<T> ws_;  // q, k, v, heads and the RoPE table of the forward
-  std::vector<float> lse_;
+  std::vector<lse_type> lse_;
   std::vector<T> dheads_, dq_, dk_, dvals_;             // backward: dA, dq, dk, dv
   std::vector<T> xbuf_, mbuf_, dobuf_, dxbuf_, dmbuf_;  // copies of strided views
   std::vector<index_t> cu_, cu_k_;                      // cu_seqlens of a varlen forward
@@ -925,16 +925,17 @@ class AttentionProjections {
                                           index_t B, index_t hq, index_t lq) {
     ctx.saved_ = false;  // stays false if the forward throws
     AttentionOptions o = options;
-    o.lse = TensorView<float, 3>(detail::grow(ctx.lse_, B * hq * lq), {B, hq, lq});
+    o.lse = TensorView<typename AttentionContext<T>::lse_type, 3>(
+        detail::grow(ctx.lse_, B * hq * lq), {B, hq, lq});
     return o;
   }
   static void copy_lse(const AttentionContext<T>& ctx, const AttentionOptions& options) {
-    const TensorView<float, 3>& l = options.lse;
+    const LseView& l = options.lse;
     if (l.is_null()) return;
-    const TensorView<const float, 3> saved = ctx.lse();
+    const auto saved = ctx.lse();
     for (index_t b = 0; b < l.extent(0); ++b)
       for (index_t h = 0; h < l.extent(1); ++h)
-        for (index_t i = 0; i < l.extent(2); ++i) l(b, h, i) = saved(b, h, i);
+        for (index_t i = 0; i < l.extent(2); ++i) l.set(b, h, i, saved(b, h, i));
   }
 
   /// The backward of both layers. x [B, Lq, d_model]; memory [B, Lk, d_kv_in]
@@ -1215,8 +1216,8 @@ class AttentionProjections {
         const Tensor4<const T> ks = bshd(k + k0 * nk, 1, klen, hkv, d);
         const Tensor4<const T> vs = bshd(v + k0 * nv, 1, klen, hkv, dvd);
         const Tensor4<const T> as = bshd(a + r0 * no, 1, len, hq, dvd);
-        const TensorView<const float, 3> ls(ctx.lse_.data() + r0, {1, hq, len},
-                                            {hq * total, total, 1});
+        const TensorView<const typename AttentionContext<T>::lse_type, 3> ls(
+            ctx.lse_.data() + r0, {1, hq, len}, {hq * total, total, 1});
         const Tensor4<const T> dos = bshd(dheads + r0 * no, 1, len, hq, dvd);
         const Tensor4<T> dqs = bshd(dq + r0 * nq, 1, len, hq, d);
         const Tensor4<T> dks = bshd(dk + k0 * nk, 1, klen, hkv, d);

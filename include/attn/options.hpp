@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <type_traits>
 
 namespace attn {
 
@@ -59,6 +60,55 @@ struct Positions {
   index_t k_length = 0;
 };
 
+/// Where a forward writes each row's log-sum-exp, [B, Hq, Lq]: a float view
+/// (what a float or half/bf16 call keeps; FlashAttention's softmax_lse) or a
+/// double one, which keeps a double call's lse to double rounding, so that a
+/// double backward recomputes P = exp(s - lse) to double precision (a float lse
+/// of a row whose lse is 1000 is off by up to 3e-5, and P with it). Either
+/// converts implicitly: `options.lse = TensorView<double, 3>(...)`. The null
+/// view (default) asks for no lse.
+class LseView {
+ public:
+  LseView() = default;
+  LseView(const TensorView<float, 3>& v) : f_(v) {}   // NOLINT(google-explicit-constructor)
+  LseView(const TensorView<double, 3>& v) : d_(v) {}  // NOLINT(google-explicit-constructor)
+
+  bool is_null() const { return f_.is_null() && d_.is_null(); }
+  bool is_double() const { return !d_.is_null(); }
+  index_t extent(int i) const { return is_double() ? d_.extent(i) : f_.extent(i); }
+  index_t stride(int i) const { return is_double() ? d_.stride(i) : f_.stride(i); }
+  /// The view held: float_view() is null when this holds a double view, and
+  /// double_view() when it holds a float one.
+  const TensorView<float, 3>& float_view() const { return f_; }
+  const TensorView<double, 3>& double_view() const { return d_; }
+  /// Calls f with the view this holds (the float one when null); returns what f returns.
+  template <class F>
+  decltype(auto) visit(F&& f) const {
+    return is_double() ? f(d_) : f(f_);
+  }
+  /// Writes element (b, h, i), rounded to the view's type.
+  void set(index_t b, index_t h, index_t i, double x) const {
+    if (is_double())
+      d_(b, h, i) = x;
+    else
+      f_(b, h, i) = static_cast<float>(x);
+  }
+  double get(index_t b, index_t h, index_t i) const {
+    return is_double() ? d_(b, h, i) : static_cast<double>(f_(b, h, i));
+  }
+  /// The same rows, query positions [i0, i0 + n) of the last dimension.
+  LseView columns(index_t i0, index_t n) const {
+    return visit([&](const auto& v) -> LseView {
+      using View = std::decay_t<decltype(v)>;
+      return View(v.data() + i0 * v.stride(2), {v.extent(0), v.extent(1), n}, v.strides());
+    });
+  }
+
+ private:
+  TensorView<float, 3> f_;
+  TensorView<double, 3> d_;
+};
+
 /// Options common to the attention entry points. Every field has a default
 /// that is right for most callers.
 struct AttentionOptions {
@@ -71,9 +121,9 @@ struct AttentionOptions {
   /// Keys per tile. 0: chosen by the library.
   index_t block_k = 0;
   /// Optional output: natural-log log-sum-exp of each row's scaled, modified,
-  /// masked scores, [B, Hq, Lq]; -inf for a row that sees no key. Leave
-  /// default-constructed to skip it.
-  TensorView<float, 3> lse;
+  /// masked scores, [B, Hq, Lq], float or double (LseView); -inf for a row
+  /// that sees no key. Leave default-constructed to skip it.
+  LseView lse;
   /// Optional output: what was computed (tiles, scores). Not thread-safe to
   /// share between concurrent calls.
   AttentionStats* stats = nullptr;

@@ -88,8 +88,7 @@ void attention(const TensorView<Q, 4>& q, const TensorView<K, 4>& k, const Tenso
             acc += p[static_cast<std::size_t>(i * s.lk + j)] * static_cast<double>(v(b, hk, j, c));
           out(b, h, i, c) = static_cast<O>(acc);
         }
-        if (!opt.lse.is_null())
-          opt.lse(b, h, i) = static_cast<float>(lse[static_cast<std::size_t>(i)]);
+        if (!opt.lse.is_null()) opt.lse.set(b, h, i, lse[static_cast<std::size_t>(i)]);
       }
     }
 }

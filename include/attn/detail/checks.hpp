@@ -84,6 +84,17 @@ void check_view(const TensorView<T, R>& v, const char* name) {
   (void)byte_range(v, name);
 }
 
+// An lse output is checked as the float or double view it holds.
+inline std::string shape_str(const LseView& v) {
+  return v.visit([](const auto& l) { return shape_str(l); });
+}
+inline ByteRange byte_range(const LseView& v, const char* name) {
+  return v.visit([&](const auto& l) { return byte_range(l, name); });
+}
+inline void check_view(const LseView& v, const char* name) {
+  v.visit([&](const auto& l) { check_view(l, name); });
+}
+
 /// Fails when the byte ranges [a.lo, a.hi) and [b.lo, b.hi) share a byte.
 inline void check_disjoint(const ByteRange& a, const char* out_name, const ByteRange& b,
                            const char* in_name) {
@@ -92,9 +103,9 @@ inline void check_disjoint(const ByteRange& a, const char* out_name, const ByteR
          in_name, " spans [", b.lo, ", ", b.hi, ")");
 }
 
-template <class A, int RA, class B, int RB>
-void check_no_overlap(const TensorView<A, RA>& out, const char* out_name,
-                      const TensorView<B, RB>& in, const char* in_name) {
+/// Fails when two views (TensorViews or an LseView) share a byte.
+template <class A, class B>
+void check_no_overlap(const A& out, const char* out_name, const B& in, const char* in_name) {
   check_disjoint(byte_range(out, out_name), out_name, byte_range(in, in_name), in_name);
 }
 
@@ -153,6 +164,13 @@ inline void check_finite_in(double x, double accum_max, const char* name) {
 template <class T, int R>
 void check_stats(const AttentionStats* stats, const TensorView<T, R>& v, const char* name) {
   if (stats) check_disjoint(object_bytes(stats), "stats", byte_range(v, name), name);
+}
+
+inline void check_not_self_overlapping(const LseView& v, const char* name) {
+  v.visit([&](const auto& l) { check_not_self_overlapping(l, name); });
+}
+inline void check_stats(const AttentionStats* stats, const LseView& v, const char* name) {
+  v.visit([&](const auto& l) { check_stats(stats, l, name); });
 }
 
 /// Positions: offsets >= 0, and a given global length holds the call's rows.

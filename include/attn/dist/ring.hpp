@@ -277,13 +277,13 @@ void ring_attention(MPI_Comm comm, const TensorView<Q, 4>& q, const TensorView<K
   if (travels) slices.allocate(max_lk);
   std::vector<Acc> acc_out(static_cast<std::size_t>(B * Hq * lq * Dv), Acc(0));
   std::vector<Acc> part_out(acc_out.size());
-  std::vector<float> acc_lse(static_cast<std::size_t>(B * Hq * lq),
-                             -std::numeric_limits<float>::infinity());
-  std::vector<float> part_lse(acc_lse.size());
+  std::vector<Acc> acc_lse(static_cast<std::size_t>(B * Hq * lq),
+                           -std::numeric_limits<Acc>::infinity());
+  std::vector<Acc> part_lse(acc_lse.size());
   const auto acc_o = bhsd(acc_out.data(), B, Hq, lq, Dv);
   const auto part_o = bhsd(part_out.data(), B, Hq, lq, Dv);
-  const TensorView<float, 3> acc_l(acc_lse.data(), {B, Hq, lq});
-  const TensorView<float, 3> part_l(part_lse.data(), {B, Hq, lq});
+  const TensorView<Acc, 3> acc_l(acc_lse.data(), {B, Hq, lq});
+  const TensorView<Acc, 3> part_l(part_lse.data(), {B, Hq, lq});
 
   if (travels) slices.load(k, v, local.lk);  // this rank's slice, for its first trip
 
@@ -332,8 +332,7 @@ void ring_attention(MPI_Comm comm, const TensorView<Q, 4>& q, const TensorView<K
                          score_mod, step_opt);
         merge_partials(seq_rows(acc_o, row, rows), seq_rows(acc_l, row, rows),
                        TensorView<const Acc, 4>(seq_rows(part_o, row, rows)),
-                       TensorView<const float, 3>(seq_rows(part_l, row, rows)),
-                       options.num_threads);
+                       TensorView<const Acc, 3>(seq_rows(part_l, row, rows)), options.num_threads);
         if (options.stats) total_stats.add(step_stats);
         int done = 0;
         MPI_Testall(2, reqs, &done, MPI_STATUSES_IGNORE);
@@ -351,7 +350,7 @@ void ring_attention(MPI_Comm comm, const TensorView<Q, 4>& q, const TensorView<K
     for (index_t h = 0; h < Hq; ++h)
       for (index_t i = 0; i < lq; ++i) {
         for (index_t c = 0; c < Dv; ++c) out(b, h, i, c) = static_cast<O>(acc_o(b, h, i, c));
-        if (!options.lse.is_null()) options.lse(b, h, i) = acc_l(b, h, i);
+        if (!options.lse.is_null()) options.lse.set(b, h, i, acc_l(b, h, i));
       }
   if (options.stats) *options.stats = total_stats;
   timings.total = now() - t_start;

@@ -128,9 +128,10 @@ void heads_to_seq(MPI_Comm comm, const TensorView<const S, 4>& full, const Tenso
 }
 
 /// A [B, H, L] view as [B, H, L, 1].
-inline TensorView<float, 4> as_rank4(const TensorView<float, 3>& t) {
-  return TensorView<float, 4>(t.data(), {t.extent(0), t.extent(1), t.extent(2), 1},
-                              {t.stride(0), t.stride(1), t.stride(2), 1});
+template <class T>
+TensorView<T, 4> as_rank4(const TensorView<T, 3>& t) {
+  return TensorView<T, 4>(t.data(), {t.extent(0), t.extent(1), t.extent(2), 1},
+                          {t.stride(0), t.stride(1), t.stride(2), 1});
 }
 
 /// Where every rank's rows sit in the whole sequence, for the all-to-all:
@@ -220,12 +221,14 @@ void ulysses_attention(MPI_Comm comm, const TensorView<Q, 4>& q, const TensorVie
   std::vector<KS> kf(static_cast<std::size_t>(B * hkv * M * D));
   std::vector<VS> vf(static_cast<std::size_t>(B * hkv * M * Dv));
   std::vector<O> of(static_cast<std::size_t>(B * hq * N * Dv));
-  std::vector<float> lf(options.lse.is_null() ? 0 : static_cast<std::size_t>(B * hq * N));
+  // lse travels in double whatever the caller's lse is: exact for a float
+  // call's values, and a double call keeps its rounding.
+  std::vector<double> lf(options.lse.is_null() ? 0 : static_cast<std::size_t>(B * hq * N));
   const auto qv = bhsd(qf.data(), B, hq, N, D);
   const auto kv = bhsd(kf.data(), B, hkv, M, D);
   const auto vv = bhsd(vf.data(), B, hkv, M, Dv);
   const auto ov = bhsd(of.data(), B, hq, N, Dv);
-  const TensorView<float, 3> lv(lf.data(), {B, hq, N});
+  const TensorView<double, 3> lv(lf.data(), {B, hq, N});
 
   const double t0 = MPI_Wtime();
   seq_to_heads(comm, q, qv, lay.q_runs, lay.q_lens);
@@ -248,9 +251,17 @@ void ulysses_attention(MPI_Comm comm, const TensorView<Q, 4>& q, const TensorVie
   const double cpu = static_cast<double>(std::clock() - c1) / CLOCKS_PER_SEC;
 
   heads_to_seq(comm, TensorView<const O, 4>(ov), out, lay.q_runs, lay.q_lens);
-  if (!options.lse.is_null())
-    heads_to_seq(comm, TensorView<const float, 4>(as_rank4(lv)), as_rank4(options.lse), lay.q_runs,
+  if (!options.lse.is_null()) {
+    const LseView& user = options.lse;
+    std::vector<double> mine(
+        static_cast<std::size_t>(user.extent(0) * user.extent(1) * user.extent(2)));
+    const TensorView<double, 3> mv(mine.data(), {user.extent(0), user.extent(1), user.extent(2)});
+    heads_to_seq(comm, TensorView<const double, 4>(as_rank4(lv)), as_rank4(mv), lay.q_runs,
                  lay.q_lens);
+    for (index_t b = 0; b < mv.extent(0); ++b)
+      for (index_t h = 0; h < mv.extent(1); ++h)
+        for (index_t i = 0; i < mv.extent(2); ++i) user.set(b, h, i, mv(b, h, i));
+  }
   if (options.timings) {
     RingTimings tm;
     tm.steps = tm.computed_steps = 1;

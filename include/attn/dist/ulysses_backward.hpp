@@ -24,16 +24,6 @@
 
 namespace attn {
 namespace dist {
-namespace detail {
-
-/// A [B, H, L] view as [B, H, L, 1].
-template <class T>
-TensorView<T, 4> rows_as_rank4(const TensorView<T, 3>& t) {
-  return TensorView<T, 4>(t.data(), {t.extent(0), t.extent(1), t.extent(2), 1},
-                          {t.stride(0), t.stride(1), t.stride(2), 1});
-}
-
-}  // namespace detail
 
 /// Gradients of ulysses_attention (collective: every rank calls it).
 /// Arguments as in ring_attention_backward (attn/dist/ring_backward.hpp):
@@ -117,7 +107,7 @@ void ulysses_attention_backward(MPI_Comm comm, const TensorView<Q, 4>& q, const 
   seq_to_heads(comm, v, vv, lay.k_runs, lay.k_lens);
   seq_to_heads(comm, out, ov, lay.q_runs, lay.q_lens);
   seq_to_heads(comm, dout, dov, lay.q_runs, lay.q_lens);
-  seq_to_heads(comm, rows_as_rank4(lse), rows_as_rank4(lv), lay.q_runs, lay.q_lens);
+  seq_to_heads(comm, as_rank4(lse), as_rank4(lv), lay.q_runs, lay.q_lens);
   const double t1 = MPI_Wtime();
   const std::clock_t c1 = std::clock();
 

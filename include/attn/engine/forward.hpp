@@ -170,7 +170,7 @@ void flash_forward(const TensorView<const Q, 4>& q, const StridedKV<K, V>& src,
     auto dst = matrix(out, b, h).middleRows(task.q0, rows);
     for (index_t r = 0; r < rows; ++r) {
       sc.part.write_row(r, dst.row(r));
-      if (want_lse) opt.lse(b, h, task.q0 + r) = static_cast<float>(sc.part.lse(r));
+      if (want_lse) opt.lse.set(b, h, task.q0 + r, static_cast<double>(sc.part.lse(r)));
     }
   };
 

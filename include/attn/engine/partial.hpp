@@ -79,10 +79,10 @@ struct Partial {
 ///   lse = logaddexp(lse_a, lse_b);  out = out_a·exp(lse_a - lse) + out_b·exp(lse_b - lse)
 /// A side with lse = -inf saw no key and contributes nothing; both -inf gives
 /// zeros and -inf. Computed in Acc.
-template <class Acc, class TA, class TB, class L>
-void merge_row(TA* out_a, index_t stride_a, L& lse_a, const TB* out_b, index_t stride_b, L lse_b,
+template <class Acc, class TA, class TB, class LA, class LB>
+void merge_row(TA* out_a, index_t stride_a, LA& lse_a, const TB* out_b, index_t stride_b, LB lse_b,
                index_t n) {
-  const Acc la = lse_a, lb = lse_b;
+  const Acc la = static_cast<Acc>(lse_a), lb = static_cast<Acc>(lse_b);
   constexpr Acc neg_inf = -std::numeric_limits<Acc>::infinity();
   if (lb == neg_inf) return;  // b saw nothing (also when both saw nothing)
   Acc wa, wb, lse;
@@ -100,7 +100,7 @@ void merge_row(TA* out_a, index_t stride_a, L& lse_a, const TB* out_b, index_t s
     const Acc a = wa == Acc(0) ? Acc(0) : static_cast<Acc>(out_a[i * stride_a]) * wa;
     out_a[i * stride_a] = static_cast<TA>(a + static_cast<Acc>(out_b[i * stride_b]) * wb);
   }
-  lse_a = static_cast<L>(lse);
+  lse_a = static_cast<LA>(lse);
 }
 
 }  // namespace detail

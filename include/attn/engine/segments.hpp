@@ -278,7 +278,7 @@ void segment_forward(const TensorView<const Q, 4>& q, const KV& kv, const Tensor
     const index_t h = u.h0 + r / u.n, i = sg.q_begin + u.q0 + r % u.n;
     if (sinks) apply_sink(row, dv, lse, static_cast<Acc>(opt.sinks(h)));
     for (index_t c = 0; c < dv; ++c) out(sg.q_batch, h, i, c) = static_cast<O>(row[c]);
-    if (want_lse) opt.lse(sg.q_batch, h, i) = static_cast<float>(lse);
+    if (want_lse) opt.lse.set(sg.q_batch, h, i, static_cast<double>(lse));
   };
 
   auto run_task = [&](Scratch& sc, index_t t) {

@@ -24,17 +24,22 @@ namespace attn {
 /// one key set into the result (out, lse) over a disjoint key set, in place.
 /// Both come from attn's entry points with options.lse set (or anything with
 /// the same meaning: out normalised, lse the natural log of the softmax
-/// denominator, -inf for a row that saw no key). Arithmetic in float (double
-/// if either out is double). Rows are independent, so the result does not
-/// depend on num_threads (0 = all OpenMP threads).
-template <class TA, class TB>
-void merge_partials(const TensorView<TA, 4>& out, const TensorView<float, 3>& lse,
-                    const TensorView<TB, 4>& out_b, const TensorView<const float, 3>& lse_b,
+/// denominator, -inf for a row that saw no key). lse and lse_b are float or
+/// double each (a double forward's lse keeps double rounding). Arithmetic in
+/// float, double if any of the four is double. Rows are independent, so the
+/// result does not depend on num_threads (0 = all OpenMP threads).
+template <class TA, class LA, class TB, class LB>
+void merge_partials(const TensorView<TA, 4>& out, const TensorView<LA, 3>& lse,
+                    const TensorView<TB, 4>& out_b, const TensorView<LB, 3>& lse_b,
                     int num_threads = 0) {
-  static_assert(!std::is_const<TA>::value,
-                "attn: merge_partials writes `out`; it must be writable");
+  static_assert(!std::is_const<TA>::value && !std::is_const<LA>::value,
+                "attn: merge_partials writes `out` and `lse`; they must be writable");
   static_assert(detail::is_storage_type_v<TA> && detail::is_storage_type_v<std::remove_cv_t<TB>>,
                 "attn: element types must be float, double, Eigen::half or Eigen::bfloat16");
+  static_assert((std::is_same<LA, float>::value || std::is_same<LA, double>::value) &&
+                    (std::is_same<std::remove_cv_t<LB>, float>::value ||
+                     std::is_same<std::remove_cv_t<LB>, double>::value),
+                "attn: lse and lse_b are float or double");
   using detail::fail;
   detail::check_view(out, "out");
   detail::check_view(lse, "lse");
@@ -58,7 +63,7 @@ void merge_partials(const TensorView<TA, 4>& out, const TensorView<float, 3>& ls
   detail::check_no_overlap(lse, "lse", out_b, "out_b");
   detail::check_no_overlap(lse, "lse", lse_b, "lse_b");
 
-  using Acc = detail::accum_t<TA, TB>;
+  using Acc = detail::accum_t<TA, TB, LA, LB>;
   const index_t B = out.extent(0), H = out.extent(1), L = out.extent(2), Dv = out.extent(3);
   const index_t tasks = B * H;
   struct None {};

@@ -448,8 +448,9 @@ void topk_forward(const TensorView<const Q, 4>& q, const TensorView<const K, 4>&
       const Acc inv = n > 0 ? Acc(1) / l : Acc(0);  // a row with nothing selected gives zeros
       matrix(out, b, h).row(q0 + r) = (sc.o * inv).template cast<O>();
       if (want_lse)
-        opt.lse(b, h, q0 + r) =
-            n > 0 ? static_cast<float>(m + std::log(l)) : -std::numeric_limits<float>::infinity();
+        opt.lse.set(b, h, q0 + r,
+                    n > 0 ? static_cast<double>(m + std::log(l))
+                          : -std::numeric_limits<double>::infinity());
     }
   };
 

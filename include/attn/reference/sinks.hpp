@@ -56,8 +56,7 @@ void attention_with_sinks(const TensorView<Q, 4>& q, const TensorView<K, 4>& k,
               acc += row[static_cast<std::size_t>(j)] * static_cast<double>(v(b, hk, j, c));
           out(b, h, i, c) = static_cast<O>(mx == neg_inf ? 0.0 : acc / sum);
         }
-        if (!opt.lse.is_null())
-          opt.lse(b, h, i) = static_cast<float>(mx == neg_inf ? neg_inf : mx + std::log(sum));
+        if (!opt.lse.is_null()) opt.lse.set(b, h, i, mx == neg_inf ? neg_inf : mx + std::log(sum));
       }
     }
 }

@@ -88,8 +88,8 @@ void topk_attention(const TensorView<Q, 4>& q, const TensorView<K, 4>& k, const 
           out(b, h, i, c) = static_cast<O>(acc);
         }
         if (!opt.lse.is_null())
-          opt.lse(b, h, i) = n > 0 ? static_cast<float>(mx + std::log(sum))
-                                   : -std::numeric_limits<float>::infinity();
+          opt.lse.set(b, h, i,
+                      n > 0 ? mx + std::log(sum) : -std::numeric_limits<double>::infinity());
         if (!indices.is_null())
           for (index_t j = 0; j < indices.extent(3); ++j)
             indices(b, h, i, j) =
