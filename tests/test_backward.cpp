@@ -56,22 +56,19 @@ std::vector<double> lse_double(const Inputs<T>& in, const Problem& p, const Mask
   return r;
 }
 
-/// Runs forward (lse float, or double for T = double) then backward in T.
+/// Runs forward, its lse in the accumulation type (double for T = double),
+/// then backward in T.
 template <class T, class Mask, class Mod, class Backward>
 Grads<T> run_backward(const Inputs<T>& in, const Problem& p, const Mask& mask, const Mod& mod,
                       attn::AttentionOptions opt, Backward&& backward) {
+  using L = attn::detail::accum_t<T>;
   Tensor<T> out(p.B, p.Hq, p.Lq, p.Dv, p.layout);
-  std::vector<float> lse(static_cast<std::size_t>(p.B * p.Hq * p.Lq));
+  std::vector<L> lse(static_cast<std::size_t>(p.B * p.Hq * p.Lq));
   attn::AttentionOptions fopt = opt;
-  fopt.lse = attn::TensorView<float, 3>(lse.data(), {p.B, p.Hq, p.Lq});
+  fopt.lse = attn::TensorView<L, 3>(lse.data(), {p.B, p.Hq, p.Lq});
   attn::masked_attention(in.q.view, in.k.view, in.v.view, out.view, mask, mod, fopt);
   Grads<T> g(p);
-  if constexpr (std::is_same<T, double>::value) {
-    std::vector<double> lse64 = lse_double(in, p, mask, mod, opt);
-    backward(out, attn::TensorView<const double, 3>(lse64.data(), {p.B, p.Hq, p.Lq}), g);
-  } else {
-    backward(out, attn::TensorView<const float, 3>(lse.data(), {p.B, p.Hq, p.Lq}), g);
-  }
+  backward(out, attn::TensorView<const L, 3>(lse.data(), {p.B, p.Hq, p.Lq}), g);
   return g;
 }
 
@@ -421,6 +418,92 @@ TEST(BackwardProperties, FullyMaskedRowsGetZeroGradientsNotNaN) {
   for (float x : g.dk.buf) ASSERT_FALSE(std::isnan(x));
   for (index_t j = 0; j < p.Lk; ++j)
     for (index_t c = 0; c < p.Dv; ++c) ASSERT_EQ(g.dv(0, 0, j, c), 0.f);
+}
+
+// A double forward asked for a double lse keeps it to double rounding, a merge
+// of two key halves by that lse stays there, and a backward fed it keeps
+// double precision. With scores in the hundreds a float lse is off by up to
+// |lse|·2^-24 (about 1e-5): P = exp(s - lse) and every gradient inherit that.
+TEST(BackwardProperties, DoubleLseKeepsDoublePrecision) {
+  const Problem p = shape(37, 46, 2, 1, 24, 24);
+  attn::AttentionOptions opt;
+  opt.scale = 80.0;  // entries of q, k in [-1, 1]: scores in the hundreds
+  const Inputs<double> in(p, 5);
+  const auto mask = attn::causal();
+  const std::vector<double> ref = lse_double(in, p, mask, attn::no_score_mod(), opt);
+  const std::size_t n = ref.size();
+  const std::array<index_t, 3> rows{p.B, p.Hq, p.Lq};
+
+  // Per score, the two computations of s differ by at most D·scale·max|q|·max|k|
+  // roundings; the softmax sum adds Lk, and lse itself one of |lse|.
+  double lmax = 0;
+  for (double l : ref) lmax = std::max(lmax, std::abs(l));
+  ASSERT_GT(lmax, 100.0);
+  const double bound =
+      4.0 * eps<double>() *
+      (static_cast<double>(p.D) * *opt.scale * max_abs(in.q) * max_abs(in.k) + p.Lk + lmax);
+  auto err = [&](const auto& l) {
+    double e = 0;
+    for (std::size_t i = 0; i < n; ++i)
+      e = std::max(e, std::abs(static_cast<double>(l[i]) - ref[i]));
+    return e;
+  };
+
+  // Forward: one call into a double lse, one into a float lse.
+  Tensor<double> out(p.B, p.Hq, p.Lq, p.Dv), out32(p.B, p.Hq, p.Lq, p.Dv);
+  std::vector<double> l64(n);
+  std::vector<float> l32(n);
+  attn::AttentionOptions o = opt;
+  o.lse = attn::TensorView<double, 3>(l64.data(), rows);
+  attn::masked_attention(in.q.view, in.k.view, in.v.view, out.view, mask, o);
+  o.lse = attn::TensorView<float, 3>(l32.data(), rows);
+  attn::masked_attention(in.q.view, in.k.view, in.v.view, out32.view, mask, o);
+  EXPECT_LE(err(l64), bound);
+  EXPECT_GT(err(l32), 1e3 * bound) << "these scores must show a float lse's rounding";
+
+  // The keys in two halves at their global positions, merged by a double lse.
+  {
+    const index_t half = p.Lk / 2;
+    Tensor<double> a(p.B, p.Hq, p.Lq, p.Dv), b(p.B, p.Hq, p.Lq, p.Dv);
+    std::vector<double> la(n), lb(n);
+    for (int part = 0; part < 2; ++part) {
+      const index_t k0 = part == 0 ? 0 : half, len = part == 0 ? half : p.Lk - half;
+      attn::AttentionOptions po = opt;
+      po.positions.k_offset = k0;
+      po.positions.k_length = p.Lk;
+      po.lse = attn::TensorView<double, 3>((part == 0 ? la : lb).data(), rows);
+      auto keys = [&](const auto& t) {
+        return attn::Tensor4<const double>(
+            t.data() + k0 * t.stride(2), {t.extent(0), t.extent(1), len, t.extent(3)}, t.strides());
+      };
+      attn::masked_attention(in.q.view, keys(in.k.view), keys(in.v.view), (part == 0 ? a : b).view,
+                             mask, po);
+    }
+    attn::merge_partials(a.view, attn::TensorView<double, 3>(la.data(), rows), b.view,
+                         attn::TensorView<const double, 3>(lb.data(), rows));
+    EXPECT_LE(err(la), 2.0 * bound) << "merged lse";
+  }
+
+  // Backward against the fp64 reference: a relative error δ of every P moves
+  // each gradient by at most a few δ of its largest entry.
+  const Tensor<double> dout = random_tensor<double>(p.B, p.Hq, p.Lq, p.Dv, 8);
+  Grads<double> r(p), g64(p), g32(p);
+  attn::reference::attention_backward(in.q.cview(), in.k.cview(), in.v.cview(), dout.cview(),
+                                      r.dq.view, r.dk.view, r.dv.view, mask, attn::no_score_mod(),
+                                      opt);
+  attn::attention_backward(in.q.view, in.k.view, in.v.view, out.cview(),
+                           attn::TensorView<const double, 3>(l64.data(), rows), dout.view,
+                           g64.dq.view, g64.dk.view, g64.dv.view, mask, opt);
+  attn::attention_backward(in.q.view, in.k.view, in.v.view, out.cview(),
+                           attn::TensorView<const float, 3>(l32.data(), rows), dout.view,
+                           g32.dq.view, g32.dk.view, g32.dv.view, mask, opt);
+  for (auto [got, lo, want, name] :
+       {std::tuple{&g64.dq, &g32.dq, &r.dq, "dq"}, std::tuple{&g64.dk, &g32.dk, &r.dk, "dk"},
+        std::tuple{&g64.dv, &g32.dv, &r.dv, "dv"}}) {
+    const double tol = grad_tolerance<double>(p, max_abs(*want)) + 8.0 * bound * max_abs(*want);
+    EXPECT_LE(max_abs_diff(*got, *want), tol) << name;
+    EXPECT_GT(max_abs_diff(*lo, *want), 10.0 * tol) << name << ": the float lse should miss it";
+  }
 }
 
 template <class Mod>

@@ -48,8 +48,9 @@ struct Case {
 /// Runs the distributed call in T on this rank's shard and compares out and
 /// lse with this rank's shard of the fp64 reference. The tolerance is the
 /// one-process bound (tests/support.hpp) plus the merge's rounding: each of
-/// the s merges rounds the weights exp(lse_i − lse) through fp32 lse values,
-/// a relative error of about eps_f32·(|lse| + 2) per merge.
+/// the s merges rounds the weights exp(lse_i − lse) through lse values in the
+/// accumulation type L (double for T = double, whose lse the call writes in
+/// double), a relative error of about eps_L·(|lse| + 2) per merge.
 template <class T, class Mask, class Mod = attn::NoScoreMod>
 attn::dist::RingTimings expect_matches(const Case& c, const Mask& mask, const Mod& mod = {}) {
   SCOPED_TRACE(c.str());
@@ -64,9 +65,11 @@ attn::dist::RingTimings expect_matches(const Case& c, const Mask& mask, const Mo
   Tensor<T> q(c.B, c.Hq, lq, c.D), k(c.B, c.Hkv, lk, c.D), v(c.B, c.Hkv, lk, c.Dv),
       out(c.B, c.Hq, lq, c.Dv);
   Tensor<double> ref_local(c.B, c.Hq, lq, c.Dv);
-  std::vector<float> lse(static_cast<std::size_t>(c.B * c.Hq * lq)), lse_ref_local(lse.size());
+  using L = attn::detail::accum_t<T>;
+  std::vector<L> lse(static_cast<std::size_t>(c.B * c.Hq * lq));
+  std::vector<float> lse_ref_local(lse.size());
   const attn::TensorView<float, 3> lse_full(lse_ref.data(), {c.B, c.Hq, c.Lq});
-  const attn::TensorView<float, 3> lse_view(lse.data(), {c.B, c.Hq, lq});
+  const attn::TensorView<L, 3> lse_view(lse.data(), {c.B, c.Hq, lq});
   attn::dist::shard(in.q.view, q.view, me, p, c.layout);
   attn::dist::shard(in.k.view, k.view, me, p, c.layout);
   attn::dist::shard(in.v.view, v.view, me, p, c.layout);
@@ -94,13 +97,16 @@ attn::dist::RingTimings expect_matches(const Case& c, const Mask& mask, const Mo
   const double merges = c.algo == Algo::ring ? 2.0 * p : 0.0;
   const double vmax = attn_test::max_abs(in.v);
   const double tol = attn_test::tolerance<T>(c.D, c.Lk, vmax) +
-                     4.0 * merges * attn_test::eps<float>() * (lse_max + 2.0) * std::max(vmax, 1.0);
+                     4.0 * merges * attn_test::eps<L>() * (lse_max + 2.0) * std::max(vmax, 1.0);
   EXPECT_LE(attn_test::max_abs_diff(out, ref_local), tol);
+  // The reference's lse comes rounded to float: one more float rounding.
+  const double lse_tol = tol + attn_test::eps<float>();
   for (std::size_t i = 0; i < lse.size(); ++i) {
     if (std::isinf(lse_ref_local[i]))
-      EXPECT_EQ(lse[i], lse_ref_local[i]) << "lse row " << i;
+      EXPECT_EQ(static_cast<double>(lse[i]), static_cast<double>(lse_ref_local[i]))
+          << "lse row " << i;
     else
-      EXPECT_NEAR(lse[i], lse_ref_local[i], tol * (1.0 + std::abs(lse_ref_local[i])))
+      EXPECT_NEAR(lse[i], lse_ref_local[i], lse_tol * (1.0 + std::abs(lse_ref_local[i])))
           << "lse row " << i;
   }
   return timings;
