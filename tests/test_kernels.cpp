@@ -333,7 +333,7 @@ TEST(KernelsInt8, ScoreRowsQ16IsTheExactSumScaled) {
              std::vector<index_t>{1, 7, 2 * ks.lanes, 2 * ks.lanes + 1, 111, 128, 516}) {
           SCOPED_TRACE(std::string(attn::isa_name(isa)) + " rows=" + std::to_string(rows) +
                        " cols=" + std::to_string(cols) + " d=" + std::to_string(d));
-          const int limit = attn::kernels::portable::int16_limit(d);
+          const int limit = attn::kernels::int16_limit(d);
           ASSERT_EQ(limit, 32767);
           const index_t ldq = d + 1, ldk = d + 3, lds = cols + 1;
           auto q = random_q16(static_cast<std::size_t>(rows * ldq), 31, limit);
@@ -381,7 +381,7 @@ TEST(KernelsInt8, PvQ16IsTheExactSum) {
         for (index_t dv : {L, 2 * L, 3 * L, 4 * L, 5 * L, 8 * L}) {
           SCOPED_TRACE(std::string(attn::isa_name(isa)) + " rows=" + std::to_string(rows) +
                        " cols=" + std::to_string(cols) + " dv=" + std::to_string(dv));
-          const int limit = attn::kernels::portable::int16_limit(cols);
+          const int limit = attn::kernels::int16_limit(cols);
           ASSERT_EQ(limit, 32767);
           const index_t ldw = cols + 3, ldv = dv + 5, lda = dv + 7, ldo = dv + 16;
           auto w = random_q16(static_cast<std::size_t>(rows * ldw), 33, limit);

@@ -194,8 +194,8 @@ struct Walk {
     if constexpr (std::is_same<Acc, float>::value) {
       if (t.int8) {
         if (!sc.q16_done) {
-          sc.q16_ok = ks.quantize_rows(part.rows, d, qs, d, kernels::portable::int16_limit(d),
-                                       sc.q16.data(), sc.ldq16, sc.qscale.data());
+          sc.q16_ok = ks.quantize_rows(part.rows, d, qs, d, kernels::int16_limit(d), sc.q16.data(),
+                                       sc.ldq16, sc.qscale.data());
           sc.q16_done = true;
         }
         int_products = sc.q16_ok;
@@ -284,7 +284,7 @@ struct Walk {
       bool q16_pv = false;
       if constexpr (std::is_same<Acc, float>::value)
         q16_pv = int_products &&
-                 ks.quantize_rows(m, cols, s, lds, kernels::portable::int16_limit(cols),
+                 ks.quantize_rows(m, cols, s, lds, kernels::int16_limit(cols),
                                   sc.w16.data() + r0 * sc.ldw, sc.ldw, sc.wscale.data() + r0);
       std::int32_t* acc = q16_pv ? sc.acc.data() + r0 * dv : nullptr;
       if (acc) std::fill(acc, acc + m * dv, 0);

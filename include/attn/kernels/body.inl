@@ -456,13 +456,6 @@ void accumulate_pv_i8(index_t rows, index_t dvp, index_t cols, const typename S:
 // paged cache cuts a tile into runs. Per 2L codes and query row this is one
 // madd where float products take two conversions and two FMAs per 2L codes.
 
-/// Keeps a row's int32 sum of n products of int16 and int8 codes from overflowing:
-/// the largest int16 magnitude to round to, 32767 up to n = 516.
-inline int int16_limit(index_t n) {
-  const std::int64_t most = std::numeric_limits<std::int32_t>::max() / (127 * std::max<index_t>(n, 1));
-  return static_cast<int>(std::max<std::int64_t>(1, std::min<std::int64_t>(32767, most)));
-}
-
 /// x[i][c] *= colscale[c]: an int8 cache's value scales folded into P's columns.
 template <class S>
 void scale_columns(index_t rows, index_t cols, float* x, index_t ldx, const float* colscale) {

@@ -4,7 +4,9 @@
 
 #include "attn/tensor_view.hpp"
 
+#include <algorithm>
 #include <cstdint>
+#include <limits>
 
 namespace attn {
 
@@ -37,6 +39,15 @@ inline const char* isa_name(Isa isa) {
 }
 
 namespace kernels {
+
+/// Keeps a row's int32 sum of n products of int16 and int8 codes from overflowing:
+/// the largest int16 magnitude to round to, 32767 up to n = 516 (one definition
+/// for every instruction set's int8 kernels and their callers).
+inline int int16_limit(index_t n) {
+  const std::int64_t most =
+      std::numeric_limits<std::int32_t>::max() / (127 * std::max<index_t>(n, 1));
+  return static_cast<int>(std::max<std::int64_t>(1, std::min<std::int64_t>(32767, most)));
+}
 
 /// The micro-kernels of one instruction set for accumulation type T (layouts
 /// in body.inl). Plain function pointers: one table per (ISA, T), chosen once
