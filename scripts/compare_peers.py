@@ -501,8 +501,10 @@ def main():
             ax.bar([x + (i - 1) * w for x in xs], [r[idx] for r in rows], w, label=label)
         if fp32_peak:
             ax.axhline(fp32_peak, color="gray", ls="--", lw=1, label="fp32 FMA peak")
+        if bf16_peak:
+            ax.axhline(bf16_peak, color="gray", ls=":", lw=1, label=f"bf16 peak ({bf16_isa})")
         ax.set_xticks(list(xs))
-        ax.set_xticklabels([r[0] for r in rows], fontsize=7)
+        ax.set_xticklabels([r[0].replace(", ", "\n") for r in rows], fontsize=7)
         ax.set_ylabel("GFLOP/s")
         ax.set_title(f"Attention forward, {args.threads} threads, {cpu_name()}")
         ax.legend(fontsize=8)
