@@ -76,7 +76,6 @@ class LseView {
   bool is_null() const { return f_.is_null() && d_.is_null(); }
   bool is_double() const { return !d_.is_null(); }
   index_t extent(int i) const { return is_double() ? d_.extent(i) : f_.extent(i); }
-  index_t stride(int i) const { return is_double() ? d_.stride(i) : f_.stride(i); }
   /// The view held: float_view() is null when this holds a double view, and
   /// double_view() when it holds a float one.
   const TensorView<float, 3>& float_view() const { return f_; }
@@ -92,9 +91,6 @@ class LseView {
       d_(b, h, i) = x;
     else
       f_(b, h, i) = static_cast<float>(x);
-  }
-  double get(index_t b, index_t h, index_t i) const {
-    return is_double() ? d_(b, h, i) : static_cast<double>(f_(b, h, i));
   }
   /// The same rows, query positions [i0, i0 + n) of the last dimension.
   LseView columns(index_t i0, index_t n) const {
