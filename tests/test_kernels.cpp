@@ -523,51 +523,57 @@ TYPED_TEST(Kernels, PvMatchesDoubleLoop) {
 
 /// The online-softmax sweep: P, m, l and the rescaled O against double, with
 /// rows that are fresh (m = -inf), rows whose max moves and rows whose max stays,
-/// -inf scores (masked keys) and fully masked rows, every column tail.
+/// -inf scores (masked keys) and fully masked rows, every column tail, and
+/// scales 1, 1/2 (exact) and 1/√128 (rounded) on the scores.
 TYPED_TEST(Kernels, SoftmaxMatchesDoubleLoop) {
   using T = TypeParam;
   constexpr T inf = std::numeric_limits<T>::infinity();
   for (Isa isa : isas_for<T>()) {
     const KernelSet<T>& ks = attn::kernels::kernel_set<T>(isa);
-    for (index_t cols : around<T>(ks.lanes)) {
-      SCOPED_TRACE(std::string(attn::isa_name(isa)) + " cols=" + std::to_string(cols));
-      const index_t rows = 6, lds = cols + 5, dvp = 32, ldo = dvp;
-      auto s = random_vec<T>(static_cast<std::size_t>(rows * lds), 6, 3.0);
-      for (index_t j = 0; j < cols; j += 3) s[1 * lds + j] = -inf;  // masked keys
-      for (index_t j = 0; j < cols; ++j) s[2 * lds + j] = -inf;     // a row that sees nothing here
-      for (index_t j = 0; j < cols; ++j) s[5 * lds + j] = -inf;
-      std::vector<T> m{-inf, 0.5, 2.0, 100.0, -inf, 1.0}, l{0, 2.0, 1.5, 3.0, 0, 1.0};
-      auto o = random_vec<T>(static_cast<std::size_t>(rows * ldo), 7);
-      const auto s0 = s, m0 = m, l0 = l, o0 = o;
-      ks.softmax(rows, cols, s.data(), lds, m.data(), l.data(), o.data(), ldo, dvp);
-      const double tol = 8 * attn_test::eps<T>();
-      for (index_t r = 0; r < rows; ++r) {
-        double mx = -inf;
-        for (index_t j = 0; j < cols; ++j) mx = std::max(mx, double(s0[r * lds + j]));
-        const double m_new = std::max(double(m0[r]), mx);
-        ASSERT_EQ(double(m[r]), m_new) << "row " << r;
-        const double m_use = m_new == -inf ? 0.0 : m_new;
-        const double alpha = std::exp(double(m0[r]) - m_use);
-        double sum = 0;
-        for (index_t j = 0; j < cols; ++j) {
-          const double p = std::exp(double(s0[r * lds + j]) - m_use);
-          sum += p;
-          if (std::isinf(s0[r * lds + j]))
-            ASSERT_EQ(s[r * lds + j], T(0)) << "exp(-inf) must be exactly 0";
-          else
-            ASSERT_NEAR(s[r * lds + j], p, tol * std::max(p, 1e-30) + 1e-37);
-        }
-        EXPECT_NEAR(l[r], double(l0[r]) * alpha + sum, tol * (double(l0[r]) * alpha + sum));
-        for (index_t c = 0; c < dvp; ++c)
-          EXPECT_NEAR(o[r * ldo + c], double(o0[r * ldo + c]) * alpha,
-                      tol * std::abs(double(o0[r * ldo + c])))
-              << "row " << r;
-        if (m0[r] == m[r]) {
+    for (const T scale : {T(1), T(0.5), T(1 / std::sqrt(128.0))})
+      for (index_t cols : around<T>(ks.lanes)) {
+        SCOPED_TRACE(std::string(attn::isa_name(isa)) + " cols=" + std::to_string(cols) +
+                     " scale=" + std::to_string(scale));
+        const index_t rows = 6, lds = cols + 5, dvp = 32, ldo = dvp;
+        auto s = random_vec<T>(static_cast<std::size_t>(rows * lds), 6, 3.0);
+        for (index_t j = 0; j < cols; j += 3) s[1 * lds + j] = -inf;  // masked keys
+        for (index_t j = 0; j < cols; ++j) s[2 * lds + j] = -inf;  // a row that sees nothing here
+        for (index_t j = 0; j < cols; ++j) s[5 * lds + j] = -inf;
+        std::vector<T> m{-inf, 0.5, 2.0, 100.0, -inf, 1.0}, l{0, 2.0, 1.5, 3.0, 0, 1.0};
+        auto o = random_vec<T>(static_cast<std::size_t>(rows * ldo), 7);
+        const auto s0 = s, m0 = m, l0 = l, o0 = o;
+        ks.softmax(rows, cols, s.data(), lds, scale, m.data(), l.data(), o.data(), ldo, dvp);
+        for (index_t r = 0; r < rows; ++r) {
+          T mx = -inf;
+          for (index_t j = 0; j < cols; ++j) mx = std::max(mx, s0[r * lds + j]);
+          // The max of the scaled row is the row max times the scale, rounded once.
+          const double m_new = std::max(double(m0[r]), double(T(mx * scale)));
+          ASSERT_EQ(double(m[r]), m_new) << "row " << r;
+          const double m_use = m_new == -inf ? 0.0 : m_new;
+          // exp's own error, and for a rounded scale the rounding of m' = scale·max,
+          // |m'|·eps/2, that scale·S - m' carries into the exponent.
+          const double tol = (8 + (scale == T(1) ? 0.0 : std::abs(m_use))) * attn_test::eps<T>();
+          const double alpha = std::exp(double(m0[r]) - m_use);
+          double sum = 0;
+          for (index_t j = 0; j < cols; ++j) {
+            const double p = std::exp(double(scale) * double(s0[r * lds + j]) - m_use);
+            sum += p;
+            if (std::isinf(s0[r * lds + j]))
+              ASSERT_EQ(s[r * lds + j], T(0)) << "exp(-inf) must be exactly 0";
+            else
+              ASSERT_NEAR(s[r * lds + j], p, tol * std::max(p, 1e-30) + 1e-37);
+          }
+          EXPECT_NEAR(l[r], double(l0[r]) * alpha + sum, tol * (double(l0[r]) * alpha + sum));
           for (index_t c = 0; c < dvp; ++c)
-            ASSERT_EQ(o[r * ldo + c], o0[r * ldo + c]) << "O rescaled though its max stayed";
+            EXPECT_NEAR(o[r * ldo + c], double(o0[r * ldo + c]) * alpha,
+                        tol * std::abs(double(o0[r * ldo + c])))
+                << "row " << r;
+          if (m0[r] == m[r]) {
+            for (index_t c = 0; c < dvp; ++c)
+              ASSERT_EQ(o[r * ldo + c], o0[r * ldo + c]) << "O rescaled though its max stayed";
+          }
         }
       }
-    }
   }
 }
 

@@ -202,15 +202,21 @@ struct Walk {
       }
     }
 
+    // bf16 products: the softmax applies the score scale and rounds P to bf16 row
+    // by row, unless a modifier must see the scaled scores or dropout the fp32 P.
+    const bool dropping = dropout && dropout->enabled;
+    const bool fold_scale = kv.bf16 && Mod::is_identity && scale > Acc(0) && !dropping;
+
     // S = Qs · Kᵀ                                                            (m, cols)
     if (kv.bf16) {
 #if ATTN_KERNELS_X86
       if constexpr (std::is_same<Acc, float>::value) {
         const std::uint16_t* qb = sc.qb.data() + r0 * kv.dpad;
+        const float c = fold_scale ? 1.0f : scale;
         if (kv.amx)
-          kernels::amx_bf16::score(m, cols, d, qb, kv.dpad, t.kb, s, lds, scale);
+          kernels::amx_bf16::score(m, cols, d, qb, kv.dpad, t.kb, s, lds, c);
         else
-          kernels::avx512_bf16::score(m, cols, d, qb, kv.dpad, t.kb, s, lds, scale);
+          kernels::avx512_bf16::score(m, cols, d, qb, kv.dpad, t.kb, s, lds, c);
       }
 #endif
     } else if (t.kr) {  // rows in place, run by run (the bits do not depend on the runs)
@@ -250,8 +256,9 @@ struct Walk {
     }
 
     // m' = max(m, rowmax(S)); P = exp(S - m'); l = l·exp(m - m') + rowsum(P); O = O·exp(m - m')
-    ks.softmax(m, cols, s, lds, part.m.data() + r0, part.l.data() + r0, o, ldo, dvp);
-    if (dropout && dropout->enabled)  // P -> P ∘ M / (1 - p) for O only
+    if (!fold_scale)
+      ks.softmax(m, cols, s, lds, Acc(1), part.m.data() + r0, part.l.data() + r0, o, ldo, dvp);
+    if (dropping)  // P -> P ∘ M / (1 - p) for O only
       for (index_t r = 0; r < m; ++r)
         dropout->apply_row(b, h0 + r / n, q0 + r % n, gk0, s + r * lds, cols);
 
@@ -260,7 +267,11 @@ struct Walk {
 #if ATTN_KERNELS_X86
       if constexpr (std::is_same<Acc, float>::value) {  // P rounded to bf16 pairs of keys
         std::uint16_t* pb = sc.pb.data() + r0 * lds;
-        kernels::avx512_bf16::round_to_bf16(m, cols, s, lds, pb, lds);
+        if (fold_scale)
+          kernels::avx512_bf16::softmax_to_bf16(m, cols, s, lds, scale, part.m.data() + r0,
+                                                part.l.data() + r0, o, ldo, dvp, pb, lds);
+        else
+          kernels::avx512_bf16::round_to_bf16(m, cols, s, lds, pb, lds);
         if (kv.amx)
           kernels::amx_bf16::accumulate_pv(m, dvp, cols, pb, lds, t.vb, o, ldo);
         else

@@ -86,7 +86,8 @@ void score_rows(index_t panels, index_t dp, const std::uint16_t* q, index_t ldq,
 }
 
 /// S (rows × panels·32, lds) = scale · Qb (rows × d, ldq) · Kbᵀ, d a multiple
-/// of 32 (takes_depth). Whole 16-row tiles on AMX, the rest on AVX512-BF16.
+/// of 32 (takes_depth); no pass over S for scale 1. Whole 16-row tiles on AMX, the rest on
+/// AVX512-BF16.
 inline void score(index_t rows, index_t cols, index_t d, const std::uint16_t* q, index_t ldq,
                   const std::uint16_t* kp, float* s, index_t lds, float scale) {
   const index_t panels = (cols + 31) / 32, dp = d / 2, whole = rows / 16 * 16;
@@ -97,9 +98,10 @@ inline void score(index_t rows, index_t cols, index_t d, const std::uint16_t* q,
       score_rows<2>(panels, dp, q + r * ldq, ldq, kp, s + r * lds, lds);
     if (r < whole) score_rows<1>(panels, dp, q + r * ldq, ldq, kp, s + r * lds, lds);
     const __m512 vs = _mm512_set1_ps(scale);
-    for (index_t i = 0; i < whole; ++i)
-      for (index_t c = 0; c < panels * 32; c += 16)
-        _mm512_storeu_ps(s + i * lds + c, _mm512_mul_ps(_mm512_loadu_ps(s + i * lds + c), vs));
+    if (scale != 1.0f)  // 1: the softmax applies the scale (softmax_to_bf16)
+      for (index_t i = 0; i < whole; ++i)
+        for (index_t c = 0; c < panels * 32; c += 16)
+          _mm512_storeu_ps(s + i * lds + c, _mm512_mul_ps(_mm512_loadu_ps(s + i * lds + c), vs));
   }
   if (whole < rows)
     avx512_bf16::score(rows - whole, cols, d, q + whole * ldq, ldq, kp, s + whole * lds, lds,

@@ -158,6 +158,19 @@ inline void round_to_bf16(index_t rows, index_t cols, const float* p, index_t ld
   }
 }
 
+/// The online softmax of scale·S (scale > 0: avx512::online_softmax) row by row,
+/// each row of P rounded to Pb while it is still in L1. The score kernels then
+/// store unscaled sums, and no pass over S scales them.
+inline void softmax_to_bf16(index_t rows, index_t cols, float* s, index_t lds, float scale,
+                            float* m, float* l, float* o, index_t ldo, index_t dvp,
+                            std::uint16_t* pb, index_t ldpb) {
+  for (index_t r = 0; r < rows; ++r) {
+    avx512::online_softmax<Avx512F32>(1, cols, s + r * lds, lds, scale, m + r, l + r, o + r * ldo,
+                                      ldo, dvp);
+    round_to_bf16(1, cols, s + r * lds, lds, pb + r * ldpb, ldpb);
+  }
+}
+
 }  // namespace avx512_bf16
 }  // namespace kernels
 }  // namespace attn

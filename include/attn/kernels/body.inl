@@ -284,13 +284,17 @@ inline typename S::V exp_nonpositive(typename S::V x) {
   }
 }
 
-/// One key tile of the online softmax, row by row while the row is in L1:
-///   m' = max(m, rowmax(S));  P = exp(S - m');  l = l·exp(m - m') + rowsum(P)
-///   O = O·exp(m - m'), only for rows whose max moved.
-/// A row with nothing seen yet (m' = -inf) keeps P = 0 and l = 0.
+/// One key tile of the online softmax on scores c·S (c = `scale` > 0, so the
+/// row max of c·S is c times the row max of S), row by row while the row is in L1:
+///   m' = max(m, c·rowmax(S));  P = exp(c·S - m') (one fma per vector, exact for
+///   c = 1);  l = l·exp(m - m') + rowsum(P);  O = O·exp(m - m'), only for rows whose
+///   max moved.
+/// A row with nothing seen yet (m' = -inf) keeps P = 0 and l = 0. The bf16
+/// products pass their score scale here instead of scaling S in a pass of its own.
 template <class S>
-void online_softmax(index_t rows, index_t cols, typename S::T* s, index_t lds, typename S::T* m,
-                    typename S::T* l, typename S::T* o, index_t ldo, index_t dvp) {
+void online_softmax(index_t rows, index_t cols, typename S::T* s, index_t lds, typename S::T scale,
+                    typename S::T* m, typename S::T* l, typename S::T* o, index_t ldo,
+                    index_t dvp) {
   using T = typename S::T;
   using V = typename S::V;
   constexpr int L = S::lanes;
@@ -302,6 +306,7 @@ void online_softmax(index_t rows, index_t cols, typename S::T* s, index_t lds, t
     for (; c + L <= cols; c += L) vmax = S::max(vmax, S::load(row + c));
     T row_max = S::reduce_max(vmax);
     for (; c < cols; ++c) row_max = std::max(row_max, row[c]);
+    row_max *= scale;
 
     const T m_old = m[r];
     const T m_new = std::max(m_old, row_max);
@@ -314,19 +319,19 @@ void online_softmax(index_t rows, index_t cols, typename S::T* s, index_t lds, t
       for (index_t j = 0; j < dvp; j += L) S::store(orow + j, S::mul(S::load(orow + j), va));
     }
 
-    const V vm = S::set1(m_use);
+    const V vm = S::set1(-m_use), vc = S::set1(scale);
     V vsum = S::zero();
     c = 0;
     for (; c + L <= cols; c += L) {
-      const V p = exp_nonpositive<S>(S::sub(S::load(row + c), vm));
+      const V p = exp_nonpositive<S>(S::fma(S::load(row + c), vc, vm));
       S::store(row + c, p);
       vsum = S::add(vsum, p);
     }
     T sum = S::reduce_add(vsum);
     if (c < cols) {  // the tail as one vector through a stack buffer
       alignas(64) T tail[L];
-      for (int i = 0; i < L; ++i) tail[i] = c + i < cols ? row[c + i] - m_use : neg_inf;
-      S::store(tail, exp_nonpositive<S>(S::load(tail)));
+      for (int i = 0; i < L; ++i) tail[i] = c + i < cols ? row[c + i] : neg_inf;
+      S::store(tail, exp_nonpositive<S>(S::fma(S::load(tail), vc, vm)));
       for (int i = 0; c + i < cols; ++i) {
         row[c + i] = tail[i];
         sum += tail[i];
@@ -463,7 +468,8 @@ void scale_columns(index_t rows, index_t cols, float* x, index_t ldx, const floa
   for (index_t i = 0; i < rows; ++i) {
     float* row = x + i * ldx;
     index_t c = 0;
-    for (; c + L <= cols; c += L) S::store(row + c, S::mul(S::load(row + c), S::load(colscale + c)));
+    for (; c + L <= cols; c += L)
+      S::store(row + c, S::mul(S::load(row + c), S::load(colscale + c)));
     for (; c < cols; ++c) row[c] *= colscale[c];
   }
 }
@@ -613,8 +619,7 @@ inline void pv_q16_block(index_t cols, const std::int16_t* w, index_t ldw, const
       x[0] = S::pair_rows(r0, r1);
     } else {
       ATTN_KERNEL_UNROLL
-      for (int j = 0; j < NX; j += 2)
-        S::pair_rows2(r0 + j * L, r1 + j * L, x[j], x[j + 1]);
+      for (int j = 0; j < NX; j += 2) S::pair_rows2(r0 + j * L, r1 + j * L, x[j], x[j + 1]);
     }
     ATTN_KERNEL_UNROLL
     for (int i = 0; i < M; ++i) {

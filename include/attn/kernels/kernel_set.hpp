@@ -68,9 +68,10 @@ struct KernelSet {
   /// S[i][j] = kscale[j] · Σ_p Q[i][p]·K̂[j][p].
   void (*score_rows_i8)(index_t rows, index_t cols, index_t d, const T* q, index_t ldq,
                         const std::int8_t* k, index_t ldk, const float* kscale, T* s, index_t lds);
-  /// Online-softmax update of rows of S in place (S becomes P), of m, l and of O's rows.
-  void (*softmax)(index_t rows, index_t cols, T* s, index_t lds, T* m, T* l, T* o, index_t ldo,
-                  index_t dvp);
+  /// Online-softmax update of rows of scale·S (scale > 0) in place (S becomes P), of m, l
+  /// and of O's rows.
+  void (*softmax)(index_t rows, index_t cols, T* s, index_t lds, T scale, T* m, T* l, T* o,
+                  index_t ldo, index_t dvp);
   /// O (rows × dvp, ldo) += P (rows × cols, ldp) · V (cols × dvp, ldv).
   void (*pv)(index_t rows, index_t dvp, index_t cols, const T* p, index_t ldp, const T* v,
              index_t ldv, T* o, index_t ldo);
