@@ -8,8 +8,8 @@
 //                add, sub, mul, max, reduce_add, reduce_max; sum_lanes(x): the
 //                vector whose lane j is reduce_add(x[j]) for S::lanes vectors x
 //                (x86: adds over a transposition, each sum in a fixed order)
-//   exp support  pow2n(shifted) and zero_below(e, x, lo) for the float exp
-//                polynomial, or S::exp when the type has its own
+//   exp support  ldexp_above(p, n, shifted, x, lo) for the float exp polynomial,
+//                or S::exp when the type has its own
 //
 // Each x86 type is defined inside a region compiled for its target (see
 // targets.hpp), so its intrinsics are usable in a translation unit built

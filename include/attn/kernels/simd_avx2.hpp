@@ -76,15 +76,15 @@ struct Avx2F32 {
     s = _mm_max_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
-  /// 2^n from shifted = x·log2(e) + 1.5·2^23 (n in the low mantissa bits).
-  static V pow2n(V shifted) {
-    const __m256i n =
+  /// p·2^n where x >= lo or x is NaN, 0 elsewhere: n is integral, shifted =
+  /// n + 1.5·2^23 holds n in its low mantissa bits, and lo >= -87.3 keeps n >= -126
+  /// where it counts, so 2^n is a normal float built from its exponent bits.
+  static V ldexp_above(V p, V /*n*/, V shifted, V x, float lo) {
+    const __m256i e =
         _mm256_sub_epi32(_mm256_castps_si256(shifted), _mm256_set1_epi32(0x4B400000 - 127));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(n, 23));
-  }
-  /// e where x >= lo or x is NaN, 0 elsewhere.
-  static V zero_below(V e, V x, float lo) {
-    return _mm256_and_ps(e, _mm256_cmp_ps(x, _mm256_set1_ps(lo), _CMP_NLT_UQ));
+    const V two_n = _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
+    return _mm256_and_ps(_mm256_mul_ps(p, two_n),
+                         _mm256_cmp_ps(x, _mm256_set1_ps(lo), _CMP_NLT_UQ));
   }
   /// dst[i] = scale · src[i] for n int8 values.
   static void i8_to_float(const std::int8_t* src, float scale, float* dst, index_t n) {

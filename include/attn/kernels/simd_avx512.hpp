@@ -83,15 +83,10 @@ struct Avx512F32 {
     s = _mm_max_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
-  /// 2^n from shifted = x·log2(e) + 1.5·2^23 (n in the low mantissa bits).
-  static V pow2n(V shifted) {
-    const __m512i n =
-        _mm512_sub_epi32(_mm512_castps_si512(shifted), _mm512_set1_epi32(0x4B400000 - 127));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(n, 23));
-  }
-  /// e where x >= lo or x is NaN, 0 elsewhere.
-  static V zero_below(V e, V x, float lo) {
-    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(lo), _CMP_NLT_UQ), e);
+  /// p·2^n where x >= lo or x is NaN, 0 elsewhere: n is integral, shifted =
+  /// n + 1.5·2^23 (vscalefps on n, zero-masked).
+  static V ldexp_above(V p, V n, V /*shifted*/, V x, float lo) {
+    return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(lo), _CMP_NLT_UQ), p, n);
   }
   /// dst[i] = scale · src[i] for n int8 values.
   static void i8_to_float(const std::int8_t* src, float scale, float* dst, index_t n) {
