@@ -597,6 +597,52 @@ TEST(KernelsPack, HalfConvertsExactly) {
 
 // --------------------------------------------------------------------- bf16 --
 
+/// The bf16 pair layouts (pack.hpp) element by element against their formulas,
+/// zeros past the keys and the head dims included: unit-stride rows (whole
+/// panels and pairs take a path of their own) and strided ones, every tail.
+TEST(KernelsPack, Bf16PairLayouts) {
+  using attn::kernels::bf16_bits;
+  std::mt19937 gen(11);
+  std::uniform_real_distribution<float> dist(-4.f, 4.f);
+  for (const index_t col_stride : {1, 3})
+    for (const index_t cols : {1, 2, 31, 32, 33, 64, 101})
+      for (const index_t d : {1, 7, 16, 24, 64, 128}) {
+        SCOPED_TRACE("col_stride=" + std::to_string(col_stride) + " cols=" + std::to_string(cols) +
+                     " d=" + std::to_string(d));
+        const index_t row_stride = d * col_stride + 2;
+        std::vector<Eigen::bfloat16> src(static_cast<std::size_t>(cols * row_stride));
+        for (auto& x : src) x = Eigen::bfloat16(dist(gen));
+        const auto at = [&](index_t key, index_t p) -> std::uint16_t {
+          return bf16_bits(src[static_cast<std::size_t>(key * row_stride + p * col_stride)]);
+        };
+        const index_t dp = (d + 1) / 2, panels = (cols + 31) / 32;
+        std::vector<std::uint16_t> kb(
+            static_cast<std::size_t>(attn::kernels::packed_kb_size(cols, d)), 0xFFFF);
+        ASSERT_EQ(kb.size(), static_cast<std::size_t>(panels * 64 * dp));
+        attn::kernels::pack_kb(src.data(), row_stride, col_stride, cols, d, kb.data());
+        for (index_t j = 0; j < panels; ++j)
+          for (index_t t = 0; t < dp; ++t)
+            for (index_t c = 0; c < 32; ++c)
+              for (index_t e = 0; e < 2; ++e) {
+                const index_t key = j * 32 + c, p = 2 * t + e;
+                ASSERT_EQ(kb[static_cast<std::size_t>(((j * dp + t) * 32 + c) * 2 + e)],
+                          key < cols && p < d ? at(key, p) : 0)
+                    << "K key " << key << " dim " << p;
+              }
+        const index_t dv = d, dvp = attn::kernels::padded_dv(dv), pairs = (cols + 1) / 2;
+        std::vector<std::uint16_t> vb(static_cast<std::size_t>(pairs * 2 * dvp), 0xFFFF);
+        attn::kernels::pack_vb(src.data(), row_stride, col_stride, cols, dv, dvp, vb.data());
+        for (index_t t = 0; t < pairs; ++t)
+          for (index_t c = 0; c < dvp; ++c)
+            for (index_t e = 0; e < 2; ++e) {
+              const index_t key = 2 * t + e;
+              ASSERT_EQ(vb[static_cast<std::size_t>((t * dvp + c) * 2 + e)],
+                        key < cols && c < dv ? at(key, c) : 0)
+                  << "V key " << key << " column " << c;
+            }
+      }
+}
+
 #if ATTN_KERNELS_X86
 std::vector<Eigen::bfloat16> random_bf16(std::size_t n, std::uint32_t seed) {
   const auto f = random_vec<float>(n, seed);

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 namespace attn {
@@ -100,7 +101,19 @@ inline index_t packed_kb_size(index_t cols, index_t d) {
 inline void pack_kb(const Eigen::bfloat16* k, index_t row_stride, index_t col_stride, index_t cols,
                     index_t d, std::uint16_t* dst) {
   const index_t dp = (d + 1) / 2, panels = (cols + 31) / 32;
-  for (index_t j = 0; j < panels; ++j) {
+  index_t j = 0;
+  if (col_stride == 1 && d % 2 == 0) {
+    // Whole panels of rows with unit stride: a key's pair t is 4 contiguous bytes,
+    // so a panel is a 32 × dp transpose of 4-byte pairs, with no test per element.
+    for (; j < cols / 32; ++j) {
+      std::uint16_t* panel = dst + j * 64 * dp;
+      const Eigen::bfloat16* rows = k + j * 32 * row_stride;
+      for (index_t t = 0; t < dp; ++t)
+        for (index_t c = 0; c < 32; ++c)
+          std::memcpy(panel + (t * 32 + c) * 2, rows + c * row_stride + 2 * t, 4);
+    }
+  }
+  for (; j < panels; ++j) {
     std::uint16_t* panel = dst + j * 64 * dp;
     for (index_t c = 0; c < 32; ++c) {
       const index_t key = j * 32 + c;
@@ -116,7 +129,20 @@ inline void pack_kb(const Eigen::bfloat16* k, index_t row_stride, index_t col_st
 inline void pack_vb(const Eigen::bfloat16* v, index_t row_stride, index_t col_stride, index_t cols,
                     index_t dv, index_t dvp, std::uint16_t* dst) {
   const index_t pairs = (cols + 1) / 2;
-  for (index_t t = 0; t < pairs; ++t)
+  index_t t = 0;
+  if (col_stride == 1 && dv == dvp) {
+    // Whole pairs of rows with unit stride: two rows interleaved, with no test per element.
+    for (; t < cols / 2; ++t) {
+      const Eigen::bfloat16* v0 = v + 2 * t * row_stride;
+      const Eigen::bfloat16* v1 = v0 + row_stride;
+      std::uint16_t* out = dst + t * dvp * 2;
+      for (index_t c = 0; c < dvp; ++c) {
+        out[2 * c] = bf16_bits(v0[c]);
+        out[2 * c + 1] = bf16_bits(v1[c]);
+      }
+    }
+  }
+  for (; t < pairs; ++t)
     for (index_t e = 0; e < 2; ++e) {
       const index_t key = 2 * t + e;
       for (index_t c = 0; c < dvp; ++c)
