@@ -202,10 +202,12 @@ struct Walk {
       }
     }
 
-    // bf16 products: the softmax applies the score scale and rounds P to bf16 row
-    // by row, unless a modifier must see the scaled scores or dropout the fp32 P.
+    // bf16 products (x86, float accumulation only): the softmax applies the score
+    // scale and rounds P to bf16 row by row, unless a modifier must see the scaled
+    // scores or dropout the fp32 P.
     const bool dropping = dropout && dropout->enabled;
-    const bool fold_scale = kv.bf16 && Mod::is_identity && scale > Acc(0) && !dropping;
+    const bool fold_scale = ATTN_KERNELS_X86 && std::is_same<Acc, float>::value && kv.bf16 &&
+                            Mod::is_identity && scale > Acc(0) && !dropping;
 
     // S = Qs · Kᵀ                                                            (m, cols)
     if (kv.bf16) {
