@@ -13,7 +13,7 @@ dirs=()
 for d in include tests bench examples fuzz tools; do
   [[ -d $d ]] && dirs+=("$d")
 done
-mapfile -t files < <(find "${dirs[@]}" -type f \( -name '*.hpp' -o -name '*.h' -o -name '*.cpp' \
+mapfile -t files < <(find "${dirs[@]}" -type f \( -name '*.hpp' -o -name '*.h' -o -name '*.inl' -o -name '*.cpp' \
                        -o -name '*.cc' \) | sort)
 if "$clang_format" --dry-run -Werror "${files[@]}"; then
   echo "check-format: ${#files[@]} files formatted"
