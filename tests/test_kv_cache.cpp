@@ -52,6 +52,27 @@ TEST(KVCache, AppendStoresRowsAndLengths) {
   EXPECT_EQ(cache.length(0), 0);
 }
 
+// Storage of 4 MiB or more starts on a 2 MiB boundary, the alignment a
+// transparent huge page needs (core/memory.hpp), in both caches and for every
+// element type; smaller storage on a cache line.
+TEST(KVCache, LargeStorageIsHugePageAligned) {
+  const auto offset = [](const void* p, std::uintptr_t align) {
+    return reinterpret_cast<std::uintptr_t>(p) % align;
+  };
+  constexpr std::uintptr_t huge = std::uintptr_t{2} << 20;
+  const attn::KVCache<float> big(1, 8, 1024, 128);           // 4 MiB of keys
+  const attn::KVCache<std::int8_t> big8(2, 8, 2048, 128);    // 4 MiB of codes
+  const attn::PagedKVCache<float> pool(64, 16, 8, 128, 64);  // 4 MiB of keys, 2 of values
+  const attn::KVCache<float> small(1, 2, 16, 8);
+  EXPECT_EQ(offset(big.keys().data(), huge), 0u);
+  EXPECT_EQ(offset(big.values().data(), huge), 0u);
+  EXPECT_EQ(offset(big8.keys().data(), huge), 0u);
+  EXPECT_EQ(offset(pool.pool_keys().data(), huge), 0u);
+  EXPECT_EQ(offset(pool.pool_values().data(), 64), 0u);
+  EXPECT_EQ(offset(small.keys().data(), 64), 0u);
+  EXPECT_EQ(offset(small.values().data(), 64), 0u);
+}
+
 TEST(KVCache, Int8RowsWithinHalfAScale) {
   const index_t H = 2, D = 33;
   attn::KVCache<std::int8_t> cache(1, H, 8, D);

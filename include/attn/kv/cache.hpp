@@ -9,6 +9,7 @@
 // (token, head) (attn/kv/quant.hpp).
 #pragma once
 
+#include "attn/core/memory.hpp"
 #include "attn/detail/checks.hpp"
 #include "attn/kv/quant.hpp"
 #include "attn/options.hpp"
@@ -197,7 +198,7 @@ class KVCache {
   }
 
   index_t batch_, heads_, cap_, d_, dv_;
-  std::vector<T> k_, v_;
+  std::vector<T, detail::LargeAllocator<T>> k_, v_;  // huge pages (core/memory.hpp)
   std::vector<float> k_scale_, v_scale_;
   std::vector<index_t> len_;
 };

@@ -18,6 +18,7 @@
 // accumulation type through its keys()/values() calls, and that tile is packed.
 #pragma once
 
+#include "attn/core/memory.hpp"
 #include "attn/detail/parallel.hpp"
 #include "attn/kernels/dispatch.hpp"
 #include "attn/kernels/pack.hpp"
@@ -33,16 +34,12 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 namespace attn {
 namespace detail {
 
 /// The storage of a call's packed keys and values. Left uninitialised (the
-/// pack writes every element it holds), and, from 4 MiB on, aligned to 2 MiB
-/// and advised for transparent huge pages on Linux: the first touch of a
+/// pack writes every element it holds), and, from 4 MiB on, on transparent
+/// huge pages (core/memory.hpp): the first touch of a
 /// 32 MiB pack then takes 16 page faults instead of 8192, which cost more
 /// than packing it on the VMs measured (bench_kinds, topk/qk_engine).
 template <class T>
@@ -52,13 +49,7 @@ class PackStore {
     data_.reset();
     size_ = n;
     if (n == 0) return;
-    const std::size_t bytes = n * sizeof(T);
-    const std::size_t align = bytes >= (std::size_t{4} << 20) ? std::size_t{2} << 20 : 64;
-    void* p = std::aligned_alloc(align, (bytes + align - 1) / align * align);
-    if (!p) throw std::bad_alloc();
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-    if (align > 64) madvise(p, (bytes + align - 1) / align * align, MADV_HUGEPAGE);  // a hint
-#endif
+    void* p = allocate_large(n * sizeof(T));
     data_.reset(static_cast<T*>(p));
   }
   T* data() const { return data_.get(); }

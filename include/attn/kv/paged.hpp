@@ -12,6 +12,7 @@
 // through the tables (attn/kv/attention.hpp).
 #pragma once
 
+#include "attn/core/memory.hpp"
 #include "attn/detail/checks.hpp"
 #include "attn/kv/cache.hpp"
 #include "attn/kv/quant.hpp"
@@ -220,7 +221,7 @@ class PagedKVCache {
   }
 
   index_t blocks_, bs_, heads_, d_, dv_;
-  std::vector<T> k_, v_;
+  std::vector<T, detail::LargeAllocator<T>> k_, v_;  // huge pages (core/memory.hpp)
   std::vector<float> k_scale_, v_scale_;
   std::vector<index_t> refs_;
   std::vector<index_t> free_;
