@@ -116,7 +116,7 @@ TYPED_TEST(Kernels, ScoreRowsMatchesDoubleLoop) {
           const auto q = random_vec<T>(static_cast<std::size_t>(rows * ldq), 11);
           const auto k = random_vec<T>(static_cast<std::size_t>(cols * ldk), 12);
           std::vector<T> s(static_cast<std::size_t>(rows * lds), T(-7));
-          ks.score_rows(rows, cols, d, q.data(), ldq, k.data(), ldk, s.data(), lds);
+          ks.score_rows(rows, cols, d, q.data(), ldq, k.data(), ldk, s.data(), lds, {});
           double worst = 0;
           for (index_t i = 0; i < rows; ++i) {
             for (index_t j = 0; j < cols; ++j) {
@@ -159,7 +159,7 @@ TYPED_TEST(Kernels, PvTransposedEqualsPvOnACopy) {
           auto o1 = random_vec<T>(static_cast<std::size_t>(rows * ldo), 33);
           auto o2 = o1;
           ks.pv_t(rows, dvp, cols, a.data(), lda, v.data(), dvp, o1.data(), ldo);
-          ks.pv(rows, dvp, cols, at.data(), ldt, v.data(), dvp, o2.data(), ldo);
+          ks.pv(rows, dvp, cols, at.data(), ldt, v.data(), dvp, o2.data(), ldo, {});
           ASSERT_EQ(std::memcmp(o1.data(), o2.data(), o1.size() * sizeof(T)), 0);
         }
   }
@@ -192,8 +192,8 @@ TYPED_TEST(Kernels, ScoreRowsInt8MatchesDoubleLoop) {
           for (index_t j = 0; j < cols; ++j)
             scale[j] = std::ldexp(0.75f + 0.01f * j, int(j % 7) - 3);
           std::vector<T> s(static_cast<std::size_t>(rows * lds), T(-7));
-          ks.score_rows_i8(rows, cols, d, q.data(), ldq, k.data(), ldk, scale.data(), s.data(),
-                           lds);
+          ks.score_rows_i8(rows, cols, d, q.data(), ldq, k.data(), ldk, scale.data(), s.data(), lds,
+                           {});
           for (index_t i = 0; i < rows; ++i) {
             for (index_t j = 0; j < cols; ++j) {
               double ref = 0, mag = 0;
@@ -217,7 +217,9 @@ TYPED_TEST(Kernels, ScoreRowsInt8MatchesDoubleLoop) {
 /// are cut into calls: a cache hands its keys over in runs (one per block of a
 /// paged cache, one per tile of a contiguous one), and a paged cache must equal
 /// the contiguous one bit for bit. A key in a block of rows_keys keys is summed
-/// with S::sum_lanes, a tail key with S::reduce_add: the two must agree.
+/// with S::sum_lanes, a tail key with S::reduce_add: the two must agree. Each
+/// run call is told where the keys go on (NextRows, a prefetch hint), pointing
+/// at other numbers, which must not reach a score.
 TYPED_TEST(Kernels, ScoreRowsBitsDoNotDependOnTheRuns) {
   using T = TypeParam;
   for (Isa isa : isas_for<T>()) {
@@ -235,14 +237,16 @@ TYPED_TEST(Kernels, ScoreRowsBitsDoNotDependOnTheRuns) {
         for (index_t run : {1, 2, 3, 5, 16}) {  // runs of `run` keys against one call
           std::vector<T> whole(static_cast<std::size_t>(rows * cols)), runs(whole.size());
           std::vector<T> whole8(whole.size()), runs8(whole.size());
-          ks.score_rows(rows, cols, d, q.data(), d, k.data(), ldk, whole.data(), cols);
+          ks.score_rows(rows, cols, d, q.data(), d, k.data(), ldk, whole.data(), cols, {});
           ks.score_rows_i8(rows, cols, d, q.data(), d, k8.data(), ldk, scale.data(), whole8.data(),
-                           cols);
+                           cols, {});
           for (index_t j = 0; j < cols; j += run) {
             const index_t n = std::min(run, cols - j);
-            ks.score_rows(rows, n, d, q.data(), d, k.data() + j * ldk, ldk, runs.data() + j, cols);
+            const attn::kernels::NextRows next{q.data(), std::min(run, cols - j - n)};
+            ks.score_rows(rows, n, d, q.data(), d, k.data() + j * ldk, ldk, runs.data() + j, cols,
+                          next);
             ks.score_rows_i8(rows, n, d, q.data(), d, k8.data() + j * ldk, ldk, scale.data() + j,
-                             runs8.data() + j, cols);
+                             runs8.data() + j, cols, {k.data(), next.n});
           }
           ASSERT_EQ(std::memcmp(whole.data(), runs.data(), whole.size() * sizeof(T)), 0)
               << "runs of " << run;
@@ -268,7 +272,7 @@ TYPED_TEST(Kernels, PvInt8MatchesDoubleLoop) {
           const auto v = random_codes(static_cast<std::size_t>(cols * ldv), 24);
           auto o = random_vec<T>(static_cast<std::size_t>(rows * ldo), 25);
           const auto o0 = o;
-          ks.pv_i8(rows, dv, cols, p.data(), ldp, v.data(), ldv, o.data(), ldo);
+          ks.pv_i8(rows, dv, cols, p.data(), ldp, v.data(), ldv, o.data(), ldo, {});
           for (index_t i = 0; i < rows; ++i) {
             for (index_t c = 0; c < dv; ++c) {
               double ref = o0[i * ldo + c], mag = std::abs(ref);
@@ -347,10 +351,12 @@ TEST(KernelsInt8, ScoreRowsQ16IsTheExactSumScaled) {
             kscale[j] = std::ldexp(0.75f + 0.01f * j, int(j % 7) - 3);
           std::vector<float> s(static_cast<std::size_t>(rows * lds), -7.0f), runs(s);
           ks.score_rows_q16(rows, cols, d, q.data(), ldq, qscale.data(), k.data(), ldk,
-                            kscale.data(), s.data(), lds);
-          for (index_t j = 0; j < cols; j += 3)  // the same keys in runs of three
+                            kscale.data(), s.data(), lds, {});
+          for (index_t j = 0; j < cols;
+               j += 3)  // the same keys in runs of three, each told of the next
             ks.score_rows_q16(rows, std::min<index_t>(3, cols - j), d, q.data(), ldq, qscale.data(),
-                              k.data() + j * ldk, ldk, kscale.data() + j, runs.data() + j, lds);
+                              k.data() + j * ldk, ldk, kscale.data() + j, runs.data() + j, lds,
+                              {k.data() + (j + 3) * ldk, std::clamp<index_t>(cols - j - 3, 0, 3)});
           for (index_t i = 0; i < rows; ++i) {
             for (index_t j = 0; j < cols; ++j) {
               std::int64_t sum = 0;
@@ -393,7 +399,8 @@ TEST(KernelsInt8, PvQ16IsTheExactSum) {
             std::vector<std::int32_t> a(static_cast<std::size_t>(rows * lda), 0);
             for (index_t j = 0; j < cols; j += run)
               ks.pv_q16(rows, dv, std::min(run, cols - j), w.data() + j, ldw, v.data() + j * ldv,
-                        ldv, a.data(), lda);
+                        ldv, a.data(), lda,
+                        {v.data() + (j + run) * ldv, std::clamp<index_t>(cols - j - run, 0, run)});
             std::vector<float> rowscale(static_cast<std::size_t>(rows), 1.0f);
             std::vector<float> o(static_cast<std::size_t>(rows * ldo), 0.0f);
             for (index_t i = 0; i < rows; ++i) o[i * ldo + dv] = -3.0f;
@@ -500,7 +507,7 @@ TYPED_TEST(Kernels, PvMatchesDoubleLoop) {
           attn::kernels::pack_v(ks, v.data(), 2 * dv, 1, cols, dv, dvp, vp.data());
           auto o = random_vec<T>(static_cast<std::size_t>(rows * ldo), 5);
           const auto o0 = o;
-          ks.pv(rows, dvp, cols, p.data(), ldp, vp.data(), dvp, o.data(), ldo);
+          ks.pv(rows, dvp, cols, p.data(), ldp, vp.data(), dvp, o.data(), ldo, {});
           double worst = 0;
           for (index_t i = 0; i < rows; ++i) {
             for (index_t c = 0; c < dv; ++c) {

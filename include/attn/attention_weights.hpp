@@ -141,7 +141,7 @@ void attention_weights(const TensorView<Q, 4>& q, const TensorView<K, 4>& k,
     if (cols > 0) {
       index_t ldk = 0;
       const Acc* kt = detail::load_tile<Acc>(kc, b, hk, kr.begin, cols, sc.k, ldk);
-      ks.score_rows(rows, cols, shape.d, qs.data(), shape.d, kt, ldk, s, lds);
+      ks.score_rows(rows, cols, shape.d, qs.data(), shape.d, kt, ldk, s, lds, {});
       mod.apply_tile(b, h, q0, kr.begin, s, lds, rows, cols);
     }
 

@@ -298,7 +298,7 @@ void flash_backward(const TensorView<const Q, 4>& q, const TensorView<const K, 4
           // dK += dXᵀ · Qs                                                   (cols, D)
           ks.pv_t(cols, dpad, rows, dp, lds, qs, dpad, dkt.data(), dpad);
           // dQ += dX · K (scaled once at the end)                            (rows, D)
-          ks.pv(rows, dpad, cols, dp, lds, sc.kpad.data(), dpad, dq_base + q0 * lddq, lddq);
+          ks.pv(rows, dpad, cols, dp, lds, sc.kpad.data(), dpad, dq_base + q0 * lddq, lddq, {});
         }
       }
       if (sdk) {

@@ -163,13 +163,24 @@ struct Walk {
             std::clamp<index_t>(g.end - k_pos, 0, kv.length())};
   }
 
+  static index_t row_bytes(index_t dim, bool int8) {
+    return dim * (int8 ? index_t{1} : static_cast<index_t>(sizeof(Acc)));
+  }
   /// Asks for a run's rows (dim elements each) into L2 before the kernels read
-  /// them: the kernels prefetch ahead inside a run only, and the blocks of a
-  /// paged cache lie anywhere in its pool.
+  /// them, at most `most` bytes.
   static void prefetch_run(const RowRun& run, index_t dim, bool int8, index_t most = 1 << 30) {
-    kernels::prefetch_bytes(
-        run.rows,
-        std::min(most, run.n * dim * (int8 ? index_t{1} : static_cast<index_t>(sizeof(Acc)))));
+    kernels::prefetch_bytes(run.rows, std::min(most, run.n * row_bytes(dim, int8)));
+  }
+  /// Run i + 1 of `runs` for the kernel that reads run i: its look-ahead runs on
+  /// into it (the blocks of a paged cache lie anywhere in its pool). A run
+  /// shorter than the look-ahead cannot reach all of the next one, which is
+  /// then asked for here, at once.
+  static kernels::NextRows next_run(const RowRun* runs, index_t count, index_t i, index_t dim,
+                                    bool int8) {
+    if (i + 1 >= count) return {};
+    const RowRun& next = runs[i + 1];
+    if (runs[i].n < kernels::stream_ahead(row_bytes(dim, int8))) prefetch_run(next, dim, int8);
+    return {next.rows, next.n};
   }
 
   /// Rows per group of a partial tile (run_heads).
@@ -224,22 +235,22 @@ struct Walk {
     } else if (t.kr) {  // rows in place, run by run (the bits do not depend on the runs)
       for (index_t i = 0; i < t.k_runs; ++i) {
         const RowRun& run = t.kr[i];
-        if (i + 1 < t.k_runs) prefetch_run(t.kr[i + 1], d, t.int8);
+        const kernels::NextRows next = next_run(t.kr, t.k_runs, i, d, t.int8);
         if (i == 0) prefetch_run(t.vr[0], dv, t.int8, 4096);  // the first values, for O += P·V
         if (int_products) {
           if constexpr (std::is_same<Acc, float>::value)
             ks.score_rows_q16(m, run.n, d, sc.q16.data() + r0 * sc.ldq16, sc.ldq16,
                               sc.qscale.data() + r0, static_cast<const std::int8_t*>(run.rows), d,
-                              run.scale, s + run.c0, lds);
+                              run.scale, s + run.c0, lds, next);
         } else if (t.int8)
           ks.score_rows_i8(m, run.n, d, qs + r0 * d, d, static_cast<const std::int8_t*>(run.rows),
-                           d, run.scale, s + run.c0, lds);
+                           d, run.scale, s + run.c0, lds, next);
         else
           ks.score_rows(m, run.n, d, qs + r0 * d, d, static_cast<const Acc*>(run.rows), d,
-                        s + run.c0, lds);
+                        s + run.c0, lds, next);
       }
     } else if (t.k_rows) {
-      ks.score_rows(m, cols, d, qs + r0 * d, d, t.k, t.ldk, s, lds);
+      ks.score_rows(m, cols, d, qs + r0 * d, d, t.k, t.ldk, s, lds, {});
     } else {
       ks.score(m, cols, d, qs + r0 * d, d, t.k, s, lds);
     }
@@ -303,21 +314,22 @@ struct Walk {
       if (acc) std::fill(acc, acc + m * dv, 0);
       for (index_t i = 0; i < t.v_runs; ++i) {
         const RowRun& run = t.vr[i];
-        if (i + 1 < t.v_runs) prefetch_run(t.vr[i + 1], dv, t.int8);
+        const kernels::NextRows next = next_run(t.vr, t.v_runs, i, dv, t.int8);
         if (acc) {
           ks.pv_q16(m, dv, run.n, sc.w16.data() + r0 * sc.ldw + run.c0, sc.ldw,
-                    static_cast<const std::int8_t*>(run.rows), dv, acc, dv);
+                    static_cast<const std::int8_t*>(run.rows), dv, acc, dv, next);
         } else if (t.int8) {
           ks.pv_i8(m, dvp, run.n, s + run.c0, lds, static_cast<const std::int8_t*>(run.rows), dv, o,
-                   ldo);
+                   ldo, next);
         } else {
-          ks.pv(m, dvp, run.n, s + run.c0, lds, static_cast<const Acc*>(run.rows), dv, o, ldo);
+          ks.pv(m, dvp, run.n, s + run.c0, lds, static_cast<const Acc*>(run.rows), dv, o, ldo,
+                next);
         }
       }
       if constexpr (std::is_same<Acc, float>::value)
         if (acc) ks.pv_q16_finish(m, dv, acc, dv, sc.wscale.data() + r0, o, ldo);
     } else {
-      ks.pv(m, dvp, cols, s, lds, t.v, t.ldv, o, ldo);
+      ks.pv(m, dvp, cols, s, lds, t.v, t.ldv, o, ldo, {});
     }
   }
 

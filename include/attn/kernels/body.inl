@@ -45,15 +45,6 @@ struct RowBlocks {
 /// Asks for the cache line at `p` ahead of its use (a hint: never faults).
 inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
 
-/// Rows a kernel that streams a few query rows over rows of keys or values
-/// (score_rows, pv with few rows) prefetches ahead of the one it reads: about
-/// 4 KiB, the bytes a thread must have in flight to cover a DRAM round trip at
-/// its share of the bandwidth. The hardware prefetchers stop at 4 KiB pages,
-/// and a decoding tile of int8 rows (32 KiB) crosses eight of them.
-inline index_t stream_ahead(index_t row_bytes) {
-  return std::max<index_t>(4, 4096 / std::max<index_t>(row_bytes, 1));
-}
-
 /// Prefetches the `bytes` from `p` one cache line at a time.
 template <int Bytes>
 inline void prefetch_lines(const void* p) {
@@ -154,11 +145,11 @@ inline typename S::V load_as(const E* p) {
 /// S[0:M, 0:KB] = Q[0:M, 0:d] · K[0:KB, 0:d]ᵀ with K rows at k (ldk): each score
 /// a vector dot product over d, reduced in a fixed order (S::reduce_add), then
 /// the d tail added element by element. int8 keys (E = int8_t) are converted in
-/// registers and each score is multiplied by its key's scale.
+/// registers and each score is multiplied by its key's scale. `pf` (null: none):
+/// KB rows (ldk apart) prefetched one line per row per step of L elements.
 template <class S, int M, int KB, class E>
 inline void score_rows_keys(index_t d, const typename S::T* q, index_t ldq, const E* k, index_t ldk,
-                            const float* kscale, typename S::T* s, index_t lds, index_t ahead,
-                            bool pf) {
+                            const float* kscale, typename S::T* s, index_t lds, const E* pf) {
   using T = typename S::T;
   using V = typename S::V;
   constexpr int L = S::lanes;
@@ -171,7 +162,7 @@ inline void score_rows_keys(index_t d, const typename S::T* q, index_t ldq, cons
     V kv[KB];
     if (pf)  // the rows `ahead` keys on: one line per row per step of L floats
       ATTN_KERNEL_UNROLL
-    for (int b = 0; b < KB; ++b) prefetch_l2(k + (b + ahead) * ldk + p);
+    for (int b = 0; b < KB; ++b) prefetch_l2(pf + b * ldk + p);
     ATTN_KERNEL_UNROLL
     for (int b = 0; b < KB; ++b) kv[b] = load_as<S>(k + b * ldk + p);
     ATTN_KERNEL_UNROLL
@@ -205,38 +196,42 @@ inline void score_rows_keys(index_t d, const typename S::T* q, index_t ldq, cons
 /// All keys of one block of M rows: KB at a time, then one by one.
 template <class S, int M, class E>
 void score_rows_cols(index_t cols, index_t d, const typename S::T* q, index_t ldq, const E* k,
-                     index_t ldk, const float* kscale, typename S::T* s, index_t lds) {
+                     index_t ldk, const float* kscale, typename S::T* s, index_t lds,
+                     NextRows next) {
   constexpr int KB = rows_keys<S>();
   const auto scale_at = [&](index_t j) { return kscale ? kscale + j : nullptr; };
-  // Rows stream_ahead keys on are prefetched: inside the kernel's steps when a
-  // step of L elements is a whole line (float rows), else whole rows per block.
+  // Rows stream_ahead keys on (in this call's rows, then in `next`) are
+  // prefetched: inside the kernel's steps when a step of L elements is a whole
+  // line (float rows), else whole rows per block.
   const index_t row_bytes = d * static_cast<index_t>(sizeof(E));
   const index_t ahead = stream_ahead(row_bytes);
   constexpr bool line_steps = S::lanes * sizeof(E) >= 64;
   index_t j = 0;
   for (; j + KB <= cols; j += KB) {
-    const bool pf = j + KB + ahead <= cols;
-    score_rows_keys<S, M, KB>(d, q, ldq, k + j * ldk, ldk, scale_at(j), s + j, lds, ahead,
-                              pf && line_steps);
+    const E* pf = stream_rows(k, ldk, cols, next, j + ahead, KB);
+    score_rows_keys<S, M, KB>(d, q, ldq, k + j * ldk, ldk, scale_at(j), s + j, lds,
+                              line_steps ? pf : nullptr);
     if (pf && !line_steps)
-      for (int b = 0; b < KB; ++b) prefetch_bytes(k + (j + b + ahead) * ldk, row_bytes);
+      for (int b = 0; b < KB; ++b) prefetch_bytes(pf + b * ldk, row_bytes);
   }
   for (; j < cols; ++j)
-    score_rows_keys<S, M, 1>(d, q, ldq, k + j * ldk, ldk, scale_at(j), s + j, lds, 0, false);
+    score_rows_keys<S, M, 1>(d, q, ldq, k + j * ldk, ldk, scale_at(j), s + j, lds,
+                             static_cast<const E*>(nullptr));
 }
 
 template <class S, class E>
 void score_rows_impl(index_t rows, index_t cols, index_t d, const typename S::T* q, index_t ldq,
-                     const E* k, index_t ldk, const float* kscale, typename S::T* s, index_t lds) {
+                     const E* k, index_t ldk, const float* kscale, typename S::T* s, index_t lds,
+                     NextRows next) {
   using Fn = void (*)(index_t, index_t, const typename S::T*, index_t, const E*, index_t,
-                      const float*, typename S::T*, index_t);
+                      const float*, typename S::T*, index_t, NextRows);
   static constexpr Fn by_rows[] = {&score_rows_cols<S, 1, E>, &score_rows_cols<S, 2, E>,
                                    &score_rows_cols<S, 3, E>, &score_rows_cols<S, 4, E>};
   static_assert(sizeof(by_rows) / sizeof(by_rows[0]) == rows_block, "one entry per block size");
   const RowBlocks blocks(rows, rows_block);
   for (index_t i = 0, i0 = 0; i < blocks.count; ++i) {
     const index_t m = blocks.size(i);
-    by_rows[m - 1](cols, d, q + i0 * ldq, ldq, k, ldk, kscale, s + i0 * lds, lds);
+    by_rows[m - 1](cols, d, q + i0 * ldq, ldq, k, ldk, kscale, s + i0 * lds, lds, next);
     i0 += m;
   }
 }
@@ -244,19 +239,20 @@ void score_rows_impl(index_t rows, index_t cols, index_t d, const typename S::T*
 /// S (rows × cols, lds) = Q (rows × d, ldq) · Kᵀ, K as rows (cols × d, ldk): no
 /// packing, for the few stacked query rows of a decoding step (the panel kernel
 /// needs K transposed into panels, which costs more than the products when
-/// only a handful of rows read each key).
+/// only a handful of rows read each key). `next`: where the key rows go on
+/// after this call's (prefetched only).
 template <class S>
 void score_rows(index_t rows, index_t cols, index_t d, const typename S::T* q, index_t ldq,
-                const typename S::T* k, index_t ldk, typename S::T* s, index_t lds) {
-  score_rows_impl<S>(rows, cols, d, q, ldq, k, ldk, nullptr, s, lds);
+                const typename S::T* k, index_t ldk, typename S::T* s, index_t lds, NextRows next) {
+  score_rows_impl<S>(rows, cols, d, q, ldq, k, ldk, nullptr, s, lds, next);
 }
 
 /// The same with int8 key rows and a scale per key: S[i][j] = kscale[j] · Σ_p Q[i][p]·K̂[j][p].
 template <class S>
 void score_rows_i8(index_t rows, index_t cols, index_t d, const typename S::T* q, index_t ldq,
                    const std::int8_t* k, index_t ldk, const float* kscale, typename S::T* s,
-                   index_t lds) {
-  score_rows_impl<S>(rows, cols, d, q, ldq, k, ldk, kscale, s, lds);
+                   index_t lds, NextRows next) {
+  score_rows_impl<S>(rows, cols, d, q, ldq, k, ldk, kscale, s, lds, next);
 }
 
 // ------------------------------------------------- online softmax sweep --
@@ -353,7 +349,7 @@ void online_softmax(index_t rows, index_t cols, typename S::T* s, index_t lds, t
 /// AVX2:     6 × 16 tile: 12 accumulators + 2 V loads + 1 P broadcast of 16 ymm.
 template <class S, int M, int NV, class E, bool TA>
 inline void pv_block(index_t cols, const typename S::T* p, index_t ldp, const E* v, index_t ldv,
-                     typename S::T* o, index_t ldo, index_t row_bytes) {
+                     typename S::T* o, index_t ldo, index_t row_bytes, NextRows next) {
   using V = typename S::V;
   constexpr int L = S::lanes;
   V acc[M][NV];
@@ -362,12 +358,14 @@ inline void pv_block(index_t cols, const typename S::T* p, index_t ldp, const E*
   for (int j = 0; j < NV; ++j) acc[i][j] = S::load(o + i * ldo + j * L);
   // Many rows: this block's columns 32 keys on (~400 cycles of FMAs at 13 rows, an
   // L3 round trip). Few rows: whole rows (row_bytes, first column block only)
-  // stream_ahead keys on; the block's FMAs per key are too few to hide DRAM.
+  // stream_ahead keys on, running on into `next`; the block's FMAs per key are
+  // too few to hide DRAM.
   constexpr bool few = M <= rows_block;
   const index_t ahead = few ? stream_ahead(row_bytes) : 32;
   for (index_t k = 0; k < cols; ++k) {
     if (few) {
-      if (row_bytes > 0 && k + ahead < cols) prefetch_bytes(v + (k + ahead) * ldv, row_bytes);
+      if (row_bytes > 0)
+        if (const E* r = stream_rows(v, ldv, cols, next, k + ahead)) prefetch_bytes(r, row_bytes);
     } else if (k + ahead < cols) {
       prefetch_lines<static_cast<int>(NV * L * sizeof(E))>(v + (k + ahead) * ldv);
     }
@@ -399,40 +397,42 @@ constexpr int pv_vectors() {
 /// All column blocks of one block of M rows: pv_vectors at a time, then two, then one.
 template <class S, int M, class E, bool TA>
 void pv_columns(index_t dvp, index_t cols, const typename S::T* p, index_t ldp, const E* v,
-                index_t ldv, typename S::T* o, index_t ldo) {
+                index_t ldv, typename S::T* o, index_t ldo, NextRows next) {
   constexpr int L = S::lanes;
   constexpr int NV = pv_vectors<S, M>();
   const index_t row_bytes = dvp * static_cast<index_t>(sizeof(E));  // prefetched by block 0
   index_t j = 0;
   if constexpr (NV == 4)
     for (; j + 4 * L <= dvp; j += 4 * L)
-      pv_block<S, M, 4, E, TA>(cols, p, ldp, v + j, ldv, o + j, ldo, j == 0 ? row_bytes : 0);
+      pv_block<S, M, 4, E, TA>(cols, p, ldp, v + j, ldv, o + j, ldo, j == 0 ? row_bytes : 0, next);
   for (; j + 2 * L <= dvp; j += 2 * L)
-    pv_block<S, M, 2, E, TA>(cols, p, ldp, v + j, ldv, o + j, ldo, j == 0 ? row_bytes : 0);
+    pv_block<S, M, 2, E, TA>(cols, p, ldp, v + j, ldv, o + j, ldo, j == 0 ? row_bytes : 0, next);
   if (j < dvp)
-    pv_block<S, M, 1, E, TA>(cols, p, ldp, v + j, ldv, o + j, ldo, j == 0 ? row_bytes : 0);
+    pv_block<S, M, 1, E, TA>(cols, p, ldp, v + j, ldv, o + j, ldo, j == 0 ? row_bytes : 0, next);
 }
 
 template <class S, class E, bool TA, int... I>
 void pv_impl(index_t rows, index_t dvp, index_t cols, const typename S::T* p, index_t ldp,
-             const E* v, index_t ldv, typename S::T* o, index_t ldo,
+             const E* v, index_t ldv, typename S::T* o, index_t ldo, NextRows next,
              std::integer_sequence<int, I...>) {
   using Fn = void (*)(index_t, index_t, const typename S::T*, index_t, const E*, index_t,
-                      typename S::T*, index_t);
+                      typename S::T*, index_t, NextRows);
   static constexpr Fn by_rows[] = {&pv_columns<S, I + 1, E, TA>...};  // [M - 1]
   const RowBlocks blocks(rows, static_cast<index_t>(sizeof...(I)));
   for (index_t i = 0, i0 = 0; i < blocks.count; ++i) {
     const index_t m = blocks.size(i);
-    by_rows[m - 1](dvp, cols, p + (TA ? i0 : i0 * ldp), ldp, v, ldv, o + i0 * ldo, ldo);
+    by_rows[m - 1](dvp, cols, p + (TA ? i0 : i0 * ldp), ldp, v, ldv, o + i0 * ldo, ldo, next);
     i0 += m;
   }
 }
 
 /// O (rows × dvp, ldo) += P (rows × cols, ldp) · V (cols × dvp, ldv); dvp a multiple of L.
+/// `next`: where the value rows go on after this call's (prefetched only, few rows).
 template <class S>
 void accumulate_pv(index_t rows, index_t dvp, index_t cols, const typename S::T* p, index_t ldp,
-                   const typename S::T* v, index_t ldv, typename S::T* o, index_t ldo) {
-  pv_impl<S, typename S::T, false>(rows, dvp, cols, p, ldp, v, ldv, o, ldo,
+                   const typename S::T* v, index_t ldv, typename S::T* o, index_t ldo,
+                   NextRows next) {
+  pv_impl<S, typename S::T, false>(rows, dvp, cols, p, ldp, v, ldv, o, ldo, next,
                                    std::make_integer_sequence<int, tile_rows<S>()>{});
 }
 
@@ -442,15 +442,16 @@ void accumulate_pv(index_t rows, index_t dvp, index_t cols, const typename S::T*
 template <class S>
 void accumulate_pv_t(index_t rows, index_t dvp, index_t cols, const typename S::T* a, index_t lda,
                      const typename S::T* v, index_t ldv, typename S::T* o, index_t ldo) {
-  pv_impl<S, typename S::T, true>(rows, dvp, cols, a, lda, v, ldv, o, ldo,
+  pv_impl<S, typename S::T, true>(rows, dvp, cols, a, lda, v, ldv, o, ldo, NextRows{},
                                   std::make_integer_sequence<int, tile_rows<S>()>{});
 }
 
 /// The same with int8 value rows (their scales already folded into P's columns).
 template <class S>
 void accumulate_pv_i8(index_t rows, index_t dvp, index_t cols, const typename S::T* p, index_t ldp,
-                      const std::int8_t* v, index_t ldv, typename S::T* o, index_t ldo) {
-  pv_impl<S, std::int8_t, false>(rows, dvp, cols, p, ldp, v, ldv, o, ldo,
+                      const std::int8_t* v, index_t ldv, typename S::T* o, index_t ldo,
+                      NextRows next) {
+  pv_impl<S, std::int8_t, false>(rows, dvp, cols, p, ldp, v, ldv, o, ldo, next,
                                  std::make_integer_sequence<int, tile_rows<S>()>{});
 }
 
@@ -560,14 +561,14 @@ inline void score_q16_keys(index_t d, const std::int16_t* q, index_t ldq, const 
 template <class S, int M>
 void score_q16_cols(index_t cols, index_t d, const std::int16_t* q, index_t ldq,
                     const float* qscale, const std::int8_t* k, index_t ldk, const float* kscale,
-                    float* s, index_t lds) {
+                    float* s, index_t lds, NextRows next) {
   constexpr int KB = rows_keys<S>();
   const index_t ahead = stream_ahead(d);
   index_t j = 0;
   for (; j + KB <= cols; j += KB) {
     score_q16_keys<S, M, KB>(d, q, ldq, qscale, k + j * ldk, ldk, kscale + j, s + j, lds);
-    if (j + KB + ahead <= cols)
-      for (int b = 0; b < KB; ++b) prefetch_bytes(k + (j + b + ahead) * ldk, d);
+    if (const std::int8_t* pf = stream_rows(k, ldk, cols, next, j + ahead, KB))
+      for (int b = 0; b < KB; ++b) prefetch_bytes(pf + b * ldk, d);
   }
   for (; j < cols; ++j)
     score_q16_keys<S, M, 1>(d, q, ldq, qscale, k + j * ldk, ldk, kscale + j, s + j, lds);
@@ -579,16 +580,17 @@ void score_q16_cols(index_t cols, index_t d, const std::int16_t* q, index_t ldq,
 template <class S>
 void score_rows_q16(index_t rows, index_t cols, index_t d, const std::int16_t* q, index_t ldq,
                     const float* qscale, const std::int8_t* k, index_t ldk, const float* kscale,
-                    float* s, index_t lds) {
+                    float* s, index_t lds, NextRows next) {
   using Fn = void (*)(index_t, index_t, const std::int16_t*, index_t, const float*,
-                      const std::int8_t*, index_t, const float*, float*, index_t);
+                      const std::int8_t*, index_t, const float*, float*, index_t, NextRows);
   static constexpr Fn by_rows[] = {&score_q16_cols<S, 1>, &score_q16_cols<S, 2>,
                                    &score_q16_cols<S, 3>, &score_q16_cols<S, 4>};
   static_assert(sizeof(by_rows) / sizeof(by_rows[0]) == rows_block, "one entry per block size");
   const RowBlocks blocks(rows, rows_block);
   for (index_t i = 0, i0 = 0; i < blocks.count; ++i) {
     const index_t m = blocks.size(i);
-    by_rows[m - 1](cols, d, q + i0 * ldq, ldq, qscale + i0, k, ldk, kscale, s + i0 * lds, lds);
+    by_rows[m - 1](cols, d, q + i0 * ldq, ldq, qscale + i0, k, ldk, kscale, s + i0 * lds, lds,
+                   next);
     i0 += m;
   }
 }
@@ -600,7 +602,8 @@ void score_rows_q16(index_t rows, index_t cols, index_t d, const std::int16_t* q
 /// pairs with a row of zeros (and W's padding 0).
 template <class S, int M, int NX>
 inline void pv_q16_block(index_t cols, const std::int16_t* w, index_t ldw, const std::int8_t* v,
-                         index_t ldv, std::int32_t* a, index_t lda, index_t row_bytes) {
+                         index_t ldv, std::int32_t* a, index_t lda, index_t row_bytes,
+                         NextRows next) {
   using I = typename S::I;
   constexpr int L = S::lanes;
   static_assert(NX == 1 || NX % 2 == 0, "whole pairs of vectors, or one");
@@ -611,10 +614,11 @@ inline void pv_q16_block(index_t cols, const std::int16_t* w, index_t ldw, const
   for (int j = 0; j < NX; ++j) acc[i][j] = S::iload(a + i * lda + j * L);
   const index_t ahead = stream_ahead(row_bytes);
   for (index_t k = 0; k < cols; k += 2) {
-    if (row_bytes > 0 && k + ahead + 1 < cols) {
-      prefetch_bytes(v + (k + ahead) * ldv, row_bytes);
-      prefetch_bytes(v + (k + ahead + 1) * ldv, row_bytes);
-    }
+    if (row_bytes > 0)
+      if (const std::int8_t* r = stream_rows(v, ldv, cols, next, k + ahead, 2)) {
+        prefetch_bytes(r, row_bytes);
+        prefetch_bytes(r + ldv, row_bytes);
+      }
     const std::int8_t* r0 = v + k * ldv;
     const std::int8_t* r1 = k + 1 < cols ? r0 + ldv : zeros;
     I x[NX];
@@ -639,15 +643,16 @@ inline void pv_q16_block(index_t cols, const std::int16_t* w, index_t ldw, const
 /// All column blocks of one block of M rows: pv_vectors at a time, then two, then one.
 template <class S, int M>
 void pv_q16_columns(index_t dv, index_t cols, const std::int16_t* w, index_t ldw,
-                    const std::int8_t* v, index_t ldv, std::int32_t* a, index_t lda) {
+                    const std::int8_t* v, index_t ldv, std::int32_t* a, index_t lda,
+                    NextRows next) {
   constexpr int L = S::lanes;
   index_t j = 0;
   if constexpr (pv_vectors<S, M>() == 4)
     for (; j + 4 * L <= dv; j += 4 * L)
-      pv_q16_block<S, M, 4>(cols, w, ldw, v + j, ldv, a + j, lda, j == 0 ? dv : 0);
+      pv_q16_block<S, M, 4>(cols, w, ldw, v + j, ldv, a + j, lda, j == 0 ? dv : 0, next);
   for (; j + 2 * L <= dv; j += 2 * L)
-    pv_q16_block<S, M, 2>(cols, w, ldw, v + j, ldv, a + j, lda, j == 0 ? dv : 0);
-  if (j < dv) pv_q16_block<S, M, 1>(cols, w, ldw, v + j, ldv, a + j, lda, j == 0 ? dv : 0);
+    pv_q16_block<S, M, 2>(cols, w, ldw, v + j, ldv, a + j, lda, j == 0 ? dv : 0, next);
+  if (j < dv) pv_q16_block<S, M, 1>(cols, w, ldw, v + j, ldv, a + j, lda, j == 0 ? dv : 0, next);
 }
 
 /// A (rows × dv int32, lda; pv_q16_finish's order) += Ŵ (rows × cols int16,
@@ -656,15 +661,15 @@ void pv_q16_columns(index_t dv, index_t cols, const std::int16_t* w, index_t ldw
 /// (int16_limit(cols) bounds Ŵ).
 template <class S>
 void pv_q16(index_t rows, index_t dv, index_t cols, const std::int16_t* w, index_t ldw,
-            const std::int8_t* v, index_t ldv, std::int32_t* a, index_t lda) {
+            const std::int8_t* v, index_t ldv, std::int32_t* a, index_t lda, NextRows next) {
   using Fn = void (*)(index_t, index_t, const std::int16_t*, index_t, const std::int8_t*, index_t,
-                      std::int32_t*, index_t);
+                      std::int32_t*, index_t, NextRows);
   static constexpr Fn by_rows[] = {&pv_q16_columns<S, 1>, &pv_q16_columns<S, 2>,
                                    &pv_q16_columns<S, 3>, &pv_q16_columns<S, 4>};
   const RowBlocks blocks(rows, rows_block);
   for (index_t i = 0, i0 = 0; i < blocks.count; ++i) {
     const index_t m = blocks.size(i);
-    by_rows[m - 1](dv, cols, w + i0 * ldw, ldw, v, ldv, a + i0 * lda, lda);
+    by_rows[m - 1](dv, cols, w + i0 * ldw, ldw, v, ldv, a + i0 * lda, lda, next);
     i0 += m;
   }
 }

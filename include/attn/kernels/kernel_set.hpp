@@ -2,6 +2,7 @@
 // the table of kernels of one instruction set.
 #pragma once
 
+#include "attn/kernels/prefetch.hpp"
 #include "attn/tensor_view.hpp"
 
 #include <algorithm>
@@ -62,26 +63,29 @@ struct KernelSet {
                 index_t lds);
   /// S (rows × cols, lds) = Q (rows × d, ldq) · Kᵀ with K as rows (cols × d, ldk): for
   /// a few query rows (decoding), where packing K into panels costs more than the products.
+  /// `next`: where the key rows go on after the call's (a paged cache's next run; prefetched).
   void (*score_rows)(index_t rows, index_t cols, index_t d, const T* q, index_t ldq, const T* k,
-                     index_t ldk, T* s, index_t lds);
+                     index_t ldk, T* s, index_t lds, NextRows next);
   /// score_rows on int8 key rows with a scale per key (8-bit caches):
   /// S[i][j] = kscale[j] · Σ_p Q[i][p]·K̂[j][p].
   void (*score_rows_i8)(index_t rows, index_t cols, index_t d, const T* q, index_t ldq,
-                        const std::int8_t* k, index_t ldk, const float* kscale, T* s, index_t lds);
+                        const std::int8_t* k, index_t ldk, const float* kscale, T* s, index_t lds,
+                        NextRows next);
   /// Online-softmax update of rows of scale·S (scale > 0) in place (S becomes P), of m, l
   /// and of O's rows.
   void (*softmax)(index_t rows, index_t cols, T* s, index_t lds, T scale, T* m, T* l, T* o,
                   index_t ldo, index_t dvp);
-  /// O (rows × dvp, ldo) += P (rows × cols, ldp) · V (cols × dvp, ldv).
+  /// O (rows × dvp, ldo) += P (rows × cols, ldp) · V (cols × dvp, ldv); `next` as for
+  /// score_rows (used with a few rows, where the kernel streams V).
   void (*pv)(index_t rows, index_t dvp, index_t cols, const T* p, index_t ldp, const T* v,
-             index_t ldv, T* o, index_t ldo);
+             index_t ldv, T* o, index_t ldo, NextRows next);
   /// O (rows × dvp, ldo) += Aᵀ (rows × cols) · V (cols × dvp, ldv), A stored as
   /// (cols × rows, lda): pv on a transposed operand, without the transposed copy.
   void (*pv_t)(index_t rows, index_t dvp, index_t cols, const T* a, index_t lda, const T* v,
                index_t ldv, T* o, index_t ldo);
   /// pv on int8 value rows (dvp columns, converted in registers); their scales are already in P.
   void (*pv_i8)(index_t rows, index_t dvp, index_t cols, const T* p, index_t ldp,
-                const std::int8_t* v, index_t ldv, T* o, index_t ldo);
+                const std::int8_t* v, index_t ldv, T* o, index_t ldo, NextRows next);
   // 8-bit caches in integer products (body.inl, "int8 rows in integers"); on
   // float rows whatever T is (the walk takes them for float accumulation only).
   /// x[i][c] *= colscale[c] (rows × cols, ldx).
@@ -93,10 +97,10 @@ struct KernelSet {
   /// S[i][j] = qscale[i] · kscale[j] · Σ_p Q̂[i][p]·K̂[j][p], int16 queries, int8 keys, int32 sums.
   void (*score_rows_q16)(index_t rows, index_t cols, index_t d, const std::int16_t* q, index_t ldq,
                          const float* qscale, const std::int8_t* k, index_t ldk,
-                         const float* kscale, float* s, index_t lds);
+                         const float* kscale, float* s, index_t lds, NextRows next);
   /// A (rows × dv int32) += Ŵ (rows × cols int16) · V̂ (cols × dv int8), A in the kernel's order.
   void (*pv_q16)(index_t rows, index_t dv, index_t cols, const std::int16_t* w, index_t ldw,
-                 const std::int8_t* v, index_t ldv, std::int32_t* a, index_t lda);
+                 const std::int8_t* v, index_t ldv, std::int32_t* a, index_t lda, NextRows next);
   /// O[i][c] += rowscale[i] · A[i][c] for pv_q16's sums.
   void (*pv_q16_finish)(index_t rows, index_t dv, const std::int32_t* a, index_t lda,
                         const float* rowscale, float* o, index_t ldo);
