@@ -40,6 +40,7 @@
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -126,6 +127,42 @@ double timed_loop(benchmark::State& state, F&& body) {
   for (auto _ : state) body();
   const std::chrono::duration<double> elapsed = std::chrono::steady_clock::now() - start;
   return state.iterations() > 0 ? elapsed.count() / static_cast<double>(state.iterations()) : 0.0;
+}
+
+/// The paired rows: each iteration calls call(0), ..., call(N - 1), timed one by
+/// one, in alternating order (forward, then backward, so no call always runs
+/// first), and the result holds every iteration's times. On a shared machine
+/// the speed drifts between rows run one after another; the calls of one
+/// iteration share the drift.
+template <int N, class F>
+std::vector<std::array<double, N>> paired_times(benchmark::State& state, F&& call) {
+  std::vector<std::array<double, N>> times;
+  bool forward = true;
+  for (auto _ : state) {
+    std::array<double, N> t{};
+    for (int i = 0; i < N; ++i) {
+      const int which = forward ? i : N - 1 - i;
+      const auto t0 = std::chrono::steady_clock::now();
+      call(which);
+      benchmark::ClobberMemory();
+      t[static_cast<std::size_t>(which)] =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    }
+    forward = !forward;
+    times.push_back(t);
+  }
+  return times;
+}
+
+/// The median over iterations of times[num] / times[den].
+template <std::size_t N>
+double median_ratio(const std::vector<std::array<double, N>>& times, std::size_t num,
+                    std::size_t den) {
+  std::vector<double> r;
+  for (const auto& t : times) r.push_back(t[num] / t[den]);
+  if (r.empty()) return 0.0;
+  std::nth_element(r.begin(), r.begin() + static_cast<std::ptrdiff_t>(r.size() / 2), r.end());
+  return r[r.size() / 2];
 }
 
 // -------------------------------------------------------------------- peak --
