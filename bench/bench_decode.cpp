@@ -17,6 +17,12 @@
 //                         of 64 (32 KiB): how the block size sets the paged cost
 //   decode/paged_f32_2seq two sequences of Lk / 2 tokens, blocks of 16 alternating
 //                         in the pool, decoded in one call (the same bytes)
+//   decode/paged_paired   the contiguous cache and a paged one (blocks of 16) holding
+//                         the same tokens, timed call by call in one loop in
+//                         alternating order; paged_speed is the median over
+//                         iterations of contiguous time / paged time (above 1 the
+//                         paged cache is faster). The rows above run one after
+//                         another, and a VM's bandwidth drifts between them.
 //   varlen/padded         prefill of 8 sequences (100 ... 4000 tokens) as one padded
 //                         batch of the longest, causal + key_padding (baseline)
 //   varlen/packed         the same tokens through varlen_attention
@@ -250,6 +256,24 @@ void BM_paged_interleaved(benchmark::State& state) {
   set_bandwidth(state, static_cast<double>(cache.bytes()), t);
 }
 
+/// The contiguous and the paged cache (blocks of 16) on the same tokens, call by call.
+void BM_paged_paired(benchmark::State& state) {
+  const index_t n = state.range(0), bs = 16;
+  CacheDecode<float> p(n);
+  attn::PagedKVCache<float> paged((n + bs - 1) / bs, bs, kHkv, kD);
+  const index_t seq = paged.add_sequence();
+  CacheDecode<float>::fill([&](const auto& k, const auto& v) { paged.append(seq, k, v); }, n);
+  const auto q = attn::bhsd<const float>(p.q.data(), 1, kHq, 1, kD);
+  const auto o = attn::bhsd(p.o.data(), 1, kHq, 1, kD);
+  const auto times = paired_times<2>(state, [&](int which) {
+    if (which == 0)
+      attn::cache_attention(q, p.cache, o, attn::causal());
+    else
+      attn::paged_attention(q, paged, {seq}, o, attn::causal());
+  });
+  state.counters["paged_speed"] = median_ratio(times, 0, 1);
+}
+
 // ------------------------------------------------------------------ varlen --
 
 constexpr index_t kVarHq = 8, kVarHkv = 2, kVarD = 64;
@@ -306,6 +330,7 @@ int main(int argc, char** argv) {
     reg(("decode/paged_f32" + s).c_str(), BM_paged)->Args({lk, 16});
     reg(("decode/paged_f32_b64" + s).c_str(), BM_paged)->Args({lk, 64});
     reg(("decode/paged_f32_2seq" + s).c_str(), BM_paged_interleaved)->Args({lk, 16});
+    reg(("decode/paged_paired" + s).c_str(), BM_paged_paired)->Arg(lk);
   }
   reg("varlen/padded", BM_varlen_padded);
   reg("varlen/packed", BM_varlen_packed);
